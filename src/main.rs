@@ -1,1 +1,185 @@
-fn main(){}
+//! The `callmeter` command: parse arguments, load the config, run the chosen job.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use callmeter::config::{self, LogFormat};
+use callmeter::{app, demo, sim};
+
+#[derive(Parser)]
+#[command(
+    name = "callmeter",
+    version,
+    about = "A metering reverse proxy for the Salesforce API: every integration points at it, \
+             and it attributes, counts and reports each call against the org's rolling 24-hour limit."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy with a config file (listeners, admin endpoint, metrics).
+    Serve {
+        /// The TOML config file.
+        #[arg(
+            long,
+            env = "CALLMETER_CONFIG",
+            default_value = "config/callmeter.toml"
+        )]
+        config: PathBuf,
+    },
+    /// Validate a config file and exit: 0 when valid, 2 with the file, key and line when not.
+    Check {
+        /// The TOML config file.
+        #[arg(
+            long,
+            env = "CALLMETER_CONFIG",
+            default_value = "config/callmeter.toml"
+        )]
+        config: PathBuf,
+    },
+    /// Run a simulated Salesforce org (REST, SOAP, Bulk, Composite, OAuth, /limits) that counts
+    /// calls by Salesforce's rules and refuses them at its limit. For tests, benchmarks, demos.
+    Sim {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:9000")]
+        listen: SocketAddr,
+        /// The org's daily API call limit.
+        #[arg(long, default_value_t = 15_000)]
+        limit: u64,
+        /// Calls already used when the simulator starts (as if made outside the proxy).
+        #[arg(long, default_value_t = 0)]
+        used: u64,
+        /// Length of the rolling window, e.g. "24h" or "10m".
+        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        window: std::time::Duration,
+    },
+    /// Start a simulated org, the proxy in front of it and a little traffic from three
+    /// integrations, then print where to look. Runs until Ctrl-C (or exits with --once).
+    Demo {
+        /// Address of the demo proxy listener.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// Address of the admin listener (/metrics, /api/v1/usage).
+        #[arg(long, default_value = "127.0.0.1:9464")]
+        admin: SocketAddr,
+        /// Calls each integration makes.
+        #[arg(long, default_value_t = 100)]
+        calls: u32,
+        /// Exit after the traffic instead of serving until Ctrl-C.
+        #[arg(long)]
+        once: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("callmeter: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(run(cli.command))
+}
+
+async fn run(command: Command) -> ExitCode {
+    match command {
+        Command::Check { config } => match config::load(&config) {
+            Ok(cfg) => {
+                println!(
+                    "{}: ok ({} listener(s), {} org(s), {} integration(s))",
+                    config.display(),
+                    cfg.listeners.len(),
+                    cfg.orgs.len(),
+                    cfg.integrations.len()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => config_error(&e),
+        },
+        Command::Serve { config } => {
+            let cfg = match config::load(&config) {
+                Ok(cfg) => cfg,
+                Err(e) => return config_error(&e),
+            };
+            callmeter::logging::init(&cfg.log.level, cfg.log.format == LogFormat::Json);
+            match app::start(&cfg).await {
+                Ok(server) => {
+                    server.run_until_signal().await;
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    tracing::error!("cannot start: {e}");
+                    eprintln!("callmeter: cannot start: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Sim {
+            listen,
+            limit,
+            used,
+            window,
+        } => {
+            callmeter::logging::init("info", false);
+            let opts = sim::SimOptions {
+                limit,
+                used,
+                window,
+                ..Default::default()
+            };
+            let listener = match tokio::net::TcpListener::bind(listen).await {
+                Ok(l) => l,
+                Err(e) => {
+                    eprintln!("callmeter sim: cannot listen on {listen}: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            eprintln!("simulated Salesforce org on http://{listen} (limit {limit}, used {used}); Ctrl-C stops it");
+            match sim::serve(listener, opts, app::wait_for_signal()).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("callmeter sim: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Demo {
+            listen,
+            admin,
+            calls,
+            once,
+        } => {
+            callmeter::logging::init("warn", false);
+            match demo::run(demo::DemoOptions {
+                listen,
+                admin,
+                calls,
+                once,
+            })
+            .await
+            {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("callmeter demo: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn config_error(e: &config::ConfigError) -> ExitCode {
+    eprintln!("callmeter: {e}");
+    ExitCode::from(e.exit_code() as u8)
+}

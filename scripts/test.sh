@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Runs every test of callmeter: unit, property and end-to-end tests, plus the checks that need
+# real Prometheus tools. Installs the Debian packages the tests use when they are missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "installing test dependencies: ${need[*]}"
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}"
+fi
+
+cargo build --locked --all-targets
+cargo test --locked --all-targets

@@ -1,0 +1,282 @@
+//! Assembly: turns a validated `Config` into running listeners.
+//!
+//! It builds each module's state once — meters, metrics handles, upstream clients, one route
+//! table per listener — binds every socket (so a port clash fails start-up, not a request), and
+//! runs until told to stop. `callmeter serve`, the demo and the end-to-end tests all start the
+//! proxy through `start`.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use thiserror::Error;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::admin::Admin;
+use crate::config::{Config, MatchRule, OrgId};
+use crate::meter::{Clock, IntegrationMeter, Meter, OrgMeter};
+use crate::metrics::Metrics;
+use crate::proxy::{
+    self, ConnLimits, ListenerContext, OrgRoute, Route, RouteTable, TlsSetup, Upstream,
+};
+use crate::salesforce::CountingRules;
+
+/// How long a client may take to send its request head before the connection is closed.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        what: String,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Upstream(#[from] proxy::UpstreamSetupError),
+    #[error("listener \"{name}\": {source}")]
+    Tls {
+        name: String,
+        #[source]
+        source: proxy::ListenerSetupError,
+    },
+}
+
+/// A running proxy.
+pub struct Server {
+    /// Each proxy listener's name and bound address (the real port when the config said 0).
+    pub listeners: Vec<(String, SocketAddr)>,
+    pub admin_addr: SocketAddr,
+    pub meter: Arc<Meter>,
+    admin: Arc<Admin>,
+    stop: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+}
+
+/// Builds everything from `config`, binds all sockets and starts serving.
+pub async fn start(config: &Config) -> Result<Server, StartError> {
+    let metrics = Metrics::new();
+    let clock = Clock::new();
+    let mut meter = Meter::new();
+
+    let mut orgs: Vec<(OrgId, Arc<OrgRoute>)> = Vec::new();
+    for org in &config.orgs {
+        let org_meter = Arc::new(OrgMeter::new(org, clock));
+        meter.add_org(
+            org_meter.clone(),
+            org.threshold
+                .as_ref()
+                .map(|t| t.levels.clone())
+                .unwrap_or_default(),
+        );
+        let counting = CountingRules {
+            oauth: org.counting.oauth,
+            limits_endpoint: org.counting.limits_endpoint,
+            streaming: org.counting.streaming,
+        };
+        let route = OrgRoute {
+            meter: org_meter,
+            metrics: metrics.org(org.id.as_str()),
+            upstream: Upstream::new(org)?,
+            counting,
+        };
+        orgs.push((org.id.clone(), Arc::new(route)));
+    }
+    let org_route = |id: &OrgId| orgs.iter().find(|(o, _)| o == id).map(|(_, r)| r.clone());
+
+    let mut routes: Vec<(Arc<Route>, &MatchRule)> = Vec::new();
+    for i in &config.integrations {
+        // Validation guarantees the org exists.
+        let Some(org) = org_route(&i.org) else {
+            continue;
+        };
+        let im = Arc::new(IntegrationMeter::new(i.id.clone(), org.meter.clone()));
+        meter.add_integration(im.clone(), i.quota.clone());
+        let route = Route {
+            metrics: metrics.integration(i.org.as_str(), i.id.as_str()),
+            org,
+            meter: im,
+            path_prefix: i.matcher.path_prefix.as_deref().map(Into::into),
+            call_options: if i.call_options_client {
+                proxy::call_options_value(i.id.as_str())
+            } else {
+                None
+            },
+        };
+        routes.push((Arc::new(route), &i.matcher));
+    }
+    let meter = Arc::new(meter);
+
+    let (stop, _) = watch::channel(false);
+    let mut tasks = JoinSet::new();
+    let grace = config.proxy.shutdown_grace;
+    let limits = ConnLimits {
+        max_header_bytes: config.proxy.max_header_bytes,
+        header_timeout: HEADER_TIMEOUT,
+    };
+    let mut bound = Vec::new();
+
+    for l in &config.listeners {
+        let mut table = RouteTable::new(&l.name);
+        let unmatched_org = l
+            .org
+            .clone()
+            .or_else(|| (config.orgs.len() == 1).then(|| config.orgs[0].id.clone()));
+        for (route, rule) in &routes {
+            let is_empty = rule.listener.is_none()
+                && rule.host.is_none()
+                && rule.path_prefix.is_none()
+                && rule.key.is_none();
+            if is_empty {
+                if unmatched_org.as_ref() == Some(route.org.meter.id()) {
+                    table.set_unmatched(route.clone());
+                }
+            } else if rule.listener.as_ref().is_none_or(|name| name == &l.name) {
+                table.add(route.clone(), rule);
+            }
+        }
+        let tls = match &l.tls {
+            Some(files) => Some(TlsSetup::from_pem_files(&files.cert, &files.key).map_err(
+                |source| StartError::Tls {
+                    name: l.name.clone(),
+                    source,
+                },
+            )?),
+            None => None,
+        };
+        let socket = TcpListener::bind(l.listen)
+            .await
+            .map_err(|source| StartError::Bind {
+                what: format!("listener \"{}\"", l.name),
+                addr: l.listen,
+                source,
+            })?;
+        let addr = socket.local_addr().map_err(|source| StartError::Bind {
+            what: format!("listener \"{}\"", l.name),
+            addr: l.listen,
+            source,
+        })?;
+        let ctx = Arc::new(ListenerContext {
+            routes: table,
+            public_url: l
+                .public_url
+                .as_ref()
+                .map(|u| u.to_string().trim_end_matches('/').to_owned()),
+            tls: tls.is_some(),
+            trust_forwarded: config.proxy.trust_forwarded_for,
+            metrics: metrics.clone(),
+        });
+        let handler = move |peer, req| proxy::handle(ctx.clone(), peer, req);
+        tasks.spawn(proxy::serve_listener(
+            socket,
+            tls,
+            limits,
+            handler,
+            stopped(&stop),
+            grace,
+        ));
+        tracing::info!(listener = %l.name, %addr, tls = l.tls.is_some(), "proxy listening");
+        bound.push((l.name.clone(), addr));
+    }
+
+    let admin = Arc::new(Admin {
+        metrics,
+        meter: meter.clone(),
+        ready: Default::default(),
+    });
+    let socket = TcpListener::bind(config.admin.listen)
+        .await
+        .map_err(|source| StartError::Bind {
+            what: "admin".into(),
+            addr: config.admin.listen,
+            source,
+        })?;
+    let admin_addr = socket.local_addr().map_err(|source| StartError::Bind {
+        what: "admin".into(),
+        addr: config.admin.listen,
+        source,
+    })?;
+    let handler = {
+        let admin = admin.clone();
+        move |_peer, req| admin.clone().handle(req)
+    };
+    tasks.spawn(proxy::serve_listener(
+        socket,
+        None,
+        limits,
+        handler,
+        stopped(&stop),
+        grace,
+    ));
+    tracing::info!(addr = %admin_addr, "admin listening (/metrics, /healthz, /readyz, /api/v1/usage)");
+    admin.ready.store(true, Ordering::Relaxed);
+
+    Ok(Server {
+        listeners: bound,
+        admin_addr,
+        meter,
+        admin,
+        stop,
+        tasks,
+    })
+}
+
+/// Resolves once `stop` says so.
+fn stopped(stop: &watch::Sender<bool>) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let mut rx = stop.subscribe();
+    async move {
+        let _ = rx.wait_for(|stopped| *stopped).await;
+    }
+}
+
+impl Server {
+    /// The bound address of a proxy listener.
+    pub fn listener(&self, name: &str) -> Option<SocketAddr> {
+        self.listeners
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, a)| *a)
+    }
+
+    /// Stops accepting, drains in-flight requests (up to the grace period) and returns.
+    pub async fn shutdown(mut self) {
+        self.admin.ready.store(false, Ordering::Relaxed);
+        let _ = self.stop.send(true);
+        while self.tasks.join_next().await.is_some() {}
+        tracing::info!("stopped");
+    }
+
+    /// Serves until SIGINT or SIGTERM, then shuts down gracefully.
+    pub async fn run_until_signal(self) {
+        wait_for_signal().await;
+        tracing::info!("shutting down: no new connections, draining requests in flight");
+        self.shutdown().await;
+    }
+}
+
+/// Waits for Ctrl-C or (on Unix) SIGTERM.
+pub async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,517 @@
+//! The meter: counts every counted call per integration and per org over the rolling window,
+//! and keeps the org's usage estimate from what Salesforce reports.
+//!
+//! Everything here is lock-free: windows are rings of atomic per-minute buckets (`window`), the
+//! latest usage report is one packed atomic word, and the handles the proxy holds
+//! (`Arc<IntegrationMeter>`, `Arc<OrgMeter>`) are resolved once from the config, so deciding and
+//! counting a call touches no map and takes no lock.
+//!
+//! The usage estimate of an org is the last figure Salesforce reported plus the calls forwarded
+//! since that report arrived; with no report yet, the proxy's own window count.
+
+mod clock;
+pub mod window;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use clock::Clock;
+pub use window::{Minute, Window};
+
+use crate::config::{Amount, DailyLimit, IntegrationId, OrgConfig, OrgId};
+use crate::salesforce::UsageReport;
+
+/// How long a usage report stays authoritative against a lower one. Responses of concurrent
+/// calls arrive out of order, so a lower figure usually is an older one; but Salesforce's count
+/// also falls as calls age out of its window. A lower figure replaces the current one only
+/// after this long, which is well inside Salesforce's own "accurate within five minutes".
+const REPORT_AUTHORITY: Duration = Duration::from_secs(60);
+
+/// What the meter says about a call.
+#[derive(Debug)]
+pub enum Verdict {
+    /// Send it upstream. The ticket gives the count back if the call never reaches Salesforce.
+    Forward(Ticket),
+}
+
+/// Proof that a call was counted, to refund it if it never reached Salesforce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use = "a ticket is needed to refund a call that never left"]
+pub struct Ticket {
+    units: u32,
+    minute: Minute,
+}
+
+impl Ticket {
+    /// Calls counted against the daily limit (0 for free requests such as the versions list).
+    pub fn units(&self) -> u32 {
+        self.units
+    }
+}
+
+/// Per-org state.
+#[derive(Debug)]
+pub struct OrgMeter {
+    id: OrgId,
+    configured_limit: Option<u64>,
+    /// Counted calls the proxy forwarded within the window.
+    window: Window,
+    /// Counted calls ever forwarded (less refunds); the estimate adds what came after a report.
+    forwarded: AtomicU64,
+    /// Latest accepted report: `used` in the high half, `forwarded` (low 32 bits) at the time
+    /// it arrived in the low half. One word, so readers never see half an update.
+    report: AtomicU64,
+    /// Limit from the latest report; 0 until one arrives.
+    reported_limit: AtomicU64,
+    /// When the current report was accepted (clock ms); 0 = no report yet.
+    report_at_ms: AtomicU64,
+    /// Salesforce answered REQUEST_LIMIT_EXCEEDED (the daily kind) and no report since said
+    /// there is budget again.
+    exhausted: AtomicBool,
+    clock: Clock,
+}
+
+/// Per-integration state.
+#[derive(Debug)]
+pub struct IntegrationMeter {
+    id: IntegrationId,
+    org: Arc<OrgMeter>,
+    window: Window,
+}
+
+/// A read-only view of an org's usage, for the admin API and metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrgUsage {
+    /// The usage estimate (see the module docs).
+    pub used: u64,
+    /// The daily limit: configured, or the latest reported one; `None` while unknown.
+    pub limit: Option<u64>,
+    /// Counted calls the proxy itself forwarded within the window.
+    pub proxied: u64,
+    /// The latest report from Salesforce, if any.
+    pub reported: Option<UsageReport>,
+    /// Salesforce refused calls for the daily limit and has not said otherwise since.
+    pub exhausted: bool,
+}
+
+impl OrgMeter {
+    /// The meter of one org from its configuration.
+    pub fn new(cfg: &OrgConfig, clock: Clock) -> Self {
+        let minutes = (cfg.window.as_secs() / 60).clamp(1, u64::from(u32::MAX)) as u32;
+        OrgMeter {
+            id: cfg.id.clone(),
+            configured_limit: match cfg.daily_limit {
+                DailyLimit::Auto => None,
+                DailyLimit::Calls(n) => Some(n),
+            },
+            window: Window::new(minutes),
+            forwarded: AtomicU64::new(0),
+            report: AtomicU64::new(0),
+            reported_limit: AtomicU64::new(0),
+            report_at_ms: AtomicU64::new(0),
+            exhausted: AtomicBool::new(false),
+            clock,
+        }
+    }
+
+    pub fn id(&self) -> &OrgId {
+        &self.id
+    }
+
+    /// The daily limit: configured, or learned from Salesforce's reports.
+    pub fn limit(&self) -> Option<u64> {
+        self.configured_limit
+            .or_else(|| match self.reported_limit.load(Ordering::Relaxed) {
+                0 => None,
+                n => Some(n),
+            })
+    }
+
+    /// The usage estimate: last report plus calls forwarded since, or the proxy's own count.
+    pub fn used(&self) -> u64 {
+        if self.report_at_ms.load(Ordering::Acquire) == 0 {
+            return self.window.total(self.clock.minute());
+        }
+        let (used, at) = unpack_report(self.report.load(Ordering::Acquire));
+        used + self.forwarded_since(at)
+    }
+
+    fn forwarded_since(&self, at: u32) -> u64 {
+        // Wrapping on 32 bits: only the difference matters, and it stays far below 2^31.
+        let now = self.forwarded.load(Ordering::Acquire) as u32;
+        let since = now.wrapping_sub(at);
+        if since > u32::MAX / 2 {
+            0 // refunds took the counter below the report's mark
+        } else {
+            u64::from(since)
+        }
+    }
+
+    /// Takes in a usage figure Salesforce reported on a response.
+    ///
+    /// Accepts it when it is at least the current estimate (a newer view), or when the current
+    /// report is older than `REPORT_AUTHORITY` (usage can fall as calls age out).
+    pub fn observe_report(&self, report: UsageReport) {
+        if report.limit == 0 {
+            return;
+        }
+        let used = report.used.min(u64::from(u32::MAX)) as u32;
+        let now_ms = self.clock.unix_ms().max(1);
+        let mut current = self.report.load(Ordering::Acquire);
+        loop {
+            let at_ms = self.report_at_ms.load(Ordering::Acquire);
+            if at_ms != 0 {
+                let (cur_used, cur_at) = unpack_report(current);
+                let estimate = cur_used + self.forwarded_since(cur_at);
+                let fresh = now_ms.saturating_sub(at_ms) < REPORT_AUTHORITY.as_millis() as u64;
+                if u64::from(used) < estimate && fresh {
+                    return;
+                }
+            }
+            let mark = self.forwarded.load(Ordering::Acquire) as u32;
+            match self.report.compare_exchange_weak(
+                current,
+                pack_report(used, mark),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => break,
+                Err(actual) => current = actual,
+            }
+        }
+        self.report_at_ms.store(now_ms, Ordering::Release);
+        self.reported_limit.store(report.limit, Ordering::Relaxed);
+        if report.used < report.limit {
+            self.exhausted.store(false, Ordering::Relaxed);
+        }
+    }
+
+    /// Salesforce refused a call for the org's daily limit.
+    pub fn observe_exhausted(&self) {
+        self.exhausted.store(true, Ordering::Relaxed);
+    }
+
+    /// A counted call got an ordinary answer: whatever budget was missing is back.
+    pub fn observe_success(&self) {
+        if self.exhausted.load(Ordering::Relaxed) {
+            self.exhausted.store(false, Ordering::Relaxed);
+        }
+    }
+
+    pub fn is_exhausted(&self) -> bool {
+        self.exhausted.load(Ordering::Relaxed)
+    }
+
+    /// A consistent-enough view for reporting.
+    pub fn usage(&self) -> OrgUsage {
+        let reported = (self.report_at_ms.load(Ordering::Acquire) != 0).then(|| UsageReport {
+            used: u64::from(unpack_report(self.report.load(Ordering::Acquire)).0),
+            limit: self.reported_limit.load(Ordering::Relaxed),
+        });
+        OrgUsage {
+            used: self.used(),
+            limit: self.limit(),
+            proxied: self.window.total(self.clock.minute()),
+            reported,
+            exhausted: self.is_exhausted(),
+        }
+    }
+}
+
+#[inline]
+fn pack_report(used: u32, forwarded_mark: u32) -> u64 {
+    (u64::from(used) << 32) | u64::from(forwarded_mark)
+}
+
+#[inline]
+fn unpack_report(word: u64) -> (u64, u32) {
+    (word >> 32, word as u32)
+}
+
+impl IntegrationMeter {
+    pub fn new(id: IntegrationId, org: Arc<OrgMeter>) -> Self {
+        let minutes = org.window.minutes();
+        IntegrationMeter {
+            id,
+            org,
+            window: Window::new(minutes),
+        }
+    }
+
+    pub fn id(&self) -> &IntegrationId {
+        &self.id
+    }
+
+    pub fn org(&self) -> &Arc<OrgMeter> {
+        &self.org
+    }
+
+    /// Decides a call worth `units` counted calls and counts it if it goes ahead.
+    ///
+    /// The call is counted here, before it leaves, so that concurrent calls see each other.
+    #[inline]
+    pub fn decide(&self, units: u32) -> Verdict {
+        let minute = self.org.clock.minute();
+        if units > 0 {
+            self.window.add(minute, units);
+            self.org.window.add(minute, units);
+            self.org
+                .forwarded
+                .fetch_add(u64::from(units), Ordering::AcqRel);
+        }
+        Verdict::Forward(Ticket { units, minute })
+    }
+
+    /// Gives back a call that never reached Salesforce.
+    pub fn refund(&self, ticket: Ticket) {
+        if ticket.units == 0 {
+            return;
+        }
+        self.window.refund(ticket.minute, ticket.units);
+        self.org.window.refund(ticket.minute, ticket.units);
+        self.org
+            .forwarded
+            .fetch_sub(u64::from(ticket.units), Ordering::AcqRel);
+    }
+
+    /// Counted calls of this integration within the window.
+    pub fn window_count(&self) -> u64 {
+        self.window.total(self.org.clock.minute())
+    }
+}
+
+/// Color of a usage bar, as admins know it from their sales tools: green below 80 %, orange
+/// from 80 to 90 %, red from 90 %.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Level {
+    Green,
+    Orange,
+    Red,
+}
+
+impl Level {
+    pub fn of(percent: f64) -> Level {
+        if percent >= 90.0 {
+            Level::Red
+        } else if percent >= 80.0 {
+            Level::Orange
+        } else {
+            Level::Green
+        }
+    }
+}
+
+/// The meter of every org and integration of the config, for reporting.
+pub struct Meter {
+    orgs: Vec<OrgEntry>,
+}
+
+struct OrgEntry {
+    meter: Arc<OrgMeter>,
+    thresholds: Vec<Amount>,
+    integrations: Vec<(Arc<IntegrationMeter>, Option<Amount>)>,
+}
+
+/// Usage of every org, as `/api/v1/usage` shows it and `/metrics` exports it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Usage {
+    pub orgs: Vec<OrgReport>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct OrgReport {
+    pub id: String,
+    /// Daily limit; `null` while `daily_limit = "auto"` and Salesforce has not reported one.
+    pub limit: Option<u64>,
+    /// The usage estimate: Salesforce's last figure plus the calls forwarded since.
+    pub used: u64,
+    /// Counted calls the proxy itself forwarded in the window.
+    pub proxied: u64,
+    /// The last figure Salesforce reported, if any.
+    pub reported_used: Option<u64>,
+    /// The admin's (lowest) threshold in calls.
+    pub threshold: Option<u64>,
+    pub percent: Option<f64>,
+    pub color: Option<Level>,
+    pub exhausted: bool,
+    pub window_minutes: u32,
+    pub integrations: Vec<IntegrationReport>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct IntegrationReport {
+    pub id: String,
+    /// Counted calls in the rolling window.
+    pub window: u64,
+    /// Quota in calls per window, if any.
+    pub quota: Option<u64>,
+}
+
+impl Meter {
+    pub fn new() -> Self {
+        Meter { orgs: Vec::new() }
+    }
+
+    pub fn add_org(&mut self, meter: Arc<OrgMeter>, thresholds: Vec<Amount>) {
+        self.orgs.push(OrgEntry {
+            meter,
+            thresholds,
+            integrations: Vec::new(),
+        });
+    }
+
+    /// Registers an integration of an org added before.
+    pub fn add_integration(&mut self, meter: Arc<IntegrationMeter>, quota: Option<Amount>) {
+        if let Some(org) = self
+            .orgs
+            .iter_mut()
+            .find(|o| Arc::ptr_eq(&o.meter, &meter.org))
+        {
+            org.integrations.push((meter, quota));
+        }
+    }
+
+    pub fn usage(&self) -> Usage {
+        let orgs = self
+            .orgs
+            .iter()
+            .map(|entry| {
+                let usage = entry.meter.usage();
+                let percent = usage
+                    .limit
+                    .filter(|&l| l > 0)
+                    .map(|l| usage.used as f64 * 100.0 / l as f64);
+                let resolve = |a: &Amount| {
+                    usage.limit.map(|l| a.resolve(l)).or(match a {
+                        Amount::Calls(n) => Some(*n),
+                        Amount::Percent(_) => None,
+                    })
+                };
+                OrgReport {
+                    id: entry.meter.id().to_string(),
+                    limit: usage.limit,
+                    used: usage.used,
+                    proxied: usage.proxied,
+                    reported_used: usage.reported.map(|r| r.used),
+                    threshold: entry.thresholds.iter().filter_map(resolve).min(),
+                    percent: percent.map(|p| (p * 10.0).round() / 10.0),
+                    color: percent.map(Level::of),
+                    exhausted: usage.exhausted,
+                    window_minutes: entry.meter.window.minutes(),
+                    integrations: entry
+                        .integrations
+                        .iter()
+                        .map(|(m, quota)| IntegrationReport {
+                            id: m.id().to_string(),
+                            window: m.window_count(),
+                            quota: quota.as_ref().and_then(resolve),
+                        })
+                        .collect(),
+                }
+            })
+            .collect();
+        Usage { orgs }
+    }
+}
+
+impl Default for Meter {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn org(limit: DailyLimit, window: Duration) -> Arc<OrgMeter> {
+        let limit = match limit {
+            DailyLimit::Auto => "\"auto\"".to_owned(),
+            DailyLimit::Calls(n) => n.to_string(),
+        };
+        let toml = format!(
+            "[[listener]]\nname = \"main\"\nlisten = \"127.0.0.1:0\"\n[[org]]\nid = \"acme\"\n\
+             instance_url = \"https://acme.my.salesforce.com\"\ndaily_limit = {limit}\nwindow = \"{}m\"\n",
+            window.as_secs() / 60
+        );
+        let cfg =
+            crate::config::parse(&toml, std::path::Path::new("test.toml")).expect("test config");
+        Arc::new(OrgMeter::new(&cfg.orgs[0], Clock::new()))
+    }
+
+    fn id(s: &str) -> IntegrationId {
+        IntegrationId::new(s).expect("valid id")
+    }
+
+    fn report(used: u64, limit: u64) -> UsageReport {
+        UsageReport { used, limit }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn counts_per_integration_and_org_and_ages_out() {
+        let org = org(DailyLimit::Auto, Duration::from_secs(600));
+        let a = IntegrationMeter::new(id("a"), org.clone());
+        let b = IntegrationMeter::new(id("b"), org.clone());
+        let Verdict::Forward(_) = a.decide(1);
+        let Verdict::Forward(_) = b.decide(25);
+        let Verdict::Forward(_) = b.decide(0);
+        assert_eq!((a.window_count(), b.window_count()), (1, 25));
+        assert_eq!(org.used(), 26, "no report yet: the proxy's own count");
+        assert_eq!(org.limit(), None);
+        tokio::time::advance(Duration::from_secs(600)).await;
+        assert_eq!((a.window_count(), b.window_count(), org.used()), (0, 0, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn estimate_is_report_plus_calls_since() {
+        let org = org(DailyLimit::Auto, Duration::from_secs(86_400));
+        let a = IntegrationMeter::new(id("a"), org.clone());
+        let Verdict::Forward(_) = a.decide(1);
+        // Salesforce saw 500 calls (the other 499 were made outside the proxy).
+        org.observe_report(report(500, 15_000));
+        assert_eq!(org.used(), 500);
+        assert_eq!(org.limit(), Some(15_000));
+        let Verdict::Forward(_) = a.decide(3);
+        assert_eq!(org.used(), 503);
+        // A response of a call sent before the report arrives late with an older figure.
+        org.observe_report(report(499, 15_000));
+        assert_eq!(org.used(), 503, "an older, lower figure does not win");
+        // Later reports replace it.
+        org.observe_report(report(510, 15_000));
+        assert_eq!(org.used(), 510);
+        // After a minute, a lower figure is taken: calls aged out of Salesforce's window.
+        tokio::time::advance(REPORT_AUTHORITY).await;
+        org.observe_report(report(100, 15_000));
+        assert_eq!(org.used(), 100);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refund_takes_the_call_back_everywhere() {
+        let org = org(DailyLimit::Calls(1_000), Duration::from_secs(86_400));
+        let a = IntegrationMeter::new(id("a"), org.clone());
+        org.observe_report(report(10, 5_000));
+        let Verdict::Forward(ticket) = a.decide(2);
+        assert_eq!(org.used(), 12);
+        a.refund(ticket);
+        assert_eq!((a.window_count(), org.used()), (0, 10));
+        assert_eq!(
+            org.limit(),
+            Some(1_000),
+            "a configured limit overrides reports"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn exhausted_until_a_report_shows_budget() {
+        let org = org(DailyLimit::Auto, Duration::from_secs(86_400));
+        org.observe_exhausted();
+        assert!(org.usage().exhausted);
+        org.observe_report(report(15_000, 15_000));
+        assert!(org.is_exhausted());
+        tokio::time::advance(REPORT_AUTHORITY).await;
+        org.observe_report(report(14_990, 15_000));
+        assert!(!org.is_exhausted());
+    }
+}

@@ -1,0 +1,328 @@
+//! Prometheus metrics: one registry, every metric defined here, rendered as text for `/metrics`.
+//!
+//! The request path never looks a label set up by name: each integration gets an
+//! `IntegrationMetrics` at start-up whose counters and histograms are resolved on first use and
+//! then kept (a `OnceLock` read per request). Gauges that mirror the meter (usage, window
+//! counts) are set from the meter's public view when `/metrics` is scraped, so the hot path does
+//! not update them at all.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+use crate::meter::Usage;
+use crate::salesforce::Api;
+
+/// What became of a request, the `outcome` label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Forwarded,
+    Rejected,
+    Queued,
+    Deferred,
+    UpstreamError,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 5] = [
+        Outcome::Forwarded,
+        Outcome::Rejected,
+        Outcome::Queued,
+        Outcome::Deferred,
+        Outcome::UpstreamError,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Forwarded => "forwarded",
+            Outcome::Rejected => "rejected",
+            Outcome::Queued => "queued",
+            Outcome::Deferred => "deferred",
+            Outcome::UpstreamError => "upstream_error",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Latency buckets: a proxied Salesforce call takes from a few ms to minutes (Bulk, reports).
+const DURATION_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+];
+
+/// The registry and the metric families.
+pub struct Metrics {
+    registry: Registry,
+    org_used: IntGaugeVec,
+    org_limit: IntGaugeVec,
+    org_threshold: IntGaugeVec,
+    org_exhausted: IntGaugeVec,
+    integration_window: IntGaugeVec,
+    integration_quota: IntGaugeVec,
+    requests: IntCounterVec,
+    duration: HistogramVec,
+    unmatched: IntCounterVec,
+    usage_reports: IntCounterVec,
+}
+
+/// Errors are only possible from a programming mistake (a bad metric name or duplicate
+/// registration), found by the first test that builds `Metrics`.
+fn must<T>(r: prometheus::Result<T>) -> T {
+    match r {
+        Ok(v) => v,
+        Err(e) => panic!("metric definition is invalid: {e}"),
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Self> {
+        let registry = Registry::new();
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            let g = must(IntGaugeVec::new(Opts::new(name, help), labels));
+            must(registry.register(Box::new(g.clone())));
+            g
+        };
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = must(IntCounterVec::new(Opts::new(name, help), labels));
+            must(registry.register(Box::new(c.clone())));
+            c
+        };
+        let m = Metrics {
+            org_used: gauge(
+                "callmeter_org_api_calls_used",
+                "Usage estimate of the org in Salesforce's rolling 24 h window: the last figure Salesforce reported plus calls forwarded since.",
+                &["org"],
+            ),
+            org_limit: gauge("callmeter_org_api_calls_limit", "The org's daily API call limit.", &["org"]),
+            org_threshold: gauge(
+                "callmeter_org_api_calls_threshold",
+                "The admin's notification threshold in calls (absent if none).",
+                &["org"],
+            ),
+            org_exhausted: gauge(
+                "callmeter_org_exhausted",
+                "1 while Salesforce refuses the org's calls with REQUEST_LIMIT_EXCEEDED.",
+                &["org"],
+            ),
+            integration_window: gauge(
+                "callmeter_integration_api_calls_window",
+                "Counted calls of the integration in the rolling window.",
+                &["org", "integration"],
+            ),
+            integration_quota: gauge(
+                "callmeter_integration_api_calls_quota",
+                "The integration's quota in calls per window (absent if none).",
+                &["org", "integration"],
+            ),
+            requests: counter(
+                "callmeter_requests_total",
+                "Requests received, by API family and outcome.",
+                &["org", "integration", "api", "outcome"],
+            ),
+            duration: {
+                let h = must(HistogramVec::new(
+                    HistogramOpts::new(
+                        "callmeter_request_duration_seconds",
+                        "Time from request received to response headers sent.",
+                    )
+                    .buckets(DURATION_BUCKETS.to_vec()),
+                    &["org", "integration", "api"],
+                ));
+                must(registry.register(Box::new(h.clone())));
+                h
+            },
+            unmatched: counter(
+                "callmeter_unmatched_requests_total",
+                "Requests that matched no integration and were refused.",
+                &["listener"],
+            ),
+            usage_reports: counter(
+                "callmeter_usage_reports_total",
+                "Usage figures read from Salesforce responses (Sforce-Limit-Info, LimitInfoHeader, /limits), by result.",
+                &["org", "result"],
+            ),
+            registry,
+        };
+        let build = must(IntGaugeVec::new(
+            Opts::new(
+                "callmeter_build_info",
+                "Always 1; the version label says which build runs.",
+            ),
+            &["version"],
+        ));
+        must(m.registry.register(Box::new(build.clone())));
+        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        Arc::new(m)
+    }
+
+    /// The handles one integration's requests use.
+    pub fn integration(self: &Arc<Self>, org: &str, integration: &str) -> IntegrationMetrics {
+        IntegrationMetrics {
+            metrics: self.clone(),
+            labels: [org.to_owned(), integration.to_owned()],
+            requests: Default::default(),
+            duration: Default::default(),
+        }
+    }
+
+    /// The handles of one org.
+    pub fn org(&self, org: &str) -> OrgMetrics {
+        OrgMetrics {
+            reports_ok: self.usage_reports.with_label_values(&[org, "ok"]),
+            reports_malformed: self.usage_reports.with_label_values(&[org, "malformed"]),
+            label: org.to_owned(),
+        }
+    }
+
+    /// Sets the gauges that mirror the meter (called on each scrape).
+    pub fn update_usage(&self, usage: &Usage) {
+        for org in &usage.orgs {
+            let id = org.id.as_str();
+            self.org_used
+                .with_label_values(&[id])
+                .set(clamp_i64(org.used));
+            self.org_exhausted
+                .with_label_values(&[id])
+                .set(i64::from(org.exhausted));
+            set_or_remove(&self.org_limit, &[id], org.limit);
+            set_or_remove(&self.org_threshold, &[id], org.threshold);
+            for i in &org.integrations {
+                let labels = [id, i.id.as_str()];
+                self.integration_window
+                    .with_label_values(&labels)
+                    .set(clamp_i64(i.window));
+                set_or_remove(&self.integration_quota, &labels, i.quota);
+            }
+        }
+    }
+
+    /// A request on `listener` that matched no integration.
+    pub fn unmatched(&self, listener: &str) {
+        self.unmatched.with_label_values(&[listener]).inc();
+    }
+
+    /// The registry in Prometheus' text format.
+    pub fn render(&self) -> String {
+        let mut out = Vec::with_capacity(64 * 1024);
+        // Encoding into a Vec cannot fail for I/O; only for invalid metrics, which `new` rules out.
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::error!(error = %e, "encoding metrics failed");
+        }
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+fn set_or_remove(vec: &IntGaugeVec, labels: &[&str], value: Option<u64>) {
+    match value {
+        Some(v) => vec.with_label_values(labels).set(clamp_i64(v)),
+        None => {
+            let _ = vec.remove_label_values(labels);
+        }
+    }
+}
+
+fn clamp_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// Pre-resolved handles of one org.
+pub struct OrgMetrics {
+    reports_ok: IntCounter,
+    reports_malformed: IntCounter,
+    label: String,
+}
+
+impl OrgMetrics {
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    pub fn usage_report(&self, ok: bool) {
+        if ok {
+            self.reports_ok.inc()
+        } else {
+            self.reports_malformed.inc()
+        }
+    }
+}
+
+/// Pre-resolved handles of one integration; label sets resolve on first use.
+pub struct IntegrationMetrics {
+    metrics: Arc<Metrics>,
+    labels: [String; 2],
+    requests: [[OnceLock<IntCounter>; Outcome::ALL.len()]; Api::ALL.len()],
+    duration: [OnceLock<prometheus::Histogram>; Api::ALL.len()],
+}
+
+impl IntegrationMetrics {
+    /// Records a finished request: its outcome and its time to response headers.
+    #[inline]
+    pub fn record(&self, api: Api, outcome: Outcome, elapsed: Duration) {
+        let [org, integration] = &self.labels;
+        self.requests[api.index()][outcome.index()]
+            .get_or_init(|| {
+                self.metrics.requests.with_label_values(&[
+                    org,
+                    integration,
+                    api.as_str(),
+                    outcome.as_str(),
+                ])
+            })
+            .inc();
+        self.duration[api.index()]
+            .get_or_init(|| {
+                self.metrics
+                    .duration
+                    .with_label_values(&[org, integration, api.as_str()])
+            })
+            .observe(elapsed.as_secs_f64());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_labelled_values() {
+        let m = Metrics::new();
+        let i = m.integration("acme", "salesloft");
+        i.record(Api::Rest, Outcome::Forwarded, Duration::from_millis(3));
+        i.record(Api::Rest, Outcome::Forwarded, Duration::from_millis(3));
+        m.update_usage(&Usage {
+            orgs: vec![crate::meter::OrgReport {
+                id: "acme".into(),
+                limit: Some(15_000),
+                used: 100,
+                proxied: 42,
+                reported_used: None,
+                threshold: None,
+                percent: None,
+                color: None,
+                exhausted: false,
+                window_minutes: 1440,
+                integrations: vec![crate::meter::IntegrationReport {
+                    id: "salesloft".into(),
+                    window: 42,
+                    quota: None,
+                }],
+            }],
+        });
+        let text = m.render();
+        assert!(text.contains(
+            r#"callmeter_requests_total{api="rest",integration="salesloft",org="acme",outcome="forwarded"} 2"#
+        ));
+        assert!(text.contains(
+            r#"callmeter_integration_api_calls_window{integration="salesloft",org="acme"} 42"#
+        ));
+        assert!(text.contains(r#"callmeter_org_api_calls_limit{org="acme"} 15000"#));
+        assert!(!text.contains("callmeter_org_api_calls_threshold{"));
+        assert!(text.contains(r#"callmeter_build_info{version=""#));
+    }
+}

@@ -1,0 +1,268 @@
+//! Request and response bodies as they pass through the proxy.
+//!
+//! Bodies stream: the proxy holds at most one frame of a body at a time, except for the few
+//! kinds it must read. `RequestBody` replays a bounded prefix (read to classify a composite
+//! batch or a SOAP call) before the rest of the stream. `ResponseBody` can feed a bounded
+//! prefix of the response to a `BodyScanner` as it passes (SOAP usage headers, limit errors)
+//! without holding the body back. Both are enums rather than boxed trait objects, so the common
+//! case (a plain streamed body) costs no allocation.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+
+/// A request body on its way upstream.
+#[derive(Debug)]
+pub enum RequestBody {
+    /// The client's body, untouched.
+    Stream(Incoming),
+    /// A prefix already read (to classify the call), then whatever is left of the stream.
+    Prefixed {
+        prefix: Option<Bytes>,
+        rest: Option<Incoming>,
+    },
+    /// No body.
+    Empty,
+}
+
+impl RequestBody {
+    /// Reads up to `limit` bytes of `body` so the call can be classified, and returns them with
+    /// a body that replays them before the rest. `complete` is true when the whole body fit.
+    pub async fn read_prefix(
+        mut body: Incoming,
+        limit: usize,
+    ) -> Result<(Bytes, bool, RequestBody), hyper::Error> {
+        let mut buf = bytes::BytesMut::new();
+        loop {
+            if buf.len() >= limit {
+                let prefix = buf.freeze();
+                let rest = RequestBody::Prefixed {
+                    prefix: Some(prefix.clone()),
+                    rest: Some(body),
+                };
+                return Ok((prefix, false, rest));
+            }
+            match body.frame().await {
+                None => {
+                    let prefix = buf.freeze();
+                    let rest = RequestBody::Prefixed {
+                        prefix: Some(prefix.clone()),
+                        rest: None,
+                    };
+                    return Ok((prefix, true, rest));
+                }
+                Some(Err(e)) => return Err(e),
+                // Trailers on a request body are vanishingly rare in Salesforce traffic; a body
+                // read for classification drops them rather than reordering frames.
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        buf.extend_from_slice(&data);
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            RequestBody::Stream(inner) => Pin::new(inner).poll_frame(cx),
+            RequestBody::Prefixed { prefix, rest } => {
+                if let Some(data) = prefix.take() {
+                    if !data.is_empty() {
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                }
+                match rest {
+                    Some(inner) => Pin::new(inner).poll_frame(cx),
+                    None => Poll::Ready(None),
+                }
+            }
+            RequestBody::Empty => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RequestBody::Stream(inner) => inner.is_end_stream(),
+            RequestBody::Prefixed { prefix, rest } => {
+                prefix.as_ref().is_none_or(Bytes::is_empty)
+                    && rest.as_ref().is_none_or(Body::is_end_stream)
+            }
+            RequestBody::Empty => true,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RequestBody::Stream(inner) => inner.size_hint(),
+            RequestBody::Prefixed { prefix, rest } => {
+                let rest = rest
+                    .as_ref()
+                    .map_or_else(|| SizeHint::with_exact(0), Body::size_hint);
+                plus_prefix(rest, prefix.as_ref())
+            }
+            RequestBody::Empty => SizeHint::with_exact(0),
+        }
+    }
+}
+
+/// The size of a body that replays `prefix` before a stream of size `rest`.
+fn plus_prefix(rest: SizeHint, prefix: Option<&Bytes>) -> SizeHint {
+    let head = prefix.map_or(0, |p| p.len() as u64);
+    let mut hint = SizeHint::new();
+    // Upper first: `set_lower` refuses a lower bound above the current upper one.
+    if let Some(upper) = rest.upper() {
+        hint.set_upper(upper + head);
+    }
+    hint.set_lower(rest.lower() + head);
+    hint
+}
+
+/// Something that wants to see the start of a response body as it streams past.
+pub trait Observer: Send + Unpin + 'static {
+    /// Called with each data chunk until it returns `false` (seen enough).
+    fn chunk(&mut self, data: &[u8]) -> bool;
+    /// Called once when the body ended or was dropped.
+    fn finish(&mut self);
+}
+
+/// A response body on its way back to the client.
+pub enum ResponseBody {
+    Stream(Incoming),
+    /// Bytes already read from the upstream body, then the rest of it.
+    Prefixed(Option<Bytes>, Incoming),
+    /// The upstream body, shown to an observer as it passes.
+    Observed(Observed),
+    /// A body the proxy made or rewrote.
+    Full(Option<Bytes>),
+}
+
+impl ResponseBody {
+    pub fn full(data: impl Into<Bytes>) -> Self {
+        ResponseBody::Full(Some(data.into()))
+    }
+
+    pub fn empty() -> Self {
+        ResponseBody::Full(None)
+    }
+
+    pub fn observed(inner: Incoming, observer: Box<dyn Observer>) -> Self {
+        ResponseBody::Observed(Observed {
+            inner,
+            observer: Some(observer),
+        })
+    }
+
+    /// Collects up to `limit` bytes of a response body; when the body is larger, `Err` carries
+    /// what was read plus the rest of the stream, so nothing is lost.
+    pub async fn collect_bounded(
+        mut inner: Incoming,
+        limit: usize,
+    ) -> Result<Result<Bytes, ResponseBody>, hyper::Error> {
+        let mut buf = bytes::BytesMut::new();
+        while let Some(frame) = inner.frame().await {
+            if let Ok(data) = frame?.into_data() {
+                buf.extend_from_slice(&data);
+            }
+            if buf.len() > limit {
+                return Ok(Err(ResponseBody::Prefixed(Some(buf.freeze()), inner)));
+            }
+        }
+        Ok(Ok(buf.freeze()))
+    }
+}
+
+/// An upstream body and the observer that sees it pass.
+pub struct Observed {
+    inner: Incoming,
+    observer: Option<Box<dyn Observer>>,
+}
+
+impl Observed {
+    fn finish(&mut self) {
+        if let Some(mut obs) = self.observer.take() {
+            obs.finish();
+        }
+    }
+}
+
+impl Drop for Observed {
+    fn drop(&mut self) {
+        // A client that hangs up mid-body still lets the observer report what it saw.
+        self.finish();
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            ResponseBody::Stream(inner) => Pin::new(inner).poll_frame(cx),
+            ResponseBody::Prefixed(prefix, inner) => match prefix.take() {
+                Some(data) if !data.is_empty() => Poll::Ready(Some(Ok(Frame::data(data)))),
+                _ => Pin::new(inner).poll_frame(cx),
+            },
+            ResponseBody::Observed(observed) => {
+                let polled = Pin::new(&mut observed.inner).poll_frame(cx);
+                match &polled {
+                    Poll::Ready(Some(Ok(frame))) => {
+                        if let (Some(data), Some(obs)) =
+                            (frame.data_ref(), observed.observer.as_mut())
+                        {
+                            if !obs.chunk(data) {
+                                observed.finish();
+                            }
+                        }
+                    }
+                    Poll::Ready(None) | Poll::Ready(Some(Err(_))) => observed.finish(),
+                    Poll::Pending => {}
+                }
+                polled
+            }
+            ResponseBody::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ResponseBody::Stream(inner) | ResponseBody::Observed(Observed { inner, .. }) => {
+                inner.is_end_stream()
+            }
+            ResponseBody::Prefixed(prefix, inner) => {
+                prefix.as_ref().is_none_or(Bytes::is_empty) && inner.is_end_stream()
+            }
+            ResponseBody::Full(data) => data.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ResponseBody::Stream(inner) | ResponseBody::Observed(Observed { inner, .. }) => {
+                inner.size_hint()
+            }
+            ResponseBody::Prefixed(prefix, inner) => {
+                plus_prefix(inner.size_hint(), prefix.as_ref())
+            }
+            ResponseBody::Full(data) => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+        }
+    }
+}

@@ -1,0 +1,124 @@
+//! Everything that can go wrong on the request path, and the one place that turns it into a
+//! response.
+//!
+//! Integrations already know Salesforce's error shape (`[{"message":…,"errorCode":…}]`), so the
+//! proxy answers in that shape too, with a message that says what failed and whether the call
+//! was counted.
+
+use std::time::Duration;
+
+use http::{header, HeaderValue, Response, StatusCode};
+use thiserror::Error;
+
+use super::body::ResponseBody;
+use crate::salesforce;
+
+#[derive(Debug, Error)]
+pub enum ProxyError {
+    #[error("this request matches no integration on listener \"{listener}\" ({hint}); it was not forwarded")]
+    Unmatched {
+        listener: String,
+        hint: &'static str,
+    },
+
+    #[error(
+        "the X-Callmeter-Key header names no integration on this listener; it was not forwarded"
+    )]
+    UnknownKey,
+
+    #[error("the request path cannot be forwarded: it does not form a valid URL upstream")]
+    BadPath,
+
+    #[error("the request body could not be read: {0}")]
+    ClientBody(#[source] hyper::Error),
+
+    #[error("could not connect to Salesforce at {upstream}: {source}; the call was not sent and not counted")]
+    UpstreamConnect {
+        upstream: String,
+        #[source]
+        source: hyper_util::client::legacy::Error,
+    },
+
+    #[error("Salesforce at {upstream} sent no response within {}; the call may have been processed and stays counted", humantime::format_duration(*.after))]
+    UpstreamTimeout { upstream: String, after: Duration },
+
+    #[error("the exchange with Salesforce at {upstream} failed: {source}; the call may have been processed and stays counted")]
+    Upstream {
+        upstream: String,
+        #[source]
+        source: hyper_util::client::legacy::Error,
+    },
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::Unmatched { .. } | ProxyError::UnknownKey => StatusCode::FORBIDDEN,
+            ProxyError::ClientBody(_) | ProxyError::BadPath => StatusCode::BAD_REQUEST,
+            ProxyError::UpstreamConnect { .. } | ProxyError::Upstream { .. } => {
+                StatusCode::BAD_GATEWAY
+            }
+            ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// The `errorCode` of the Salesforce-shaped body.
+    pub fn error_code(&self) -> &'static str {
+        match self {
+            ProxyError::Unmatched { .. } => "CALLMETER_UNMATCHED",
+            ProxyError::UnknownKey => "CALLMETER_UNKNOWN_KEY",
+            ProxyError::ClientBody(_) | ProxyError::BadPath => "CALLMETER_BAD_REQUEST",
+            ProxyError::UpstreamConnect { .. } => "CALLMETER_UPSTREAM_UNREACHABLE",
+            ProxyError::UpstreamTimeout { .. } => "CALLMETER_UPSTREAM_TIMEOUT",
+            ProxyError::Upstream { .. } => "CALLMETER_UPSTREAM_ERROR",
+        }
+    }
+
+    /// Whether this is the upstream's fault (logged at warn) or the client's (debug).
+    pub fn is_upstream(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::UpstreamConnect { .. }
+                | ProxyError::UpstreamTimeout { .. }
+                | ProxyError::Upstream { .. }
+        )
+    }
+
+    pub fn into_response(self) -> Response<ResponseBody> {
+        let message = format!("callmeter: {}", error_chain(&self));
+        json_error(self.status(), &message, self.error_code())
+    }
+}
+
+/// A Salesforce-shaped JSON error response.
+pub fn json_error(status: StatusCode, message: &str, error_code: &str) -> Response<ResponseBody> {
+    let mut resp = Response::new(ResponseBody::full(salesforce::rest_error_body(
+        message, error_code,
+    )));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json;charset=UTF-8"),
+    );
+    resp
+}
+
+/// The error and its causes on one line: hyper's errors keep the useful part (e.g. "Connection
+/// refused") in their sources.
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    // The top-level message already embeds the direct source; walk the deeper ones.
+    if let Some(s) = source {
+        source = s.source();
+    }
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}

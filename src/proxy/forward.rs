@@ -1,0 +1,201 @@
+//! The upstream side: one pooled HTTP client per org, sending only to that org's configured
+//! Salesforce URLs.
+//!
+//! The upstream is chosen by configuration, never by the request's Host header, so the proxy
+//! cannot be used as an open proxy. TLS is rustls with the webpki roots plus an optional extra
+//! CA; ALPN offers h2 and http/1.1. Plain `http://` upstreams exist only when the org's config
+//! allows them (the simulator, a local relay).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Request, Response, Uri};
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::CertificateDer;
+use thiserror::Error;
+
+use super::body::RequestBody;
+use super::error::ProxyError;
+use crate::config::OrgConfig;
+
+/// How long an idle upstream connection is kept for reuse. Salesforce closes idle keep-alive
+/// connections after a while; staying below that avoids sending on a half-closed socket.
+const POOL_IDLE: Duration = Duration::from_secs(50);
+
+#[derive(Debug, Error)]
+pub enum UpstreamSetupError {
+    #[error("org \"{org}\": cannot read upstream_ca {path}: {source}")]
+    CaFile {
+        org: String,
+        path: String,
+        #[source]
+        source: rustls_pki_types::pem::Error,
+    },
+    #[error("org \"{org}\": upstream_ca {path} holds no usable certificate")]
+    CaEmpty { org: String, path: String },
+    #[error("org \"{org}\": TLS client setup failed: {source}")]
+    Tls {
+        org: String,
+        #[source]
+        source: rustls::Error,
+    },
+}
+
+/// Scheme, host and base path of one Salesforce endpoint.
+#[derive(Debug, Clone)]
+struct Base {
+    scheme: Scheme,
+    authority: Authority,
+    /// Path the endpoint lives under, without a trailing slash ("" for the root).
+    path: String,
+    display: String,
+}
+
+impl Base {
+    fn of(uri: &Uri) -> Option<Base> {
+        Some(Base {
+            scheme: uri.scheme()?.clone(),
+            authority: uri.authority()?.clone(),
+            path: uri.path().trim_end_matches('/').to_owned(),
+            display: uri.to_string().trim_end_matches('/').to_owned(),
+        })
+    }
+
+    fn uri(&self, path_and_query: &str) -> Result<Uri, http::Error> {
+        let pq = if self.path.is_empty() {
+            PathAndQuery::try_from(path_and_query)?
+        } else {
+            PathAndQuery::try_from(format!("{}{}", self.path, path_and_query))?
+        };
+        Ok(Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(pq)
+            .build()?)
+    }
+}
+
+/// The client for one org.
+pub struct Upstream {
+    client: Client<HttpsConnector<HttpConnector>, RequestBody>,
+    instance: Base,
+    login: Base,
+    response_timeout: Duration,
+}
+
+impl Upstream {
+    pub fn new(cfg: &OrgConfig) -> Result<Arc<Self>, UpstreamSetupError> {
+        let org = cfg.id.to_string();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        if let Some(path) = &cfg.upstream_ca {
+            let shown = path.display().to_string();
+            let certs = CertificateDer::pem_file_iter(path)
+                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+                .map_err(|source| UpstreamSetupError::CaFile {
+                    org: org.clone(),
+                    path: shown.clone(),
+                    source,
+                })?;
+            let (added, _) = roots.add_parsable_certificates(certs);
+            if added == 0 {
+                return Err(UpstreamSetupError::CaEmpty { org, path: shown });
+            }
+        }
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|source| UpstreamSetupError::Tls {
+            org: org.clone(),
+            source,
+        })?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(cfg.connect_timeout));
+        http.set_keepalive(Some(Duration::from_secs(60)));
+        let builder = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls);
+        let connector = if cfg.allow_plain_http {
+            builder
+                .https_or_http()
+                .enable_http1()
+                .enable_http2()
+                .wrap_connector(http)
+        } else {
+            builder
+                .https_only()
+                .enable_http1()
+                .enable_http2()
+                .wrap_connector(http)
+        };
+        let client = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(POOL_IDLE)
+            .build(connector);
+
+        // Config validation guarantees absolute URLs; fall back to the instance for login.
+        let instance = Base::of(&cfg.instance_url).ok_or_else(|| UpstreamSetupError::CaEmpty {
+            org: org.clone(),
+            path: "instance_url is not absolute".into(),
+        })?;
+        let login = cfg
+            .login_url
+            .as_ref()
+            .and_then(Base::of)
+            .unwrap_or_else(|| instance.clone());
+        Ok(Arc::new(Upstream {
+            client,
+            instance,
+            login,
+            response_timeout: cfg.response_timeout,
+        }))
+    }
+
+    /// The URL a request goes to: the login host for login calls, the instance otherwise.
+    pub fn uri(&self, login: bool, path_and_query: &str) -> Result<Uri, http::Error> {
+        self.base(login).uri(path_and_query)
+    }
+
+    fn base(&self, login: bool) -> &Base {
+        if login {
+            &self.login
+        } else {
+            &self.instance
+        }
+    }
+
+    /// Sends a request and waits for the response headers, within the response timeout.
+    pub async fn send(
+        &self,
+        login: bool,
+        req: Request<RequestBody>,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let upstream = || self.base(login).display.clone();
+        match tokio::time::timeout(self.response_timeout, self.client.request(req)).await {
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(source)) if source.is_connect() => Err(ProxyError::UpstreamConnect {
+                upstream: upstream(),
+                source,
+            }),
+            Ok(Err(source)) => Err(ProxyError::Upstream {
+                upstream: upstream(),
+                source,
+            }),
+            Err(_) => Err(ProxyError::UpstreamTimeout {
+                upstream: upstream(),
+                after: self.response_timeout,
+            }),
+        }
+    }
+}

@@ -1,0 +1,193 @@
+//! Header handling between the client and Salesforce: what a proxy must drop, add or set.
+//!
+//! Hop-by-hop headers (RFC 9110 §7.6.1) describe one connection and must not be forwarded;
+//! `X-Forwarded-*` tell Salesforce's logs who the client was; `Sforce-Call-Options: client=`
+//! makes Salesforce's Event Monitoring attribute the call to the same integration we do.
+
+use std::net::IpAddr;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+/// The header an integration may send to identify itself with a secret key.
+pub const KEY_HEADER: HeaderName = HeaderName::from_static("x-callmeter-key");
+pub const CALL_OPTIONS: HeaderName = HeaderName::from_static("sforce-call-options");
+pub const LIMIT_INFO: HeaderName = HeaderName::from_static("sforce-limit-info");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Headers that belong to one connection only.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    KEEP_ALIVE,
+    PROXY_CONNECTION,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+/// Removes hop-by-hop headers, including any the `Connection` header names. `Upgrade` goes
+/// too: the proxy does not tunnel protocol upgrades (Salesforce APIs need none).
+pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+    headers.remove(header::UPGRADE);
+}
+
+/// Where the request came from and how, for the `X-Forwarded-*` headers.
+pub struct ClientInfo {
+    pub ip: IpAddr,
+    pub tls: bool,
+    /// Keep an incoming `X-Forwarded-For` and append to it (the proxy is behind a trusted load
+    /// balancer), or replace it (the client could have forged it).
+    pub trust_forwarded: bool,
+}
+
+/// Prepares the client's headers for the upstream request.
+pub fn to_upstream(
+    headers: &mut HeaderMap,
+    client: &ClientInfo,
+    call_options_client: Option<&HeaderValue>,
+) {
+    remove_hop_by_hop(headers);
+    headers.remove(header::HOST); // the client sets it from the upstream URI
+    headers.remove(KEY_HEADER);
+
+    let ip = client.ip.to_string();
+    let forwarded_for = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prior) if client.trust_forwarded => format!("{prior}, {ip}"),
+        _ => ip,
+    };
+    if let Ok(v) = HeaderValue::from_str(&forwarded_for) {
+        headers.insert(X_FORWARDED_FOR, v);
+    }
+    if !(client.trust_forwarded && headers.contains_key(&X_FORWARDED_PROTO)) {
+        let proto = if client.tls { "https" } else { "http" };
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+    }
+
+    if let Some(client_option) = call_options_client {
+        set_call_options_client(headers, client_option);
+    }
+}
+
+/// Adds `client=<id>` to `Sforce-Call-Options` unless the caller named a client already.
+/// `client_option` is the precomputed `client=<id>` value.
+fn set_call_options_client(headers: &mut HeaderMap, client_option: &HeaderValue) {
+    match headers.get(&CALL_OPTIONS) {
+        None => {
+            headers.insert(CALL_OPTIONS, client_option.clone());
+        }
+        Some(existing) => {
+            let has_client = existing.as_bytes().split(|&b| b == b',').any(|opt| {
+                opt.trim_ascii_start()
+                    .to_ascii_lowercase()
+                    .starts_with(b"client=")
+            });
+            if !has_client {
+                let mut combined = existing.as_bytes().to_vec();
+                combined.push(b',');
+                combined.extend_from_slice(client_option.as_bytes());
+                if let Ok(v) = HeaderValue::from_bytes(&combined) {
+                    headers.insert(CALL_OPTIONS, v);
+                }
+            }
+        }
+    }
+}
+
+/// Prepares the upstream response's headers for the client.
+pub fn to_client(headers: &mut HeaderMap) {
+    remove_hop_by_hop(headers);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client(trust: bool) -> ClientInfo {
+        ClientInfo {
+            ip: "10.1.2.3".parse().expect("ip"),
+            tls: true,
+            trust_forwarded: trust,
+        }
+    }
+
+    #[test]
+    fn drops_hop_by_hop_and_connection_named_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-private"),
+        );
+        h.insert("x-private", HeaderValue::from_static("1"));
+        h.insert(KEEP_ALIVE, HeaderValue::from_static("timeout=5"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert(header::HOST, HeaderValue::from_static("proxy.local"));
+        h.insert(KEY_HEADER, HeaderValue::from_static("secret"));
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer 00D"),
+        );
+        to_upstream(&mut h, &client(false), None);
+        assert_eq!(h.len(), 3, "{h:?}");
+        assert!(h.contains_key(header::AUTHORIZATION));
+        assert_eq!(h[X_FORWARDED_FOR], "10.1.2.3");
+        assert_eq!(h[X_FORWARDED_PROTO], "https");
+    }
+
+    #[test]
+    fn forwarded_for_is_replaced_unless_trusted() {
+        let mut h = HeaderMap::new();
+        h.insert(X_FORWARDED_FOR, HeaderValue::from_static("1.1.1.1"));
+        to_upstream(&mut h.clone(), &client(false), None);
+        let mut replaced = h.clone();
+        to_upstream(&mut replaced, &client(false), None);
+        assert_eq!(replaced[X_FORWARDED_FOR], "10.1.2.3");
+        to_upstream(&mut h, &client(true), None);
+        assert_eq!(h[X_FORWARDED_FOR], "1.1.1.1, 10.1.2.3");
+    }
+
+    #[test]
+    fn call_options_client_is_added_only_when_absent() {
+        let id = HeaderValue::from_static("client=salesloft");
+        let mut h = HeaderMap::new();
+        to_upstream(&mut h, &client(false), Some(&id));
+        assert_eq!(h[CALL_OPTIONS], "client=salesloft");
+
+        let mut h = HeaderMap::new();
+        h.insert(
+            CALL_OPTIONS,
+            HeaderValue::from_static("defaultNamespace=acme"),
+        );
+        to_upstream(&mut h, &client(false), Some(&id));
+        assert_eq!(h[CALL_OPTIONS], "defaultNamespace=acme,client=salesloft");
+
+        let mut h = HeaderMap::new();
+        h.insert(
+            CALL_OPTIONS,
+            HeaderValue::from_static("defaultNamespace=acme, Client=theirs"),
+        );
+        to_upstream(&mut h, &client(false), Some(&id));
+        assert_eq!(h[CALL_OPTIONS], "defaultNamespace=acme, Client=theirs");
+    }
+}

@@ -1,0 +1,250 @@
+//! The proxy: accept a request, attribute it, count it, forward it, learn from the answer.
+//!
+//! A request takes these steps, each one function:
+//! 1. **route** (`route.rs`): which integration and org it belongs to;
+//! 2. **classify** (`salesforce::classify`): its API family and how many calls Salesforce counts;
+//! 3. **decide** (`meter`): count it before it leaves, so concurrent calls see each other;
+//! 4. **forward** (`forward.rs`): to the org's configured upstream, headers cleaned (`headers.rs`);
+//! 5. **observe**: usage figures and limit errors in the response, as it streams (`observe.rs`);
+//! 6. **rewrite**: login responses point the client back at the proxy (`observe.rs`);
+//! 7. **respond** and **record** the outcome in the metrics.
+//!
+//! Errors on the way are `ProxyError`s, turned into Salesforce-shaped responses in one place.
+
+mod body;
+mod error;
+mod forward;
+mod headers;
+mod listener;
+mod observe;
+mod route;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::{header, HeaderValue, Request, Response, Uri};
+use hyper::body::Incoming;
+use tokio::time::Instant;
+
+pub use body::ResponseBody;
+pub use error::ProxyError;
+pub use forward::{Upstream, UpstreamSetupError};
+pub use listener::{serve_listener, ConnLimits, ListenerSetupError, TlsSetup};
+pub use route::{Route, RouteTable};
+
+use crate::meter::{OrgMeter, Verdict};
+use crate::metrics::{Metrics, OrgMetrics, Outcome};
+use crate::salesforce::{self, CallKind, CountingRules};
+use body::RequestBody;
+use headers::ClientInfo;
+
+/// Everything the request path needs about one org.
+pub struct OrgRoute {
+    pub meter: Arc<OrgMeter>,
+    pub metrics: OrgMetrics,
+    pub upstream: Arc<Upstream>,
+    pub counting: CountingRules,
+}
+
+/// One proxy listener's view: its routes and how it is reached.
+pub struct ListenerContext {
+    pub routes: RouteTable,
+    /// Base URL login responses are rewritten to; `None`: derived from the request's Host.
+    pub public_url: Option<String>,
+    pub tls: bool,
+    pub trust_forwarded: bool,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Handles one request end to end. Never fails: errors become responses here.
+pub async fn handle(
+    ctx: Arc<ListenerContext>,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Response<ResponseBody> {
+    let started = Instant::now();
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    match proxy(&ctx, peer, req, started).await {
+        Ok(resp) => resp,
+        Err(err) => {
+            if err.is_upstream() {
+                tracing::warn!(%method, %path, listener = ctx.routes.listener(), error = %err, "upstream failure");
+            } else {
+                tracing::debug!(%method, %path, listener = ctx.routes.listener(), error = %err, "request refused");
+            }
+            if matches!(err, ProxyError::Unmatched { .. } | ProxyError::UnknownKey) {
+                ctx.metrics.unmatched(ctx.routes.listener());
+            }
+            err.into_response()
+        }
+    }
+}
+
+async fn proxy(
+    ctx: &ListenerContext,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+    started: Instant,
+) -> Result<Response<ResponseBody>, ProxyError> {
+    let (mut parts, body) = req.into_parts();
+
+    // 1. route
+    let matched = ctx.routes.route(&parts)?;
+    let route = matched.route;
+    let upstream_pq = upstream_path_and_query(&parts.uri, matched.strip);
+    let upstream_path = upstream_pq.split('?').next().unwrap_or("/");
+
+    // 2. classify
+    let kind = salesforce::classify(&parts.method, upstream_path);
+    let (kind, units, body) = if kind.needs_body_prefix() {
+        let (prefix, complete, body) =
+            RequestBody::read_prefix(body, salesforce::BODY_PREFIX_LIMIT)
+                .await
+                .map_err(ProxyError::ClientBody)?;
+        let prefix = salesforce::BodyPrefix {
+            bytes: &prefix,
+            complete,
+        };
+        // The body tells a SOAP login() apart from an ordinary call on the same path.
+        let kind = salesforce::refine(kind, prefix);
+        (
+            kind,
+            salesforce::counted_units(kind, &route.org.counting, Some(prefix)),
+            body,
+        )
+    } else {
+        (
+            kind,
+            salesforce::counted_units(kind, &route.org.counting, None),
+            RequestBody::Stream(body),
+        )
+    };
+    let api = kind.api();
+
+    // 3. decide
+    let Verdict::Forward(ticket) = route.meter.decide(units);
+
+    // 4. forward
+    let public_base = kind
+        .is_login()
+        .then(|| public_base(ctx, &parts, route.path_prefix.as_deref()));
+    let login = kind.is_login();
+    let client = ClientInfo {
+        ip: peer.ip(),
+        tls: ctx.tls,
+        trust_forwarded: ctx.trust_forwarded,
+    };
+    headers::to_upstream(&mut parts.headers, &client, route.call_options.as_ref());
+    if login || kind == CallKind::Soap {
+        // The proxy reads these bodies (login URLs, SOAP usage headers): ask for them plain.
+        parts.headers.remove(header::ACCEPT_ENCODING);
+    }
+    parts.uri = route
+        .org
+        .upstream
+        .uri(login, &upstream_pq)
+        .map_err(|_| ProxyError::BadPath)?;
+    parts.version = http::Version::HTTP_11;
+    let upstream_req = Request::from_parts(parts, body);
+    let response = match route.org.upstream.send(login, upstream_req).await {
+        Ok(resp) => resp,
+        Err(err) => {
+            if matches!(err, ProxyError::UpstreamConnect { .. }) {
+                route.meter.refund(ticket);
+            }
+            route
+                .metrics
+                .record(api, Outcome::UpstreamError, started.elapsed());
+            return Err(err);
+        }
+    };
+
+    // 5. observe, 6. rewrite
+    let (mut parts, body) = response.into_parts();
+    let body = observe::response(&route.org, kind, ticket.units(), &parts, body);
+    let body = match public_base {
+        Some(base) if parts.status.is_success() => {
+            observe::rewrite_login(kind, &mut parts, body, &base).await
+        }
+        _ => body,
+    };
+
+    // 7. respond, record
+    headers::to_client(&mut parts.headers);
+    route
+        .metrics
+        .record(api, Outcome::Forwarded, started.elapsed());
+    tracing::debug!(
+        integration = route.id(),
+        api = api.as_str(),
+        units = ticket.units(),
+        status = parts.status.as_u16(),
+        "forwarded"
+    );
+    Ok(Response::from_parts(parts, body))
+}
+
+/// The path and query to send upstream: the request's, less the integration's path prefix.
+fn upstream_path_and_query(uri: &Uri, strip: usize) -> String {
+    let pq = uri.path_and_query().map_or("/", |pq| pq.as_str());
+    let rest = pq.get(strip..).unwrap_or("");
+    if rest.is_empty() || rest.starts_with('?') {
+        format!("/{rest}")
+    } else {
+        rest.to_owned()
+    }
+}
+
+/// Where a client that logged in through this listener should send its next calls.
+fn public_base(
+    ctx: &ListenerContext,
+    parts: &http::request::Parts,
+    prefix: Option<&str>,
+) -> String {
+    let base = match &ctx.public_url {
+        Some(url) => url.clone(),
+        None => {
+            let scheme = if ctx.tls { "https" } else { "http" };
+            let host = parts
+                .uri
+                .authority()
+                .map(|a| a.as_str())
+                .or_else(|| {
+                    parts
+                        .headers
+                        .get(header::HOST)
+                        .and_then(|v| v.to_str().ok())
+                })
+                .unwrap_or("localhost");
+            format!("{scheme}://{host}")
+        }
+    };
+    format!("{}{}", base.trim_end_matches('/'), prefix.unwrap_or(""))
+}
+
+/// `client=<id>` for an integration's `Sforce-Call-Options`.
+pub fn call_options_value(integration: &str) -> Option<HeaderValue> {
+    HeaderValue::from_str(&format!("client={integration}")).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_is_stripped_keeping_the_query() {
+        let uri: Uri = "/sl/services/data/v60.0/query?q=SELECT+Id"
+            .parse()
+            .expect("uri");
+        assert_eq!(
+            upstream_path_and_query(&uri, 3),
+            "/services/data/v60.0/query?q=SELECT+Id"
+        );
+        let uri: Uri = "/sl?x=1".parse().expect("uri");
+        assert_eq!(upstream_path_and_query(&uri, 3), "/?x=1");
+        let uri: Uri = "/sl".parse().expect("uri");
+        assert_eq!(upstream_path_and_query(&uri, 3), "/");
+        assert_eq!(upstream_path_and_query(&uri, 0), "/sl");
+    }
+}

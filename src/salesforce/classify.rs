@@ -1,0 +1,928 @@
+//! What a request is and how many units it costs against the org's daily API limit.
+//!
+//! [`classify`] looks at the method and path only: it runs on every request, so it splits the
+//! path in place and allocates nothing. Two kinds cannot be costed from the path alone
+//! (`CallKind::needs_body_prefix`): a Composite Batch costs one unit per subrequest, and a SOAP
+//! request is free when it is a `login()` or carries a `DebuggingHeader`. For those the proxy
+//! buffers up to [`BODY_PREFIX_LIMIT`] bytes of the request body and passes them to
+//! [`counted_units`] (and to [`refine`], to learn whether a SOAP call is really a login).
+//!
+//! The rules follow "What counts as one call" in `salesforce-metering.md`; where that table
+//! leaves a choice open the choice and its reason are written beside the code.
+
+use http::Method;
+use serde::de::{Deserializer, IgnoredAny, SeqAccess, Visitor};
+use serde::Deserialize;
+
+use super::xml::{self, Step, TagKind};
+
+/// The API family label used in metrics: rest, soap, bulk, composite, apex, oauth, other.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Api {
+    Rest,
+    Soap,
+    Bulk,
+    Composite,
+    Apex,
+    Oauth,
+    Other,
+}
+
+impl Api {
+    /// Every family, in `index()` order, for pre-resolving one metric handle per label.
+    pub const ALL: [Api; 7] = [
+        Api::Rest,
+        Api::Soap,
+        Api::Bulk,
+        Api::Composite,
+        Api::Apex,
+        Api::Oauth,
+        Api::Other,
+    ];
+
+    /// The metric label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Api::Rest => "rest",
+            Api::Soap => "soap",
+            Api::Bulk => "bulk",
+            Api::Composite => "composite",
+            Api::Apex => "apex",
+            Api::Oauth => "oauth",
+            Api::Other => "other",
+        }
+    }
+
+    /// Position in [`Api::ALL`] (0..7), for indexing per-family arrays.
+    pub fn index(self) -> usize {
+        match self {
+            Api::Rest => 0,
+            Api::Soap => 1,
+            Api::Bulk => 2,
+            Api::Composite => 3,
+            Api::Apex => 4,
+            Api::Oauth => 5,
+            Api::Other => 6,
+        }
+    }
+}
+
+impl std::fmt::Display for Api {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a request is, by method and path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CallKind {
+    /// `GET /services/data[/]`: the list of API versions. Free.
+    VersionsList,
+    /// Any other REST resource under `/services/data/vXX.X/` (sobjects, query, search, ui-api,
+    /// tooling, connect, `limits/recordCount`, …).
+    Rest,
+    /// `/services/data/vXX.X/limits`: whether calling it counts is unconfirmed.
+    Limits,
+    /// `composite`, `composite/tree/…`, `composite/sobjects…`, `composite/graph`: one unit for
+    /// the whole request (the docs say so for each, graph included).
+    Composite,
+    /// `composite/batch`: one unit per subrequest.
+    CompositeBatch,
+    /// A SOAP call: `/services/Soap/{u,c,m,T,…}/VER/ORGID` (and Apex web services).
+    Soap,
+    /// SOAP `login()`: `/services/Soap/{u,c}/VER` without an org id, or any SOAP request whose
+    /// first body element is `login` (see [`refine`]).
+    SoapLogin,
+    /// Bulk API 1.0: `/services/async/VER/…`.
+    BulkV1,
+    /// Bulk API 2.0: `/services/data/vXX.X/jobs/ingest…` and `…/jobs/query…`.
+    BulkV2,
+    /// Apex REST: `/services/apexrest/…`.
+    ApexRest,
+    /// OAuth endpoints (`/services/oauth2/token`, `authorize`, `revoke`, `userinfo`, …) and
+    /// `/id/…` identity URLs. The token endpoint is the OAuth login.
+    OAuth,
+    /// CometD streaming: `/cometd/…`. Has its own allocations.
+    Streaming,
+    /// Anything else: forwarded, never counted.
+    Other,
+}
+
+impl CallKind {
+    /// The metrics family of this kind.
+    pub fn api(self) -> Api {
+        match self {
+            CallKind::VersionsList | CallKind::Rest | CallKind::Limits => Api::Rest,
+            CallKind::Composite | CallKind::CompositeBatch => Api::Composite,
+            CallKind::Soap | CallKind::SoapLogin => Api::Soap,
+            CallKind::BulkV1 | CallKind::BulkV2 => Api::Bulk,
+            CallKind::ApexRest => Api::Apex,
+            CallKind::OAuth => Api::Oauth,
+            // Streaming has no label of its own in the metrics contract.
+            CallKind::Streaming | CallKind::Other => Api::Other,
+        }
+    }
+
+    /// True for logins: SOAP `login()` and OAuth. Their responses may carry the instance URL
+    /// and go through the login rewriters.
+    ///
+    /// All of `OAuth` answers true, not only `/services/oauth2/token`: every OAuth endpoint
+    /// (identity URLs included) is served by the login host, and the rewriter leaves a
+    /// response without an `instance_url` as it is.
+    pub fn is_login(self) -> bool {
+        matches!(self, CallKind::SoapLogin | CallKind::OAuth)
+    }
+
+    /// True when the cost depends on the request body: the proxy should buffer up to
+    /// [`BODY_PREFIX_LIMIT`] bytes and pass them to [`counted_units`] and [`refine`].
+    ///
+    /// `SoapLogin` is included because a path without an org id is only a hint: a session
+    /// holder may post any call there, and that one counts.
+    pub fn needs_body_prefix(self) -> bool {
+        matches!(
+            self,
+            CallKind::CompositeBatch | CallKind::Soap | CallKind::SoapLogin
+        )
+    }
+}
+
+/// The unconfirmed rows of the counting table, configurable; defaults per
+/// `salesforce-metering.md`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CountingRules {
+    /// Count OAuth endpoints (`/services/oauth2/*`, `/id/*`). Default: no.
+    pub oauth: bool,
+    /// Count `GET /services/data/vXX.X/limits`. Default: yes (the cautious choice while
+    /// unconfirmed: over-counting one call beats running the org dry).
+    pub limits_endpoint: bool,
+    /// Count CometD streaming requests. Default: no (they have their own allocations).
+    pub streaming: bool,
+    // SOAP requests carrying a `DebuggingHeader` are never counted: they draw on a separate
+    // 1,000 per 24 h allocation. Not a field so that the rules stay a plain three-flag literal.
+}
+
+impl Default for CountingRules {
+    fn default() -> Self {
+        CountingRules {
+            oauth: false,
+            limits_endpoint: true,
+            streaming: false,
+        }
+    }
+}
+
+/// At most this many request-body bytes are buffered for costing.
+///
+/// It bounds the memory a request can pin while it is costed (in-flight requests × 1 MiB) yet
+/// holds any realistic Composite Batch (25 subrequests of sObject JSON are kilobytes to a few
+/// hundred kilobytes) and any SOAP header, which comes before the body. A longer body is costed
+/// conservatively (see [`counted_units`]) and still streams through unchanged.
+pub const BODY_PREFIX_LIMIT: usize = 1 << 20;
+
+/// Salesforce's cap on subrequests in one Composite Batch request.
+pub const COMPOSITE_BATCH_MAX: u32 = 25;
+
+/// The first bytes of a request body.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BodyPrefix<'a> {
+    pub bytes: &'a [u8],
+    /// True when `bytes` is the whole body.
+    pub complete: bool,
+}
+
+/// Classifies a request by method and path (any proxy prefix already stripped, no query).
+///
+/// Segment names are matched ASCII-case-insensitively and empty segments are skipped, so
+/// `/services/data/` and `/services//Data` classify alike: if Salesforce accepts a spelling, the
+/// meter must not take it for an unknown (free) path.
+pub fn classify(method: &Method, path: &str) -> CallKind {
+    // A CORS preflight carries no credentials, so Salesforce cannot charge it to an org.
+    if method == Method::OPTIONS {
+        return CallKind::Other;
+    }
+    let mut segs = path.split('/').filter(|s| !s.is_empty());
+    let Some(first) = segs.next() else {
+        return CallKind::Other;
+    };
+    if is(first, "cometd") {
+        return CallKind::Streaming;
+    }
+    if is(first, "id") {
+        return CallKind::OAuth;
+    }
+    if !is(first, "services") {
+        // Experience Cloud sites serve the same APIs under `/{site}/services/…`.
+        match segs.next() {
+            Some(second) if is(second, "services") => {}
+            _ => return CallKind::Other,
+        }
+    }
+    let Some(area) = segs.next() else {
+        return CallKind::Other;
+    };
+    if is(area, "data") {
+        classify_data(segs)
+    } else if is(area, "Soap") {
+        classify_soap(segs)
+    } else if is(area, "async") {
+        // Bulk 1.0 paths are `/services/async/VER/job…`; anything without a version is a 404.
+        match segs.next() {
+            Some(version) if is_dotted_version(version.as_bytes()) => CallKind::BulkV1,
+            _ => CallKind::Other,
+        }
+    } else if is(area, "apexrest") {
+        match segs.next() {
+            Some(_) => CallKind::ApexRest,
+            None => CallKind::Other,
+        }
+    } else if is(area, "oauth2") {
+        CallKind::OAuth
+    } else {
+        CallKind::Other
+    }
+}
+
+/// `/services/data/…`, after `data`.
+fn classify_data<'a>(mut segs: impl Iterator<Item = &'a str>) -> CallKind {
+    let Some(version) = segs.next() else {
+        return CallKind::VersionsList;
+    };
+    // `/services/data/foo` is Salesforce's 404, not an API call.
+    let Some(number) = version.strip_prefix(['v', 'V']) else {
+        return CallKind::Other;
+    };
+    if !is_dotted_version(number.as_bytes()) {
+        return CallKind::Other;
+    }
+    let Some(resource) = segs.next() else {
+        // `GET /services/data/vXX.X`: the resource list of one version, an ordinary call.
+        return CallKind::Rest;
+    };
+    if is(resource, "limits") {
+        // `limits/recordCount` is a different resource and an ordinary call.
+        return match segs.next() {
+            None => CallKind::Limits,
+            Some(_) => CallKind::Rest,
+        };
+    }
+    if is(resource, "composite") {
+        return classify_composite(segs);
+    }
+    if is(resource, "tooling") {
+        // The Tooling API mirrors the composite resources (`tooling/composite/batch` included),
+        // costed the same way.
+        return match segs.next() {
+            Some(next) if is(next, "composite") => classify_composite(segs),
+            _ => CallKind::Rest,
+        };
+    }
+    if is(resource, "jobs") {
+        return match segs.next() {
+            Some(job) if is(job, "ingest") || is(job, "query") => CallKind::BulkV2,
+            _ => CallKind::Rest,
+        };
+    }
+    CallKind::Rest
+}
+
+/// `…/composite/…`, after `composite`.
+fn classify_composite<'a>(mut segs: impl Iterator<Item = &'a str>) -> CallKind {
+    match (segs.next(), segs.next()) {
+        (Some(sub), None) if is(sub, "batch") => CallKind::CompositeBatch,
+        // composite, composite/tree/…, composite/sobjects…, composite/graph: one unit each.
+        _ => CallKind::Composite,
+    }
+}
+
+/// `/services/Soap/…`, after `Soap`.
+fn classify_soap<'a>(mut segs: impl Iterator<Item = &'a str>) -> CallKind {
+    let (Some(flavor), Some(_version)) = (segs.next(), segs.next()) else {
+        return CallKind::Other;
+    };
+    // login() lives on the partner (u) and enterprise (c) endpoints, which are then used
+    // with the org id appended (the serverUrl of the login response).
+    if (is(flavor, "u") || is(flavor, "c")) && segs.next().is_none() {
+        CallKind::SoapLogin
+    } else {
+        CallKind::Soap
+    }
+}
+
+fn is(segment: &str, name: &str) -> bool {
+    segment.eq_ignore_ascii_case(name)
+}
+
+/// `60.0`-style: digits, a dot, digits.
+fn is_dotted_version(s: &[u8]) -> bool {
+    let Some(dot) = memchr::memchr(b'.', s) else {
+        return false;
+    };
+    let (major, minor) = (&s[..dot], &s[dot + 1..]);
+    !major.is_empty()
+        && !minor.is_empty()
+        && major.iter().all(u8::is_ascii_digit)
+        && minor.iter().all(u8::is_ascii_digit)
+}
+
+/// Refines a path-based kind with the request body: a SOAP request whose first body element is
+/// `login` is a `SoapLogin` whatever its path, and one whose first body element is anything else
+/// is a plain `Soap` call even on a login path. Other kinds, and bodies whose first body element
+/// is not in the prefix, keep the path's answer.
+pub fn refine(kind: CallKind, body: BodyPrefix<'_>) -> CallKind {
+    match kind {
+        CallKind::Soap | CallKind::SoapLogin => match inspect_soap(body.bytes).first_body_element {
+            Some(b"login") => CallKind::SoapLogin,
+            Some(_) => CallKind::Soap,
+            None => kind,
+        },
+        other => other,
+    }
+}
+
+/// Units counted against the daily limit for one request.
+///
+/// `body_prefix` matters only for kinds where [`CallKind::needs_body_prefix`]:
+/// - Composite Batch: the number of entries in `batchRequests`, capped at
+///   [`COMPOSITE_BATCH_MAX`]. When the body was truncated, or not given, the count is
+///   [`COMPOSITE_BATCH_MAX`], the most Salesforce will run: over-counting a rare huge batch is
+///   cheaper than letting the org overshoot. A complete body that is not a JSON object with a
+///   `batchRequests` array (or has an empty one) counts 1: Salesforce rejects it as one request.
+/// - SOAP: 0 for a `login()` (separate login rate limit) and for a request whose header
+///   carries `DebuggingHeader` (separate allocation); else 1. Without a body the path decides:
+///   `Soap` 1, `SoapLogin` 0.
+pub fn counted_units(
+    kind: CallKind,
+    rules: &CountingRules,
+    body_prefix: Option<BodyPrefix<'_>>,
+) -> u32 {
+    match kind {
+        CallKind::VersionsList | CallKind::Other => 0,
+        CallKind::Rest
+        | CallKind::Composite
+        | CallKind::BulkV1
+        | CallKind::BulkV2
+        | CallKind::ApexRest => 1,
+        CallKind::Limits => u32::from(rules.limits_endpoint),
+        CallKind::OAuth => u32::from(rules.oauth),
+        CallKind::Streaming => u32::from(rules.streaming),
+        CallKind::CompositeBatch => match body_prefix {
+            Some(BodyPrefix {
+                bytes,
+                complete: true,
+            }) => batch_size(bytes).map_or(1, |n| n.clamp(1, COMPOSITE_BATCH_MAX)),
+            _ => COMPOSITE_BATCH_MAX,
+        },
+        CallKind::Soap | CallKind::SoapLogin => {
+            let Some(body) = body_prefix else {
+                return u32::from(kind == CallKind::Soap);
+            };
+            let info = inspect_soap(body.bytes);
+            let kind = match info.first_body_element {
+                Some(b"login") => CallKind::SoapLogin,
+                Some(_) => CallKind::Soap,
+                None => kind,
+            };
+            if kind == CallKind::SoapLogin || info.debugging_header {
+                0
+            } else {
+                1
+            }
+        }
+    }
+}
+
+/// The number of entries in a Composite Batch body's `batchRequests` array, saturating at
+/// `u32::MAX`; `None` unless the body is a JSON object with such an array.
+fn batch_size(body: &[u8]) -> Option<u32> {
+    #[derive(Deserialize)]
+    struct Batch {
+        #[serde(rename = "batchRequests")]
+        batch_requests: SeqLen,
+    }
+    // A derived struct also accepts a JSON array of fields; Salesforce would not.
+    if body.get(super::json::skip_ws(body, 0)) != Some(&b'{') {
+        return None;
+    }
+    serde_json::from_slice::<Batch>(body)
+        .ok()
+        .map(|batch| batch.batch_requests.0)
+}
+
+/// The length of a JSON array, counted without keeping its elements.
+struct SeqLen(u32);
+
+impl<'de> Deserialize<'de> for SeqLen {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Count;
+        impl<'de> Visitor<'de> for Count {
+            type Value = SeqLen;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an array")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<SeqLen, A::Error> {
+                let mut n = 0u32;
+                while seq.next_element::<IgnoredAny>()?.is_some() {
+                    n = n.saturating_add(1);
+                }
+                Ok(SeqLen(n))
+            }
+        }
+        deserializer.deserialize_seq(Count)
+    }
+}
+
+/// What the costing needs to know about a SOAP request body.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct SoapInfo<'a> {
+    /// A `DebuggingHeader` element appears before the body.
+    debugging_header: bool,
+    /// Local name of the first element inside `Body`, if the prefix reaches it.
+    first_body_element: Option<&'a [u8]>,
+}
+
+/// Walks the envelope up to the first body element (the header comes first in SOAP, so by then
+/// any `DebuggingHeader` has been seen). Stops quietly at the end of a truncated prefix.
+fn inspect_soap(body: &[u8]) -> SoapInfo<'_> {
+    let mut info = SoapInfo::default();
+    let mut in_body = false;
+    let mut at = 0;
+    while let Step::Tag(tag) = xml::next_tag(body, at) {
+        at = tag.end;
+        if !matches!(tag.kind, TagKind::Start | TagKind::SelfClosing) {
+            continue;
+        }
+        let name = tag.local_name();
+        if in_body {
+            info.first_body_element = Some(name);
+            break;
+        }
+        match name {
+            b"Body" => in_body = true,
+            b"DebuggingHeader" => info.debugging_header = true,
+            _ => {}
+        }
+    }
+    info
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn get(path: &str) -> CallKind {
+        classify(&Method::GET, path)
+    }
+
+    fn post(path: &str) -> CallKind {
+        classify(&Method::POST, path)
+    }
+
+    fn units(kind: CallKind) -> u32 {
+        counted_units(kind, &CountingRules::default(), None)
+    }
+
+    fn complete(bytes: &[u8]) -> Option<BodyPrefix<'_>> {
+        Some(BodyPrefix {
+            bytes,
+            complete: true,
+        })
+    }
+
+    fn soap_units(body: &str) -> u32 {
+        counted_units(
+            post("/services/Soap/u/60.0/00D000000000001"),
+            &CountingRules::default(),
+            complete(body.as_bytes()),
+        )
+    }
+
+    const SOAP_QUERY: &str = r#"<?xml version="1.0" encoding="utf-8"?>
+<soapenv:Envelope xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/" xmlns:urn="urn:partner.soap.sforce.com">
+  <soapenv:Header><urn:SessionHeader><urn:sessionId>00D!AQ0</urn:sessionId></urn:SessionHeader></soapenv:Header>
+  <soapenv:Body><urn:query><urn:queryString>SELECT Id FROM Account</urn:queryString></urn:query></soapenv:Body>
+</soapenv:Envelope>"#;
+
+    const SOAP_LOGIN: &str = r#"<?xml version="1.0" encoding="utf-8"?>
+<soapenv:Envelope xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/" xmlns:urn="urn:partner.soap.sforce.com">
+  <soapenv:Body><urn:login><urn:username>u@example.com</urn:username><urn:password>pw</urn:password></urn:login></soapenv:Body>
+</soapenv:Envelope>"#;
+
+    const SOAP_DEBUG: &str = r#"<soapenv:Envelope xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/" xmlns:apex="http://soap.sforce.com/2006/08/apex">
+  <soapenv:Header>
+    <apex:DebuggingHeader><apex:debugLevel>DEBUGONLY</apex:debugLevel></apex:DebuggingHeader>
+    <apex:SessionHeader><apex:sessionId>00D!AQ0</apex:sessionId></apex:SessionHeader>
+  </soapenv:Header>
+  <soapenv:Body><apex:executeAnonymous><apex:String>System.debug(1);</apex:String></apex:executeAnonymous></soapenv:Body>
+</soapenv:Envelope>"#;
+
+    // --- Api -------------------------------------------------------------------------------
+
+    #[test]
+    fn api_labels_and_indices_are_consistent() {
+        let labels: Vec<_> = Api::ALL.iter().map(|a| a.as_str()).collect();
+        assert_eq!(
+            labels,
+            [
+                "rest",
+                "soap",
+                "bulk",
+                "composite",
+                "apex",
+                "oauth",
+                "other"
+            ]
+        );
+        for (i, api) in Api::ALL.iter().enumerate() {
+            assert_eq!(api.index(), i);
+            assert_eq!(api.to_string(), api.as_str());
+        }
+    }
+
+    // --- one test per row of "What counts as one call" --------------------------------------
+
+    #[test]
+    fn row_versions_list_is_free() {
+        assert_eq!(get("/services/data"), CallKind::VersionsList);
+        assert_eq!(get("/services/data/"), CallKind::VersionsList);
+        assert_eq!(units(CallKind::VersionsList), 0);
+        assert_eq!(CallKind::VersionsList.api(), Api::Rest);
+    }
+
+    #[test]
+    fn row_rest_counts_one_per_request() {
+        for path in [
+            "/services/data/v60.0/sobjects/Account/001000000000001",
+            "/services/data/v60.0/query",
+            "/services/data/v60.0/search",
+            "/services/data/v60.0/ui-api/records/001000000000001",
+            "/services/data/v60.0/tooling/query",
+            "/services/data/v60.0/connect/communities",
+            "/services/data/v60.0",
+            "/services/data/v60.0/limits/recordCount",
+            "/services/data/v60.0/jobs",
+        ] {
+            assert_eq!(get(path), CallKind::Rest, "{path}");
+        }
+        assert_eq!(units(CallKind::Rest), 1);
+        assert_eq!(CallKind::Rest.api(), Api::Rest);
+    }
+
+    #[test]
+    fn row_composite_tree_and_collections_count_one() {
+        for path in [
+            "/services/data/v60.0/composite",
+            "/services/data/v60.0/composite/",
+            "/services/data/v60.0/composite/tree/Account",
+            "/services/data/v60.0/composite/sobjects",
+            "/services/data/v60.0/composite/sobjects/Account/ExtId__c",
+            "/services/data/v60.0/composite/graph",
+            "/services/data/v60.0/tooling/composite",
+        ] {
+            assert_eq!(post(path), CallKind::Composite, "{path}");
+        }
+        assert_eq!(units(CallKind::Composite), 1);
+        assert_eq!(CallKind::Composite.api(), Api::Composite);
+        assert!(!CallKind::Composite.needs_body_prefix());
+    }
+
+    #[test]
+    fn row_composite_batch_counts_each_subrequest() {
+        let kind = post("/services/data/v60.0/composite/batch");
+        assert_eq!(kind, CallKind::CompositeBatch);
+        assert_eq!(post("/services/data/v60.0/tooling/composite/batch"), kind);
+        assert!(kind.needs_body_prefix());
+        assert_eq!(kind.api(), Api::Composite);
+        let body = br#"{"haltOnError":false,"batchRequests":[
+            {"method":"GET","url":"v60.0/sobjects/Account/001"},
+            {"method":"PATCH","url":"v60.0/sobjects/Account/002","richInput":{"Name":"x"}},
+            {"method":"GET","url":"v60.0/query?q=SELECT+Id+FROM+Contact"}]}"#;
+        assert_eq!(
+            counted_units(kind, &CountingRules::default(), complete(body)),
+            3
+        );
+    }
+
+    #[test]
+    fn row_soap_counts_one_per_request() {
+        for path in [
+            "/services/Soap/u/60.0/00D000000000001",
+            "/services/Soap/c/60.0/00D000000000001",
+            "/services/Soap/m/60.0/00D000000000001",
+            "/services/Soap/T/60.0/00D000000000001",
+            "/services/Soap/m/60.0",
+            "/services/Soap/T/60.0",
+            "/services/Soap/class/MyWebService",
+        ] {
+            assert_eq!(post(path), CallKind::Soap, "{path}");
+        }
+        assert!(CallKind::Soap.needs_body_prefix());
+        assert_eq!(CallKind::Soap.api(), Api::Soap);
+        assert!(!CallKind::Soap.is_login());
+        assert_eq!(units(CallKind::Soap), 1);
+        assert_eq!(soap_units(SOAP_QUERY), 1);
+    }
+
+    #[test]
+    fn row_soap_login_is_not_counted() {
+        for path in [
+            "/services/Soap/u/60.0",
+            "/services/Soap/u/60.0/",
+            "/services/Soap/c/34.0",
+        ] {
+            assert_eq!(post(path), CallKind::SoapLogin, "{path}");
+        }
+        assert!(CallKind::SoapLogin.is_login());
+        assert_eq!(CallKind::SoapLogin.api(), Api::Soap);
+        assert_eq!(units(CallKind::SoapLogin), 0);
+        let rules = CountingRules::default();
+        let kind = post("/services/Soap/u/60.0");
+        assert_eq!(
+            counted_units(kind, &rules, complete(SOAP_LOGIN.as_bytes())),
+            0
+        );
+    }
+
+    #[test]
+    fn row_bulk_v1_and_v2_count_one_per_request() {
+        for path in [
+            "/services/async/60.0/job",
+            "/services/async/60.0/job/750000000000001/batch",
+            "/services/async/60.0/job/750000000000001/batch/751000000000001/result",
+        ] {
+            assert_eq!(post(path), CallKind::BulkV1, "{path}");
+        }
+        for path in [
+            "/services/data/v60.0/jobs/ingest",
+            "/services/data/v60.0/jobs/ingest/750000000000001/batches",
+            "/services/data/v60.0/jobs/query/750000000000001/results",
+        ] {
+            assert_eq!(post(path), CallKind::BulkV2, "{path}");
+        }
+        assert_eq!(units(CallKind::BulkV1), 1);
+        assert_eq!(units(CallKind::BulkV2), 1);
+        assert_eq!(CallKind::BulkV1.api(), Api::Bulk);
+        assert_eq!(CallKind::BulkV2.api(), Api::Bulk);
+    }
+
+    #[test]
+    fn row_apex_rest_counts_one_per_request() {
+        assert_eq!(post("/services/apexrest/MyService"), CallKind::ApexRest);
+        assert_eq!(
+            get("/services/apexrest/ns/v1/things/42"),
+            CallKind::ApexRest
+        );
+        assert_eq!(units(CallKind::ApexRest), 1);
+        assert_eq!(CallKind::ApexRest.api(), Api::Apex);
+    }
+
+    #[test]
+    fn row_oauth_is_not_counted_by_default() {
+        for path in [
+            "/services/oauth2/token",
+            "/services/oauth2/token/",
+            "/services/oauth2/authorize",
+            "/services/oauth2/revoke",
+            "/services/oauth2/userinfo",
+            "/services/oauth2/introspect",
+            "/id/00D000000000001/005000000000001",
+        ] {
+            assert_eq!(get(path), CallKind::OAuth, "{path}");
+        }
+        assert!(CallKind::OAuth.is_login());
+        assert_eq!(CallKind::OAuth.api(), Api::Oauth);
+        assert_eq!(units(CallKind::OAuth), 0);
+        let counting = CountingRules {
+            oauth: true,
+            ..CountingRules::default()
+        };
+        assert_eq!(counted_units(CallKind::OAuth, &counting, None), 1);
+    }
+
+    #[test]
+    fn row_streaming_is_not_counted_by_default() {
+        assert_eq!(post("/cometd/60.0"), CallKind::Streaming);
+        assert_eq!(post("/cometd/60.0/handshake"), CallKind::Streaming);
+        assert_eq!(units(CallKind::Streaming), 0);
+        assert_eq!(CallKind::Streaming.api(), Api::Other);
+        let counting = CountingRules {
+            streaming: true,
+            ..CountingRules::default()
+        };
+        assert_eq!(counted_units(CallKind::Streaming, &counting, None), 1);
+    }
+
+    #[test]
+    fn row_debugging_header_is_counted_apart() {
+        assert_eq!(soap_units(SOAP_DEBUG), 0);
+        // Without the header the same call counts.
+        let plain = SOAP_DEBUG.replace("DebuggingHeader", "CallOptions");
+        assert_eq!(soap_units(&plain), 1);
+        // Also self-closing and with a default namespace.
+        let body =
+            r#"<Envelope><Header><DebuggingHeader/></Header><Body><query/></Body></Envelope>"#;
+        assert_eq!(soap_units(body), 0);
+    }
+
+    // --- the unconfirmed limits row and defaults ----------------------------------------------
+
+    #[test]
+    fn limits_endpoint_counts_by_default_and_is_configurable() {
+        assert_eq!(get("/services/data/v60.0/limits"), CallKind::Limits);
+        assert_eq!(get("/services/data/v60.0/limits/"), CallKind::Limits);
+        assert_eq!(units(CallKind::Limits), 1);
+        assert_eq!(CallKind::Limits.api(), Api::Rest);
+        let counting = CountingRules {
+            limits_endpoint: false,
+            ..CountingRules::default()
+        };
+        assert_eq!(counted_units(CallKind::Limits, &counting, None), 0);
+    }
+
+    #[test]
+    fn default_rules_match_the_metering_doc() {
+        assert_eq!(
+            CountingRules::default(),
+            CountingRules {
+                oauth: false,
+                limits_endpoint: true,
+                streaming: false,
+            }
+        );
+    }
+
+    // --- edge cases -------------------------------------------------------------------------
+
+    #[test]
+    fn unknown_paths_are_other_and_free() {
+        for path in [
+            "",
+            "/",
+            "/favicon.ico",
+            "/services",
+            "/services/wsdl/partner",
+            "/services/data/foo",
+            "/services/data/v60",
+            "/services/data/vX.Y/sobjects",
+            "/services/Soap",
+            "/services/Soap/u",
+            "/services/async",
+            "/services/async/job",
+            "/services/apexrest",
+            "/servicesdata/v60.0",
+            "/a/b/services",
+        ] {
+            assert_eq!(get(path), CallKind::Other, "{path:?}");
+        }
+        assert_eq!(units(CallKind::Other), 0);
+        assert_eq!(CallKind::Other.api(), Api::Other);
+    }
+
+    #[test]
+    fn segments_match_case_insensitively_and_ignore_empty_segments() {
+        assert_eq!(get("/Services/Data/V60.0/Limits"), CallKind::Limits);
+        assert_eq!(post("/services/soap/U/60.0"), CallKind::SoapLogin);
+        assert_eq!(get("//services//data//v60.0//query"), CallKind::Rest);
+        assert_eq!(
+            post("/services/data/v60.0/COMPOSITE/Batch"),
+            CallKind::CompositeBatch
+        );
+    }
+
+    #[test]
+    fn experience_cloud_site_prefix_is_understood() {
+        assert_eq!(get("/partners/services/data/v60.0/query"), CallKind::Rest);
+        assert_eq!(post("/partners/services/oauth2/token"), CallKind::OAuth);
+        assert_eq!(get("/partners/services/data"), CallKind::VersionsList);
+    }
+
+    #[test]
+    fn cors_preflight_is_free() {
+        assert_eq!(
+            classify(&Method::OPTIONS, "/services/data/v60.0/query"),
+            CallKind::Other
+        );
+    }
+
+    #[test]
+    fn composite_batch_truncated_body_counts_the_maximum() {
+        let rules = CountingRules::default();
+        let prefix = Some(BodyPrefix {
+            bytes: br#"{"batchRequests":[{"method":"GET","url":"v60.0/limits"}"#,
+            complete: false,
+        });
+        assert_eq!(counted_units(CallKind::CompositeBatch, &rules, prefix), 25);
+        assert_eq!(counted_units(CallKind::CompositeBatch, &rules, None), 25);
+    }
+
+    #[test]
+    fn composite_batch_malformed_body_counts_one() {
+        let rules = CountingRules::default();
+        for body in [
+            &b""[..],
+            b"not json",
+            b"{}",
+            br#"{"batchRequests":{}}"#,
+            br#"{"batchRequests":[]}"#,
+            br#"[[{"method":"GET"}]]"#,
+            br#"{"batchRequests":[{"method":"GET"}]"#,
+        ] {
+            assert_eq!(
+                counted_units(CallKind::CompositeBatch, &rules, complete(body)),
+                1,
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+
+    #[test]
+    fn composite_batch_is_capped_at_salesforce_maximum() {
+        let entries = vec![r#"{"method":"GET","url":"v60.0/limits"}"#; 40].join(",");
+        let body = format!(r#"{{"batchRequests":[{entries}]}}"#);
+        let rules = CountingRules::default();
+        assert_eq!(
+            counted_units(CallKind::CompositeBatch, &rules, complete(body.as_bytes())),
+            25
+        );
+    }
+
+    #[test]
+    fn soap_login_body_on_org_path_is_a_login() {
+        let kind = post("/services/Soap/u/60.0/00D000000000001");
+        assert_eq!(kind, CallKind::Soap);
+        let body = BodyPrefix {
+            bytes: SOAP_LOGIN.as_bytes(),
+            complete: true,
+        };
+        assert_eq!(refine(kind, body), CallKind::SoapLogin);
+        assert_eq!(soap_units(SOAP_LOGIN), 0);
+    }
+
+    #[test]
+    fn non_login_body_on_login_path_counts() {
+        let kind = post("/services/Soap/u/60.0");
+        let body = BodyPrefix {
+            bytes: SOAP_QUERY.as_bytes(),
+            complete: true,
+        };
+        assert_eq!(refine(kind, body), CallKind::Soap);
+        assert_eq!(
+            counted_units(kind, &CountingRules::default(), Some(body)),
+            1
+        );
+    }
+
+    #[test]
+    fn refine_keeps_the_path_answer_without_a_body_element() {
+        let empty = BodyPrefix {
+            bytes: b"",
+            complete: true,
+        };
+        let cut = BodyPrefix {
+            bytes: &SOAP_LOGIN.as_bytes()[..60],
+            complete: false,
+        };
+        for body in [empty, cut] {
+            assert_eq!(refine(CallKind::SoapLogin, body), CallKind::SoapLogin);
+            assert_eq!(refine(CallKind::Soap, body), CallKind::Soap);
+        }
+        assert_eq!(refine(CallKind::Rest, empty), CallKind::Rest);
+    }
+
+    #[test]
+    fn soap_body_tricks_do_not_fool_inspection() {
+        // `login` mentioned in a comment or CDATA, or as a header child, is not the body element.
+        let body = r#"<e:Envelope xmlns:e="x"><e:Header><login/><!-- <e:Body><login> --></e:Header>
+            <e:Body><![CDATA[<login>]]><query/></e:Body></e:Envelope>"#;
+        assert_eq!(soap_units(body), 1);
+        assert_eq!(
+            inspect_soap(body.as_bytes()).first_body_element,
+            Some(&b"query"[..])
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_paths_and_bodies_never_panic(
+            path in "(/[a-zA-Z0-9.]{0,6}){0,7}/?",
+            body in proptest::collection::vec(any::<u8>(), 0..256),
+            complete in any::<bool>(),
+        ) {
+            let kind = classify(&Method::POST, &path);
+            let prefix = BodyPrefix { bytes: &body, complete };
+            let units = counted_units(kind, &CountingRules::default(), Some(prefix));
+            prop_assert!(units <= COMPOSITE_BATCH_MAX);
+            let _ = refine(kind, prefix);
+        }
+    }
+
+    #[test]
+    fn is_dotted_version_accepts_only_digits_dot_digits() {
+        assert!(is_dotted_version(b"60.0"));
+        assert!(is_dotted_version(b"9.10"));
+        for bad in [&b"60"[..], b".0", b"60.", b"6a.0", b"", b"60.0.1"] {
+            assert!(!is_dotted_version(bad), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,156 @@
+//! The real binary: `callmeter check` on good and broken configs, `--help`, the demo.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn callmeter(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_callmeter"))
+        .args(args)
+        .env_remove("CALLMETER_CONFIG")
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run callmeter")
+}
+
+const BASE: &str = r#"
+[[listener]]
+name = "main"
+listen = "127.0.0.1:0"
+
+[[org]]
+id = "acme"
+instance_url = "https://acme.my.salesforce.com"
+"#;
+
+/// Runs `callmeter check` on `toml` and returns (exit code, stderr).
+fn check(toml: &str) -> (i32, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("callmeter.toml");
+    std::fs::write(&path, toml).expect("write config");
+    let out = callmeter(&["check", "--config", path.to_str().expect("utf-8 path")]);
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn the_shipped_example_config_is_valid() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/callmeter.toml");
+    let out = Command::new(env!("CARGO_BIN_EXE_callmeter"))
+        .args(["check", "--config", example.to_str().expect("path")])
+        .env("CALLMETER_ETL_KEY", "example-key")
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn config_mistakes_exit_2_and_name_the_key() {
+    let cases: Vec<(String, &[&str])> = vec![
+        (format!("{BASE}\nbogus_key = 1\n"), &["bogus_key"]),
+        (BASE.replace("listen = \"127.0.0.1:0\"", "listen = 8080"), &["listen"]),
+        (
+            format!("{BASE}\n[[org]]\nid = \"acme\"\ninstance_url = \"https://b.my.salesforce.com\"\n"),
+            &["acme", "org"],
+        ),
+        (
+            format!("{BASE}\n[[integration]]\nid = \"a\"\norg = \"acmee\"\nmatch = {{ path_prefix = \"/a\" }}\n"),
+            &["org", "acmee"],
+        ),
+        (
+            format!(
+                "{BASE}\n[[integration]]\nid = \"a\"\norg = \"acme\"\nmatch = {{ path_prefix = \"/x\" }}\n\
+                 [[integration]]\nid = \"b\"\norg = \"acme\"\nmatch = {{ path_prefix = \"/x\" }}\n"
+            ),
+            &["match", "integration[0]"],
+        ),
+        (
+            format!(
+                "{BASE}\n[[integration]]\nid = \"a\"\norg = \"acme\"\nmatch = {{ key_env = \"CALLMETER_TEST_UNSET_VAR\" }}\n"
+            ),
+            &["key_env", "CALLMETER_TEST_UNSET_VAR"],
+        ),
+        (
+            BASE.replace(
+                "listen = \"127.0.0.1:0\"",
+                "listen = \"127.0.0.1:0\"\ntls = { cert = \"/nonexistent/cert.pem\", key = \"/nonexistent/key.pem\" }",
+            ),
+            &["tls.cert", "/nonexistent/cert.pem"],
+        ),
+        (BASE.replace("https://acme", "http://acme"), &["instance_url", "allow_plain_http"]),
+        (format!("{BASE}window = \"90s\"\n"), &["window"]),
+        (format!("{BASE}reserve = \"140%\"\n"), &["reserve"]),
+    ];
+    for (toml, needles) in cases {
+        let (code, stderr) = check(&toml);
+        assert_eq!(code, 2, "exit code for:\n{toml}\nstderr: {stderr}");
+        assert!(
+            stderr.contains("callmeter.toml"),
+            "names the file: {stderr}"
+        );
+        for needle in needles {
+            assert!(
+                stderr.contains(needle),
+                "{stderr:?} should mention {needle:?} for:\n{toml}"
+            );
+        }
+    }
+}
+
+#[test]
+fn errors_carry_the_line_where_the_parser_knows_it() {
+    let (code, stderr) = check(&format!("{BASE}\n[[integration]]\nid = \"a\"\norg = \"acme\"\nmatch = {{ path_prefix = \"/a\" }}\nquota = true\n"));
+    assert_eq!(code, 2);
+    assert!(stderr.contains(":14"), "line of `quota`: {stderr}");
+}
+
+#[test]
+fn help_explains_every_command() {
+    let out = callmeter(&["--help"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    for cmd in ["serve", "check", "sim", "demo"] {
+        assert!(text.contains(cmd), "{text}");
+    }
+}
+
+#[test]
+fn demo_runs_on_a_fresh_clone() {
+    // Free ports for the demo's listeners.
+    let port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("bind")
+            .local_addr()
+            .expect("addr")
+    };
+    let (listen, admin) = (port(), port());
+    let out = callmeter(&[
+        "demo",
+        "--once",
+        "--calls",
+        "20",
+        "--listen",
+        &listen.to_string(),
+        "--admin",
+        &admin.to_string(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for needle in [
+        "salesloft",
+        "etl",
+        "middleware",
+        "/api/v1/usage",
+        "/metrics",
+    ] {
+        assert!(stdout.contains(needle), "{stdout}");
+    }
+}

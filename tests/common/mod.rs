@@ -1,0 +1,184 @@
+//! Shared set-up for the end-to-end tests: a simulated org, the real proxy in front of it on
+//! ports picked by the OS, and a small HTTP client.
+#![allow(dead_code)] // each test binary uses a different part of this module
+
+use std::path::Path;
+
+use bytes::Bytes;
+use callmeter::{app, config, sim};
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+pub struct Env {
+    pub sim: sim::SimHandle,
+    pub server: app::Server,
+    /// Base URL of the proxy listener "main".
+    pub proxy: String,
+    /// Base URL of the admin listener.
+    pub admin: String,
+    pub http: Http,
+}
+
+/// Starts a simulated org and the proxy with `integrations` (TOML `[[integration]]` tables) and
+/// `org_extra` (more keys of the `[[org]]` table).
+pub async fn start(opts: sim::SimOptions, org_extra: &str, integrations: &str) -> Env {
+    let sim = sim::spawn(opts).await.expect("simulator starts");
+    let toml = config_text(&sim.url, org_extra, integrations);
+    start_with(sim, &toml).await
+}
+
+pub fn config_text(upstream: &str, org_extra: &str, integrations: &str) -> String {
+    format!(
+        r#"
+[admin]
+listen = "127.0.0.1:0"
+
+[proxy]
+shutdown_grace = "2s"
+
+[[listener]]
+name = "main"
+listen = "127.0.0.1:0"
+
+[[org]]
+id = "acme"
+instance_url = "{upstream}"
+allow_plain_http = true
+{org_extra}
+
+{integrations}
+"#
+    )
+}
+
+pub async fn start_with(sim: sim::SimHandle, toml: &str) -> Env {
+    let cfg = config::parse(toml, Path::new("test.toml")).expect("test config is valid");
+    let server = app::start(&cfg).await.expect("proxy starts");
+    let proxy = format!("http://{}", server.listener("main").expect("main listener"));
+    let admin = format!("http://{}", server.admin_addr);
+    Env {
+        sim,
+        server,
+        proxy,
+        admin,
+        http: Http::new(),
+    }
+}
+
+impl Env {
+    /// The simulator's own count (`/_sim/count`).
+    pub async fn sim_count(&self) -> serde_json::Value {
+        let (status, _, body) = self
+            .http
+            .get(&format!("{}/_sim/count", self.sim.url), &[])
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        serde_json::from_slice(&body).expect("sim count is JSON")
+    }
+
+    /// The proxy's `/api/v1/usage`.
+    pub async fn usage(&self) -> serde_json::Value {
+        let (status, _, body) = self
+            .http
+            .get(&format!("{}/api/v1/usage", self.admin), &[])
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        serde_json::from_slice(&body).expect("usage is JSON")
+    }
+
+    /// An integration's window count from `/api/v1/usage`.
+    pub async fn window(&self, integration: &str) -> u64 {
+        let usage = self.usage().await;
+        usage["orgs"][0]["integrations"]
+            .as_array()
+            .expect("integrations")
+            .iter()
+            .find(|i| i["id"] == integration)
+            .unwrap_or_else(|| panic!("integration {integration} in usage: {usage}"))["window"]
+            .as_u64()
+            .expect("window count")
+    }
+
+    pub async fn metrics(&self) -> String {
+        let (status, _, body) = self.http.get(&format!("{}/metrics", self.admin), &[]).await;
+        assert_eq!(status, StatusCode::OK);
+        String::from_utf8(body.to_vec()).expect("metrics are UTF-8")
+    }
+}
+
+/// A plain HTTP/1.1 client.
+#[derive(Clone)]
+pub struct Http {
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl Default for Http {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Http {
+    pub fn new() -> Self {
+        Http {
+            client: Client::builder(TokioExecutor::new()).build(HttpConnector::new()),
+        }
+    }
+
+    pub async fn send(
+        &self,
+        method: Method,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<Bytes>,
+    ) -> (StatusCode, HeaderMap, Bytes) {
+        let mut req = Request::builder().method(method).uri(url);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req.body(Full::new(body.into())).expect("request");
+        let resp = self
+            .client
+            .request(req)
+            .await
+            .unwrap_or_else(|e| panic!("{url}: {e}"));
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.expect("response body").to_bytes();
+        (parts.status, parts.headers, body)
+    }
+
+    pub async fn get(&self, url: &str, headers: &[(&str, &str)]) -> (StatusCode, HeaderMap, Bytes) {
+        self.send(Method::GET, url, headers, Bytes::new()).await
+    }
+}
+
+pub const SOAP_LOGIN: &str = r#"<?xml version="1.0" encoding="utf-8"?><soapenv:Envelope xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/" xmlns:urn="urn:partner.soap.sforce.com"><soapenv:Body><urn:login><urn:username>u@example.com</urn:username><urn:password>secret</urn:password></urn:login></soapenv:Body></soapenv:Envelope>"#;
+
+pub const SOAP_QUERY: &str = r#"<?xml version="1.0" encoding="utf-8"?><soapenv:Envelope xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/" xmlns:urn="urn:partner.soap.sforce.com"><soapenv:Header><urn:SessionHeader><urn:sessionId>00Dx!AQ</urn:sessionId></urn:SessionHeader></soapenv:Header><soapenv:Body><urn:query><urn:queryString>SELECT Id FROM Lead</urn:queryString></urn:query></soapenv:Body></soapenv:Envelope>"#;
+
+pub fn soap_headers(action: &'static str) -> [(&'static str, &'static str); 2] {
+    [
+        ("content-type", "text/xml; charset=utf-8"),
+        ("soapaction", action),
+    ]
+}
+
+/// `batchRequests` with `n` subrequests.
+pub fn composite_batch(n: usize) -> String {
+    let subs: Vec<String> = (0..n)
+        .map(|i| format!(r#"{{"method":"GET","url":"v62.0/sobjects/Account/001{i:015}"}}"#))
+        .collect();
+    format!(r#"{{"batchRequests":[{}]}}"#, subs.join(","))
+}
+
+/// Extracts the text of the first `<tag>` element.
+pub fn xml_text<'a>(xml: &'a str, tag: &str) -> Option<&'a str> {
+    let open = format!("<{tag}>");
+    let close = format!("</{tag}>");
+    let start = xml.find(&open)? + open.len();
+    let end = xml[start..].find(&close)? + start;
+    Some(&xml[start..end])
+}

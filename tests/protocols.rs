@@ -1,0 +1,220 @@
+//! End-to-end: HTTP/2 over TLS, h2c, chunked and large streamed uploads, malformed requests.
+
+mod common;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use callmeter::sim::{self, SimOptions};
+use common::*;
+use futures_util::stream;
+use http::{Method, Request, StatusCode, Version};
+use http_body_util::{BodyExt, Empty, StreamBody};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const ONE: &str = "[[integration]]\nid = \"a\"\norg = \"acme\"\nmatch = { path_prefix = \"/a\" }\n";
+
+#[tokio::test]
+async fn h2c_prior_knowledge() {
+    let env = start(SimOptions::default(), "", ONE).await;
+    let client = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build(HttpConnector::new());
+    let req = Request::get(format!("{}/a/services/data/v62.0/sobjects", env.proxy))
+        .body(Empty::<Bytes>::new())
+        .expect("request");
+    let resp = client.request(req).await.expect("h2c response");
+    assert_eq!(resp.version(), Version::HTTP_2);
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(resp.headers().contains_key("sforce-limit-info"));
+    assert_eq!(env.window("a").await, 1);
+}
+
+#[tokio::test]
+async fn http2_over_tls_with_alpn() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("cert");
+    let cert_path = dir.path().join("cert.pem");
+    let key_path = dir.path().join("key.pem");
+    std::fs::write(&cert_path, cert.cert.pem()).expect("write cert");
+    std::fs::write(&key_path, cert.signing_key.serialize_pem()).expect("write key");
+
+    let sim = sim::spawn(SimOptions::default()).await.expect("sim");
+    let toml = config_text(&sim.url, "", ONE).replace(
+        "listen = \"127.0.0.1:0\"\n\n[[org]]",
+        &format!(
+            "listen = \"127.0.0.1:0\"\ntls = {{ cert = \"{}\", key = \"{}\" }}\n\n[[org]]",
+            cert_path.display(),
+            key_path.display()
+        ),
+    );
+    assert!(toml.contains("tls = "), "the test config has TLS");
+    let env = start_with(sim, &toml).await;
+    let port = env.server.listener("main").expect("listener").port();
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.cert.der().clone()).expect("root");
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    for (h2, version) in [(true, Version::HTTP_2), (false, Version::HTTP_11)] {
+        let builder = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls.clone())
+            .https_only();
+        let connector = if h2 {
+            builder.enable_http2().build()
+        } else {
+            builder.enable_http1().build()
+        };
+        let client = Client::builder(TokioExecutor::new())
+            .http2_only(h2)
+            .build(connector);
+        let req = Request::get(format!(
+            "https://localhost:{port}/a/services/data/v62.0/sobjects"
+        ))
+        .body(Empty::<Bytes>::new())
+        .expect("request");
+        let resp = client.request(req).await.expect("TLS response");
+        assert_eq!(resp.version(), version);
+        assert_eq!(resp.status(), StatusCode::OK);
+    }
+    assert_eq!(env.window("a").await, 2);
+    assert_eq!(env.usage().await["orgs"][0]["used"], 2);
+}
+
+/// Streams `total` bytes in `chunk`-sized frames, with no Content-Length: chunked on HTTP/1.1.
+fn streamed(
+    total: usize,
+    chunk: usize,
+) -> StreamBody<impl futures_util::Stream<Item = Result<http_body::Frame<Bytes>, Infallible>>> {
+    let block = Bytes::from(vec![b'x'; chunk]);
+    let frames = total / chunk;
+    StreamBody::new(stream::iter(
+        (0..frames).map(move |_| Ok(http_body::Frame::data(block.clone()))),
+    ))
+}
+
+#[tokio::test]
+async fn chunked_and_large_uploads_stream_through_whole() {
+    let env = start(SimOptions::default(), "", ONE).await;
+    let client = Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+    // A Bulk API 1.0 batch upload, 64 MiB, chunked.
+    let total = 64 * 1024 * 1024;
+    let req = Request::builder()
+        .method(Method::POST)
+        .uri(format!(
+            "{}/a/services/async/62.0/job/750000000000001/batch",
+            env.proxy
+        ))
+        .header("content-type", "text/csv")
+        .body(streamed(total, 64 * 1024))
+        .expect("request");
+    let resp = client.request(req).await.expect("response");
+    let status = resp.status();
+    let received = resp.headers().get("x-sim-body-bytes").cloned();
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    assert!(
+        status.is_success(),
+        "{status}: {}",
+        String::from_utf8_lossy(&body)
+    );
+    assert_eq!(
+        received.expect("x-sim-body-bytes").to_str().expect("str"),
+        total.to_string()
+    );
+
+    // Composite batch sent chunked: the proxy reads the body prefix to count subrequests and
+    // forwards all of it.
+    let batch = Bytes::from(composite_batch(4));
+    let len = batch.len();
+    let frames: Vec<Result<http_body::Frame<Bytes>, Infallible>> = batch
+        .chunks(10)
+        .map(|c| Ok(http_body::Frame::data(Bytes::copy_from_slice(c))))
+        .collect();
+    let req = Request::post(format!(
+        "{}/a/services/data/v62.0/composite/batch",
+        env.proxy
+    ))
+    .header("content-type", "application/json")
+    .body(StreamBody::new(stream::iter(frames)))
+    .expect("request");
+    let client = Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+    let resp = client.request(req).await.expect("response");
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(
+        resp.headers()["x-sim-body-bytes"].to_str().expect("str"),
+        len.to_string()
+    );
+    assert_eq!(env.window("a").await, 1 + 4);
+    assert_eq!(env.sim_count().await["used"], 5);
+}
+
+/// Sends raw bytes and returns the status line of the answer.
+async fn raw(addr: &str, request: &[u8]) -> String {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(request).await.expect("write");
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(5), stream.read(&mut buf))
+        .await
+        .expect("answer in time")
+        .unwrap_or(0);
+    String::from_utf8_lossy(&buf[..n])
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_owned()
+}
+
+#[tokio::test]
+async fn malformed_requests_get_4xx_and_the_server_keeps_serving() {
+    let env = start(SimOptions::default(), "", ONE).await;
+    let addr = env.proxy.trim_start_matches("http://").to_owned();
+
+    let bad_header = raw(
+        &addr,
+        b"GET /a/services/data/ HTTP/1.1\r\nHost: x\r\nBad Header Line\r\n\r\n",
+    )
+    .await;
+    assert!(bad_header.starts_with("HTTP/1.1 400"), "{bad_header}");
+
+    let mut huge = b"GET /a/services/data/ HTTP/1.1\r\nHost: x\r\nX-Big: ".to_vec();
+    huge.extend(std::iter::repeat_n(b'a', 200 * 1024));
+    huge.extend_from_slice(b"\r\n\r\n");
+    let too_big = raw(&addr, &huge).await;
+    assert!(too_big.starts_with("HTTP/1.1 431"), "{too_big}");
+
+    let bad_uri = raw(
+        &addr,
+        b"GET /a/serv ices/<>\x01 HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .await;
+    assert!(bad_uri.starts_with("HTTP/1.1 400"), "{bad_uri}");
+
+    let garbage = raw(
+        &addr,
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03garbage\r\n\r\n",
+    )
+    .await;
+    assert!(
+        garbage.is_empty() || garbage.starts_with("HTTP/1.1 400"),
+        "{garbage}"
+    );
+
+    let (status, _, _) = env
+        .http
+        .get(
+            &format!("{}/a/services/data/v62.0/sobjects", env.proxy),
+            &[],
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "still serving");
+    assert_eq!(env.window("a").await, 1);
+}

@@ -1,0 +1,435 @@
+//! End-to-end: the real proxy over real sockets in front of the simulated org.
+
+mod common;
+
+use std::time::Duration;
+
+use callmeter::sim::SimOptions;
+use common::*;
+use http::{Method, StatusCode};
+
+const THREE_INTEGRATIONS: &str = r#"
+[[integration]]
+id = "salesloft"
+org = "acme"
+match = { path_prefix = "/salesloft" }
+
+[[integration]]
+id = "etl"
+org = "acme"
+match = { key_env = "CALLMETER_TEST_ETL_KEY" }
+
+[[integration]]
+id = "middleware"
+org = "acme"
+match = { host = "middleware.internal" }
+"#;
+
+fn set_etl_key() {
+    // Each test process sets the same value, so concurrent tests cannot disagree.
+    std::env::set_var("CALLMETER_TEST_ETL_KEY", "etl-secret-key");
+}
+
+/// One integration's share of the mixed load: every API family, counted and free.
+async fn mixed_calls(env: &Env, who: &'static str, rounds: usize) {
+    let (base, extra): (String, Vec<(&str, &str)>) = match who {
+        "salesloft" => (format!("{}/salesloft", env.proxy), vec![]),
+        "etl" => (
+            env.proxy.clone(),
+            vec![("x-callmeter-key", "etl-secret-key")],
+        ),
+        _ => (env.proxy.clone(), vec![("host", "middleware.internal")]),
+    };
+    let with = |more: &[(&'static str, &'static str)]| {
+        let mut h = extra.clone();
+        h.extend_from_slice(more);
+        h
+    };
+    let json = with(&[("content-type", "application/json")]);
+    let soap = with(&soap_headers("query"));
+    let batch = composite_batch(3);
+    for n in 0..rounds {
+        let (status, _, body) = match n % 7 {
+            0 => {
+                env.http
+                    .get(
+                        &format!("{base}/services/data/v62.0/query?q=SELECT+Id+FROM+Contact"),
+                        &extra,
+                    )
+                    .await
+            }
+            1 => {
+                env.http
+                    .get(&format!("{base}/services/data/"), &extra)
+                    .await
+            } // free
+            2 => {
+                let composite = r#"{"allOrNone":false,"compositeRequest":[{"method":"GET","url":"/services/data/v62.0/sobjects/Account/001","referenceId":"a"}]}"#;
+                env.http
+                    .send(
+                        Method::POST,
+                        &format!("{base}/services/data/v62.0/composite"),
+                        &json,
+                        composite,
+                    )
+                    .await
+            }
+            3 => {
+                env.http
+                    .send(
+                        Method::POST,
+                        &format!("{base}/services/data/v62.0/composite/batch"),
+                        &json,
+                        batch.clone(),
+                    )
+                    .await
+            }
+            4 => {
+                env.http
+                    .send(
+                        Method::POST,
+                        &format!("{base}/services/Soap/u/62.0/00D000000000001AAA"),
+                        &soap,
+                        SOAP_QUERY,
+                    )
+                    .await
+            }
+            5 => {
+                let form = with(&[("content-type", "application/x-www-form-urlencoded")]);
+                env.http
+                    .send(
+                        Method::POST,
+                        &format!("{base}/services/oauth2/token"),
+                        &form,
+                        "grant_type=password&username=u&password=p",
+                    )
+                    .await
+            }
+            _ => {
+                env.http
+                    .get(&format!("{base}/services/data/v62.0/jobs/ingest"), &extra)
+                    .await
+            }
+        };
+        assert!(
+            status.is_success(),
+            "{who} call {n}: {status} {}",
+            String::from_utf8_lossy(&body)
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_mixed_load_is_counted_exactly_per_integration() {
+    set_etl_key();
+    let env = start(
+        SimOptions {
+            limit: 100_000,
+            ..Default::default()
+        },
+        "",
+        THREE_INTEGRATIONS,
+    )
+    .await;
+    let mut tasks = Vec::new();
+    let env = std::sync::Arc::new(env);
+    for who in ["salesloft", "etl", "middleware"] {
+        for _ in 0..6 {
+            let env = env.clone();
+            tasks.push(tokio::spawn(
+                async move { mixed_calls(&env, who, 35).await },
+            ));
+        }
+    }
+    for t in tasks {
+        t.await.expect("load task");
+    }
+
+    let sim = env.sim_count().await;
+    // 6 tasks x 35 calls: per 7 calls, query 1 + versions 0 + composite 1 + batch 3 + SOAP 1
+    // + OAuth 0 + bulk 1 = 7 counted.
+    for who in ["salesloft", "etl", "middleware"] {
+        assert_eq!(
+            sim["by_client"][who],
+            6 * 35,
+            "simulator's count for {who}: {sim}"
+        );
+        assert_eq!(env.window(who).await, 6 * 35, "proxy's count for {who}");
+    }
+    let usage = env.usage().await;
+    assert_eq!(
+        usage["orgs"][0]["used"], sim["used"],
+        "org estimate vs simulator: {usage} {sim}"
+    );
+    assert_eq!(usage["orgs"][0]["limit"], 100_000);
+    let metrics = env.metrics().await;
+    assert!(metrics
+        .contains(r#"callmeter_integration_api_calls_window{integration="etl",org="acme"} 210"#));
+    assert!(
+        metrics.contains(r#"callmeter_org_api_calls_used{org="acme"} 630"#),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn external_calls_show_up_after_the_next_proxied_call() {
+    set_etl_key();
+    let env = start(SimOptions::default(), "", THREE_INTEGRATIONS).await;
+    let url = format!(
+        "{}/salesloft/services/data/v62.0/sobjects/Account/001",
+        env.proxy
+    );
+    env.http.get(&url, &[]).await;
+    assert_eq!(env.usage().await["orgs"][0]["used"], 1);
+    // 500 calls made by something that does not use the proxy.
+    let (status, _, _) = env
+        .http
+        .send(
+            Method::POST,
+            &format!("{}/_sim/external?n=500", env.sim.url),
+            &[],
+            "",
+        )
+        .await;
+    assert!(status.is_success());
+    assert_eq!(
+        env.usage().await["orgs"][0]["used"],
+        1,
+        "the proxy cannot know before Salesforce says"
+    );
+    env.http.get(&url, &[]).await;
+    let usage = env.usage().await;
+    assert_eq!(usage["orgs"][0]["used"], 502);
+    assert_eq!(usage["orgs"][0]["proxied"], 2);
+    assert_eq!(usage["orgs"][0]["reported_used"], 502);
+}
+
+#[tokio::test]
+async fn oauth_login_keeps_the_client_on_the_proxy() {
+    set_etl_key();
+    let env = start(SimOptions::default(), "", THREE_INTEGRATIONS).await;
+    let form = [("content-type", "application/x-www-form-urlencoded")];
+    // Path-prefix integration: the prefix survives in instance_url.
+    let (status, _, body) = env
+        .http
+        .send(
+            Method::POST,
+            &format!("{}/salesloft/services/oauth2/token", env.proxy),
+            &form,
+            "grant_type=password&username=u&password=p",
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let token: serde_json::Value = serde_json::from_slice(&body).expect("token JSON");
+    let instance = token["instance_url"].as_str().expect("instance_url");
+    assert_eq!(
+        instance.trim_end_matches('/'),
+        format!("{}/salesloft", env.proxy)
+    );
+    assert!(
+        token["id"].as_str().expect("id").starts_with(&env.sim.url),
+        "id stays on the login host"
+    );
+    let (status, _, _) = env
+        .http
+        .get(
+            &format!(
+                "{}/services/data/v62.0/limits",
+                instance.trim_end_matches('/')
+            ),
+            &[],
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(env.window("salesloft").await, 1);
+
+    // Host-matched integration: the Host stays, so attribution survives.
+    let host = [
+        ("content-type", "application/x-www-form-urlencoded"),
+        ("host", "middleware.internal"),
+    ];
+    let (_, _, body) = env
+        .http
+        .send(
+            Method::POST,
+            &format!("{}/services/oauth2/token", env.proxy),
+            &host,
+            "grant_type=refresh_token&refresh_token=r",
+        )
+        .await;
+    let token: serde_json::Value = serde_json::from_slice(&body).expect("token JSON");
+    assert_eq!(
+        token["instance_url"]
+            .as_str()
+            .expect("instance_url")
+            .trim_end_matches('/'),
+        "http://middleware.internal"
+    );
+}
+
+#[tokio::test]
+async fn soap_login_keeps_the_client_on_the_proxy() {
+    set_etl_key();
+    let env = start(SimOptions::default(), "", THREE_INTEGRATIONS).await;
+    let (status, _, body) = env
+        .http
+        .send(
+            Method::POST,
+            &format!("{}/salesloft/services/Soap/u/62.0", env.proxy),
+            &soap_headers("login"),
+            SOAP_LOGIN,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    let text = String::from_utf8(body.to_vec()).expect("utf-8");
+    let server_url = xml_text(&text, "serverUrl").expect("serverUrl");
+    assert!(
+        server_url.starts_with(&format!("{}/salesloft/services/Soap/u/62.0/", env.proxy)),
+        "{server_url}"
+    );
+    let metadata_url = xml_text(&text, "metadataServerUrl").expect("metadataServerUrl");
+    assert!(
+        metadata_url.starts_with(&format!("{}/salesloft/services/Soap/m/62.0/", env.proxy)),
+        "{metadata_url}"
+    );
+    assert_eq!(env.window("salesloft").await, 0, "login() is not counted");
+
+    let (status, _, body) = env
+        .http
+        .send(Method::POST, server_url, &soap_headers("query"), SOAP_QUERY)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(env.window("salesloft").await, 1);
+    let sim = env.sim_count().await;
+    assert_eq!(sim["by_client"]["salesloft"], 1);
+    // The LimitInfoHeader of the SOAP response was read as it streamed.
+    assert_eq!(env.usage().await["orgs"][0]["reported_used"], sim["used"]);
+}
+
+#[tokio::test]
+async fn upstream_down_is_a_502_with_a_salesforce_shaped_body_and_not_counted() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    }; // closed again: nothing listens there
+    let sim = callmeter::sim::spawn(SimOptions::default())
+        .await
+        .expect("sim");
+    let toml = config_text(
+        &format!("http://127.0.0.1:{port}"),
+        r#"connect_timeout = "1s""#,
+        "[[integration]]\nid = \"a\"\norg = \"acme\"\nmatch = { path_prefix = \"/a\" }\n",
+    );
+    let env = start_with(sim, &toml).await;
+    let (status, headers, body) = env
+        .http
+        .get(
+            &format!("{}/a/services/data/v62.0/sobjects", env.proxy),
+            &[],
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert!(headers["content-type"]
+        .to_str()
+        .expect("ct")
+        .starts_with("application/json"));
+    let err: serde_json::Value = serde_json::from_slice(&body).expect("JSON body");
+    assert_eq!(err[0]["errorCode"], "CALLMETER_UPSTREAM_UNREACHABLE");
+    assert!(
+        err[0]["message"]
+            .as_str()
+            .expect("message")
+            .contains("not counted"),
+        "{err}"
+    );
+    assert_eq!(env.window("a").await, 0);
+    assert!(env
+        .metrics()
+        .await
+        .contains(r#"outcome="upstream_error"} 1"#));
+}
+
+#[tokio::test]
+async fn slow_upstream_is_a_504_after_the_response_timeout() {
+    let env = start(
+        SimOptions::default(),
+        r#"response_timeout = "300ms""#,
+        "[[integration]]\nid = \"a\"\norg = \"acme\"\nmatch = { path_prefix = \"/a\" }\n",
+    )
+    .await;
+    let started = std::time::Instant::now();
+    let (status, _, body) = env
+        .http
+        .get(
+            &format!("{}/a/services/data/v62.0/sobjects", env.proxy),
+            &[("x-sim-delay-ms", "3000")],
+        )
+        .await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+    assert!(
+        started.elapsed() < Duration::from_millis(2500),
+        "answered at the timeout, not after the upstream"
+    );
+    let err: serde_json::Value = serde_json::from_slice(&body).expect("JSON body");
+    assert_eq!(err[0]["errorCode"], "CALLMETER_UPSTREAM_TIMEOUT");
+}
+
+#[tokio::test]
+async fn unmatched_traffic_is_refused_or_attributed_as_configured() {
+    let one = "[[integration]]\nid = \"a\"\norg = \"acme\"\nmatch = { path_prefix = \"/a\" }\n";
+    let env = start(SimOptions::default(), "", one).await;
+    let (status, _, body) = env
+        .http
+        .get(&format!("{}/services/data/v62.0/sobjects", env.proxy), &[])
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let err: serde_json::Value = serde_json::from_slice(&body).expect("JSON body");
+    assert_eq!(err[0]["errorCode"], "CALLMETER_UNMATCHED");
+    let (status, _, _) = env
+        .http
+        .get(
+            &format!("{}/a/services/data/v62.0/sobjects", env.proxy),
+            &[("x-callmeter-key", "nope")],
+        )
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::FORBIDDEN,
+        "a wrong key is refused, not attributed by path"
+    );
+    assert_eq!(env.sim_count().await["used"], 0);
+
+    let env = start(SimOptions::default(), r#"unmatched = "unattributed""#, one).await;
+    let (status, _, _) = env
+        .http
+        .get(&format!("{}/services/data/v62.0/sobjects", env.proxy), &[])
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(env.window("unattributed").await, 1);
+    assert_eq!(env.sim_count().await["by_client"]["unattributed"], 1);
+}
+
+#[tokio::test]
+async fn upstream_sees_forwarding_headers_and_no_proxy_secrets() {
+    set_etl_key();
+    let env = start(SimOptions::default(), "", THREE_INTEGRATIONS).await;
+    // The caller's own client name wins over the integration id.
+    let (status, _, _) = env
+        .http
+        .get(
+            &format!("{}/services/data/v62.0/sobjects", env.proxy),
+            &[
+                ("x-callmeter-key", "etl-secret-key"),
+                ("sforce-call-options", "client=nightly-etl"),
+            ],
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let sim = env.sim_count().await;
+    assert_eq!(sim["by_client"]["nightly-etl"], 1, "{sim}");
+    assert_eq!(
+        env.window("etl").await,
+        1,
+        "attribution is by match rule, not by the client option"
+    );
+}
