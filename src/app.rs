@@ -95,7 +95,7 @@ pub async fn start(config: &Config) -> Result<Server, StartError> {
             continue;
         };
         let im = Arc::new(IntegrationMeter::new(i.id.clone(), org.meter.clone()));
-        meter.add_integration(im.clone(), i.quota.clone());
+        meter.add_integration(im.clone(), i.quota);
         let route = Route {
             metrics: metrics.integration(i.org.as_str(), i.id.as_str()),
             org,

@@ -113,6 +113,7 @@ async fn run(command: Command) -> ExitCode {
                 Err(e) => return config_error(&e),
             };
             callmeter::logging::init(&cfg.log.level, cfg.log.format == LogFormat::Json);
+            cfg.log_warnings();
             match app::start(&cfg).await {
                 Ok(server) => {
                     server.run_until_signal().await;

@@ -433,3 +433,60 @@ async fn upstream_sees_forwarding_headers_and_no_proxy_secrets() {
         "attribution is by match rule, not by the client option"
     );
 }
+
+#[tokio::test]
+async fn salesforce_refusing_for_the_daily_limit_marks_the_org_exhausted() {
+    let one = "[[integration]]\nid = \"a\"\norg = \"acme\"\nmatch = { path_prefix = \"/a\" }\n";
+    let env = start(
+        SimOptions {
+            limit: 3,
+            used: 2,
+            ..Default::default()
+        },
+        "",
+        one,
+    )
+    .await;
+    let url = format!("{}/a/services/data/v62.0/sobjects/Account/001", env.proxy);
+    let (status, _, _) = env.http.get(&url, &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(env.usage().await["orgs"][0]["exhausted"], false);
+    // The org is now at 3/3: Salesforce answers 403 REQUEST_LIMIT_EXCEEDED, passed on as is.
+    let (status, _, body) = env.http.get(&url, &[]).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(String::from_utf8_lossy(&body).contains("REQUEST_LIMIT_EXCEEDED"));
+    let usage = env.usage().await;
+    assert_eq!(usage["orgs"][0]["exhausted"], true, "{usage}");
+    assert_eq!(usage["orgs"][0]["color"], "red");
+    assert!(env
+        .metrics()
+        .await
+        .contains(r#"callmeter_org_exhausted{org="acme"} 1"#));
+
+    // SOAP faults say the same.
+    let (status, _, body) = env
+        .http
+        .send(
+            Method::POST,
+            &format!("{}/a/services/Soap/u/62.0/00D000000000001AAA", env.proxy),
+            &soap_headers("query"),
+            SOAP_QUERY,
+        )
+        .await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(String::from_utf8_lossy(&body).contains("sf:REQUEST_LIMIT_EXCEEDED"));
+
+    // Budget comes back (here: the limit is raised); the next report clears the state.
+    env.http
+        .send(
+            Method::POST,
+            &format!("{}/_sim/limit?n=100", env.sim.url),
+            &[],
+            "",
+        )
+        .await;
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let (status, _, _) = env.http.get(&url, &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(env.usage().await["orgs"][0]["exhausted"], false);
+}

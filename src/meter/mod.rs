@@ -206,7 +206,7 @@ impl OrgMeter {
     /// A consistent-enough view for reporting.
     pub fn usage(&self) -> OrgUsage {
         let reported = (self.report_at_ms.load(Ordering::Acquire) != 0).then(|| UsageReport {
-            used: u64::from(unpack_report(self.report.load(Ordering::Acquire)).0),
+            used: unpack_report(self.report.load(Ordering::Acquire)).0,
             limit: self.reported_limit.load(Ordering::Relaxed),
         });
         OrgUsage {

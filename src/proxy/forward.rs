@@ -73,11 +73,11 @@ impl Base {
         } else {
             PathAndQuery::try_from(format!("{}{}", self.path, path_and_query))?
         };
-        Ok(Uri::builder()
+        Uri::builder()
             .scheme(self.scheme.clone())
             .authority(self.authority.clone())
             .path_and_query(pq)
-            .build()?)
+            .build()
     }
 }
 

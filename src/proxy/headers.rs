@@ -112,6 +112,27 @@ fn set_call_options_client(headers: &mut HeaderMap, client_option: &HeaderValue)
     }
 }
 
+/// Headers for a log line, with credential values replaced (see `salesforce::is_secret_header`).
+pub struct Redacted<'a>(pub &'a HeaderMap);
+
+impl std::fmt::Display for Redacted<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut first = true;
+        for (name, value) in self.0 {
+            if !first {
+                f.write_str(", ")?;
+            }
+            first = false;
+            if crate::salesforce::is_secret_header(name) {
+                write!(f, "{name}: {}", crate::salesforce::REDACTED)?;
+            } else {
+                write!(f, "{name}: {}", String::from_utf8_lossy(value.as_bytes()))?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Prepares the upstream response's headers for the client.
 pub fn to_client(headers: &mut HeaderMap) {
     remove_hop_by_hop(headers);
@@ -156,10 +177,25 @@ mod tests {
     }
 
     #[test]
+    fn credentials_are_redacted_in_logs() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer 00Dx!secret"),
+        );
+        h.insert(header::COOKIE, HeaderValue::from_static("sid=00Dx!secret"));
+        h.insert(KEY_HEADER, HeaderValue::from_static("key-secret"));
+        h.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
+        let line = Redacted(&h).to_string();
+        assert!(!line.contains("secret"), "{line}");
+        assert!(line.contains("accept: application/json"), "{line}");
+        assert!(line.contains("authorization: [redacted]"), "{line}");
+    }
+
+    #[test]
     fn forwarded_for_is_replaced_unless_trusted() {
         let mut h = HeaderMap::new();
         h.insert(X_FORWARDED_FOR, HeaderValue::from_static("1.1.1.1"));
-        to_upstream(&mut h.clone(), &client(false), None);
         let mut replaced = h.clone();
         to_upstream(&mut replaced, &client(false), None);
         assert_eq!(replaced[X_FORWARDED_FOR], "10.1.2.3");

@@ -92,6 +92,7 @@ async fn proxy(
     // 1. route
     let matched = ctx.routes.route(&parts)?;
     let route = matched.route;
+    tracing::trace!(integration = route.id(), method = %parts.method, uri = %parts.uri, headers = %headers::Redacted(&parts.headers), "request");
     let upstream_pq = upstream_path_and_query(&parts.uri, matched.strip);
     let upstream_path = upstream_pq.split('?').next().unwrap_or("/");
 

@@ -156,6 +156,10 @@ pub async fn rewrite_login(
         CallKind::OAuth => salesforce::rewrite_oauth_token(&bytes, public_base),
         _ => salesforce::rewrite_soap_login(&bytes, public_base),
     };
+    if tracing::enabled!(tracing::Level::TRACE) {
+        let text = String::from_utf8_lossy(&bytes);
+        tracing::trace!(body = %salesforce::redact_body(&text), "login response from Salesforce");
+    }
     let body = rewritten.map(Bytes::from).unwrap_or(bytes);
     parts
         .headers

@@ -1,0 +1,197 @@
+//! The real `callmeter serve` process: graceful shutdown on SIGTERM, and logs without secrets.
+
+mod common;
+
+use std::io::Read;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use callmeter::sim::{self, SimOptions};
+use common::*;
+use http::{Method, StatusCode};
+
+/// Kills the child on drop, so a failing test leaves no process behind.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// Starts `callmeter serve` in front of `upstream`; returns the process and the proxy/admin URLs.
+async fn serve(
+    upstream: &str,
+    dir: &std::path::Path,
+    env: &[(&str, &str)],
+) -> (Proc, String, String) {
+    let (proxy_port, admin_port) = (free_port(), free_port());
+    let toml = format!(
+        r#"
+[admin]
+listen = "127.0.0.1:{admin_port}"
+[proxy]
+shutdown_grace = "10s"
+[[listener]]
+name = "main"
+listen = "127.0.0.1:{proxy_port}"
+[[org]]
+id = "acme"
+instance_url = "{upstream}"
+allow_plain_http = true
+[[integration]]
+id = "a"
+org = "acme"
+match = {{ path_prefix = "/a" }}
+"#
+    );
+    let path = dir.join("callmeter.toml");
+    std::fs::write(&path, toml).expect("write config");
+    let child = Command::new(env!("CARGO_BIN_EXE_callmeter"))
+        .args(["serve", "--config", path.to_str().expect("path")])
+        .envs(env.iter().copied())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start callmeter serve");
+    let (proxy, admin) = (
+        format!("http://127.0.0.1:{proxy_port}"),
+        format!("http://127.0.0.1:{admin_port}"),
+    );
+    let http = Http::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if tokio::net::TcpStream::connect(("127.0.0.1", admin_port))
+            .await
+            .is_ok()
+        {
+            let (status, _, _) = http.get(&format!("{admin}/readyz"), &[]).await;
+            if status == StatusCode::OK {
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "callmeter serve did not become ready"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    (Proc(child), proxy, admin)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_requests_in_flight_then_exits() {
+    let org = sim::spawn(SimOptions::default()).await.expect("sim");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut proc, proxy, _) = serve(&org.url, dir.path(), &[]).await;
+
+    // A slow call is in flight when the signal comes.
+    let http = Http::new();
+    let url = format!("{proxy}/a/services/data/v62.0/sobjects");
+    let slow = tokio::spawn(async move { http.get(&url, &[("x-sim-delay-ms", "1500")]).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let killed = Command::new("kill")
+        .args(["-TERM", &proc.0.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+
+    let (status, _, _) = slow.await.expect("slow call");
+    assert_eq!(status, StatusCode::OK, "the call in flight completed");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let exit = loop {
+        if let Some(exit) = proc.0.try_wait().expect("wait") {
+            break exit;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "callmeter did not exit after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(exit.success(), "{exit:?}");
+    assert!(
+        tokio::net::TcpStream::connect(proxy.trim_start_matches("http://"))
+            .await
+            .is_err(),
+        "no longer accepting"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trace_logs_redact_credentials() {
+    let org = sim::spawn(SimOptions::default()).await.expect("sim");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut proc, proxy, _) =
+        serve(&org.url, dir.path(), &[("RUST_LOG", "callmeter=trace")]).await;
+    let http = Http::new();
+    let (status, _, body) = http
+        .send(
+            Method::POST,
+            &format!("{proxy}/a/services/oauth2/token"),
+            &[("content-type", "application/x-www-form-urlencoded")],
+            "grant_type=password&username=u&password=p",
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let token: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
+    let access = token["access_token"]
+        .as_str()
+        .expect("access_token")
+        .to_owned();
+    let (status, _, body) = http
+        .send(
+            Method::POST,
+            &format!("{proxy}/a/services/Soap/u/62.0"),
+            &soap_headers("login"),
+            SOAP_LOGIN,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let session = xml_text(std::str::from_utf8(&body).expect("utf-8"), "sessionId")
+        .expect("sessionId")
+        .to_owned();
+    let (status, _, _) = http
+        .get(
+            &format!("{proxy}/a/services/data/v62.0/sobjects"),
+            &[
+                ("authorization", "Bearer 00Dsecret!token"),
+                ("cookie", "sid=cookie-secret"),
+            ],
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+
+    let _ = proc.0.kill();
+    let mut stderr = String::new();
+    proc.0
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut stderr)
+        .expect("read logs");
+    assert!(stderr.contains("[redacted]"), "{stderr}");
+    for secret in [
+        access.as_str(),
+        session.as_str(),
+        "00Dsecret!token",
+        "cookie-secret",
+    ] {
+        assert!(
+            !stderr.contains(secret),
+            "{secret} leaked into the logs:\n{stderr}"
+        );
+    }
+    assert!(
+        stderr.contains("/services/data/v62.0/sobjects"),
+        "the request itself is logged"
+    );
+}
