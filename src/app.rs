@@ -59,6 +59,7 @@ pub struct Server {
 
 /// Builds everything from `config`, binds all sockets and starts serving.
 pub async fn start(config: &Config) -> Result<Server, StartError> {
+    warn_unenforced(config);
     let metrics = Metrics::new();
     let clock = Clock::new();
     let mut meter = Meter::new();
@@ -106,6 +107,7 @@ pub async fn start(config: &Config) -> Result<Server, StartError> {
             } else {
                 None
             },
+            keep_host: i.matcher.host.is_some(),
         };
         routes.push((Arc::new(route), &i.matcher));
     }
@@ -223,6 +225,24 @@ pub async fn start(config: &Config) -> Result<Server, StartError> {
         stop,
         tasks,
     })
+}
+
+/// Budgets are validated and shown in `/api/v1/usage` and `/metrics`, but this version counts
+/// and reports only; say so rather than let an admin believe calls are being held back.
+fn warn_unenforced(config: &Config) {
+    use crate::config::{OnLimit, Priority};
+    for i in &config.integrations {
+        if i.quota.is_some()
+            || i.rate.is_some()
+            || i.on_limit != OnLimit::Reject
+            || i.priority != Priority::Normal
+        {
+            tracing::warn!(
+                integration = %i.id,
+                "quota, rate, priority and on_limit are reported but not yet enforced by this version"
+            );
+        }
+    }
 }
 
 /// Resolves once `stop` says so.

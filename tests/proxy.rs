@@ -490,3 +490,58 @@ async fn salesforce_refusing_for_the_daily_limit_marks_the_org_exhausted() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(env.usage().await["orgs"][0]["exhausted"], false);
 }
+
+#[tokio::test]
+async fn login_urls_use_the_public_url_but_host_matched_integrations_keep_their_host() {
+    set_etl_key();
+    let sim = callmeter::sim::spawn(SimOptions::default())
+        .await
+        .expect("sim");
+    let toml = config_text(&sim.url, "", THREE_INTEGRATIONS).replacen(
+        "listen = \"127.0.0.1:0\"\n\n[[org]]",
+        "listen = \"127.0.0.1:0\"\npublic_url = \"https://sfproxy.example.com:8443\"\n\n[[org]]",
+        1,
+    );
+    let env = start_with(sim, &toml).await;
+    let form = [("content-type", "application/x-www-form-urlencoded")];
+    let body = "grant_type=password&username=u&password=p";
+    let (_, _, token) = env
+        .http
+        .send(
+            Method::POST,
+            &format!("{}/salesloft/services/oauth2/token", env.proxy),
+            &form,
+            body,
+        )
+        .await;
+    let token: serde_json::Value = serde_json::from_slice(&token).expect("JSON");
+    assert_eq!(
+        token["instance_url"]
+            .as_str()
+            .expect("url")
+            .trim_end_matches('/'),
+        "https://sfproxy.example.com:8443/salesloft"
+    );
+
+    let host = [
+        ("content-type", "application/x-www-form-urlencoded"),
+        ("host", "middleware.internal:8443"),
+    ];
+    let (_, _, token) = env
+        .http
+        .send(
+            Method::POST,
+            &format!("{}/services/oauth2/token", env.proxy),
+            &host,
+            body,
+        )
+        .await;
+    let token: serde_json::Value = serde_json::from_slice(&token).expect("JSON");
+    assert_eq!(
+        token["instance_url"]
+            .as_str()
+            .expect("url")
+            .trim_end_matches('/'),
+        "https://middleware.internal:8443"
+    );
+}

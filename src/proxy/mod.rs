@@ -127,9 +127,7 @@ async fn proxy(
     let Verdict::Forward(ticket) = route.meter.decide(units);
 
     // 4. forward
-    let public_base = kind
-        .is_login()
-        .then(|| public_base(ctx, &parts, route.path_prefix.as_deref()));
+    let public_base = kind.is_login().then(|| public_base(ctx, &parts, &route));
     let login = kind.is_login();
     let client = ClientInfo {
         ip: peer.ip(),
@@ -197,31 +195,34 @@ fn upstream_path_and_query(uri: &Uri, strip: usize) -> String {
     }
 }
 
-/// Where a client that logged in through this listener should send its next calls.
-fn public_base(
-    ctx: &ListenerContext,
-    parts: &http::request::Parts,
-    prefix: Option<&str>,
-) -> String {
-    let base = match &ctx.public_url {
-        Some(url) => url.clone(),
+/// Where a client that logged in through this listener should send its next calls: the
+/// listener's public URL (or the request's own scheme and Host), plus the integration's prefix.
+fn public_base(ctx: &ListenerContext, parts: &http::request::Parts, route: &Route) -> String {
+    let request_host = || {
+        parts
+            .uri
+            .authority()
+            .map(|a| a.as_str())
+            .or_else(|| {
+                parts
+                    .headers
+                    .get(header::HOST)
+                    .and_then(|v| v.to_str().ok())
+            })
+            .unwrap_or("localhost")
+    };
+    let prefix = route.path_prefix.as_deref().unwrap_or("");
+    match &ctx.public_url {
+        Some(url) if !route.keep_host => format!("{}{prefix}", url.trim_end_matches('/')),
+        Some(url) => {
+            let scheme = url.split("://").next().unwrap_or("https");
+            format!("{scheme}://{}{prefix}", request_host())
+        }
         None => {
             let scheme = if ctx.tls { "https" } else { "http" };
-            let host = parts
-                .uri
-                .authority()
-                .map(|a| a.as_str())
-                .or_else(|| {
-                    parts
-                        .headers
-                        .get(header::HOST)
-                        .and_then(|v| v.to_str().ok())
-                })
-                .unwrap_or("localhost");
-            format!("{scheme}://{host}")
+            format!("{scheme}://{}{prefix}", request_host())
         }
-    };
-    format!("{}{}", base.trim_end_matches('/'), prefix.unwrap_or(""))
+    }
 }
 
 /// `client=<id>` for an integration's `Sforce-Call-Options`.

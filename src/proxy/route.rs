@@ -27,6 +27,9 @@ pub struct Route {
     pub path_prefix: Option<Box<str>>,
     /// `client=<id>` for `Sforce-Call-Options`, or `None` when the integration opted out.
     pub call_options: Option<HeaderValue>,
+    /// The integration is recognised by its Host name: login URLs keep the request's Host
+    /// (not the listener's public host), or the client would lose its attribution.
+    pub keep_host: bool,
 }
 
 impl Route {
