@@ -95,7 +95,7 @@ pub async fn start(config: &Config) -> Result<Server, StartError> {
         let Some(org) = org_route(&i.org) else {
             continue;
         };
-        let im = Arc::new(IntegrationMeter::new(i.id.clone(), org.meter.clone()));
+        let im = Arc::new(IntegrationMeter::from_config(i, org.meter.clone()));
         meter.add_integration(im.clone(), i.quota);
         let route = Route {
             metrics: metrics.integration(i.org.as_str(), i.id.as_str()),
@@ -108,6 +108,7 @@ pub async fn start(config: &Config) -> Result<Server, StartError> {
                 None
             },
             keep_host: i.matcher.host.is_some(),
+            reject_style: i.reject_style,
         };
         routes.push((Arc::new(route), &i.matcher));
     }
@@ -227,19 +228,16 @@ pub async fn start(config: &Config) -> Result<Server, StartError> {
     })
 }
 
-/// Budgets are validated and shown in `/api/v1/usage` and `/metrics`, but this version counts
-/// and reports only; say so rather than let an admin believe calls are being held back.
+/// `on_limit = "queue"` and `"defer"` are validated, but this version answers every held-back
+/// call at once; say so rather than let an admin believe calls are being kept.
 fn warn_unenforced(config: &Config) {
-    use crate::config::{OnLimit, Priority};
+    use crate::config::OnLimit;
     for i in &config.integrations {
-        if i.quota.is_some()
-            || i.rate.is_some()
-            || i.on_limit != OnLimit::Reject
-            || i.priority != Priority::Normal
-        {
+        if i.on_limit != OnLimit::Reject {
             tracing::warn!(
                 integration = %i.id,
-                "quota, rate, priority and on_limit are reported but not yet enforced by this version"
+                on_limit = i.on_limit.as_str(),
+                "on_limit = \"queue\" / \"defer\" is not available yet: held-back calls are rejected"
             );
         }
     }

@@ -440,10 +440,10 @@ async fn salesforce_refusing_for_the_daily_limit_marks_the_org_exhausted() {
     let env = start(
         SimOptions {
             limit: 3,
-            used: 2,
+            used: 1,
             ..Default::default()
         },
-        "",
+        r#"probe_interval = "1s""#,
         one,
     )
     .await;
@@ -451,7 +451,16 @@ async fn salesforce_refusing_for_the_daily_limit_marks_the_org_exhausted() {
     let (status, _, _) = env.http.get(&url, &[]).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(env.usage().await["orgs"][0]["exhausted"], false);
-    // The org is now at 3/3: Salesforce answers 403 REQUEST_LIMIT_EXCEEDED, passed on as is.
+    // Something outside the proxy spends the rest: the proxy believes 2 of 3 are used, so it
+    // sends the next call, and Salesforce answers 403 REQUEST_LIMIT_EXCEEDED, passed on as is.
+    env.http
+        .send(
+            Method::POST,
+            &format!("{}/_sim/external?n=5", env.sim.url),
+            &[],
+            "",
+        )
+        .await;
     let (status, _, body) = env.http.get(&url, &[]).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
     assert!(String::from_utf8_lossy(&body).contains("REQUEST_LIMIT_EXCEEDED"));
@@ -463,7 +472,8 @@ async fn salesforce_refusing_for_the_daily_limit_marks_the_org_exhausted() {
         .await
         .contains(r#"callmeter_org_exhausted{org="acme"} 1"#));
 
-    // SOAP faults say the same.
+    // While exhausted the proxy itself holds calls back (one probe per interval), in the same
+    // shapes: SOAP faults for SOAP.
     let (status, _, body) = env
         .http
         .send(
@@ -475,8 +485,13 @@ async fn salesforce_refusing_for_the_daily_limit_marks_the_org_exhausted() {
         .await;
     assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
     assert!(String::from_utf8_lossy(&body).contains("sf:REQUEST_LIMIT_EXCEEDED"));
+    assert_eq!(
+        env.sim_count().await["requests"],
+        2,
+        "the SOAP call was held back, not sent"
+    );
 
-    // Budget comes back (here: the limit is raised); the next report clears the state.
+    // Budget comes back (here: the limit is raised); the next probe's report clears the state.
     env.http
         .send(
             Method::POST,
@@ -485,7 +500,7 @@ async fn salesforce_refusing_for_the_daily_limit_marks_the_org_exhausted() {
             "",
         )
         .await;
-    tokio::time::sleep(Duration::from_millis(10)).await;
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
     let (status, _, _) = env.http.get(&url, &[]).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(env.usage().await["orgs"][0]["exhausted"], false);

@@ -35,6 +35,12 @@ impl Clock {
         self.base_unix_ms + self.base.elapsed().as_millis() as u64
     }
 
+    /// Microseconds since this clock was made: monotonic, for rate limits.
+    #[inline]
+    pub fn micros(&self) -> u64 {
+        self.base.elapsed().as_micros() as u64
+    }
+
     /// Minutes since the Unix epoch.
     #[inline]
     pub fn minute(&self) -> Minute {

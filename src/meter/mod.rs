@@ -10,6 +10,7 @@
 //! since that report arrived; with no report yet, the proxy's own window count.
 
 mod clock;
+mod rate;
 pub mod window;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -17,9 +18,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use clock::Clock;
+pub use rate::TokenBucket;
 pub use window::{Minute, Window};
 
-use crate::config::{Amount, DailyLimit, IntegrationId, OrgConfig, OrgId};
+use crate::config::{
+    Amount, DailyLimit, IntegrationConfig, IntegrationId, OrgConfig, OrgId, Priority,
+};
 use crate::salesforce::UsageReport;
 
 /// How long a usage report stays authoritative against a lower one. Responses of concurrent
@@ -33,6 +37,45 @@ const REPORT_AUTHORITY: Duration = Duration::from_secs(60);
 pub enum Verdict {
     /// Send it upstream. The ticket gives the count back if the call never reaches Salesforce.
     Forward(Ticket),
+    /// A budget is spent; the integration's `on_limit` says what happens to the call.
+    Limited(Limited),
+}
+
+/// Which budget stopped a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Budget {
+    /// The integration's `rate` (token bucket).
+    Rate,
+    /// The integration's `quota` per window.
+    Quota,
+    /// The org is at `limit − reserve`, kept for critical integrations.
+    Reserve,
+    /// The org's daily limit.
+    OrgLimit,
+    /// Salesforce itself refuses calls (REQUEST_LIMIT_EXCEEDED); waiting for the next probe.
+    Exhausted,
+}
+
+impl Budget {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Budget::Rate => "rate",
+            Budget::Quota => "quota",
+            Budget::Reserve => "reserve",
+            Budget::OrgLimit => "org_limit",
+            Budget::Exhausted => "exhausted",
+        }
+    }
+}
+
+/// Why and for how long a call is held back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limited {
+    pub budget: Budget,
+    /// When the budget will have room again, as far as the proxy can tell.
+    pub retry_after: Duration,
+    /// The size of that budget, in calls (per window, or per second for `Rate`).
+    pub size: u64,
 }
 
 /// Proof that a call was counted, to refund it if it never reached Salesforce.
@@ -69,6 +112,12 @@ pub struct OrgMeter {
     /// Salesforce answered REQUEST_LIMIT_EXCEEDED (the daily kind) and no report since said
     /// there is budget again.
     exhausted: AtomicBool,
+    /// Kept back for critical integrations.
+    reserve: Amount,
+    /// While exhausted, one call per interval goes through to see whether budget is back.
+    probe_interval: Duration,
+    /// Clock microseconds before which no probe is let through.
+    next_probe_us: AtomicU64,
     clock: Clock,
 }
 
@@ -78,6 +127,9 @@ pub struct IntegrationMeter {
     id: IntegrationId,
     org: Arc<OrgMeter>,
     window: Window,
+    quota: Option<Amount>,
+    rate: Option<TokenBucket>,
+    critical: bool,
 }
 
 /// A read-only view of an org's usage, for the admin API and metrics.
@@ -111,12 +163,20 @@ impl OrgMeter {
             reported_limit: AtomicU64::new(0),
             report_at_ms: AtomicU64::new(0),
             exhausted: AtomicBool::new(false),
+            reserve: cfg.reserve,
+            probe_interval: cfg.probe_interval,
+            next_probe_us: AtomicU64::new(0),
             clock,
         }
     }
 
     pub fn id(&self) -> &OrgId {
         &self.id
+    }
+
+    /// The length of the rolling window.
+    pub fn window_length(&self) -> Duration {
+        Duration::from_secs(u64::from(self.window.minutes()) * 60)
     }
 
     /// The daily limit: configured, or learned from Salesforce's reports.
@@ -189,13 +249,119 @@ impl OrgMeter {
 
     /// Salesforce refused a call for the org's daily limit.
     pub fn observe_exhausted(&self) {
-        self.exhausted.store(true, Ordering::Relaxed);
+        if !self.exhausted.swap(true, Ordering::AcqRel) {
+            let next = self.clock.micros() + self.probe_interval.as_micros() as u64;
+            self.next_probe_us.store(next, Ordering::Release);
+        }
     }
 
     /// A counted call got an ordinary answer: whatever budget was missing is back.
     pub fn observe_success(&self) {
         if self.exhausted.load(Ordering::Relaxed) {
             self.exhausted.store(false, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts `units` against the org's budget, or says why not.
+    ///
+    /// The check and the count are one CAS (on the calls forwarded since the last report, or on
+    /// the proxy's own window before any report), so concurrent calls cannot overshoot together.
+    fn try_count(&self, units: u32, minute: Minute, critical: bool) -> Result<(), Limited> {
+        if self.is_exhausted() {
+            return self.probe(units, minute);
+        }
+        let Some(limit) = self.limit() else {
+            self.count(units, minute);
+            return Ok(());
+        };
+        let reserve = self.reserve.resolve(limit).min(limit);
+        let cap = if critical { limit } else { limit - reserve };
+        let units64 = u64::from(units);
+        if self.report_at_ms.load(Ordering::Acquire) == 0 {
+            return match self.window.try_add(minute, units, cap) {
+                Ok(_) => {
+                    self.forwarded.fetch_add(units64, Ordering::AcqRel);
+                    Ok(())
+                }
+                Err(used) => Err(self.limited(used, units64, cap, limit, minute)),
+            };
+        }
+        let mut forwarded = self.forwarded.load(Ordering::Acquire);
+        loop {
+            let (reported, mark) = unpack_report(self.report.load(Ordering::Acquire));
+            let since =
+                u64::from((forwarded as u32).wrapping_sub(mark)).min(u64::from(u32::MAX / 2));
+            let used = reported + since;
+            if used + units64 > cap {
+                return Err(self.limited(used, units64, cap, limit, minute));
+            }
+            match self.forwarded.compare_exchange_weak(
+                forwarded,
+                forwarded + units64,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => break,
+                Err(actual) => forwarded = actual,
+            }
+        }
+        self.window.add(minute, units);
+        Ok(())
+    }
+
+    fn count(&self, units: u32, minute: Minute) {
+        self.window.add(minute, units);
+        self.forwarded.fetch_add(u64::from(units), Ordering::AcqRel);
+    }
+
+    /// While exhausted: one call per probe interval goes through; the rest wait for it.
+    fn probe(&self, units: u32, minute: Minute) -> Result<(), Limited> {
+        let now = self.clock.micros();
+        let next = self.next_probe_us.load(Ordering::Acquire);
+        let interval = self.probe_interval.as_micros() as u64;
+        if now >= next
+            && self
+                .next_probe_us
+                .compare_exchange(next, now + interval, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            self.count(units, minute);
+            return Ok(());
+        }
+        let wait = self
+            .next_probe_us
+            .load(Ordering::Acquire)
+            .saturating_sub(now);
+        Err(Limited {
+            budget: Budget::Exhausted,
+            retry_after: Duration::from_micros(wait).max(Duration::from_secs(1)),
+            size: self.limit().unwrap_or(0),
+        })
+    }
+
+    /// The org budget is spent: retry when enough of the proxy's own calls have aged out, or
+    /// at the next probe interval if that is sooner (calls made outside the proxy age out too,
+    /// but the proxy cannot see when).
+    fn limited(&self, used: u64, units: u64, cap: u64, limit: u64, minute: Minute) -> Limited {
+        let needed = (used + units).saturating_sub(cap);
+        let ages_out = self
+            .window
+            .minutes_until_freed(minute, needed)
+            .map(|m| until_minute(&self.clock, minute + m));
+        let retry_after = ages_out.map_or(self.probe_interval, |d| d.min(self.probe_interval));
+        let budget = if used + units <= limit {
+            Budget::Reserve
+        } else {
+            Budget::OrgLimit
+        };
+        Limited {
+            budget,
+            retry_after,
+            size: if budget == Budget::Reserve {
+                cap
+            } else {
+                limit
+            },
         }
     }
 
@@ -219,6 +385,10 @@ impl OrgMeter {
     }
 }
 
+fn rate_interval(rate: &TokenBucket) -> u64 {
+    rate.interval_us().max(1)
+}
+
 #[inline]
 fn pack_report(used: u32, forwarded_mark: u32) -> u64 {
     (u64::from(used) << 32) | u64::from(forwarded_mark)
@@ -229,13 +399,33 @@ fn unpack_report(word: u64) -> (u64, u32) {
     (word >> 32, word as u32)
 }
 
+/// Time from now until `minute` begins, at least one second (`Retry-After` is in seconds).
+fn until_minute(clock: &Clock, minute: Minute) -> Duration {
+    let at_ms = u64::from(minute) * 60_000;
+    Duration::from_millis(at_ms.saturating_sub(clock.unix_ms())).max(Duration::from_secs(1))
+}
+
 impl IntegrationMeter {
+    /// An integration with no budget of its own (only the org's applies).
     pub fn new(id: IntegrationId, org: Arc<OrgMeter>) -> Self {
         let minutes = org.window.minutes();
         IntegrationMeter {
             id,
             org,
             window: Window::new(minutes),
+            quota: None,
+            rate: None,
+            critical: false,
+        }
+    }
+
+    /// An integration with the budgets of its config.
+    pub fn from_config(cfg: &IntegrationConfig, org: Arc<OrgMeter>) -> Self {
+        IntegrationMeter {
+            quota: cfg.quota,
+            rate: cfg.rate.map(|r| TokenBucket::new(r.per_second, r.burst)),
+            critical: cfg.priority == Priority::Critical,
+            ..Self::new(cfg.id.clone(), org)
         }
     }
 
@@ -249,18 +439,66 @@ impl IntegrationMeter {
 
     /// Decides a call worth `units` counted calls and counts it if it goes ahead.
     ///
-    /// The call is counted here, before it leaves, so that concurrent calls see each other.
+    /// In order: the integration's rate, its quota, then the org's limit (less the reserve for
+    /// non-critical integrations, and one probe per interval while Salesforce refuses calls).
+    /// The call is counted here, before it leaves, so concurrent calls see each other; a budget
+    /// that refuses gives back what the earlier ones took.
     #[inline]
     pub fn decide(&self, units: u32) -> Verdict {
         let minute = self.org.clock.minute();
-        if units > 0 {
+        if units == 0 {
+            return Verdict::Forward(Ticket { units, minute });
+        }
+        if let Some(rate) = &self.rate {
+            if let Err(wait) = rate.take(units, self.org.clock.micros()) {
+                let size = (1_000_000 / rate_interval(rate)).max(1);
+                return Verdict::Limited(Limited {
+                    budget: Budget::Rate,
+                    retry_after: wait,
+                    size,
+                });
+            }
+        }
+        let quota = self.quota_calls();
+        if let Some(quota) = quota {
+            if let Err(used) = self.window.try_add(minute, units, quota) {
+                self.give_back_rate(units);
+                let needed = (used + u64::from(units)).saturating_sub(quota);
+                let retry_after = self
+                    .window
+                    .minutes_until_freed(minute, needed)
+                    .map_or(self.org.probe_interval, |m| {
+                        until_minute(&self.org.clock, minute + m)
+                    });
+                return Verdict::Limited(Limited {
+                    budget: Budget::Quota,
+                    retry_after,
+                    size: quota,
+                });
+            }
+        } else {
             self.window.add(minute, units);
-            self.org.window.add(minute, units);
-            self.org
-                .forwarded
-                .fetch_add(u64::from(units), Ordering::AcqRel);
+        }
+        if let Err(limited) = self.org.try_count(units, minute, self.critical) {
+            self.window.refund(minute, units);
+            self.give_back_rate(units);
+            return Verdict::Limited(limited);
         }
         Verdict::Forward(Ticket { units, minute })
+    }
+
+    fn give_back_rate(&self, units: u32) {
+        if let Some(rate) = &self.rate {
+            rate.give_back(units);
+        }
+    }
+
+    /// The quota in calls; a percentage needs the org's limit, so it applies once that is known.
+    pub fn quota_calls(&self) -> Option<u64> {
+        match self.quota? {
+            Amount::Calls(n) => Some(n),
+            pct @ Amount::Percent(_) => self.org.limit().map(|l| pct.resolve(l)),
+        }
     }
 
     /// Gives back a call that never reached Salesforce.
@@ -454,9 +692,9 @@ mod tests {
         let org = org(DailyLimit::Auto, Duration::from_secs(600));
         let a = IntegrationMeter::new(id("a"), org.clone());
         let b = IntegrationMeter::new(id("b"), org.clone());
-        let Verdict::Forward(_) = a.decide(1);
-        let Verdict::Forward(_) = b.decide(25);
-        let Verdict::Forward(_) = b.decide(0);
+        let _ = forwarded(a.decide(1));
+        let _ = forwarded(b.decide(25));
+        let _ = forwarded(b.decide(0));
         assert_eq!((a.window_count(), b.window_count()), (1, 25));
         assert_eq!(org.used(), 26, "no report yet: the proxy's own count");
         assert_eq!(org.limit(), None);
@@ -468,12 +706,12 @@ mod tests {
     async fn estimate_is_report_plus_calls_since() {
         let org = org(DailyLimit::Auto, Duration::from_secs(86_400));
         let a = IntegrationMeter::new(id("a"), org.clone());
-        let Verdict::Forward(_) = a.decide(1);
+        let _ = forwarded(a.decide(1));
         // Salesforce saw 500 calls (the other 499 were made outside the proxy).
         org.observe_report(report(500, 15_000));
         assert_eq!(org.used(), 500);
         assert_eq!(org.limit(), Some(15_000));
-        let Verdict::Forward(_) = a.decide(3);
+        let _ = forwarded(a.decide(3));
         assert_eq!(org.used(), 503);
         // A response of a call sent before the report arrives late with an older figure.
         org.observe_report(report(499, 15_000));
@@ -492,7 +730,7 @@ mod tests {
         let org = org(DailyLimit::Calls(1_000), Duration::from_secs(86_400));
         let a = IntegrationMeter::new(id("a"), org.clone());
         org.observe_report(report(10, 5_000));
-        let Verdict::Forward(ticket) = a.decide(2);
+        let ticket = forwarded(a.decide(2));
         assert_eq!(org.used(), 12);
         a.refund(ticket);
         assert_eq!((a.window_count(), org.used()), (0, 10));
@@ -513,5 +751,164 @@ mod tests {
         tokio::time::advance(REPORT_AUTHORITY).await;
         org.observe_report(report(14_990, 15_000));
         assert!(!org.is_exhausted());
+    }
+
+    /// An org and its integrations from TOML snippets (paused time: the clock starts now).
+    fn setup(org_extra: &str, integrations: &str) -> (Arc<OrgMeter>, Vec<IntegrationMeter>) {
+        let toml = format!(
+            "[[listener]]\nname = \"main\"\nlisten = \"127.0.0.1:0\"\n[[org]]\nid = \"acme\"\n\
+             instance_url = \"https://acme.my.salesforce.com\"\n{org_extra}\n{integrations}"
+        );
+        let cfg =
+            crate::config::parse(&toml, std::path::Path::new("test.toml")).expect("test config");
+        let org = Arc::new(OrgMeter::new(&cfg.orgs[0], Clock::new()));
+        let meters = cfg
+            .integrations
+            .iter()
+            .map(|i| IntegrationMeter::from_config(i, org.clone()))
+            .collect();
+        (org, meters)
+    }
+
+    fn integration(id: &str, extra: &str) -> String {
+        format!("[[integration]]\nid = \"{id}\"\norg = \"acme\"\nmatch = {{ path_prefix = \"/{id}\" }}\n{extra}\n")
+    }
+
+    #[track_caller]
+    fn limited(v: Verdict) -> Limited {
+        match v {
+            Verdict::Limited(l) => l,
+            Verdict::Forward(t) => panic!("expected a limit, got forwarded {t:?}"),
+        }
+    }
+
+    #[track_caller]
+    fn forwarded(v: Verdict) -> Ticket {
+        match v {
+            Verdict::Forward(t) => t,
+            Verdict::Limited(l) => panic!("expected forwarding, got {l:?}"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn quota_holds_until_the_oldest_calls_age_out() {
+        let (_, m) = setup("window = \"60m\"", &integration("a", "quota = 3"));
+        let a = &m[0];
+        let _ = forwarded(a.decide(2));
+        tokio::time::advance(Duration::from_secs(10 * 60)).await;
+        let _ = forwarded(a.decide(1));
+        let l = limited(a.decide(1));
+        assert_eq!((l.budget, l.size), (Budget::Quota, 3));
+        // The two first calls leave the 60-minute window 50 minutes from now (at the start of
+        // their minute + 60), so that is when one more fits. Minute boundaries: the clock did
+        // not start on one, so allow the partial minute.
+        assert!(
+            l.retry_after > Duration::from_secs(49 * 60)
+                && l.retry_after <= Duration::from_secs(50 * 60),
+            "{l:?}"
+        );
+        tokio::time::advance(l.retry_after).await;
+        let _ = forwarded(a.decide(1));
+        assert_eq!(a.window_count(), 2, "1 from minute 10 and the new one");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn quota_in_percent_applies_once_the_limit_is_known() {
+        let (org, m) = setup("", &integration("a", "quota = \"1%\""));
+        let _ = forwarded(m[0].decide(5)); // limit unknown: no quota yet
+        org.observe_report(report(5, 1_000));
+        let _ = forwarded(m[0].decide(5));
+        assert_eq!(limited(m[0].decide(1)).size, 10);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rate_refills_one_token_per_interval() {
+        let (_, m) = setup(
+            "",
+            &integration("a", "rate = { per_second = 2, burst = 2 }"),
+        );
+        let _ = forwarded(m[0].decide(1));
+        let _ = forwarded(m[0].decide(1));
+        let l = limited(m[0].decide(1));
+        assert_eq!(
+            (l.budget, l.retry_after),
+            (Budget::Rate, Duration::from_millis(500))
+        );
+        tokio::time::advance(Duration::from_millis(500)).await;
+        let _ = forwarded(m[0].decide(1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_reserve_is_for_critical_integrations_only() {
+        let ints = integration("bulk", "") + &integration("billing", "priority = \"critical\"");
+        let (org, m) = setup("daily_limit = 100\nreserve = 10", &ints);
+        let _ = forwarded(m[0].decide(90));
+        let l = limited(m[0].decide(1));
+        assert_eq!((l.budget, l.size), (Budget::Reserve, 90));
+        let _ = forwarded(m[1].decide(10));
+        let l = limited(m[1].decide(1));
+        assert_eq!((l.budget, l.size), (Budget::OrgLimit, 100));
+        assert_eq!(org.used(), 100);
+        // A refused call gave back what it took: nothing counted twice.
+        assert_eq!(m[0].window_count() + m[1].window_count(), 100);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_org_limit_counts_calls_made_outside_the_proxy() {
+        let (org, m) = setup("daily_limit = \"auto\"", &integration("a", ""));
+        let _ = forwarded(m[0].decide(1));
+        org.observe_report(report(998, 1_000)); // 997 calls by others
+        let _ = forwarded(m[0].decide(2));
+        let l = limited(m[0].decide(1));
+        assert_eq!(l.budget, Budget::OrgLimit);
+        // The proxy's own calls age out in 24 h; the probe interval (5 m) is sooner.
+        assert_eq!(l.retry_after, Duration::from_secs(300));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_exhausted_org_lets_one_probe_through_per_interval() {
+        let (org, m) = setup("probe_interval = \"1m\"", &integration("a", ""));
+        org.observe_exhausted();
+        let l = limited(m[0].decide(1));
+        assert_eq!(
+            (l.budget, l.retry_after),
+            (Budget::Exhausted, Duration::from_secs(60))
+        );
+        tokio::time::advance(Duration::from_secs(60)).await;
+        let _ = forwarded(m[0].decide(1)); // the probe
+        assert_eq!(limited(m[0].decide(1)).budget, Budget::Exhausted);
+        // The probe's answer shows budget: calls flow again.
+        org.observe_report(report(10, 15_000));
+        let _ = forwarded(m[0].decide(1));
+    }
+
+    #[test]
+    fn concurrent_callers_never_overshoot_the_org_limit() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("runtime");
+        let _guard = rt.enter();
+        let (org, m) = setup("daily_limit = 1000", &integration("a", ""));
+        org.observe_report(report(0, 1_000));
+        let a = Arc::new(m.into_iter().next().expect("integration"));
+        let ok = Arc::new(AtomicU64::new(0));
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let (a, ok) = (a.clone(), ok.clone());
+                std::thread::spawn(move || {
+                    for _ in 0..600 {
+                        if let Verdict::Forward(_) = a.decide(1) {
+                            ok.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().expect("thread");
+        }
+        assert_eq!(ok.load(Ordering::Relaxed), 1_000);
+        assert_eq!(org.used(), 1_000);
     }
 }

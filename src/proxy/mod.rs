@@ -17,6 +17,7 @@ mod forward;
 mod headers;
 mod listener;
 mod observe;
+mod reject;
 mod route;
 
 use std::net::SocketAddr;
@@ -124,7 +125,20 @@ async fn proxy(
     let api = kind.api();
 
     // 3. decide
-    let Verdict::Forward(ticket) = route.meter.decide(units);
+    let ticket = match route.meter.decide(units) {
+        Verdict::Forward(ticket) => ticket,
+        Verdict::Limited(limited) => {
+            route
+                .metrics
+                .record(api, Outcome::Rejected, started.elapsed());
+            tracing::debug!(
+                integration = route.id(),
+                budget = limited.budget.as_str(),
+                "call held back"
+            );
+            return Ok(reject::response(&limited, &route, api));
+        }
+    };
 
     // 4. forward
     let public_base = kind.is_login().then(|| public_base(ctx, &parts, &route));

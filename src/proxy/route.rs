@@ -30,6 +30,8 @@ pub struct Route {
     /// The integration is recognised by its Host name: login URLs keep the request's Host
     /// (not the listener's public host), or the client would lose its attribution.
     pub keep_host: bool,
+    /// How held-back calls are answered.
+    pub reject_style: crate::config::RejectStyle,
 }
 
 impl Route {

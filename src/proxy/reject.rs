@@ -1,0 +1,110 @@
+//! The answer to a call the meter held back: shaped the way Salesforce answers at its own
+//! limit, so integrations' existing handling works, plus the `Retry-After` Salesforce never
+//! sends.
+//!
+//! REST calls get 403 `[{"message":…,"errorCode":"REQUEST_LIMIT_EXCEEDED"}]`, SOAP calls an HTTP
+//! 500 SOAP fault `sf:REQUEST_LIMIT_EXCEEDED`. An integration with `reject_style = "http429"`
+//! gets 429 with `Retry-After` and the IETF `RateLimit-Policy` / `RateLimit` headers instead.
+
+use std::time::Duration;
+
+use http::{header, HeaderName, HeaderValue, Response, StatusCode};
+
+use super::body::ResponseBody;
+use super::Route;
+use crate::config::RejectStyle;
+use crate::meter::{Budget, Limited};
+use crate::salesforce::{self, Api};
+
+const LIMIT_CODE: &str = "REQUEST_LIMIT_EXCEEDED";
+const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+
+/// Whole seconds to wait, rounded up (a client retrying early would only be refused again).
+pub fn retry_after_secs(wait: Duration) -> u64 {
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    secs.max(1)
+}
+
+/// What the message says about the budget.
+fn describe(limited: &Limited, route: &Route) -> String {
+    let integration = route.id();
+    let org = route.org.meter.id();
+    let window = humantime::format_duration(route.org.meter.window_length());
+    match limited.budget {
+        Budget::Rate => format!("integration \"{integration}\" is over its rate of {} calls per second", limited.size),
+        Budget::Quota => format!("integration \"{integration}\" has used its quota of {} calls per {window}", limited.size),
+        Budget::Reserve => format!(
+            "org \"{org}\" has used {} calls, its limit less the reserve kept for critical integrations",
+            limited.size
+        ),
+        Budget::OrgLimit => format!("org \"{org}\" has reached its limit of {} calls per {window}", limited.size),
+        Budget::Exhausted => format!(
+            "Salesforce refuses calls for org \"{org}\" (REQUEST_LIMIT_EXCEEDED); one call per probe interval is let through to see whether budget is back"
+        ),
+    }
+}
+
+/// The response for a held-back call.
+pub fn response(limited: &Limited, route: &Route, api: Api) -> Response<ResponseBody> {
+    let secs = retry_after_secs(limited.retry_after);
+    let message = format!(
+        "callmeter: {}; retry after {secs} s",
+        describe(limited, route)
+    );
+    let mut resp = match (route.reject_style, api) {
+        (RejectStyle::Http429, _) => {
+            let mut r = json(StatusCode::TOO_MANY_REQUESTS, &message);
+            let window = match limited.budget {
+                Budget::Rate => 1,
+                _ => route.org.meter.window_length().as_secs(),
+            };
+            let policy = format!(
+                "\"{}\";q={};w={window}",
+                limited.budget.as_str(),
+                limited.size
+            );
+            let state = format!("\"{}\";r=0;t={secs}", limited.budget.as_str());
+            if let (Ok(p), Ok(s)) = (
+                HeaderValue::from_str(&policy),
+                HeaderValue::from_str(&state),
+            ) {
+                r.headers_mut().insert(RATELIMIT_POLICY, p);
+                r.headers_mut().insert(RATELIMIT, s);
+            }
+            r
+        }
+        (RejectStyle::Salesforce, Api::Soap) => {
+            let body =
+                salesforce::soap_fault_body("sf:REQUEST_LIMIT_EXCEEDED", &message, LIMIT_CODE);
+            let mut r = Response::new(ResponseBody::full(body));
+            *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/xml;charset=UTF-8"),
+            );
+            r
+        }
+        (RejectStyle::Salesforce, _) => json(StatusCode::FORBIDDEN, &message),
+    };
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    resp
+}
+
+fn json(status: StatusCode, message: &str) -> Response<ResponseBody> {
+    super::error::json_error(status, message, LIMIT_CODE)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_rounds_up_to_whole_seconds() {
+        assert_eq!(retry_after_secs(Duration::from_millis(1)), 1);
+        assert_eq!(retry_after_secs(Duration::from_millis(1_001)), 2);
+        assert_eq!(retry_after_secs(Duration::from_secs(60)), 60);
+        assert_eq!(retry_after_secs(Duration::ZERO), 1);
+    }
+}

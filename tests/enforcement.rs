@@ -1,0 +1,125 @@
+//! End-to-end enforcement: budgets hold exactly under concurrency, and held-back calls are
+//! answered the way Salesforce answers at its own limit.
+
+mod common;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use callmeter::sim::SimOptions;
+use common::*;
+use http::{Method, StatusCode};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn budget_of_1000_under_256_connections_forwards_exactly_1000() {
+    let env = Arc::new(
+        start(
+            SimOptions { limit: 1_000_000, ..Default::default() },
+            "",
+            "[[integration]]\nid = \"a\"\norg = \"acme\"\nmatch = { path_prefix = \"/a\" }\nquota = 1000\n",
+        )
+        .await,
+    );
+    let (ok, limited) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let mut tasks = Vec::new();
+    for _ in 0..256 {
+        let (env, ok, limited) = (env.clone(), ok.clone(), limited.clone());
+        // Each task is one connection's worth of sequential calls.
+        tasks.push(tokio::spawn(async move {
+            let http = Http::new();
+            for _ in 0..6 {
+                let (status, _, _) = http
+                    .get(
+                        &format!("{}/a/services/data/v62.0/sobjects", env.proxy),
+                        &[],
+                    )
+                    .await;
+                match status {
+                    StatusCode::OK => ok.fetch_add(1, Ordering::Relaxed),
+                    StatusCode::FORBIDDEN => limited.fetch_add(1, Ordering::Relaxed),
+                    other => panic!("unexpected {other}"),
+                };
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("task");
+    }
+    assert_eq!(ok.load(Ordering::Relaxed), 1_000);
+    assert_eq!(limited.load(Ordering::Relaxed), 256 * 6 - 1_000);
+    assert_eq!(
+        env.sim_count().await["used"],
+        1_000,
+        "Salesforce saw exactly the budget"
+    );
+    assert_eq!(env.window("a").await, 1_000);
+    let metrics = env.metrics().await;
+    assert!(metrics.contains(r#"callmeter_requests_total{api="rest",integration="a",org="acme",outcome="rejected"} 536"#), "{metrics}");
+}
+
+#[tokio::test]
+async fn rejections_look_like_salesforce_with_retry_after() {
+    let env = start(
+        SimOptions::default(),
+        r#"daily_limit = 100
+reserve = 10
+probe_interval = "5m""#,
+        "[[integration]]\nid = \"a\"\norg = \"acme\"\nmatch = { path_prefix = \"/a\" }\nquota = 2\n\
+         [[integration]]\nid = \"b\"\norg = \"acme\"\nmatch = { path_prefix = \"/b\" }\nreject_style = \"http429\"\nrate = { per_second = 1, burst = 1 }\n",
+    )
+    .await;
+    let rest = format!("{}/a/services/data/v62.0/sobjects", env.proxy);
+    for _ in 0..2 {
+        assert_eq!(env.http.get(&rest, &[]).await.0, StatusCode::OK);
+    }
+    // REST: 403 REQUEST_LIMIT_EXCEEDED, saying which budget and when to retry.
+    let (status, headers, body) = env.http.get(&rest, &[]).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let err: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
+    assert_eq!(err[0]["errorCode"], "REQUEST_LIMIT_EXCEEDED");
+    let message = err[0]["message"].as_str().expect("message");
+    assert!(message.contains("quota of 2 calls per 1day"), "{message}");
+    let retry: u64 = headers["retry-after"]
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("seconds");
+    // The quota frees when the first calls leave the 24 h window: within a minute of 24 h.
+    assert!((86_340..=86_400).contains(&retry), "Retry-After {retry}");
+    assert!(
+        message.contains(&format!("retry after {retry} s")),
+        "{message}"
+    );
+
+    // SOAP: HTTP 500 SOAP fault sf:REQUEST_LIMIT_EXCEEDED.
+    let (status, headers, body) = env
+        .http
+        .send(
+            Method::POST,
+            &format!("{}/a/services/Soap/u/62.0/00D000000000001AAA", env.proxy),
+            &soap_headers("query"),
+            SOAP_QUERY,
+        )
+        .await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+    let text = String::from_utf8_lossy(&body);
+    assert!(
+        text.contains("<faultcode>sf:REQUEST_LIMIT_EXCEEDED</faultcode>"),
+        "{text}"
+    );
+    assert!(headers.contains_key("retry-after"));
+
+    // 429 style, rate budget: Retry-After of the next token, RateLimit headers.
+    let other = format!("{}/b/services/data/v62.0/sobjects", env.proxy);
+    assert_eq!(env.http.get(&other, &[]).await.0, StatusCode::OK);
+    let (status, headers, _) = env.http.get(&other, &[]).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(headers["retry-after"], "1");
+    assert_eq!(headers["ratelimit-policy"], r#""rate";q=1;w=1"#);
+    assert_eq!(headers["ratelimit"], r#""rate";r=0;t=1"#);
+    assert_eq!(
+        env.sim_count().await["used"],
+        3,
+        "nothing held back reached Salesforce"
+    );
+}
