@@ -16,12 +16,13 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::admin::Admin;
-use crate::config::{Config, MatchRule, OrgId};
+use crate::config::{Config, MatchRule, OnLimit, OrgId};
 use crate::meter::{Clock, IntegrationMeter, Meter, OrgMeter};
 use crate::metrics::Metrics;
 use crate::proxy::{
     self, ConnLimits, ListenerContext, OrgRoute, Route, RouteTable, TlsSetup, Upstream,
 };
+use crate::queue::WaitQueue;
 use crate::salesforce::CountingRules;
 
 /// How long a client may take to send its request head before the connection is closed.
@@ -89,6 +90,7 @@ pub async fn start(config: &Config) -> Result<Server, StartError> {
     }
     let org_route = |id: &OrgId| orgs.iter().find(|(o, _)| o == id).map(|(_, r)| r.clone());
 
+    let (stop, _) = watch::channel(false);
     let mut routes: Vec<(Arc<Route>, &MatchRule)> = Vec::new();
     for i in &config.integrations {
         // Validation guarantees the org exists.
@@ -100,7 +102,7 @@ pub async fn start(config: &Config) -> Result<Server, StartError> {
         let route = Route {
             metrics: metrics.integration(i.org.as_str(), i.id.as_str()),
             org,
-            meter: im,
+            meter: im.clone(),
             path_prefix: i.matcher.path_prefix.as_deref().map(Into::into),
             call_options: if i.call_options_client {
                 proxy::call_options_value(i.id.as_str())
@@ -109,12 +111,19 @@ pub async fn start(config: &Config) -> Result<Server, StartError> {
             },
             keep_host: i.matcher.host.is_some(),
             reject_style: i.reject_style,
+            queue: (i.on_limit == OnLimit::Queue).then(|| {
+                WaitQueue::new(
+                    im.clone(),
+                    i.queue.max_depth,
+                    i.queue.max_wait,
+                    stop.subscribe(),
+                )
+            }),
         };
         routes.push((Arc::new(route), &i.matcher));
     }
     let meter = Arc::new(meter);
 
-    let (stop, _) = watch::channel(false);
     let mut tasks = JoinSet::new();
     let grace = config.proxy.shutdown_grace;
     let limits = ConnLimits {
@@ -228,16 +237,15 @@ pub async fn start(config: &Config) -> Result<Server, StartError> {
     })
 }
 
-/// `on_limit = "queue"` and `"defer"` are validated, but this version answers every held-back
-/// call at once; say so rather than let an admin believe calls are being kept.
+/// `on_limit = "defer"` is validated, but this version answers such held-back calls at once;
+/// say so rather than let an admin believe calls are being kept.
 fn warn_unenforced(config: &Config) {
-    use crate::config::OnLimit;
     for i in &config.integrations {
-        if i.on_limit != OnLimit::Reject {
+        if i.on_limit == OnLimit::Defer {
             tracing::warn!(
                 integration = %i.id,
                 on_limit = i.on_limit.as_str(),
-                "on_limit = \"queue\" / \"defer\" is not available yet: held-back calls are rejected"
+                "on_limit = \"defer\" is not available yet: held-back calls are rejected"
             );
         }
     }

@@ -30,5 +30,6 @@ pub mod logging;
 pub mod meter;
 pub mod metrics;
 pub mod proxy;
+pub mod queue;
 pub mod salesforce;
 pub mod sim;

@@ -65,6 +65,7 @@ pub struct Metrics {
     org_exhausted: IntGaugeVec,
     integration_window: IntGaugeVec,
     integration_quota: IntGaugeVec,
+    queue_depth: IntGaugeVec,
     requests: IntCounterVec,
     duration: HistogramVec,
     unmatched: IntCounterVec,
@@ -118,6 +119,11 @@ impl Metrics {
             integration_quota: gauge(
                 "callmeter_integration_api_calls_quota",
                 "The integration's quota in calls per window (absent if none).",
+                &["org", "integration"],
+            ),
+            queue_depth: gauge(
+                "callmeter_queue_depth",
+                "Calls of the integration waiting for budget (in memory) or deferred (in the store).",
                 &["org", "integration"],
             ),
             requests: counter(
@@ -198,6 +204,9 @@ impl Metrics {
                     .with_label_values(&labels)
                     .set(clamp_i64(i.window));
                 set_or_remove(&self.integration_quota, &labels, i.quota);
+                self.queue_depth
+                    .with_label_values(&labels)
+                    .set(clamp_i64(i.queue_depth));
             }
         }
     }
@@ -311,6 +320,8 @@ mod tests {
                     id: "salesloft".into(),
                     window: 42,
                     quota: None,
+                    queue_depth: 2,
+                    rejections: 0,
                 }],
             }],
         });
@@ -324,5 +335,6 @@ mod tests {
         assert!(text.contains(r#"callmeter_org_api_calls_limit{org="acme"} 15000"#));
         assert!(!text.contains("callmeter_org_api_calls_threshold{"));
         assert!(text.contains(r#"callmeter_build_info{version=""#));
+        assert!(text.contains(r#"callmeter_queue_depth{integration="salesloft",org="acme"} 2"#));
     }
 }

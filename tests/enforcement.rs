@@ -78,7 +78,7 @@ probe_interval = "5m""#,
     let err: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
     assert_eq!(err[0]["errorCode"], "REQUEST_LIMIT_EXCEEDED");
     let message = err[0]["message"].as_str().expect("message");
-    assert!(message.contains("quota of 2 calls per 1day"), "{message}");
+    assert!(message.contains("quota of 2 calls per 24h"), "{message}");
     let retry: u64 = headers["retry-after"]
         .to_str()
         .expect("ascii")
@@ -122,4 +122,81 @@ probe_interval = "5m""#,
         3,
         "nothing held back reached Salesforce"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_calls_leave_in_order_and_overflow_or_timeout_is_refused() {
+    let env = Arc::new(
+        start(
+            SimOptions::default(),
+            "",
+            "[[integration]]\nid = \"q\"\norg = \"acme\"\nmatch = { path_prefix = \"/q\" }\n\
+             rate = { per_second = 5, burst = 1 }\non_limit = \"queue\"\nqueue = { max_depth = 3, max_wait = \"5s\" }\n\
+             [[integration]]\nid = \"t\"\norg = \"acme\"\nmatch = { path_prefix = \"/t\" }\nquota = 1\n\
+             on_limit = \"queue\"\nqueue = { max_depth = 3, max_wait = \"300ms\" }\n",
+        )
+        .await,
+    );
+    let url = format!("{}/q/services/data/v62.0/sobjects", env.proxy);
+    assert_eq!(
+        env.http.get(&url, &[]).await.0,
+        StatusCode::OK,
+        "the burst token"
+    );
+
+    // Three calls queue (one token every 200 ms); they must come out in the order they went in.
+    let done = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for n in 0..3 {
+        let (env, url, done) = (env.clone(), url.clone(), done.clone());
+        tasks.push(tokio::spawn(async move {
+            let (status, _, _) = env.http.get(&url, &[]).await;
+            done.lock().expect("lock").push((n, status));
+        }));
+        tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+    }
+    let usage = env.usage().await;
+    assert_eq!(
+        usage["orgs"][0]["integrations"][0]["queue_depth"], 3,
+        "{usage}"
+    );
+    // The queue is full: the next call is refused at once, Salesforce-style.
+    let (status, headers, body) = env.http.get(&url, &[]).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(
+        String::from_utf8_lossy(&body).contains("wait queue is full"),
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    assert!(headers.contains_key("retry-after"));
+    for t in tasks {
+        t.await.expect("task");
+    }
+    let done = done.lock().expect("lock").clone();
+    assert_eq!(
+        done,
+        vec![
+            (0, StatusCode::OK),
+            (1, StatusCode::OK),
+            (2, StatusCode::OK)
+        ]
+    );
+    assert!(env
+        .metrics()
+        .await
+        .contains(r#"integration="q",org="acme",outcome="queued"} 3"#));
+
+    // A call that cannot get budget within max_wait is refused when the wait is over.
+    let url = format!("{}/t/services/data/v62.0/sobjects", env.proxy);
+    assert_eq!(env.http.get(&url, &[]).await.0, StatusCode::OK);
+    let started = std::time::Instant::now();
+    let (status, _, body) = env.http.get(&url, &[]).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(started.elapsed() >= std::time::Duration::from_millis(300));
+    let text = String::from_utf8_lossy(&body);
+    assert!(
+        text.contains("in the queue for budget") && text.contains("quota of 1 calls"),
+        "{text}"
+    );
+    assert_eq!(env.sim_count().await["used"], 5);
 }

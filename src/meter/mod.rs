@@ -118,6 +118,10 @@ pub struct OrgMeter {
     probe_interval: Duration,
     /// Clock microseconds before which no probe is let through.
     next_probe_us: AtomicU64,
+    /// Wakes wait queues when budget may have come back sooner than the clock says (a refund,
+    /// a lower report, the end of exhaustion). Only signalled while someone waits.
+    budget_freed: tokio::sync::Notify,
+    waiting: std::sync::atomic::AtomicUsize,
     clock: Clock,
 }
 
@@ -130,6 +134,9 @@ pub struct IntegrationMeter {
     quota: Option<Amount>,
     rate: Option<TokenBucket>,
     critical: bool,
+    /// Calls held back (rejected, or that waited) and calls waiting now, for reporting.
+    rejected: AtomicU64,
+    queued: std::sync::atomic::AtomicUsize,
 }
 
 /// A read-only view of an org's usage, for the admin API and metrics.
@@ -166,6 +173,8 @@ impl OrgMeter {
             reserve: cfg.reserve,
             probe_interval: cfg.probe_interval,
             next_probe_us: AtomicU64::new(0),
+            budget_freed: tokio::sync::Notify::new(),
+            waiting: Default::default(),
             clock,
         }
     }
@@ -245,6 +254,7 @@ impl OrgMeter {
         if report.used < report.limit {
             self.exhausted.store(false, Ordering::Relaxed);
         }
+        self.signal_freed();
     }
 
     /// Salesforce refused a call for the org's daily limit.
@@ -259,6 +269,7 @@ impl OrgMeter {
     pub fn observe_success(&self) {
         if self.exhausted.load(Ordering::Relaxed) {
             self.exhausted.store(false, Ordering::Relaxed);
+            self.signal_freed();
         }
     }
 
@@ -365,6 +376,26 @@ impl OrgMeter {
         }
     }
 
+    /// Registers interest in budget coming back; pair with `budget_freed` and `unwatch`.
+    pub fn watch(&self) {
+        self.waiting.fetch_add(1, Ordering::AcqRel);
+    }
+
+    pub fn unwatch(&self) {
+        self.waiting.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Resolves at the next budget change (see `watch`).
+    pub fn budget_freed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.budget_freed.notified()
+    }
+
+    fn signal_freed(&self) {
+        if self.waiting.load(Ordering::Acquire) > 0 {
+            self.budget_freed.notify_waiters();
+        }
+    }
+
     pub fn is_exhausted(&self) -> bool {
         self.exhausted.load(Ordering::Relaxed)
     }
@@ -416,6 +447,8 @@ impl IntegrationMeter {
             quota: None,
             rate: None,
             critical: false,
+            rejected: AtomicU64::new(0),
+            queued: Default::default(),
         }
     }
 
@@ -501,6 +534,16 @@ impl IntegrationMeter {
         }
     }
 
+    /// A call of this integration was answered with a limit (reject, queue overflow, timeout).
+    pub fn note_rejected(&self) {
+        self.rejected.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Set by the integration's wait queue.
+    pub fn set_queue_depth(&self, depth: usize) {
+        self.queued.store(depth, Ordering::Relaxed);
+    }
+
     /// Gives back a call that never reached Salesforce.
     pub fn refund(&self, ticket: Ticket) {
         if ticket.units == 0 {
@@ -511,6 +554,7 @@ impl IntegrationMeter {
         self.org
             .forwarded
             .fetch_sub(u64::from(ticket.units), Ordering::AcqRel);
+        self.org.signal_freed();
     }
 
     /// Counted calls of this integration within the window.
@@ -585,6 +629,10 @@ pub struct IntegrationReport {
     pub window: u64,
     /// Quota in calls per window, if any.
     pub quota: Option<u64>,
+    /// Calls waiting in the integration's queue now.
+    pub queue_depth: u64,
+    /// Calls answered with a limit since start.
+    pub rejections: u64,
 }
 
 impl Meter {
@@ -645,6 +693,8 @@ impl Meter {
                             id: m.id().to_string(),
                             window: m.window_count(),
                             quota: quota.as_ref().and_then(resolve),
+                            queue_depth: m.queued.load(Ordering::Relaxed) as u64,
+                            rejections: m.rejected.load(Ordering::Relaxed),
                         })
                         .collect(),
                 }

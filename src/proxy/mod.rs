@@ -33,9 +33,9 @@ pub use forward::{Upstream, UpstreamSetupError};
 pub use listener::{serve_listener, ConnLimits, ListenerSetupError, TlsSetup};
 pub use route::{Route, RouteTable};
 
-use crate::meter::{OrgMeter, Verdict};
+use crate::meter::{OrgMeter, Ticket, Verdict};
 use crate::metrics::{Metrics, OrgMetrics, Outcome};
-use crate::salesforce::{self, CallKind, CountingRules};
+use crate::salesforce::{self, Api, CallKind, CountingRules};
 use body::RequestBody;
 use headers::ClientInfo;
 
@@ -125,18 +125,14 @@ async fn proxy(
     let api = kind.api();
 
     // 3. decide
-    let ticket = match route.meter.decide(units) {
-        Verdict::Forward(ticket) => ticket,
-        Verdict::Limited(limited) => {
+    let (ticket, admitted) = match admit(&route, api, units).await {
+        Ok(admitted) => admitted,
+        Err(resp) => {
+            route.meter.note_rejected();
             route
                 .metrics
                 .record(api, Outcome::Rejected, started.elapsed());
-            tracing::debug!(
-                integration = route.id(),
-                budget = limited.budget.as_str(),
-                "call held back"
-            );
-            return Ok(reject::response(&limited, &route, api));
+            return Ok(resp);
         }
     };
 
@@ -185,9 +181,7 @@ async fn proxy(
 
     // 7. respond, record
     headers::to_client(&mut parts.headers);
-    route
-        .metrics
-        .record(api, Outcome::Forwarded, started.elapsed());
+    route.metrics.record(api, admitted, started.elapsed());
     tracing::debug!(
         integration = route.id(),
         api = api.as_str(),
@@ -196,6 +190,34 @@ async fn proxy(
         "forwarded"
     );
     Ok(Response::from_parts(parts, body))
+}
+
+/// Step 3: the meter's verdict, and for a limited call the integration's `on_limit`. Returns
+/// the ticket and whether the call went straight through (`Forwarded`) or waited (`Queued`).
+async fn admit(
+    route: &Route,
+    api: Api,
+    units: u32,
+) -> Result<(Ticket, Outcome), Response<ResponseBody>> {
+    let Some(queue) = route.queue.as_ref().filter(|_| units > 0) else {
+        return match route.meter.decide(units) {
+            Verdict::Forward(ticket) => Ok((ticket, Outcome::Forwarded)),
+            Verdict::Limited(limited) => Err(reject::response(&limited, route, api)),
+        };
+    };
+    // While calls wait, a new one queues behind them rather than overtaking.
+    let limited = if queue.is_busy() {
+        None
+    } else {
+        match route.meter.decide(units) {
+            Verdict::Forward(ticket) => return Ok((ticket, Outcome::Forwarded)),
+            Verdict::Limited(limited) => Some(limited),
+        }
+    };
+    match queue.wait(units, limited).await {
+        Ok(ticket) => Ok((ticket, Outcome::Queued)),
+        Err(err) => Err(reject::queue_response(&err, route, api)),
+    }
 }
 
 /// The path and query to send upstream: the request's, less the integration's path prefix.

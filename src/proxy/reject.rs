@@ -14,6 +14,7 @@ use super::body::ResponseBody;
 use super::Route;
 use crate::config::RejectStyle;
 use crate::meter::{Budget, Limited};
+use crate::queue::QueueError;
 use crate::salesforce::{self, Api};
 
 const LIMIT_CODE: &str = "REQUEST_LIMIT_EXCEEDED";
@@ -30,7 +31,7 @@ pub fn retry_after_secs(wait: Duration) -> u64 {
 fn describe(limited: &Limited, route: &Route) -> String {
     let integration = route.id();
     let org = route.org.meter.id();
-    let window = humantime::format_duration(route.org.meter.window_length());
+    let window = window_text(route.org.meter.window_length());
     match limited.budget {
         Budget::Rate => format!("integration \"{integration}\" is over its rate of {} calls per second", limited.size),
         Budget::Quota => format!("integration \"{integration}\" has used its quota of {} calls per {window}", limited.size),
@@ -45,32 +46,81 @@ fn describe(limited: &Limited, route: &Route) -> String {
     }
 }
 
+/// "24h", "10m": how admins write windows (humantime would say "1day").
+fn window_text(window: Duration) -> String {
+    let secs = window.as_secs();
+    match secs {
+        s if s % 3600 == 0 => format!("{}h", s / 3600),
+        s if s % 60 == 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
+}
+
 /// The response for a held-back call.
 pub fn response(limited: &Limited, route: &Route, api: Api) -> Response<ResponseBody> {
-    let secs = retry_after_secs(limited.retry_after);
-    let message = format!(
-        "callmeter: {}; retry after {secs} s",
-        describe(limited, route)
-    );
+    limit_response(
+        route,
+        api,
+        &describe(limited, route),
+        Some(limited),
+        limited.retry_after,
+    )
+}
+
+/// The response for a call that waited in the queue and could not be forwarded.
+pub fn queue_response(err: &QueueError, route: &Route, api: Api) -> Response<ResponseBody> {
+    match err {
+        QueueError::ShuttingDown => {
+            let mut r = super::error::json_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "callmeter: the proxy is shutting down and did not send this call; retry after 5 s",
+                "SERVER_UNAVAILABLE",
+            );
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(5u32));
+            r
+        }
+        QueueError::Full { limited, .. } | QueueError::TimedOut { limited, .. } => {
+            let what = match limited {
+                Some(l) => format!("{err}: {}", describe(l, route)),
+                None => format!("integration \"{}\": {err}", route.id()),
+            };
+            let wait = limited.map_or(Duration::from_secs(1), |l| l.retry_after);
+            limit_response(route, api, &what, limited.as_ref(), wait)
+        }
+    }
+}
+
+fn limit_response(
+    route: &Route,
+    api: Api,
+    what: &str,
+    limited: Option<&Limited>,
+    wait: Duration,
+) -> Response<ResponseBody> {
+    let secs = retry_after_secs(wait);
+    let message = format!("callmeter: {what}; retry after {secs} s");
     let mut resp = match (route.reject_style, api) {
         (RejectStyle::Http429, _) => {
             let mut r = json(StatusCode::TOO_MANY_REQUESTS, &message);
-            let window = match limited.budget {
-                Budget::Rate => 1,
-                _ => route.org.meter.window_length().as_secs(),
-            };
-            let policy = format!(
-                "\"{}\";q={};w={window}",
-                limited.budget.as_str(),
-                limited.size
-            );
-            let state = format!("\"{}\";r=0;t={secs}", limited.budget.as_str());
-            if let (Ok(p), Ok(s)) = (
-                HeaderValue::from_str(&policy),
-                HeaderValue::from_str(&state),
-            ) {
-                r.headers_mut().insert(RATELIMIT_POLICY, p);
-                r.headers_mut().insert(RATELIMIT, s);
+            if let Some(limited) = limited {
+                let window = match limited.budget {
+                    Budget::Rate => 1,
+                    _ => route.org.meter.window_length().as_secs(),
+                };
+                let policy = format!(
+                    "\"{}\";q={};w={window}",
+                    limited.budget.as_str(),
+                    limited.size
+                );
+                let state = format!("\"{}\";r=0;t={secs}", limited.budget.as_str());
+                if let (Ok(p), Ok(s)) = (
+                    HeaderValue::from_str(&policy),
+                    HeaderValue::from_str(&state),
+                ) {
+                    r.headers_mut().insert(RATELIMIT_POLICY, p);
+                    r.headers_mut().insert(RATELIMIT, s);
+                }
             }
             r
         }

@@ -32,6 +32,8 @@ pub struct Route {
     pub keep_host: bool,
     /// How held-back calls are answered.
     pub reject_style: crate::config::RejectStyle,
+    /// Where calls wait for budget when `on_limit = "queue"`.
+    pub queue: Option<Arc<crate::queue::WaitQueue>>,
 }
 
 impl Route {
