@@ -17,13 +17,14 @@ use tokio::task::JoinSet;
 
 use crate::admin::Admin;
 use crate::config::{Config, MatchRule, OnLimit, OrgId};
-use crate::meter::{Clock, IntegrationMeter, Meter, OrgMeter};
+use crate::meter::{persist, Clock, IntegrationMeter, Meter, OrgMeter};
 use crate::metrics::Metrics;
 use crate::proxy::{
     self, ConnLimits, ListenerContext, OrgRoute, Route, RouteTable, TlsSetup, Upstream,
 };
 use crate::queue::WaitQueue;
 use crate::salesforce::CountingRules;
+use crate::store::Store;
 
 /// How long a client may take to send its request head before the connection is closed.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
@@ -39,6 +40,8 @@ pub enum StartError {
     },
     #[error(transparent)]
     Upstream(#[from] proxy::UpstreamSetupError),
+    #[error("store: {0}")]
+    Store(#[from] crate::store::StoreError),
     #[error("listener \"{name}\": {source}")]
     Tls {
         name: String,
@@ -121,6 +124,14 @@ pub async fn start(config: &Config) -> Result<Server, StartError> {
             }),
         };
         routes.push((Arc::new(route), &i.matcher));
+    }
+    let store = open_store(&config.store.path).await?;
+    let restored = persist::restore(&meter, &store).await?;
+    if restored > 0 {
+        tracing::info!(
+            calls = restored,
+            "restored the rolling windows saved before the restart"
+        );
     }
     let meter = Arc::new(meter);
 
@@ -225,6 +236,7 @@ pub async fn start(config: &Config) -> Result<Server, StartError> {
         grace,
     ));
     tracing::info!(addr = %admin_addr, "admin listening (/metrics, /healthz, /readyz, /api/v1/usage)");
+    tasks.spawn(persist::run(meter.clone(), store.clone(), stop.subscribe()));
     admin.ready.store(true, Ordering::Relaxed);
 
     Ok(Server {
@@ -249,6 +261,21 @@ fn warn_unenforced(config: &Config) {
             );
         }
     }
+}
+
+/// Opens the embedded database (`":memory:"`: nothing is kept across restarts).
+async fn open_store(path: &std::path::Path) -> Result<Arc<Store>, StartError> {
+    let path = path.to_owned();
+    let store = tokio::task::spawn_blocking(move || {
+        if path.as_os_str() == ":memory:" {
+            Store::open_in_memory()
+        } else {
+            Store::open(&path)
+        }
+    })
+    .await
+    .map_err(|e| crate::store::StoreError::Corrupt(format!("opening the store: {e}")))??;
+    Ok(Arc::new(store))
 }
 
 /// Resolves once `stop` says so.

@@ -135,6 +135,9 @@ fn demo_config(sim_url: &str, listen: SocketAddr, admin: SocketAddr) -> String {
 [admin]
 listen = "{admin}"
 
+[store]
+path = ":memory:"
+
 [[listener]]
 name = "main"
 listen = "{listen}"

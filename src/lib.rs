@@ -33,3 +33,4 @@ pub mod proxy;
 pub mod queue;
 pub mod salesforce;
 pub mod sim;
+pub mod store;

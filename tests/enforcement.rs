@@ -200,3 +200,42 @@ async fn queued_calls_leave_in_order_and_overflow_or_timeout_is_refused() {
     );
     assert_eq!(env.sim_count().await["used"], 5);
 }
+
+#[tokio::test]
+async fn a_restart_keeps_the_window_and_the_budget_decisions() {
+    let sim = callmeter::sim::spawn(SimOptions::default())
+        .await
+        .expect("sim");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let toml = config_text(&sim.url, "", "[[integration]]\nid = \"a\"\norg = \"acme\"\nmatch = { path_prefix = \"/a\" }\nquota = 5\n")
+        .replace("STORE_PATH", &dir.path().join("callmeter.db").display().to_string());
+    let cfg = callmeter::config::parse(&toml, std::path::Path::new("test.toml")).expect("config");
+    let http = Http::new();
+
+    let server = callmeter::app::start(&cfg).await.expect("start");
+    let url = format!(
+        "http://{}/a/services/data/v62.0/sobjects",
+        server.listener("main").expect("main")
+    );
+    for _ in 0..3 {
+        assert_eq!(http.get(&url, &[]).await.0, StatusCode::OK);
+    }
+    server.shutdown().await;
+
+    let server = callmeter::app::start(&cfg).await.expect("restart");
+    let url = format!(
+        "http://{}/a/services/data/v62.0/sobjects",
+        server.listener("main").expect("main")
+    );
+    let admin = format!("http://{}/api/v1/usage", server.admin_addr);
+    let usage: serde_json::Value =
+        serde_json::from_slice(&http.get(&admin, &[]).await.2).expect("JSON");
+    assert_eq!(usage["orgs"][0]["integrations"][0]["window"], 3, "{usage}");
+    assert_eq!(usage["orgs"][0]["proxied"], 3);
+    // Quota 5: two more calls, then the budget is spent, as if there had been no restart.
+    for _ in 0..2 {
+        assert_eq!(http.get(&url, &[]).await.0, StatusCode::OK);
+    }
+    assert_eq!(http.get(&url, &[]).await.0, StatusCode::FORBIDDEN);
+    server.shutdown().await;
+}

@@ -35,10 +35,13 @@ async fn serve(
     env: &[(&str, &str)],
 ) -> (Proc, String, String) {
     let (proxy_port, admin_port) = (free_port(), free_port());
+    let store = dir.join("callmeter.db").display().to_string();
     let toml = format!(
         r#"
 [admin]
 listen = "127.0.0.1:{admin_port}"
+[store]
+path = "{store}"
 [proxy]
 shutdown_grace = "10s"
 [[listener]]

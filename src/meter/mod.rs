@@ -10,6 +10,7 @@
 //! since that report arrived; with no report yet, the proxy's own window count.
 
 mod clock;
+pub mod persist;
 mod rate;
 pub mod window;
 
@@ -376,6 +377,23 @@ impl OrgMeter {
         }
     }
 
+    /// The state worth keeping across a restart besides the windows: `(exhausted, limit
+    /// learned from Salesforce)`.
+    pub fn saved_state(&self) -> (bool, u64) {
+        (
+            self.is_exhausted(),
+            self.reported_limit.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Restores `saved_state` at start-up.
+    pub fn restore_state(&self, exhausted: bool, reported_limit: u64) {
+        self.reported_limit.store(reported_limit, Ordering::Relaxed);
+        if exhausted {
+            self.observe_exhausted();
+        }
+    }
+
     /// Registers interest in budget coming back; pair with `budget_freed` and `unwatch`.
     pub fn watch(&self) {
         self.waiting.fetch_add(1, Ordering::AcqRel);
@@ -596,6 +614,15 @@ struct OrgEntry {
     integrations: Vec<(Arc<IntegrationMeter>, Option<Amount>)>,
 }
 
+/// The per-minute counts of one window, for saving.
+#[derive(Debug, Clone)]
+pub struct WindowCounts {
+    pub org: String,
+    /// `None` for the org's own window.
+    pub integration: Option<String>,
+    pub buckets: Vec<(Minute, u32)>,
+}
+
 /// Usage of every org, as `/api/v1/usage` shows it and `/metrics` exports it.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Usage {
@@ -657,6 +684,60 @@ impl Meter {
         {
             org.integrations.push((meter, quota));
         }
+    }
+
+    /// Every window's per-minute counts.
+    pub fn windows(&self) -> Vec<WindowCounts> {
+        let mut out = Vec::new();
+        for entry in &self.orgs {
+            let now = entry.meter.clock.minute();
+            let org = entry.meter.id.to_string();
+            out.push(WindowCounts {
+                org: org.clone(),
+                integration: None,
+                buckets: entry.meter.window.buckets(now),
+            });
+            for (m, _) in &entry.integrations {
+                let buckets = m.window.buckets(now);
+                out.push(WindowCounts {
+                    org: org.clone(),
+                    integration: Some(m.id.to_string()),
+                    buckets,
+                });
+            }
+        }
+        out
+    }
+
+    /// Puts saved window counts back (at start-up, before any call is counted). Counts of orgs
+    /// or integrations no longer configured are dropped.
+    pub fn restore_window(
+        &self,
+        org: &str,
+        integration: Option<&str>,
+        buckets: &[(Minute, u32)],
+    ) -> bool {
+        let Some(entry) = self.orgs.iter().find(|e| e.meter.id.as_str() == org) else {
+            return false;
+        };
+        let now = entry.meter.clock.minute();
+        match integration {
+            None => {
+                entry.meter.window.restore(now, buckets);
+                let total: u64 = buckets.iter().map(|&(_, c)| u64::from(c)).sum();
+                entry.meter.forwarded.fetch_add(total, Ordering::AcqRel);
+            }
+            Some(id) => match entry.integrations.iter().find(|(m, _)| m.id.as_str() == id) {
+                Some((m, _)) => m.window.restore(now, buckets),
+                None => return false,
+            },
+        }
+        true
+    }
+
+    /// The orgs' meters, for state that is saved apart from the windows.
+    pub fn orgs(&self) -> impl Iterator<Item = &Arc<OrgMeter>> {
+        self.orgs.iter().map(|e| &e.meter)
     }
 
     pub fn usage(&self) -> Usage {

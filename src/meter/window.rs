@@ -228,6 +228,19 @@ impl Window {
         None
     }
 
+    /// Puts back counts saved before a restart; minutes outside the window ending at `now`
+    /// are skipped. Meant for a window that has counted nothing yet.
+    pub fn restore(&self, now: Minute, buckets: &[(Minute, u32)]) {
+        self.advance(now);
+        let len = self.buckets.len() as u32;
+        for &(minute, count) in buckets {
+            if minute <= now && minute + len > now && count > 0 {
+                self.total.fetch_add(u64::from(count), Ordering::AcqRel);
+                self.add_to_bucket(minute, count);
+            }
+        }
+    }
+
     /// Per-minute counts still in the window, oldest first, for snapshots.
     pub fn buckets(&self, now: Minute) -> Vec<(Minute, u32)> {
         self.advance(now);
@@ -259,6 +272,18 @@ mod tests {
         // At T0 + 24 h the 05:00 calls have aged out.
         assert_eq!(w.total(T0 + 1440), 2);
         assert_eq!(w.total(T0 + 18 * 60 + 1440), 0);
+    }
+
+    #[test]
+    fn restore_keeps_only_what_is_still_in_the_window() {
+        let w = Window::new(60);
+        w.restore(
+            T0 + 100,
+            &[(T0, 5), (T0 + 41, 2), (T0 + 99, 3), (T0 + 101, 9)],
+        );
+        assert_eq!(w.total(T0 + 100), 5);
+        assert_eq!(w.buckets(T0 + 100), vec![(T0 + 41, 2), (T0 + 99, 3)]);
+        assert_eq!(w.total(T0 + 101), 3);
     }
 
     #[test]

@@ -13,6 +13,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
 pub struct Env {
+    /// Holds the store's directory for the test's lifetime.
+    pub dir: tempfile::TempDir,
     pub sim: sim::SimHandle,
     pub server: app::Server,
     /// Base URL of the proxy listener "main".
@@ -36,6 +38,9 @@ pub fn config_text(upstream: &str, org_extra: &str, integrations: &str) -> Strin
 [admin]
 listen = "127.0.0.1:0"
 
+[store]
+path = "STORE_PATH"
+
 [proxy]
 shutdown_grace = "2s"
 
@@ -55,11 +60,17 @@ allow_plain_http = true
 }
 
 pub async fn start_with(sim: sim::SimHandle, toml: &str) -> Env {
-    let cfg = config::parse(toml, Path::new("test.toml")).expect("test config is valid");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let toml = toml.replace(
+        "STORE_PATH",
+        &dir.path().join("callmeter.db").display().to_string(),
+    );
+    let cfg = config::parse(&toml, Path::new("test.toml")).expect("test config is valid");
     let server = app::start(&cfg).await.expect("proxy starts");
     let proxy = format!("http://{}", server.listener("main").expect("main listener"));
     let admin = format!("http://{}", server.admin_addr);
     Env {
+        dir,
         sim,
         server,
         proxy,
