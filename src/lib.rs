@@ -14,7 +14,10 @@
 //!   forwarding it to the org's configured upstream, observing and rewriting the response.
 //! - `salesforce`: the platform's rules as pure functions — what a request is and how many
 //!   calls it costs, usage headers and SOAP envelopes, Salesforce-shaped errors, login URLs.
-//! - `meter`: lock-free per-minute windows per integration and org, the usage estimate.
+//! - `meter`: lock-free per-minute windows per integration and org, token buckets, the usage
+//!   estimate, and the decision for each call (forward, or limited by which budget).
+//! - `queue`: where limited calls of `on_limit = "queue"` wait for budget, in order.
+//! - `store`: the embedded SQLite database — saved windows, deferred calls, history.
 //! - `metrics`: the Prometheus registry and its text rendering.
 //! - `admin`: the admin listener — `/metrics`, health checks, `/api/v1/usage`.
 //! - `app`: assembles the modules from a config and runs them until shutdown.
