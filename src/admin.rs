@@ -1,8 +1,10 @@
-//! The admin listener: `/metrics` for Prometheus, health checks, and the JSON usage API.
+//! The admin listener: `/metrics` for Prometheus, health checks, the JSON usage API and the
+//! deferred calls' "sync failures" list.
 //!
 //! It listens apart from the proxy (default 127.0.0.1:9464) so that operators can firewall it
 //! separately and so that scraping never competes with the integrations' traffic for a
-//! connection slot.
+//! connection slot. Reading is open; every call that changes something needs
+//! `Authorization: Bearer <token>` with the token from `admin.token_env`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -14,48 +16,183 @@ use serde::Serialize;
 use crate::meter::Meter;
 use crate::metrics::Metrics;
 use crate::proxy::ResponseBody;
+use crate::queue::deferred::{now_ms, Deferrals};
+use crate::store::{DeferredFilter, DeferredId, DeferredState};
 
-/// What the admin endpoints read.
+/// What the admin endpoints read and change.
 pub struct Admin {
     pub metrics: Arc<Metrics>,
     pub meter: Arc<Meter>,
+    pub deferrals: Arc<Deferrals>,
+    /// The bearer token for mutating calls; `None`: they are refused.
+    pub token: Option<String>,
+    pub token_env: String,
     /// False until every listener is bound, and again once shutdown starts.
     pub ready: AtomicBool,
 }
 
 impl Admin {
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<ResponseBody> {
-        if req.method() != Method::GET && req.method() != Method::HEAD {
-            return text(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "only GET is supported here\n",
-            );
-        }
-        match req.uri().path() {
-            "/metrics" => {
-                self.metrics.update_usage(&self.meter.usage());
-                let mut resp = text(StatusCode::OK, self.metrics.render());
-                resp.headers_mut().insert(
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-                );
-                resp
-            }
-            "/healthz" => text(StatusCode::OK, "ok\n"),
-            "/readyz" => {
+        let path = req.uri().path().to_owned();
+        let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+        match (req.method(), segments.as_slice()) {
+            (&Method::GET, ["metrics"]) => self.metrics_page().await,
+            (&Method::GET, ["healthz"]) => text(StatusCode::OK, "ok\n"),
+            (&Method::GET, ["readyz"]) => {
                 if self.ready.load(Ordering::Relaxed) {
                     text(StatusCode::OK, "ready\n")
                 } else {
                     text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
                 }
             }
-            "/api/v1/usage" => json(StatusCode::OK, &self.meter.usage()),
+            (&Method::GET, ["api", "v1", "usage"]) => {
+                let _ = self.deferrals.refresh_depths().await;
+                json(StatusCode::OK, &self.meter.usage())
+            }
+            (&Method::GET, ["api", "v1", "deferred"]) => {
+                self.list_deferred(req.uri().query()).await
+            }
+            (&Method::POST, ["api", "v1", "deferred", id, action]) => {
+                if let Some(refused) = self.refuse_unauthorized(&req) {
+                    return refused;
+                }
+                self.change_deferred(id, action).await
+            }
             _ => text(
                 StatusCode::NOT_FOUND,
-                "not found; try /metrics, /healthz, /readyz or /api/v1/usage\n",
+                "not found; try GET /metrics, /healthz, /readyz, /api/v1/usage, /api/v1/deferred\n",
             ),
         }
     }
+
+    async fn metrics_page(&self) -> Response<ResponseBody> {
+        match self.deferrals.refresh_depths().await {
+            Ok(counts) => self.metrics.update_deferred(&counts),
+            Err(e) => {
+                tracing::warn!(error = %e, "reading deferred-call counts for /metrics failed")
+            }
+        }
+        self.metrics.update_usage(&self.meter.usage());
+        let mut resp = text(StatusCode::OK, self.metrics.render());
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        );
+        resp
+    }
+
+    /// Checks `Authorization: Bearer <token>`; the refusal to send when it does not hold.
+    fn refuse_unauthorized(&self, req: &Request<Incoming>) -> Option<Response<ResponseBody>> {
+        let Some(token) = &self.token else {
+            return Some(error(
+                StatusCode::FORBIDDEN,
+                &format!("changes through the admin API are off: set the environment variable {} to a token and restart", self.token_env),
+            ));
+        };
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        match given {
+            Some(given) if constant_time_eq(given.as_bytes(), token.as_bytes()) => None,
+            Some(_) => Some(error(StatusCode::UNAUTHORIZED, "the bearer token is wrong")),
+            None => Some(error(
+                StatusCode::UNAUTHORIZED,
+                "send Authorization: Bearer <admin token>",
+            )),
+        }
+    }
+
+    async fn list_deferred(&self, query: Option<&str>) -> Response<ResponseBody> {
+        let mut filter = DeferredFilter::default();
+        for (key, value) in query
+            .unwrap_or("")
+            .split('&')
+            .filter_map(|kv| kv.split_once('='))
+        {
+            match key {
+                "org" => filter.org = Some(value.to_owned()),
+                "integration" => filter.integration = Some(value.to_owned()),
+                "state" => match value.parse::<DeferredState>() {
+                    Ok(state) => filter.state = Some(state),
+                    Err(_) => return error(StatusCode::BAD_REQUEST, &format!("state={value}: expected pending, in_flight, delivered, failed or discarded")),
+                },
+                "limit" => match value.parse::<usize>() {
+                    Ok(n) if (1..=1000).contains(&n) => filter.limit = n,
+                    _ => return error(StatusCode::BAD_REQUEST, &format!("limit={value}: expected 1 to 1000")),
+                },
+                "before" => match value.parse::<DeferredId>() {
+                    Ok(id) => filter.before = Some(id),
+                    Err(_) => return error(StatusCode::BAD_REQUEST, &format!("before={value}: expected a deferred call id")),
+                },
+                _ => return error(StatusCode::BAD_REQUEST, &format!("unknown parameter {key}; use org, integration, state, limit, before")),
+            }
+        }
+        let store = self.deferrals.store().clone();
+        match tokio::task::spawn_blocking(move || store.list_deferred(filter)).await {
+            Ok(Ok(calls)) => json(StatusCode::OK, &DeferredList { calls }),
+            Ok(Err(e)) => error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("the store cannot be read: {e}"),
+            ),
+            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+        }
+    }
+
+    async fn change_deferred(&self, id: &str, action: &str) -> Response<ResponseBody> {
+        let Ok(id) = id.parse::<DeferredId>() else {
+            return error(
+                StatusCode::BAD_REQUEST,
+                &format!("{id:?} is not a deferred call id"),
+            );
+        };
+        let retry = match action {
+            "retry" => true,
+            "discard" => false,
+            _ => {
+                return error(
+                    StatusCode::NOT_FOUND,
+                    "use POST /api/v1/deferred/{id}/retry or /discard",
+                )
+            }
+        };
+        let store = self.deferrals.store().clone();
+        let changed = tokio::task::spawn_blocking(move || {
+            let call = store.get_deferred(id)?;
+            let changed = if retry {
+                store.retry_deferred(id, now_ms())?
+            } else {
+                store.discard_deferred(id, now_ms())?
+            };
+            Ok::<_, crate::store::StoreError>((call, changed))
+        })
+        .await;
+        match changed {
+            Ok(Ok((None, _))) => error(StatusCode::NOT_FOUND, &format!("no deferred call {id}")),
+            Ok(Ok((Some(call), false))) => error(
+                StatusCode::CONFLICT,
+                &format!("deferred call {id} is {}; only failed calls can be retried, pending or failed ones discarded", call.state.as_str()),
+            ),
+            Ok(Ok((Some(call), true))) => {
+                if retry {
+                    self.deferrals.wake(&call.org);
+                }
+                json(StatusCode::OK, &serde_json::json!({ "id": id.to_string(), "state": if retry { "pending" } else { "discarded" } }))
+            }
+            Ok(Err(e)) => error(StatusCode::SERVICE_UNAVAILABLE, &format!("the store cannot be changed: {e}")),
+            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct DeferredList {
+    calls: Vec<crate::store::DeferredSummary>,
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 fn text(status: StatusCode, body: impl Into<bytes::Bytes>) -> Response<ResponseBody> {
@@ -66,6 +203,10 @@ fn text(status: StatusCode, body: impl Into<bytes::Bytes>) -> Response<ResponseB
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     resp
+}
+
+fn error(status: StatusCode, message: &str) -> Response<ResponseBody> {
+    json(status, &serde_json::json!({ "error": message }))
 }
 
 fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<ResponseBody> {

@@ -20,8 +20,9 @@ use crate::config::{Config, MatchRule, OnLimit, OrgId};
 use crate::meter::{persist, Clock, IntegrationMeter, Meter, OrgMeter};
 use crate::metrics::Metrics;
 use crate::proxy::{
-    self, ConnLimits, ListenerContext, OrgRoute, Route, RouteTable, TlsSetup, Upstream,
+    self, ConnLimits, DeferRoute, ListenerContext, OrgRoute, Route, RouteTable, TlsSetup, Upstream,
 };
+use crate::queue::deferred::DeferralsBuilder;
 use crate::queue::WaitQueue;
 use crate::salesforce::CountingRules;
 use crate::store::Store;
@@ -63,7 +64,6 @@ pub struct Server {
 
 /// Builds everything from `config`, binds all sockets and starts serving.
 pub async fn start(config: &Config) -> Result<Server, StartError> {
-    warn_unenforced(config);
     let metrics = Metrics::new();
     let clock = Clock::new();
     let mut meter = Meter::new();
@@ -93,8 +93,11 @@ pub async fn start(config: &Config) -> Result<Server, StartError> {
     }
     let org_route = |id: &OrgId| orgs.iter().find(|(o, _)| o == id).map(|(_, r)| r.clone());
 
-    let (stop, _) = watch::channel(false);
-    let mut routes: Vec<(Arc<Route>, &MatchRule)> = Vec::new();
+    // Meters first: the store restores them before any call is counted, and deferred-call
+    // replay starts before the routes that feed it exist.
+    let mut metered = Vec::new();
+    let store = open_store(&config.store.path).await?;
+    let mut deferrals = DeferralsBuilder::new(store.clone());
     for i in &config.integrations {
         // Validation guarantees the org exists.
         let Some(org) = org_route(&i.org) else {
@@ -102,6 +105,30 @@ pub async fn start(config: &Config) -> Result<Server, StartError> {
         };
         let im = Arc::new(IntegrationMeter::from_config(i, org.meter.clone()));
         meter.add_integration(im.clone(), i.quota);
+        if i.on_limit == OnLimit::Defer {
+            deferrals.add_integration(im.clone(), org.upstream.clone(), i.defer.max_attempts);
+        }
+        metered.push((i, org, im));
+    }
+    let restored = persist::restore(&meter, &store).await?;
+    if restored > 0 {
+        tracing::info!(
+            calls = restored,
+            "restored the rolling windows saved before the restart"
+        );
+    }
+    let meter = Arc::new(meter);
+    let (stop, _) = watch::channel(false);
+    let mut tasks = JoinSet::new();
+    let deferrals = deferrals.start(stop.subscribe(), &mut tasks).await?;
+    tasks.spawn(
+        deferrals
+            .clone()
+            .purge_loop(config.store.retention, stop.subscribe()),
+    );
+
+    let mut routes: Vec<(Arc<Route>, &MatchRule)> = Vec::new();
+    for (i, org, im) in metered {
         let route = Route {
             metrics: metrics.integration(i.org.as_str(), i.id.as_str()),
             org,
@@ -122,20 +149,14 @@ pub async fn start(config: &Config) -> Result<Server, StartError> {
                     stop.subscribe(),
                 )
             }),
+            defer: (i.on_limit == OnLimit::Defer).then(|| DeferRoute {
+                deferrals: deferrals.clone(),
+                max_body_bytes: i.defer.max_body_bytes,
+            }),
         };
         routes.push((Arc::new(route), &i.matcher));
     }
-    let store = open_store(&config.store.path).await?;
-    let restored = persist::restore(&meter, &store).await?;
-    if restored > 0 {
-        tracing::info!(
-            calls = restored,
-            "restored the rolling windows saved before the restart"
-        );
-    }
-    let meter = Arc::new(meter);
 
-    let mut tasks = JoinSet::new();
     let grace = config.proxy.shutdown_grace;
     let limits = ConnLimits {
         max_header_bytes: config.proxy.max_header_bytes,
@@ -209,6 +230,9 @@ pub async fn start(config: &Config) -> Result<Server, StartError> {
     let admin = Arc::new(Admin {
         metrics,
         meter: meter.clone(),
+        deferrals,
+        token: config.admin.token.clone(),
+        token_env: config.admin.token_env.clone(),
         ready: Default::default(),
     });
     let socket = TcpListener::bind(config.admin.listen)
@@ -247,20 +271,6 @@ pub async fn start(config: &Config) -> Result<Server, StartError> {
         stop,
         tasks,
     })
-}
-
-/// `on_limit = "defer"` is validated, but this version answers such held-back calls at once;
-/// say so rather than let an admin believe calls are being kept.
-fn warn_unenforced(config: &Config) {
-    for i in &config.integrations {
-        if i.on_limit == OnLimit::Defer {
-            tracing::warn!(
-                integration = %i.id,
-                on_limit = i.on_limit.as_str(),
-                "on_limit = \"defer\" is not available yet: held-back calls are rejected"
-            );
-        }
-    }
 }
 
 /// Opens the embedded database (`":memory:"`: nothing is kept across restarts).

@@ -66,6 +66,13 @@ const DEFAULT_QUEUE_MAX_DEPTH: u64 = 500;
 /// The wait queue lives in memory; this bound keeps memory a function of configuration.
 const MAX_QUEUE_MAX_DEPTH: u64 = 1_000_000;
 const DEFAULT_QUEUE_MAX_WAIT: Duration = Duration::from_secs(30);
+/// Deferred calls are stored whole; bodies larger than this are rejected rather than deferred.
+const DEFAULT_DEFER_MAX_BODY: u64 = 1024 * 1024;
+const MAX_DEFER_MAX_BODY: u64 = 64 * 1024 * 1024;
+const DEFAULT_DEFER_MAX_ATTEMPTS: u64 = 8;
+const MAX_DEFER_MAX_ATTEMPTS: u64 = 100;
+/// How long delivered and discarded deferred calls stay readable at their status URL.
+const DEFAULT_DEFERRED_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 const DEFAULT_SMTP_PORT: u16 = 587;
 /// Implicit TLS (SMTPS) has its own well-known port; 587 would hang in the TLS handshake.
 const DEFAULT_SMTPS_PORT: u16 = 465;
@@ -201,6 +208,8 @@ pub struct AdminConfig {
 pub struct StoreConfig {
     /// Default `data/callmeter.db`, relative to the working directory.
     pub path: PathBuf,
+    /// Default 7 days: delivered and discarded deferred calls are purged after this.
+    pub retention: Duration,
 }
 
 /// `[log]`: logs go to stderr.
@@ -398,6 +407,7 @@ pub struct IntegrationConfig {
     pub on_limit: OnLimit,
     pub reject_style: RejectStyle,
     pub queue: QueueConfig,
+    pub defer: DeferConfig,
     /// Default true: add `Sforce-Call-Options: client=<id>` when the caller set none, so
     /// Salesforce's Event Monitoring attributes calls the way the proxy does.
     pub call_options_client: bool,
@@ -491,6 +501,24 @@ as_str_impl!(Priority { Normal => "normal", Critical => "critical" });
 as_str_impl!(OnLimit { Reject => "reject", Queue => "queue", Defer => "defer" });
 as_str_impl!(RejectStyle { Salesforce => "salesforce", Http429 => "http429" });
 as_str_impl!(SmtpSecurity { Starttls => "starttls", Tls => "tls", None => "none" });
+
+/// `defer = { ... }`: how `on_limit = "defer"` stores and replays calls.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct DeferConfig {
+    /// Default 1 MiB; 1 byte to 64 MiB. A larger body is rejected, not deferred.
+    pub max_body_bytes: usize,
+    /// Default 8; 1 to 100 sends before a call is `failed`.
+    pub max_attempts: u32,
+}
+
+impl Default for DeferConfig {
+    fn default() -> Self {
+        DeferConfig {
+            max_body_bytes: DEFAULT_DEFER_MAX_BODY as usize,
+            max_attempts: DEFAULT_DEFER_MAX_ATTEMPTS as u32,
+        }
+    }
+}
 
 /// `queue = { ... }`: the in-memory wait queue of `on_limit = "queue"`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -878,6 +906,7 @@ struct RawAdmin {
 #[serde(deny_unknown_fields)]
 struct RawStore {
     path: Option<S<String>>,
+    retention: Option<S<String>>,
 }
 
 #[derive(Deserialize)]
@@ -960,6 +989,7 @@ struct RawIntegration {
     on_limit: Option<OnLimit>,
     reject_style: Option<RejectStyle>,
     queue: Option<RawQueue>,
+    defer: Option<RawDefer>,
     call_options_client: Option<bool>,
 }
 
@@ -984,6 +1014,13 @@ struct RawRate {
 struct RawQueue {
     max_depth: Option<S<u64>>,
     max_wait: Option<S<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDefer {
+    max_body_bytes: Option<S<u64>>,
+    max_attempts: Option<S<u64>>,
 }
 
 #[derive(Deserialize)]
@@ -1572,7 +1609,13 @@ impl Ctx<'_> {
             Some(path) => PathBuf::from(self.non_empty(path, "store.path")?),
             None => PathBuf::from(DEFAULT_STORE_PATH),
         };
-        Ok(StoreConfig { path })
+        let retention = self.duration(
+            &raw.and_then(|r| r.get_ref().retention.clone()),
+            "store.retention",
+            DEFAULT_DEFERRED_RETENTION,
+            false,
+        )?;
+        Ok(StoreConfig { path, retention })
     }
 
     fn log(&self, raw: Option<&S<RawLog>>) -> Result<LogConfig, ConfigError> {
@@ -2096,6 +2139,39 @@ impl Ctx<'_> {
             }
         };
 
+        let bounded =
+            |value: &Option<S<u64>>, name: &str, default: u64, max: u64, unit: &str| match value {
+                None => Ok(default),
+                Some(v) if (1..=max).contains(v.get_ref()) => Ok(*v.get_ref()),
+                Some(v) => Err(self.err_on(
+                    key(name),
+                    v,
+                    Problem::OutOfRange {
+                        value: v.get_ref().to_string(),
+                        expected: format!("1 to {max} {unit}"),
+                    },
+                )),
+            };
+        let defer = match &r.defer {
+            None => DeferConfig::default(),
+            Some(d) => DeferConfig {
+                max_body_bytes: bounded(
+                    &d.max_body_bytes,
+                    "defer.max_body_bytes",
+                    DEFAULT_DEFER_MAX_BODY,
+                    MAX_DEFER_MAX_BODY,
+                    "bytes",
+                )? as usize,
+                max_attempts: bounded(
+                    &d.max_attempts,
+                    "defer.max_attempts",
+                    DEFAULT_DEFER_MAX_ATTEMPTS,
+                    MAX_DEFER_MAX_ATTEMPTS,
+                    "attempts",
+                )? as u32,
+            },
+        };
+
         Ok(Located {
             key: at,
             line: Some(self.line(&id_value.span())),
@@ -2109,6 +2185,7 @@ impl Ctx<'_> {
                 on_limit: r.on_limit.unwrap_or(OnLimit::Reject),
                 reject_style: r.reject_style.unwrap_or(RejectStyle::Salesforce),
                 queue,
+                defer,
                 call_options_client: r.call_options_client.unwrap_or(true),
             },
         })
@@ -2306,6 +2383,7 @@ fn unattributed_integration(org: &OrgId) -> IntegrationConfig {
         on_limit: OnLimit::Reject,
         reject_style: RejectStyle::Salesforce,
         queue: QueueConfig::default(),
+        defer: DeferConfig::default(),
         call_options_client: true,
     }
 }

@@ -66,6 +66,7 @@ pub struct Metrics {
     integration_window: IntGaugeVec,
     integration_quota: IntGaugeVec,
     queue_depth: IntGaugeVec,
+    deferred: IntGaugeVec,
     requests: IntCounterVec,
     duration: HistogramVec,
     unmatched: IntCounterVec,
@@ -125,6 +126,11 @@ impl Metrics {
                 "callmeter_queue_depth",
                 "Calls of the integration waiting for budget (in memory) or deferred (in the store).",
                 &["org", "integration"],
+            ),
+            deferred: gauge(
+                "callmeter_deferred_calls",
+                "Deferred calls in the store, by state (pending, in_flight, delivered, failed, discarded).",
+                &["org", "integration", "state"],
             ),
             requests: counter(
                 "callmeter_requests_total",
@@ -208,6 +214,16 @@ impl Metrics {
                     .with_label_values(&labels)
                     .set(clamp_i64(i.queue_depth));
             }
+        }
+    }
+
+    /// Sets the deferred-call gauges from the store's counts (called on each scrape).
+    pub fn update_deferred(&self, counts: &[(String, String, crate::store::DeferredState, u64)]) {
+        self.deferred.reset();
+        for (org, integration, state, n) in counts {
+            self.deferred
+                .with_label_values(&[org.as_str(), integration.as_str(), state.as_str()])
+                .set(clamp_i64(*n));
         }
     }
 

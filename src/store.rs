@@ -927,6 +927,25 @@ impl Store {
         finish_transition(tx, n, id, "in_flight")
     }
 
+    /// Puts a claimed call back, untried, to be taken again at `next_attempt_ms` (the budget
+    /// was spent when its turn came: that is not a failed attempt).
+    pub fn release(
+        &self,
+        id: DeferredId,
+        next_attempt_ms: u64,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        let n = tx
+            .prepare_cached(
+                "UPDATE deferred SET state = 'pending', next_attempt_ms = ?2, updated_ms = ?3 \
+                 WHERE id = ?1 AND state = 'in_flight'",
+            )?
+            .execute(params![id.0, sql_ms(next_attempt_ms), sql_ms(now_ms)])?;
+        finish_transition(tx, n, id, "in_flight")
+    }
+
     /// Records a final failure (attempts + 1); the call waits for the admin.
     pub fn mark_failed(
         &self,

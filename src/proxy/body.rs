@@ -30,6 +30,27 @@ pub enum RequestBody {
 }
 
 impl RequestBody {
+    /// A body the proxy holds whole (a deferred call being replayed).
+    pub fn full(data: Bytes) -> Self {
+        RequestBody::Prefixed {
+            prefix: Some(data),
+            rest: None,
+        }
+    }
+
+    /// Reads the whole body, or gives up past `limit` bytes (`None`).
+    pub async fn collect_limited(mut self, limit: usize) -> Result<Option<Bytes>, hyper::Error> {
+        let mut buf = bytes::BytesMut::new();
+        while let Some(frame) = self.frame().await {
+            if let Ok(data) = frame?.into_data() {
+                if buf.len() + data.len() > limit {
+                    return Ok(None);
+                }
+                buf.extend_from_slice(&data);
+            }
+        }
+        Ok(Some(buf.freeze()))
+    }
     /// Reads up to `limit` bytes of `body` so the call can be classified, and returns them with
     /// a body that replays them before the rest. `complete` is true when the whole body fit.
     pub async fn read_prefix(

@@ -12,6 +12,7 @@
 //! Errors on the way are `ProxyError`s, turned into Salesforce-shaped responses in one place.
 
 mod body;
+mod deferred;
 mod error;
 mod forward;
 mod headers;
@@ -27,7 +28,8 @@ use http::{header, HeaderValue, Request, Response, Uri};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
-pub use body::ResponseBody;
+pub use body::{RequestBody, ResponseBody};
+pub use deferred::DeferRoute;
 pub use error::ProxyError;
 pub use forward::{Upstream, UpstreamSetupError};
 pub use listener::{serve_listener, ConnLimits, ListenerSetupError, TlsSetup};
@@ -36,7 +38,6 @@ pub use route::{Route, RouteTable};
 use crate::meter::{OrgMeter, Ticket, Verdict};
 use crate::metrics::{Metrics, OrgMetrics, Outcome};
 use crate::salesforce::{self, Api, CallKind, CountingRules};
-use body::RequestBody;
 use headers::ClientInfo;
 
 /// Everything the request path needs about one org.
@@ -96,67 +97,84 @@ async fn proxy(
     tracing::trace!(integration = route.id(), method = %parts.method, uri = %parts.uri, headers = %headers::Redacted(&parts.headers), "request");
     let upstream_pq = upstream_path_and_query(&parts.uri, matched.strip);
     let upstream_path = upstream_pq.split('?').next().unwrap_or("/");
+    if let (Some(defer), Some(id)) = (&route.defer, deferred::status_id(upstream_path)) {
+        return Ok(deferred::status(defer, &route, &parts, id).await);
+    }
 
     // 2. classify
-    let kind = salesforce::classify(&parts.method, upstream_path);
-    let (kind, units, body) = if kind.needs_body_prefix() {
-        let (prefix, complete, body) =
-            RequestBody::read_prefix(body, salesforce::BODY_PREFIX_LIMIT)
-                .await
-                .map_err(ProxyError::ClientBody)?;
-        let prefix = salesforce::BodyPrefix {
-            bytes: &prefix,
-            complete,
-        };
-        // The body tells a SOAP login() apart from an ordinary call on the same path.
-        let kind = salesforce::refine(kind, prefix);
-        (
-            kind,
-            salesforce::counted_units(kind, &route.org.counting, Some(prefix)),
-            body,
-        )
-    } else {
-        (
-            kind,
-            salesforce::counted_units(kind, &route.org.counting, None),
-            RequestBody::Stream(body),
-        )
-    };
+    let (kind, units, body) = classify(&route, &parts, upstream_path, body).await?;
     let api = kind.api();
-
-    // 3. decide
-    let (ticket, admitted) = match admit(&route, api, units).await {
-        Ok(admitted) => admitted,
-        Err(resp) => {
-            route.meter.note_rejected();
-            route
-                .metrics
-                .record(api, Outcome::Rejected, started.elapsed());
-            return Ok(resp);
-        }
-    };
-
-    // 4. forward
-    let public_base = kind.is_login().then(|| public_base(ctx, &parts, &route));
-    let login = kind.is_login();
+    // Where the client reaches this integration: for login rewrites and deferred status URLs.
+    let base = (kind.is_login() || route.defer.is_some()).then(|| public_base(ctx, &parts, &route));
     let client = ClientInfo {
         ip: peer.ip(),
         tls: ctx.tls,
         trust_forwarded: ctx.trust_forwarded,
     };
     headers::to_upstream(&mut parts.headers, &client, route.call_options.as_ref());
-    if login || kind == CallKind::Soap {
+    if kind.is_login() || kind == CallKind::Soap {
         // The proxy reads these bodies (login URLs, SOAP usage headers): ask for them plain.
         parts.headers.remove(header::ACCEPT_ENCODING);
     }
+
+    // 3. decide
+    let (ticket, admitted) = match admit(&route, api, units).await {
+        Ok(admitted) => admitted,
+        Err(Held::Answered(resp)) => {
+            route.meter.note_rejected();
+            route
+                .metrics
+                .record(api, Outcome::Rejected, started.elapsed());
+            return Ok(resp);
+        }
+        Err(Held::Defer(limited)) => {
+            let (defer, base) = (route.defer.as_ref(), base.as_deref().unwrap_or(""));
+            let answer = match defer {
+                Some(defer) => {
+                    let call = deferred::Limited {
+                        parts: &parts,
+                        path_and_query: &upstream_pq,
+                        body,
+                        units,
+                        limited: &limited,
+                        base,
+                    };
+                    deferred::defer(defer, &route, call).await
+                }
+                None => Err(reject::response(&limited, &route, api)),
+            };
+            return Ok(match answer {
+                Ok(accepted) => {
+                    route
+                        .metrics
+                        .record(api, Outcome::Deferred, started.elapsed());
+                    accepted
+                }
+                Err(refused) => {
+                    route.meter.note_rejected();
+                    route
+                        .metrics
+                        .record(api, Outcome::Rejected, started.elapsed());
+                    refused
+                }
+            });
+        }
+    };
+
+    // 4. forward
+    let login = kind.is_login();
     parts.uri = route
         .org
         .upstream
         .uri(login, &upstream_pq)
         .map_err(|_| ProxyError::BadPath)?;
     parts.version = http::Version::HTTP_11;
-    let upstream_req = Request::from_parts(parts, body);
-    let response = match route.org.upstream.send(login, upstream_req).await {
+    let response = match route
+        .org
+        .upstream
+        .send(login, Request::from_parts(parts, body))
+        .await
+    {
         Ok(resp) => resp,
         Err(err) => {
             if matches!(err, ProxyError::UpstreamConnect { .. }) {
@@ -172,8 +190,8 @@ async fn proxy(
     // 5. observe, 6. rewrite
     let (mut parts, body) = response.into_parts();
     let body = observe::response(&route.org, kind, ticket.units(), &parts, body);
-    let body = match public_base {
-        Some(base) if parts.status.is_success() => {
+    let body = match base {
+        Some(base) if login && parts.status.is_success() => {
             observe::rewrite_login(kind, &mut parts, body, &base).await
         }
         _ => body,
@@ -192,17 +210,53 @@ async fn proxy(
     Ok(Response::from_parts(parts, body))
 }
 
+/// Step 2: what the call is and how many calls Salesforce counts for it. Composite batches
+/// and SOAP calls need the start of their body for that; it is read and replayed.
+async fn classify(
+    route: &Route,
+    parts: &http::request::Parts,
+    path: &str,
+    body: Incoming,
+) -> Result<(CallKind, u32, RequestBody), ProxyError> {
+    let kind = salesforce::classify(&parts.method, path);
+    if !kind.needs_body_prefix() {
+        let units = salesforce::counted_units(kind, &route.org.counting, None);
+        return Ok((kind, units, RequestBody::Stream(body)));
+    }
+    let (prefix, complete, body) = RequestBody::read_prefix(body, salesforce::BODY_PREFIX_LIMIT)
+        .await
+        .map_err(ProxyError::ClientBody)?;
+    let prefix = salesforce::BodyPrefix {
+        bytes: &prefix,
+        complete,
+    };
+    // The body tells a SOAP login() apart from an ordinary call on the same path.
+    let kind = salesforce::refine(kind, prefix);
+    Ok((
+        kind,
+        salesforce::counted_units(kind, &route.org.counting, Some(prefix)),
+        body,
+    ))
+}
+
+/// A call the meter held back.
+enum Held {
+    /// Answered already (rejected, or the queue gave up on it).
+    Answered(Response<ResponseBody>),
+    /// To be stored and replayed (`on_limit = "defer"`).
+    Defer(crate::meter::Limited),
+}
+
 /// Step 3: the meter's verdict, and for a limited call the integration's `on_limit`. Returns
 /// the ticket and whether the call went straight through (`Forwarded`) or waited (`Queued`).
-async fn admit(
-    route: &Route,
-    api: Api,
-    units: u32,
-) -> Result<(Ticket, Outcome), Response<ResponseBody>> {
+async fn admit(route: &Route, api: Api, units: u32) -> Result<(Ticket, Outcome), Held> {
     let Some(queue) = route.queue.as_ref().filter(|_| units > 0) else {
         return match route.meter.decide(units) {
             Verdict::Forward(ticket) => Ok((ticket, Outcome::Forwarded)),
-            Verdict::Limited(limited) => Err(reject::response(&limited, route, api)),
+            Verdict::Limited(limited) if route.defer.is_some() => Err(Held::Defer(limited)),
+            Verdict::Limited(limited) => {
+                Err(Held::Answered(reject::response(&limited, route, api)))
+            }
         };
     };
     // While calls wait, a new one queues behind them rather than overtaking.
@@ -216,7 +270,7 @@ async fn admit(
     };
     match queue.wait(units, limited).await {
         Ok(ticket) => Ok((ticket, Outcome::Queued)),
-        Err(err) => Err(reject::queue_response(&err, route, api)),
+        Err(err) => Err(Held::Answered(reject::queue_response(&err, route, api))),
     }
 }
 

@@ -34,6 +34,8 @@ pub struct Route {
     pub reject_style: crate::config::RejectStyle,
     /// Where calls wait for budget when `on_limit = "queue"`.
     pub queue: Option<Arc<crate::queue::WaitQueue>>,
+    /// Where calls are stored when `on_limit = "defer"`.
+    pub defer: Option<super::DeferRoute>,
 }
 
 impl Route {

@@ -9,6 +9,8 @@
 //! `max_depth` and every call by `max_wait`; at shutdown, waiting calls are answered at once.
 //! The lock is a `std::sync::Mutex` held for a push or a pop: only limited calls take it.
 
+pub mod deferred;
+
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};

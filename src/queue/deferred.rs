@@ -1,0 +1,451 @@
+//! Deferred calls (`on_limit = "defer"`): a limited call is written to the store, synced, and
+//! answered `202 Accepted`; a replayer per org sends stored calls in order when budget frees.
+//!
+//! Delivery is at-least-once. A call is marked in flight in the store before it is sent and
+//! delivered (or retried, or failed) after the answer, in the same process, so the normal path
+//! sends each call exactly once. A crash between sending and recording leaves the call in
+//! flight; at the next start it goes back to pending and is sent again: that is the one case
+//! where Salesforce can see a call twice.
+//!
+//! Replay retries upstream 5xx answers, connection errors, timeouts and `REQUEST_LIMIT_EXCEEDED`
+//! with exponential backoff; after `defer.max_attempts` sends the call is `failed` and waits
+//! in the admin's "sync failures" list (`/api/v1/deferred`) to be retried or discarded.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, Method, Request, StatusCode};
+use tokio::sync::{watch, Notify, Semaphore};
+
+use crate::meter::{IntegrationMeter, OrgMeter, Ticket, Verdict};
+use crate::proxy::{ProxyError, RequestBody, ResponseBody, Upstream};
+use crate::salesforce::{self, BodyScanner, LimitExceeded};
+use crate::store::{DeferredCall, DeferredId, NewDeferred, Store, StoreError};
+
+/// Calls of one org sent at the same time by the replayer.
+const REPLAY_CONCURRENCY: usize = 4;
+/// First retry delay; doubled per attempt up to `MAX_BACKOFF`.
+const BASE_BACKOFF: Duration = Duration::from_secs(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(300);
+/// The upstream's answer is kept for the integration to read at its status URL, up to this.
+const KEPT_RESPONSE_BYTES: usize = 64 * 1024;
+/// Without anything due, the replayer still looks again this often (an admin retry or a new
+/// call wakes it sooner).
+const IDLE_RECHECK: Duration = Duration::from_secs(60);
+/// The path, under an integration's base URL, where it reads a deferred call's outcome.
+pub const STATUS_PATH: &str = "/callmeter/deferred/";
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// What the replayer needs about one integration.
+struct Target {
+    meter: Arc<IntegrationMeter>,
+    max_attempts: u32,
+}
+
+/// The replayer of one org.
+struct OrgReplayer {
+    org: String,
+    meter: Arc<OrgMeter>,
+    upstream: Arc<Upstream>,
+    targets: HashMap<String, Target>,
+    wake: Notify,
+    slots: Arc<Semaphore>,
+}
+
+/// Deferred calls of every org: storing them, replaying them, reporting on them.
+pub struct Deferrals {
+    store: Arc<Store>,
+    orgs: HashMap<String, Arc<OrgReplayer>>,
+}
+
+/// Builds `Deferrals`: one `add_integration` per integration with `on_limit = "defer"`.
+pub struct DeferralsBuilder {
+    store: Arc<Store>,
+    orgs: HashMap<String, OrgReplayer>,
+}
+
+impl DeferralsBuilder {
+    pub fn new(store: Arc<Store>) -> Self {
+        DeferralsBuilder {
+            store,
+            orgs: HashMap::new(),
+        }
+    }
+
+    pub fn add_integration(
+        &mut self,
+        meter: Arc<IntegrationMeter>,
+        upstream: Arc<Upstream>,
+        max_attempts: u32,
+    ) {
+        let org_meter = meter.org().clone();
+        let org = org_meter.id().to_string();
+        let replayer = self.orgs.entry(org.clone()).or_insert_with(|| OrgReplayer {
+            org,
+            meter: org_meter,
+            upstream,
+            targets: HashMap::new(),
+            wake: Notify::new(),
+            slots: Arc::new(Semaphore::new(REPLAY_CONCURRENCY)),
+        });
+        replayer.targets.insert(
+            meter.id().to_string(),
+            Target {
+                meter,
+                max_attempts,
+            },
+        );
+    }
+
+    /// Puts calls a crash left in flight back in line, and starts a replayer per org.
+    pub async fn start(
+        self,
+        stop: watch::Receiver<bool>,
+        tasks: &mut tokio::task::JoinSet<()>,
+    ) -> Result<Arc<Deferrals>, StoreError> {
+        let store = self.store.clone();
+        let requeued = blocking(move || store.requeue_in_flight()).await?;
+        if requeued > 0 {
+            tracing::warn!(
+                calls = requeued,
+                "deferred calls were being sent when the proxy stopped; sending them again"
+            );
+        }
+        let deferrals = Arc::new(Deferrals {
+            store: self.store,
+            orgs: self
+                .orgs
+                .into_iter()
+                .map(|(k, v)| (k, Arc::new(v)))
+                .collect(),
+        });
+        for replayer in deferrals.orgs.values() {
+            tasks.spawn(replay(
+                replayer.clone(),
+                deferrals.store.clone(),
+                stop.clone(),
+            ));
+        }
+        Ok(deferrals)
+    }
+}
+
+/// Runs a store call on the blocking pool.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| StoreError::Corrupt(format!("store task failed: {e}")))?
+}
+
+impl Deferrals {
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// Stores a call durably (synced before this returns) and wakes its org's replayer.
+    pub async fn defer(&self, call: NewDeferred) -> Result<DeferredId, StoreError> {
+        let org = call.org.clone();
+        let store = self.store.clone();
+        let id = blocking(move || store.defer(&call)).await?;
+        self.wake(&org);
+        Ok(id)
+    }
+
+    /// Wakes an org's replayer (a new call, an admin retry).
+    pub fn wake(&self, org: &str) {
+        if let Some(r) = self.orgs.get(org) {
+            r.wake.notify_one();
+        }
+    }
+
+    /// One deferred call, if it belongs to `org` / `integration`.
+    pub async fn get(&self, id: DeferredId) -> Result<Option<DeferredCall>, StoreError> {
+        let store = self.store.clone();
+        blocking(move || store.get_deferred(id)).await
+    }
+
+    /// Sets each deferred integration's queue depth (pending + in flight) on its meter.
+    pub async fn refresh_depths(
+        &self,
+    ) -> Result<Vec<(String, String, crate::store::DeferredState, u64)>, StoreError> {
+        let store = self.store.clone();
+        let counts = blocking(move || store.deferred_counts()).await?;
+        for replayer in self.orgs.values() {
+            for (id, target) in &replayer.targets {
+                let waiting: u64 = counts
+                    .iter()
+                    .filter(|(o, i, state, _)| {
+                        o == &replayer.org
+                            && i == id
+                            && matches!(
+                                state,
+                                crate::store::DeferredState::Pending
+                                    | crate::store::DeferredState::InFlight
+                            )
+                    })
+                    .map(|(_, _, _, n)| n)
+                    .sum();
+                target.meter.set_queue_depth(waiting as usize);
+            }
+        }
+        Ok(counts)
+    }
+
+    /// Deletes delivered and discarded calls older than `retention`, every hour.
+    pub async fn purge_loop(self: Arc<Self>, retention: Duration, mut stop: watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(3600));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            let store = self.store.clone();
+            let before = now_ms().saturating_sub(retention.as_millis() as u64);
+            match blocking(move || store.purge_deferred(before)).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(calls = n, "purged delivered and discarded deferred calls"),
+                Err(e) => tracing::warn!(error = %e, "purging deferred calls failed"),
+            }
+        }
+    }
+}
+
+fn backoff(attempt: u32) -> Duration {
+    BASE_BACKOFF
+        .saturating_mul(1u32 << attempt.min(16))
+        .min(MAX_BACKOFF)
+}
+
+/// The replayer of one org: takes due calls in order, one budget decision each, and sends up
+/// to `REPLAY_CONCURRENCY` at once.
+async fn replay(r: Arc<OrgReplayer>, store: Arc<Store>, mut stop: watch::Receiver<bool>) {
+    r.meter.watch();
+    loop {
+        if *stop.borrow() {
+            break;
+        }
+        let slot = tokio::select! {
+            slot = r.slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break,
+            },
+            _ = stop.wait_for(|s| *s) => break,
+        };
+        let now = now_ms();
+        let (s, org) = (store.clone(), r.org.clone());
+        let claimed = match blocking(move || s.claim_due(&org, now, 1)).await {
+            Ok(mut calls) => calls.pop(),
+            Err(e) => {
+                tracing::warn!(org = %r.org, error = %e, "reading deferred calls failed; retrying");
+                drop(slot);
+                pause(&r, &mut stop, Duration::from_secs(5)).await;
+                continue;
+            }
+        };
+        let Some(call) = claimed else {
+            drop(slot);
+            let (s, org) = (store.clone(), r.org.clone());
+            let next = blocking(move || s.next_due(&org)).await.ok().flatten();
+            let wait = next.map_or(IDLE_RECHECK, |due| {
+                Duration::from_millis(due.saturating_sub(now_ms()))
+            });
+            pause(&r, &mut stop, wait.min(IDLE_RECHECK)).await;
+            continue;
+        };
+        let Some(target) = r.targets.get(&call.integration) else {
+            let s = store.clone();
+            let error = format!(
+                "integration \"{}\" is no longer configured with on_limit = \"defer\"",
+                call.integration
+            );
+            let _ = blocking(move || s.mark_failed(call.id, &error, None, None, now_ms())).await;
+            continue;
+        };
+        match target.meter.decide(call.units) {
+            Verdict::Limited(limited) => {
+                // Not an attempt: the call keeps its place (still due, first in line) and the
+                // replayer waits for budget. Budget can come back sooner than the meter says
+                // (a refund, a lower report, a restart with a larger quota).
+                let s = store.clone();
+                let _ = blocking(move || s.release(call.id, now_ms(), now_ms())).await;
+                drop(slot);
+                let freed = r.meter.budget_freed();
+                tokio::select! {
+                    () = tokio::time::sleep(limited.retry_after) => {}
+                    () = freed => {}
+                    () = r.wake.notified() => {}
+                    _ = stop.wait_for(|s| *s) => {}
+                }
+            }
+            Verdict::Forward(ticket) => {
+                let (r2, s, meter, max) = (
+                    r.clone(),
+                    store.clone(),
+                    target.meter.clone(),
+                    target.max_attempts,
+                );
+                tokio::spawn(async move {
+                    send(&r2, &s, &meter, max, call, ticket).await;
+                    drop(slot);
+                });
+            }
+        }
+    }
+    r.meter.unwatch();
+}
+
+async fn pause(r: &OrgReplayer, stop: &mut watch::Receiver<bool>, wait: Duration) {
+    tokio::select! {
+        () = tokio::time::sleep(wait) => {}
+        () = r.wake.notified() => {}
+        _ = stop.wait_for(|s| *s) => {}
+    }
+}
+
+/// How one send ended.
+enum Sent {
+    Delivered(u16, Bytes),
+    /// Worth another try: upstream 5xx, limit exceeded, network trouble.
+    Retry(String, Option<u16>, Option<Bytes>),
+}
+
+async fn send(
+    r: &OrgReplayer,
+    store: &Arc<Store>,
+    meter: &IntegrationMeter,
+    max_attempts: u32,
+    call: DeferredCall,
+    ticket: Ticket,
+) {
+    let outcome = match build_request(r, &call) {
+        Ok(req) => match r.upstream.send(false, req).await {
+            Ok(resp) => answer(r, resp).await,
+            Err(err) => {
+                if matches!(err, ProxyError::UpstreamConnect { .. }) {
+                    meter.refund(ticket);
+                }
+                Sent::Retry(err.to_string(), None, None)
+            }
+        },
+        Err(e) => {
+            meter.refund(ticket);
+            let s = store.clone();
+            let error = format!("the stored call cannot be sent: {e}");
+            let _ = blocking(move || s.mark_failed(call.id, &error, None, None, now_ms())).await;
+            return;
+        }
+    };
+    let id = call.id;
+    let attempt = call.attempts + 1;
+    let s = store.clone();
+    let result = match outcome {
+        Sent::Delivered(status, body) => {
+            tracing::debug!(id = %id, status, "deferred call delivered");
+            blocking(move || s.mark_delivered(id, status, &body, now_ms())).await
+        }
+        Sent::Retry(error, status, body) if attempt >= max_attempts => {
+            tracing::warn!(id = %id, attempts = attempt, error = %error, "deferred call failed for good; it waits in /api/v1/deferred");
+            blocking(move || s.mark_failed(id, &error, status, body.as_deref(), now_ms())).await
+        }
+        Sent::Retry(error, _, _) => {
+            let at = now_ms() + backoff(call.attempts).as_millis() as u64;
+            tracing::debug!(id = %id, attempts = attempt, error = %error, "deferred call will be retried");
+            blocking(move || s.mark_retry(id, &error, at, now_ms())).await
+        }
+    };
+    if let Err(e) = result {
+        tracing::error!(id = %id, error = %e, "recording a deferred call's outcome failed");
+    }
+    r.wake.notify_one();
+}
+
+fn build_request(r: &OrgReplayer, call: &DeferredCall) -> Result<Request<RequestBody>, String> {
+    let method = Method::from_bytes(call.method.as_bytes()).map_err(|e| e.to_string())?;
+    let uri = r
+        .upstream
+        .uri(false, &call.path_and_query)
+        .map_err(|e| e.to_string())?;
+    let mut req = Request::builder().method(method).uri(uri);
+    for (name, value) in &call.headers {
+        let name = HeaderName::from_bytes(name.as_bytes()).map_err(|e| e.to_string())?;
+        let value = HeaderValue::from_bytes(value).map_err(|e| e.to_string())?;
+        req = req.header(name, value);
+    }
+    req.body(RequestBody::full(Bytes::from(call.body.clone())))
+        .map_err(|e| e.to_string())
+}
+
+/// Reads an upstream answer: usage report, limit errors, and what to keep for the status URL.
+async fn answer(r: &OrgReplayer, resp: http::Response<hyper::body::Incoming>) -> Sent {
+    let (parts, body) = resp.into_parts();
+    if let Some(report) = parts
+        .headers
+        .get("sforce-limit-info")
+        .and_then(|v| salesforce::parse_limit_info(v.as_bytes()).ok())
+    {
+        r.meter.observe_report(report);
+    }
+    let status = parts.status;
+    let body = match ResponseBody::collect_bounded(body, KEPT_RESPONSE_BYTES).await {
+        Ok(Ok(bytes)) => bytes,
+        // Larger than what is kept: the call was answered; keep nothing of the body.
+        Ok(Err(_)) => Bytes::new(),
+        Err(e) => {
+            return Sent::Retry(
+                format!("reading Salesforce's answer failed: {e}"),
+                Some(status.as_u16()),
+                None,
+            )
+        }
+    };
+    let mut scanner = BodyScanner::new();
+    scanner.feed(&body);
+    scanner.finish();
+    if let Some(report) = scanner.report() {
+        r.meter.observe_report(report);
+    }
+    match scanner.limit_exceeded() {
+        Some(LimitExceeded::Daily) => {
+            r.meter.observe_exhausted();
+            Sent::Retry(
+                "Salesforce: REQUEST_LIMIT_EXCEEDED".into(),
+                Some(status.as_u16()),
+                Some(body),
+            )
+        }
+        Some(LimitExceeded::ConcurrentLongRunning) => Sent::Retry(
+            "Salesforce: too many concurrent long-running requests".into(),
+            Some(status.as_u16()),
+            Some(body),
+        ),
+        None if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS => Sent::Retry(
+            format!("Salesforce answered {status}"),
+            Some(status.as_u16()),
+            Some(body),
+        ),
+        None => Sent::Delivered(status.as_u16(), body),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_five_minutes() {
+        assert_eq!(backoff(0), Duration::from_secs(1));
+        assert_eq!(backoff(1), Duration::from_secs(2));
+        assert_eq!(backoff(5), Duration::from_secs(32));
+        assert_eq!(backoff(9), Duration::from_secs(300));
+        assert_eq!(backoff(40), Duration::from_secs(300));
+    }
+}
