@@ -17,7 +17,9 @@ use tokio::task::JoinSet;
 
 use crate::admin::Admin;
 use crate::config::{Config, MatchRule, OnLimit, OrgId};
-use crate::meter::{persist, Clock, IntegrationMeter, Meter, OrgMeter};
+use crate::meter::{
+    persist, Clock, IntegrationBudget, IntegrationMeter, Meter, OrgBudget, OrgMeter,
+};
 use crate::metrics::Metrics;
 use crate::proxy::{
     self, ConnLimits, DeferRoute, ListenerContext, OrgRoute, Route, RouteTable, TlsSetup, Upstream,
@@ -104,7 +106,7 @@ pub async fn start(config: &Config) -> Result<Server, StartError> {
             continue;
         };
         let im = Arc::new(IntegrationMeter::from_config(i, org.meter.clone()));
-        meter.add_integration(im.clone(), i.quota);
+        meter.add_integration(im.clone());
         if i.on_limit == OnLimit::Defer {
             deferrals.add_integration(im.clone(), org.upstream.clone(), i.defer.max_attempts);
         }
@@ -148,6 +150,10 @@ pub async fn start(config: &Config) -> Result<Server, StartError> {
                     i.queue.max_wait,
                     stop.subscribe(),
                 )
+            }),
+            ratelimit_key: i.ratelimit_headers.then(|| {
+                use base64::Engine;
+                base64::engine::general_purpose::STANDARD.encode(i.id.as_str())
             }),
             defer: (i.on_limit == OnLimit::Defer).then(|| DeferRoute {
                 deferrals: deferrals.clone(),
@@ -313,11 +319,63 @@ impl Server {
         tracing::info!("stopped");
     }
 
-    /// Serves until SIGINT or SIGTERM, then shuts down gracefully.
-    pub async fn run_until_signal(self) {
+    /// Serves until SIGINT or SIGTERM, then shuts down gracefully. With a config path, SIGHUP
+    /// reloads the budgets from it (see `reload`).
+    pub async fn run_until_signal(self, config: Option<&std::path::Path>) {
+        #[cfg(unix)]
+        if let Some(path) = config {
+            use tokio::signal::unix::{signal, SignalKind};
+            if let Ok(mut hangup) = signal(SignalKind::hangup()) {
+                let stop = wait_for_signal();
+                tokio::pin!(stop);
+                loop {
+                    tokio::select! {
+                        () = &mut stop => break,
+                        _ = hangup.recv() => match crate::config::load(path) {
+                            Ok(cfg) => self.reload(&cfg),
+                            Err(e) => tracing::error!("reload refused, the running config stays: {e}"),
+                        },
+                    }
+                }
+                tracing::info!("shutting down: no new connections, draining requests in flight");
+                return self.shutdown().await;
+            }
+        }
+        let _ = config;
         wait_for_signal().await;
         tracing::info!("shutting down: no new connections, draining requests in flight");
         self.shutdown().await;
+    }
+
+    /// Applies the budgets of a changed config — limits, reserves, probe intervals, quotas,
+    /// rates, priorities, in-flight caps — without losing counts. Listeners, routes, upstreams
+    /// and `on_limit` need a restart; what does is logged.
+    pub fn reload(&self, config: &Config) {
+        let mut applied = 0;
+        for org in &config.orgs {
+            match self.meter.org(org.id.as_str()) {
+                Some(meter) => {
+                    meter.set_budget(OrgBudget::from_config(org));
+                    applied += 1;
+                }
+                None => tracing::warn!(org = %org.id, "new org in the config: restart to add it"),
+            }
+        }
+        for i in &config.integrations {
+            match self.meter.integration(i.org.as_str(), i.id.as_str()) {
+                Some(meter) => {
+                    meter.set_budget(IntegrationBudget::from_config(i));
+                    applied += 1;
+                }
+                None => {
+                    tracing::warn!(integration = %i.id, "new integration in the config: restart to add it")
+                }
+            }
+        }
+        tracing::info!(
+            budgets = applied,
+            "config reloaded: budgets applied, counts kept"
+        );
     }
 }
 

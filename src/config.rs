@@ -298,6 +298,9 @@ pub struct OrgConfig {
     pub response_timeout: Duration,
     pub counting: Counting,
     pub threshold: Option<ThresholdConfig>,
+    /// Default none. Requests of the org in flight to Salesforce at once (Salesforce allows 25
+    /// long-running requests per production org); more are limited.
+    pub max_in_flight: Option<u32>,
 }
 
 /// An org's daily API request limit.
@@ -408,6 +411,10 @@ pub struct IntegrationConfig {
     pub reject_style: RejectStyle,
     pub queue: QueueConfig,
     pub defer: DeferConfig,
+    /// Default none. This integration's requests in flight at once; more are limited.
+    pub max_in_flight: Option<u32>,
+    /// Default true: counted responses carry the IETF `RateLimit-Policy` / `RateLimit` headers.
+    pub ratelimit_headers: bool,
     /// Default true: add `Sforce-Call-Options: client=<id>` when the caller set none, so
     /// Salesforce's Event Monitoring attributes calls the way the proxy does.
     pub call_options_client: bool,
@@ -958,6 +965,7 @@ struct RawOrg {
     response_timeout: Option<S<String>>,
     counting: Option<RawCounting>,
     threshold: Option<S<RawThreshold>>,
+    max_in_flight: Option<S<u64>>,
 }
 
 #[derive(Deserialize)]
@@ -990,6 +998,8 @@ struct RawIntegration {
     reject_style: Option<RejectStyle>,
     queue: Option<RawQueue>,
     defer: Option<RawDefer>,
+    max_in_flight: Option<S<u64>>,
+    ratelimit_headers: Option<bool>,
     call_options_client: Option<bool>,
 }
 
@@ -1192,6 +1202,22 @@ impl Ctx<'_> {
             return Err(self.err_on(key, value, Problem::Empty));
         }
         Ok(text.to_owned())
+    }
+
+    /// `max_in_flight`: 1 to 100,000 requests.
+    fn in_flight(&self, value: &Option<S<u64>>, key: &str) -> Result<Option<u32>, ConfigError> {
+        match value {
+            None => Ok(None),
+            Some(v) if (1..=100_000).contains(v.get_ref()) => Ok(Some(*v.get_ref() as u32)),
+            Some(v) => Err(self.err_on(
+                key.to_owned(),
+                v,
+                Problem::OutOfRange {
+                    value: v.get_ref().to_string(),
+                    expected: "1 to 100000 requests in flight".into(),
+                },
+            )),
+        }
     }
 
     fn duration(
@@ -1778,6 +1804,7 @@ impl Ctx<'_> {
             .as_ref()
             .map(|t| self.threshold(t, &key("threshold")))
             .transpose()?;
+        let max_in_flight = self.in_flight(&r.max_in_flight, &key("max_in_flight"))?;
 
         Ok(Located {
             key: at.clone(),
@@ -1797,6 +1824,7 @@ impl Ctx<'_> {
                 response_timeout,
                 counting,
                 threshold,
+                max_in_flight,
             },
         })
     }
@@ -2152,6 +2180,7 @@ impl Ctx<'_> {
                     },
                 )),
             };
+        let max_in_flight = self.in_flight(&r.max_in_flight, &key("max_in_flight"))?;
         let defer = match &r.defer {
             None => DeferConfig::default(),
             Some(d) => DeferConfig {
@@ -2186,6 +2215,8 @@ impl Ctx<'_> {
                 reject_style: r.reject_style.unwrap_or(RejectStyle::Salesforce),
                 queue,
                 defer,
+                max_in_flight,
+                ratelimit_headers: r.ratelimit_headers.unwrap_or(true),
                 call_options_client: r.call_options_client.unwrap_or(true),
             },
         })
@@ -2384,6 +2415,8 @@ fn unattributed_integration(org: &OrgId) -> IntegrationConfig {
         reject_style: RejectStyle::Salesforce,
         queue: QueueConfig::default(),
         defer: DeferConfig::default(),
+        max_in_flight: None,
+        ratelimit_headers: true,
         call_options_client: true,
     }
 }

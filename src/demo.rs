@@ -124,7 +124,7 @@ pub async fn run(opts: DemoOptions) -> Result<(), DemoError> {
         return Ok(());
     }
     println!("\nCtrl-C stops the demo.");
-    server.run_until_signal().await;
+    server.run_until_signal(None).await;
     drop(org);
     Ok(())
 }

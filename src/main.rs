@@ -116,7 +116,7 @@ async fn run(command: Command) -> ExitCode {
             cfg.log_warnings();
             match app::start(&cfg).await {
                 Ok(server) => {
-                    server.run_until_signal().await;
+                    server.run_until_signal(Some(&config)).await;
                     ExitCode::SUCCESS
                 }
                 Err(e) => {

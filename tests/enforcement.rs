@@ -69,9 +69,18 @@ probe_interval = "5m""#,
     )
     .await;
     let rest = format!("{}/a/services/data/v62.0/sobjects", env.proxy);
-    for _ in 0..2 {
-        assert_eq!(env.http.get(&rest, &[]).await.0, StatusCode::OK);
-    }
+    // Counted responses say what is left (IETF RateLimit headers; partition key "a").
+    let (status, headers, _) = env.http.get(&rest, &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        headers["ratelimit-policy"],
+        r#""quota";q=2;w=86400;pk=:YQ==:, "daily";q=90;w=86400;pk=:YQ==:"#
+    );
+    assert_eq!(
+        headers["ratelimit"],
+        r#""quota";r=1;pk=:YQ==:, "daily";r=89;pk=:YQ==:"#
+    );
+    assert_eq!(env.http.get(&rest, &[]).await.0, StatusCode::OK);
     // REST: 403 REQUEST_LIMIT_EXCEEDED, saying which budget and when to retry.
     let (status, headers, body) = env.http.get(&rest, &[]).await;
     assert_eq!(status, StatusCode::FORBIDDEN);

@@ -34,7 +34,17 @@ async fn serve(
     dir: &std::path::Path,
     env: &[(&str, &str)],
 ) -> (Proc, String, String) {
-    let (proxy_port, admin_port) = (free_port(), free_port());
+    serve_with(upstream, dir, env, "").await
+}
+
+/// Writes the config `serve` uses, with `extra` keys for integration "a".
+fn write_config(
+    upstream: &str,
+    dir: &std::path::Path,
+    ports: (u16, u16),
+    extra: &str,
+) -> std::path::PathBuf {
+    let (proxy_port, admin_port) = ports;
     let store = dir.join("callmeter.db").display().to_string();
     let toml = format!(
         r#"
@@ -55,10 +65,22 @@ allow_plain_http = true
 id = "a"
 org = "acme"
 match = {{ path_prefix = "/a" }}
+{extra}
 "#
     );
     let path = dir.join("callmeter.toml");
     std::fs::write(&path, toml).expect("write config");
+    path
+}
+
+async fn serve_with(
+    upstream: &str,
+    dir: &std::path::Path,
+    env: &[(&str, &str)],
+    extra: &str,
+) -> (Proc, String, String) {
+    let (proxy_port, admin_port) = (free_port(), free_port());
+    let path = write_config(upstream, dir, (proxy_port, admin_port), extra);
     let child = Command::new(env!("CARGO_BIN_EXE_callmeter"))
         .args(["serve", "--config", path.to_str().expect("path")])
         .envs(env.iter().copied())
@@ -197,4 +219,55 @@ async fn trace_logs_redact_credentials() {
         stderr.contains("/services/data/v62.0/sobjects"),
         "the request itself is logged"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_budgets_and_keeps_counts() {
+    let org = sim::spawn(SimOptions::default()).await.expect("sim");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (proc, proxy, admin) = serve_with(&org.url, dir.path(), &[], "quota = 2").await;
+    let http = Http::new();
+    let url = format!("{proxy}/a/services/data/v62.0/sobjects");
+    for _ in 0..2 {
+        assert_eq!(http.get(&url, &[]).await.0, StatusCode::OK);
+    }
+    assert_eq!(http.get(&url, &[]).await.0, StatusCode::FORBIDDEN);
+
+    // The admin raises the quota and sends SIGHUP.
+    let ports = |u: &str| {
+        u.rsplit(':')
+            .next()
+            .and_then(|p| p.parse::<u16>().ok())
+            .expect("port")
+    };
+    write_config(
+        &org.url,
+        dir.path(),
+        (ports(&proxy), ports(&admin)),
+        "quota = 4",
+    );
+    let hup = Command::new("kill")
+        .args(["-HUP", &proc.0.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(hup.success());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let quota = || async {
+        let body = http.get(&format!("{admin}/api/v1/usage"), &[]).await.2;
+        let usage: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
+        usage["orgs"][0]["integrations"][0]["quota"].as_u64()
+    };
+    while quota().await != Some(4) {
+        assert!(Instant::now() < deadline, "the new quota did not apply");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for _ in 0..2 {
+        assert_eq!(http.get(&url, &[]).await.0, StatusCode::OK);
+    }
+    assert_eq!(
+        http.get(&url, &[]).await.0,
+        StatusCode::FORBIDDEN,
+        "4 in all: the first 2 still count"
+    );
+    assert_eq!(org.count().by_client.get("a"), Some(&4));
 }

@@ -9,6 +9,7 @@
 //! The usage estimate of an org is the last figure Salesforce reported plus the calls forwarded
 //! since that report arrived; with no report yet, the proxy's own window count.
 
+mod budget;
 mod clock;
 pub mod persist;
 mod rate;
@@ -18,13 +19,15 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use budget::{InFlight, IntegrationBudget, OrgBudget};
 pub use clock::Clock;
 pub use rate::TokenBucket;
 pub use window::{Minute, Window};
 
-use crate::config::{
-    Amount, DailyLimit, IntegrationConfig, IntegrationId, OrgConfig, OrgId, Priority,
-};
+use arc_swap::ArcSwap;
+use std::sync::atomic::AtomicU32;
+
+use crate::config::{Amount, IntegrationConfig, IntegrationId, OrgConfig, OrgId};
 use crate::salesforce::UsageReport;
 
 /// How long a usage report stays authoritative against a lower one. Responses of concurrent
@@ -55,6 +58,8 @@ pub enum Budget {
     OrgLimit,
     /// Salesforce itself refuses calls (REQUEST_LIMIT_EXCEEDED); waiting for the next probe.
     Exhausted,
+    /// `max_in_flight` requests of the integration or org are already on their way.
+    InFlight,
 }
 
 impl Budget {
@@ -65,6 +70,7 @@ impl Budget {
             Budget::Reserve => "reserve",
             Budget::OrgLimit => "org_limit",
             Budget::Exhausted => "exhausted",
+            Budget::InFlight => "in_flight",
         }
     }
 }
@@ -79,12 +85,27 @@ pub struct Limited {
     pub size: u64,
 }
 
-/// Proof that a call was counted, to refund it if it never reached Salesforce.
+/// The size of a budget and what is left of it, in calls.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Left {
+    pub size: u64,
+    pub left: u64,
+}
+
+/// An integration's budgets as seen now (see `IntegrationMeter::remaining`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Remaining {
+    pub quota: Option<Left>,
+    pub org: Option<Left>,
+}
+
+/// Proof that a call was counted, to refund it if it never reached Salesforce.
+#[derive(Debug)]
 #[must_use = "a ticket is needed to refund a call that never left"]
 pub struct Ticket {
     units: u32,
     minute: Minute,
+    in_flight: InFlight,
 }
 
 impl Ticket {
@@ -92,13 +113,19 @@ impl Ticket {
     pub fn units(&self) -> u32 {
         self.units
     }
+
+    /// The in-flight slots the call holds, to release when its response is done.
+    pub fn into_in_flight(self) -> InFlight {
+        self.in_flight
+    }
 }
 
 /// Per-org state.
 #[derive(Debug)]
 pub struct OrgMeter {
     id: OrgId,
-    configured_limit: Option<u64>,
+    budget: ArcSwap<OrgBudget>,
+    in_flight: Arc<AtomicU32>,
     /// Counted calls the proxy forwarded within the window.
     window: Window,
     /// Counted calls ever forwarded (less refunds); the estimate adds what came after a report.
@@ -113,10 +140,6 @@ pub struct OrgMeter {
     /// Salesforce answered REQUEST_LIMIT_EXCEEDED (the daily kind) and no report since said
     /// there is budget again.
     exhausted: AtomicBool,
-    /// Kept back for critical integrations.
-    reserve: Amount,
-    /// While exhausted, one call per interval goes through to see whether budget is back.
-    probe_interval: Duration,
     /// Clock microseconds before which no probe is let through.
     next_probe_us: AtomicU64,
     /// Wakes wait queues when budget may have come back sooner than the clock says (a refund,
@@ -132,9 +155,8 @@ pub struct IntegrationMeter {
     id: IntegrationId,
     org: Arc<OrgMeter>,
     window: Window,
-    quota: Option<Amount>,
-    rate: Option<TokenBucket>,
-    critical: bool,
+    budget: ArcSwap<IntegrationBudget>,
+    in_flight: Arc<AtomicU32>,
     /// Calls held back (rejected, or that waited) and calls waiting now, for reporting.
     rejected: AtomicU64,
     queued: std::sync::atomic::AtomicUsize,
@@ -161,18 +183,14 @@ impl OrgMeter {
         let minutes = (cfg.window.as_secs() / 60).clamp(1, u64::from(u32::MAX)) as u32;
         OrgMeter {
             id: cfg.id.clone(),
-            configured_limit: match cfg.daily_limit {
-                DailyLimit::Auto => None,
-                DailyLimit::Calls(n) => Some(n),
-            },
+            budget: ArcSwap::from_pointee(OrgBudget::from_config(cfg)),
+            in_flight: Default::default(),
             window: Window::new(minutes),
             forwarded: AtomicU64::new(0),
             report: AtomicU64::new(0),
             reported_limit: AtomicU64::new(0),
             report_at_ms: AtomicU64::new(0),
             exhausted: AtomicBool::new(false),
-            reserve: cfg.reserve,
-            probe_interval: cfg.probe_interval,
             next_probe_us: AtomicU64::new(0),
             budget_freed: tokio::sync::Notify::new(),
             waiting: Default::default(),
@@ -191,11 +209,12 @@ impl OrgMeter {
 
     /// The daily limit: configured, or learned from Salesforce's reports.
     pub fn limit(&self) -> Option<u64> {
-        self.configured_limit
-            .or_else(|| match self.reported_limit.load(Ordering::Relaxed) {
+        self.budget.load().configured_limit.or_else(|| {
+            match self.reported_limit.load(Ordering::Relaxed) {
                 0 => None,
                 n => Some(n),
-            })
+            }
+        })
     }
 
     /// The usage estimate: last report plus calls forwarded since, or the proxy's own count.
@@ -261,7 +280,7 @@ impl OrgMeter {
     /// Salesforce refused a call for the org's daily limit.
     pub fn observe_exhausted(&self) {
         if !self.exhausted.swap(true, Ordering::AcqRel) {
-            let next = self.clock.micros() + self.probe_interval.as_micros() as u64;
+            let next = self.clock.micros() + self.budget.load().probe_interval.as_micros() as u64;
             self.next_probe_us.store(next, Ordering::Release);
         }
     }
@@ -286,7 +305,7 @@ impl OrgMeter {
             self.count(units, minute);
             return Ok(());
         };
-        let reserve = self.reserve.resolve(limit).min(limit);
+        let reserve = self.budget.load().reserve.resolve(limit).min(limit);
         let cap = if critical { limit } else { limit - reserve };
         let units64 = u64::from(units);
         if self.report_at_ms.load(Ordering::Acquire) == 0 {
@@ -330,7 +349,7 @@ impl OrgMeter {
     fn probe(&self, units: u32, minute: Minute) -> Result<(), Limited> {
         let now = self.clock.micros();
         let next = self.next_probe_us.load(Ordering::Acquire);
-        let interval = self.probe_interval.as_micros() as u64;
+        let interval = self.budget.load().probe_interval.as_micros() as u64;
         if now >= next
             && self
                 .next_probe_us
@@ -360,7 +379,8 @@ impl OrgMeter {
             .window
             .minutes_until_freed(minute, needed)
             .map(|m| until_minute(&self.clock, minute + m));
-        let retry_after = ages_out.map_or(self.probe_interval, |d| d.min(self.probe_interval));
+        let probe = self.budget.load().probe_interval;
+        let retry_after = ages_out.map_or(probe, |d| d.min(probe));
         let budget = if used + units <= limit {
             Budget::Reserve
         } else {
@@ -414,6 +434,12 @@ impl OrgMeter {
         }
     }
 
+    /// Applies a reloaded config's budget; counts are kept.
+    pub fn set_budget(&self, budget: OrgBudget) {
+        self.budget.store(Arc::new(budget));
+        self.signal_freed();
+    }
+
     pub fn is_exhausted(&self) -> bool {
         self.exhausted.load(Ordering::Relaxed)
     }
@@ -431,6 +457,12 @@ impl OrgMeter {
             reported,
             exhausted: self.is_exhausted(),
         }
+    }
+}
+
+fn give_back_rate(budget: &IntegrationBudget, units: u32) {
+    if let Some(rate) = &budget.rate {
+        rate.give_back(units);
     }
 }
 
@@ -457,27 +489,31 @@ fn until_minute(clock: &Clock, minute: Minute) -> Duration {
 impl IntegrationMeter {
     /// An integration with no budget of its own (only the org's applies).
     pub fn new(id: IntegrationId, org: Arc<OrgMeter>) -> Self {
+        Self::with_budget(id, org, IntegrationBudget::default())
+    }
+
+    /// An integration with the budgets of its config.
+    pub fn from_config(cfg: &IntegrationConfig, org: Arc<OrgMeter>) -> Self {
+        Self::with_budget(cfg.id.clone(), org, IntegrationBudget::from_config(cfg))
+    }
+
+    fn with_budget(id: IntegrationId, org: Arc<OrgMeter>, budget: IntegrationBudget) -> Self {
         let minutes = org.window.minutes();
         IntegrationMeter {
             id,
             org,
             window: Window::new(minutes),
-            quota: None,
-            rate: None,
-            critical: false,
+            budget: ArcSwap::from_pointee(budget),
+            in_flight: Default::default(),
             rejected: AtomicU64::new(0),
             queued: Default::default(),
         }
     }
 
-    /// An integration with the budgets of its config.
-    pub fn from_config(cfg: &IntegrationConfig, org: Arc<OrgMeter>) -> Self {
-        IntegrationMeter {
-            quota: cfg.quota,
-            rate: cfg.rate.map(|r| TokenBucket::new(r.per_second, r.burst)),
-            critical: cfg.priority == Priority::Critical,
-            ..Self::new(cfg.id.clone(), org)
-        }
+    /// Applies a reloaded config's budget; the window and its counts are kept.
+    pub fn set_budget(&self, budget: IntegrationBudget) {
+        self.budget.store(Arc::new(budget));
+        self.org.signal_freed();
     }
 
     pub fn id(&self) -> &IntegrationId {
@@ -490,17 +526,41 @@ impl IntegrationMeter {
 
     /// Decides a call worth `units` counted calls and counts it if it goes ahead.
     ///
-    /// In order: the integration's rate, its quota, then the org's limit (less the reserve for
-    /// non-critical integrations, and one probe per interval while Salesforce refuses calls).
-    /// The call is counted here, before it leaves, so concurrent calls see each other; a budget
-    /// that refuses gives back what the earlier ones took.
+    /// In order: requests in flight (integration, then org), the integration's rate, its quota,
+    /// then the org's limit (less the reserve for non-critical integrations, and one probe per
+    /// interval while Salesforce refuses calls). The call is counted here, before it leaves, so
+    /// concurrent calls see each other; a budget that refuses gives back what the earlier ones
+    /// took.
     #[inline]
     pub fn decide(&self, units: u32) -> Verdict {
         let minute = self.org.clock.minute();
-        if units == 0 {
-            return Verdict::Forward(Ticket { units, minute });
+        let budget = self.budget.load();
+        let mut in_flight = InFlight::default();
+        let org_max = self.org.budget.load().max_in_flight;
+        for (counter, max) in [
+            (&self.in_flight, budget.max_in_flight),
+            (&self.org.in_flight, org_max),
+        ] {
+            if let Some(max) = max {
+                if !in_flight.try_take(counter, max) {
+                    // Long-running calls end on their own time; look again in a second.
+                    let retry_after = Duration::from_secs(1);
+                    return Verdict::Limited(Limited {
+                        budget: Budget::InFlight,
+                        retry_after,
+                        size: u64::from(max),
+                    });
+                }
+            }
         }
-        if let Some(rate) = &self.rate {
+        if units == 0 {
+            return Verdict::Forward(Ticket {
+                units,
+                minute,
+                in_flight,
+            });
+        }
+        if let Some(rate) = &budget.rate {
             if let Err(wait) = rate.take(units, self.org.clock.micros()) {
                 let size = (1_000_000 / rate_interval(rate)).max(1);
                 return Verdict::Limited(Limited {
@@ -510,17 +570,15 @@ impl IntegrationMeter {
                 });
             }
         }
-        let quota = self.quota_calls();
-        if let Some(quota) = quota {
+        if let Some(quota) = self.quota_of(&budget) {
             if let Err(used) = self.window.try_add(minute, units, quota) {
-                self.give_back_rate(units);
+                give_back_rate(&budget, units);
                 let needed = (used + u64::from(units)).saturating_sub(quota);
+                let probe = self.org.budget.load().probe_interval;
                 let retry_after = self
                     .window
                     .minutes_until_freed(minute, needed)
-                    .map_or(self.org.probe_interval, |m| {
-                        until_minute(&self.org.clock, minute + m)
-                    });
+                    .map_or(probe, |m| until_minute(&self.org.clock, minute + m));
                 return Verdict::Limited(Limited {
                     budget: Budget::Quota,
                     retry_after,
@@ -530,26 +588,51 @@ impl IntegrationMeter {
         } else {
             self.window.add(minute, units);
         }
-        if let Err(limited) = self.org.try_count(units, minute, self.critical) {
+        if let Err(limited) = self.org.try_count(units, minute, budget.critical) {
             self.window.refund(minute, units);
-            self.give_back_rate(units);
+            give_back_rate(&budget, units);
             return Verdict::Limited(limited);
         }
-        Verdict::Forward(Ticket { units, minute })
+        Verdict::Forward(Ticket {
+            units,
+            minute,
+            in_flight,
+        })
     }
 
-    fn give_back_rate(&self, units: u32) {
-        if let Some(rate) = &self.rate {
-            rate.give_back(units);
+    fn quota_of(&self, budget: &IntegrationBudget) -> Option<u64> {
+        match budget.quota? {
+            Amount::Calls(n) => Some(n),
+            pct @ Amount::Percent(_) => self.org.limit().map(|l| pct.resolve(l)),
         }
+    }
+
+    /// What is left of this integration's budgets, for the `RateLimit` response headers: its
+    /// quota, and the org's limit as it applies to it (less the reserve unless critical).
+    pub fn remaining(&self) -> Remaining {
+        let budget = self.budget.load();
+        let quota = self.quota_of(&budget).map(|size| Left {
+            size,
+            left: size.saturating_sub(self.window_count()),
+        });
+        let org = self.org.limit().map(|limit| {
+            let reserve = self.org.budget.load().reserve.resolve(limit).min(limit);
+            let size = if budget.critical {
+                limit
+            } else {
+                limit - reserve
+            };
+            Left {
+                size,
+                left: size.saturating_sub(self.org.used()),
+            }
+        });
+        Remaining { quota, org }
     }
 
     /// The quota in calls; a percentage needs the org's limit, so it applies once that is known.
     pub fn quota_calls(&self) -> Option<u64> {
-        match self.quota? {
-            Amount::Calls(n) => Some(n),
-            pct @ Amount::Percent(_) => self.org.limit().map(|l| pct.resolve(l)),
-        }
+        self.quota_of(&self.budget.load())
     }
 
     /// A call of this integration was answered with a limit (reject, queue overflow, timeout).
@@ -611,7 +694,7 @@ pub struct Meter {
 struct OrgEntry {
     meter: Arc<OrgMeter>,
     thresholds: Vec<Amount>,
-    integrations: Vec<(Arc<IntegrationMeter>, Option<Amount>)>,
+    integrations: Vec<Arc<IntegrationMeter>>,
 }
 
 /// The per-minute counts of one window, for saving.
@@ -676,13 +759,13 @@ impl Meter {
     }
 
     /// Registers an integration of an org added before.
-    pub fn add_integration(&mut self, meter: Arc<IntegrationMeter>, quota: Option<Amount>) {
+    pub fn add_integration(&mut self, meter: Arc<IntegrationMeter>) {
         if let Some(org) = self
             .orgs
             .iter_mut()
             .find(|o| Arc::ptr_eq(&o.meter, &meter.org))
         {
-            org.integrations.push((meter, quota));
+            org.integrations.push(meter);
         }
     }
 
@@ -697,7 +780,7 @@ impl Meter {
                 integration: None,
                 buckets: entry.meter.window.buckets(now),
             });
-            for (m, _) in &entry.integrations {
+            for m in &entry.integrations {
                 let buckets = m.window.buckets(now);
                 out.push(WindowCounts {
                     org: org.clone(),
@@ -727,12 +810,26 @@ impl Meter {
                 let total: u64 = buckets.iter().map(|&(_, c)| u64::from(c)).sum();
                 entry.meter.forwarded.fetch_add(total, Ordering::AcqRel);
             }
-            Some(id) => match entry.integrations.iter().find(|(m, _)| m.id.as_str() == id) {
-                Some((m, _)) => m.window.restore(now, buckets),
+            Some(id) => match entry.integrations.iter().find(|m| m.id.as_str() == id) {
+                Some(m) => m.window.restore(now, buckets),
                 None => return false,
             },
         }
         true
+    }
+
+    /// An org's meter by id.
+    pub fn org(&self, id: &str) -> Option<&Arc<OrgMeter>> {
+        self.orgs
+            .iter()
+            .map(|e| &e.meter)
+            .find(|m| m.id.as_str() == id)
+    }
+
+    /// An integration's meter by org and id.
+    pub fn integration(&self, org: &str, id: &str) -> Option<&Arc<IntegrationMeter>> {
+        let entry = self.orgs.iter().find(|e| e.meter.id.as_str() == org)?;
+        entry.integrations.iter().find(|m| m.id.as_str() == id)
     }
 
     /// The orgs' meters, for state that is saved apart from the windows.
@@ -770,10 +867,10 @@ impl Meter {
                     integrations: entry
                         .integrations
                         .iter()
-                        .map(|(m, quota)| IntegrationReport {
+                        .map(|m| IntegrationReport {
                             id: m.id().to_string(),
                             window: m.window_count(),
-                            quota: quota.as_ref().and_then(resolve),
+                            quota: m.quota_calls(),
                             queue_depth: m.queued.load(Ordering::Relaxed) as u64,
                             rejections: m.rejected.load(Ordering::Relaxed),
                         })
@@ -794,6 +891,7 @@ impl Default for Meter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::DailyLimit;
 
     fn org(limit: DailyLimit, window: Duration) -> Arc<OrgMeter> {
         let limit = match limit {
@@ -1011,6 +1109,56 @@ mod tests {
         // The probe's answer shows budget: calls flow again.
         org.observe_report(report(10, 15_000));
         let _ = forwarded(m[0].decide(1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn in_flight_slots_are_held_until_the_ticket_is_done() {
+        let (_, m) = setup("max_in_flight = 3", &integration("a", "max_in_flight = 2"));
+        let t1 = forwarded(m[0].decide(1));
+        let t2 = forwarded(m[0].decide(0)); // free calls take a slot too: they are requests
+        let l = limited(m[0].decide(1));
+        assert_eq!(
+            (l.budget, l.size, l.retry_after),
+            (Budget::InFlight, 2, Duration::from_secs(1))
+        );
+        drop(t1.into_in_flight()); // its response is done
+        let t3 = forwarded(m[0].decide(1));
+        // The org's own cap applies across integrations.
+        let (_, more) = setup(
+            "max_in_flight = 1",
+            &(integration("a", "") + &integration("b", "")),
+        );
+        let held = forwarded(more[0].decide(1));
+        assert_eq!(limited(more[1].decide(1)).budget, Budget::InFlight);
+        more[0].refund(held); // a call that never left releases its slot too
+        let _ = forwarded(more[1].decide(1));
+        drop((t2, t3));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reload_changes_budgets_and_keeps_counts() {
+        let (org, m) = setup("daily_limit = 100", &integration("a", "quota = 2"));
+        let _ = forwarded(m[0].decide(2));
+        assert_eq!(limited(m[0].decide(1)).budget, Budget::Quota);
+        let cfg = crate::config::parse(
+            &format!(
+                "[[listener]]\nname = \"main\"\nlisten = \"127.0.0.1:0\"\n[[org]]\nid = \"acme\"\n\
+                 instance_url = \"https://acme.my.salesforce.com\"\ndaily_limit = 6\n{}",
+                integration("a", "quota = 5")
+            ),
+            std::path::Path::new("reload.toml"),
+        )
+        .expect("config");
+        m[0].set_budget(IntegrationBudget::from_config(&cfg.integrations[0]));
+        org.set_budget(OrgBudget::from_config(&cfg.orgs[0]));
+        let _ = forwarded(m[0].decide(1));
+        assert_eq!(m[0].window_count(), 3, "the count went on from 2");
+        let _ = forwarded(m[0].decide(2));
+        assert_eq!(
+            limited(m[0].decide(1)).budget,
+            Budget::Quota,
+            "the new quota of 5 applies"
+        );
     }
 
     #[test]

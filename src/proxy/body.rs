@@ -168,6 +168,8 @@ pub enum ResponseBody {
     Observed(Observed),
     /// A body the proxy made or rewrote.
     Full(Option<Bytes>),
+    /// A body whose call holds `max_in_flight` slots until the body is done (or dropped).
+    Held(Box<ResponseBody>, crate::meter::InFlight),
 }
 
 impl ResponseBody {
@@ -177,6 +179,15 @@ impl ResponseBody {
 
     pub fn empty() -> Self {
         ResponseBody::Full(None)
+    }
+
+    /// Keeps the call's in-flight slots until this body is sent (no-op when it holds none).
+    pub fn hold(self, in_flight: crate::meter::InFlight) -> Self {
+        if in_flight.is_empty() {
+            self
+        } else {
+            ResponseBody::Held(Box::new(self), in_flight)
+        }
     }
 
     pub fn observed(inner: Incoming, observer: Box<dyn Observer>) -> Self {
@@ -258,6 +269,7 @@ impl Body for ResponseBody {
                 polled
             }
             ResponseBody::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            ResponseBody::Held(inner, _) => Pin::new(inner.as_mut()).poll_frame(cx),
         }
     }
 
@@ -270,6 +282,7 @@ impl Body for ResponseBody {
                 prefix.as_ref().is_none_or(Bytes::is_empty) && inner.is_end_stream()
             }
             ResponseBody::Full(data) => data.is_none(),
+            ResponseBody::Held(inner, _) => inner.is_end_stream(),
         }
     }
 
@@ -284,6 +297,7 @@ impl Body for ResponseBody {
             ResponseBody::Full(data) => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
+            ResponseBody::Held(inner, _) => inner.size_hint(),
         }
     }
 }

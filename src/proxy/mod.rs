@@ -199,6 +199,9 @@ async fn proxy(
 
     // 7. respond, record
     headers::to_client(&mut parts.headers);
+    if ticket.units() > 0 {
+        reject::add_ratelimit_headers(&mut parts.headers, &route);
+    }
     route.metrics.record(api, admitted, started.elapsed());
     tracing::debug!(
         integration = route.id(),
@@ -207,7 +210,10 @@ async fn proxy(
         status = parts.status.as_u16(),
         "forwarded"
     );
-    Ok(Response::from_parts(parts, body))
+    Ok(Response::from_parts(
+        parts,
+        body.hold(ticket.into_in_flight()),
+    ))
 }
 
 /// Step 2: what the call is and how many calls Salesforce counts for it. Composite batches

@@ -43,6 +43,43 @@ fn describe(limited: &Limited, route: &Route) -> String {
         Budget::Exhausted => format!(
             "Salesforce refuses calls for org \"{org}\" (REQUEST_LIMIT_EXCEEDED); one call per probe interval is let through to see whether budget is back"
         ),
+        Budget::InFlight => format!(
+            "{} requests of integration \"{integration}\" or org \"{org}\" are already in flight (max_in_flight)",
+            limited.size
+        ),
+    }
+}
+
+/// The IETF `RateLimit-Policy` / `RateLimit` headers (draft-ietf-httpapi-ratelimit-headers)
+/// on a counted response: the integration's quota and the org's daily budget as it applies to
+/// the integration, each with the integration as partition key.
+pub fn add_ratelimit_headers(headers: &mut http::HeaderMap, route: &Route) {
+    let Some(pk) = &route.ratelimit_key else {
+        return;
+    };
+    let remaining = route.meter.remaining();
+    let window = route.org.meter.window_length().as_secs();
+    let mut policy = String::new();
+    let mut state = String::new();
+    for (name, budget) in [("quota", remaining.quota), ("daily", remaining.org)] {
+        let Some(crate::meter::Left { size, left }) = budget else {
+            continue;
+        };
+        if !policy.is_empty() {
+            policy.push_str(", ");
+            state.push_str(", ");
+        }
+        policy.push_str(&format!("\"{name}\";q={size};w={window};pk=:{pk}:"));
+        state.push_str(&format!("\"{name}\";r={left};pk=:{pk}:"));
+    }
+    if let (Ok(p), Ok(s)) = (
+        HeaderValue::from_str(&policy),
+        HeaderValue::from_str(&state),
+    ) {
+        if !policy.is_empty() {
+            headers.insert(RATELIMIT_POLICY, p);
+            headers.insert(RATELIMIT, s);
+        }
     }
 }
 

@@ -36,6 +36,9 @@ pub struct Route {
     pub queue: Option<Arc<crate::queue::WaitQueue>>,
     /// Where calls are stored when `on_limit = "defer"`.
     pub defer: Option<super::DeferRoute>,
+    /// The integration id in base64, the partition key of the `RateLimit` headers; `None` when
+    /// the integration turned those headers off.
+    pub ratelimit_key: Option<String>,
 }
 
 impl Route {
