@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use crate::meter::Meter;
 use crate::metrics::Metrics;
-use crate::proxy::ResponseBody;
+use crate::proxy::{constant_time_eq, ResponseBody};
 use crate::queue::deferred::{now_ms, Deferrals};
 use crate::store::{DeferredFilter, DeferredId, DeferredState};
 
@@ -189,10 +189,6 @@ impl Admin {
 #[derive(Serialize)]
 struct DeferredList {
     calls: Vec<crate::store::DeferredSummary>,
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 fn text(status: StatusCode, body: impl Into<bytes::Bytes>) -> Response<ResponseBody> {

@@ -245,24 +245,6 @@ async fn failed_replays_wait_in_the_admin_list_and_a_retry_delivers_them() {
     assert_eq!(status, StatusCode::CONFLICT);
 }
 
-/// Kills the child on drop, so a failing test leaves no process behind.
-struct Proc(std::process::Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
 /// Starts `callmeter serve` with a deferring integration of quota `quota`; waits until ready.
 async fn serve(upstream: &str, dir: &std::path::Path, ports: (u16, u16), quota: u64) -> Proc {
     let (proxy_port, admin_port) = ports;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use callmeter::sim::SimOptions;
 use common::*;
-use http::{Method, StatusCode};
+use http::StatusCode;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn budget_of_1000_under_256_connections_forwards_exactly_1000() {
@@ -101,15 +101,7 @@ probe_interval = "5m""#,
     );
 
     // SOAP: HTTP 500 SOAP fault sf:REQUEST_LIMIT_EXCEEDED.
-    let (status, headers, body) = env
-        .http
-        .send(
-            Method::POST,
-            &format!("{}/a/services/Soap/u/62.0/00D000000000001AAA", env.proxy),
-            &soap_headers("query"),
-            SOAP_QUERY,
-        )
-        .await;
+    let (status, headers, body) = env.soap_query("/a").await;
     assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
     let text = String::from_utf8_lossy(&body);
     assert!(

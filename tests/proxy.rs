@@ -474,15 +474,7 @@ async fn salesforce_refusing_for_the_daily_limit_marks_the_org_exhausted() {
 
     // While exhausted the proxy itself holds calls back (one probe per interval), in the same
     // shapes: SOAP faults for SOAP.
-    let (status, _, body) = env
-        .http
-        .send(
-            Method::POST,
-            &format!("{}/a/services/Soap/u/62.0/00D000000000001AAA", env.proxy),
-            &soap_headers("query"),
-            SOAP_QUERY,
-        )
-        .await;
+    let (status, _, body) = env.soap_query("/a").await;
     assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
     assert!(String::from_utf8_lossy(&body).contains("sf:REQUEST_LIMIT_EXCEEDED"));
     assert_eq!(

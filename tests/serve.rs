@@ -3,30 +3,12 @@
 mod common;
 
 use std::io::Read;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use callmeter::sim::{self, SimOptions};
 use common::*;
 use http::{Method, StatusCode};
-
-/// Kills the child on drop, so a failing test leaves no process behind.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
 
 /// Starts `callmeter serve` in front of `upstream`; returns the process and the proxy/admin URLs.
 async fn serve(

@@ -29,7 +29,7 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 
 pub use body::{RequestBody, ResponseBody};
-pub use deferred::DeferRoute;
+pub use deferred::{constant_time_eq, DeferRoute};
 pub use error::ProxyError;
 pub use forward::{Upstream, UpstreamSetupError};
 pub use listener::{serve_listener, ConnLimits, ListenerSetupError, TlsSetup};

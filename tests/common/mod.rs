@@ -193,3 +193,35 @@ pub fn xml_text<'a>(xml: &'a str, tag: &str) -> Option<&'a str> {
     let end = xml[start..].find(&close)? + start;
     Some(&xml[start..end])
 }
+
+/// A child process killed on drop, so a failing test leaves nothing behind.
+pub struct Proc(pub std::process::Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A port that was free a moment ago, for processes that cannot be told to bind port 0.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+impl Env {
+    /// Sends the SOAP `query()` call to org `00D000000000001AAA` through `prefix`.
+    pub async fn soap_query(&self, prefix: &str) -> (StatusCode, HeaderMap, Bytes) {
+        let url = format!(
+            "{}{prefix}/services/Soap/u/62.0/00D000000000001AAA",
+            self.proxy
+        );
+        self.http
+            .send(Method::POST, &url, &soap_headers("query"), SOAP_QUERY)
+            .await
+    }
+}
