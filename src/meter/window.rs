@@ -5,9 +5,12 @@
 //! buckets; each bucket packs the minute it belongs to and the calls counted in it into one
 //! `AtomicU64`, so a rollover (the slot now belongs to a newer minute) is a single
 //! compare-and-swap that exactly one thread wins, and the winner alone takes the old calls off the
-//! running total. The running total makes reading the window O(1) on the hot path.
+//! running total. The running total makes reading the window O(1) on the hot path. The ring
+//! (11 KiB for 24 hours) is allocated with the first call, so idle integrations cost only the
+//! few words of the struct.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
 
 /// Minutes since the Unix epoch. 32 bits last until the year 10136.
 pub type Minute = u32;
@@ -29,7 +32,9 @@ fn unpack(word: u64) -> (Minute, u32) {
 /// and its arithmetic is tested with plain numbers.
 #[derive(Debug)]
 pub struct Window {
-    buckets: Box<[AtomicU64]>,
+    len: u32,
+    /// The ring of buckets, allocated by the first call counted.
+    ring: OnceLock<Box<[AtomicU64]>>,
     /// Sum of the counts of the buckets still inside the window (see `advance`).
     total: AtomicU64,
     /// The newest minute whose expired slot has been swept. Only moves forward.
@@ -39,9 +44,9 @@ pub struct Window {
 impl Window {
     /// A window of `minutes` buckets (at least one).
     pub fn new(minutes: u32) -> Self {
-        let len = minutes.max(1) as usize;
         Window {
-            buckets: (0..len).map(|_| AtomicU64::new(0)).collect(),
+            len: minutes.max(1),
+            ring: OnceLock::new(),
             total: AtomicU64::new(0),
             swept: AtomicU64::new(0),
         }
@@ -49,12 +54,24 @@ impl Window {
 
     /// Length of the window in minutes.
     pub fn minutes(&self) -> u32 {
-        self.buckets.len() as u32
+        self.len
     }
 
+    /// The slot of `minute`, if the ring exists (before the first call nothing is in it).
     #[inline]
-    fn slot(&self, minute: Minute) -> &AtomicU64 {
-        &self.buckets[minute as usize % self.buckets.len()]
+    fn slot(&self, minute: Minute) -> Option<&AtomicU64> {
+        self.ring
+            .get()
+            .map(|ring| &ring[(minute % self.len) as usize])
+    }
+
+    /// The slot of `minute`, allocating the ring if this is the first call.
+    #[inline]
+    fn slot_mut(&self, minute: Minute) -> &AtomicU64 {
+        let ring = self
+            .ring
+            .get_or_init(|| (0..self.len).map(|_| AtomicU64::new(0)).collect());
+        &ring[(minute % self.len) as usize]
     }
 
     /// Takes the calls of minutes that left the window off the total.
@@ -75,8 +92,11 @@ impl Window {
         {
             return; // another thread sweeps
         }
+        if self.ring.get().is_none() {
+            return; // nothing was ever counted
+        }
         // At most one full turn of the ring needs clearing, however long we were idle.
-        let from = (swept + 1).max(u64::from(now).saturating_sub(self.buckets.len() as u64 - 1));
+        let from = (swept + 1).max(u64::from(now).saturating_sub(u64::from(self.len) - 1));
         for minute in from..=u64::from(now) {
             self.expire_slot(minute as Minute);
         }
@@ -84,7 +104,9 @@ impl Window {
 
     /// Rolls the slot of `minute` over to `minute` if it still holds an older minute.
     fn expire_slot(&self, minute: Minute) {
-        let slot = self.slot(minute);
+        let Some(slot) = self.slot(minute) else {
+            return;
+        };
         let mut word = slot.load(Ordering::Acquire);
         loop {
             let (stamp, count) = unpack(word);
@@ -147,7 +169,7 @@ impl Window {
     }
 
     fn add_to_bucket(&self, now: Minute, units: u32) {
-        let slot = self.slot(now);
+        let slot = self.slot_mut(now);
         let mut word = slot.load(Ordering::Acquire);
         loop {
             let (stamp, count) = unpack(word);
@@ -177,7 +199,7 @@ impl Window {
         if units == 0 {
             return;
         }
-        let slot = self.slot(at);
+        let Some(slot) = self.slot(at) else { return };
         let mut word = slot.load(Ordering::Acquire);
         loop {
             let (stamp, count) = unpack(word);
@@ -212,11 +234,11 @@ impl Window {
     /// the ring, so it is for the limited path, not for every call.
     pub fn minutes_until_freed(&self, now: Minute, needed: u64) -> Option<u32> {
         self.advance(now);
-        let len = self.buckets.len() as u32;
+        let len = self.len;
         let oldest = now.saturating_sub(len - 1);
         let mut freed = 0u64;
         for minute in oldest..=now {
-            let (stamp, count) = unpack(self.slot(minute).load(Ordering::Acquire));
+            let (stamp, count) = unpack(self.slot(minute)?.load(Ordering::Acquire));
             if stamp == minute {
                 freed += u64::from(count);
             }
@@ -232,7 +254,7 @@ impl Window {
     /// are skipped. Meant for a window that has counted nothing yet.
     pub fn restore(&self, now: Minute, buckets: &[(Minute, u32)]) {
         self.advance(now);
-        let len = self.buckets.len() as u32;
+        let len = self.len;
         for &(minute, count) in buckets {
             if minute <= now && minute + len > now && count > 0 {
                 self.total.fetch_add(u64::from(count), Ordering::AcqRel);
@@ -244,10 +266,10 @@ impl Window {
     /// Per-minute counts still in the window, oldest first, for snapshots.
     pub fn buckets(&self, now: Minute) -> Vec<(Minute, u32)> {
         self.advance(now);
-        let len = self.buckets.len() as u32;
+        let len = self.len;
         (now.saturating_sub(len - 1)..=now)
             .filter_map(|minute| {
-                let (stamp, count) = unpack(self.slot(minute).load(Ordering::Acquire));
+                let (stamp, count) = unpack(self.slot(minute)?.load(Ordering::Acquire));
                 (stamp == minute && count > 0).then_some((minute, count))
             })
             .collect()
@@ -284,6 +306,19 @@ mod tests {
         assert_eq!(w.total(T0 + 100), 5);
         assert_eq!(w.buckets(T0 + 100), vec![(T0 + 41, 2), (T0 + 99, 3)]);
         assert_eq!(w.total(T0 + 101), 3);
+    }
+
+    #[test]
+    fn the_ring_is_allocated_by_the_first_call() {
+        let w = Window::new(1440);
+        assert_eq!(w.total(T0), 0);
+        assert!(w.ring.get().is_none(), "reading does not allocate");
+        assert_eq!(w.minutes_until_freed(T0, 1), None);
+        w.refund(T0, 1);
+        assert!(w.ring.get().is_none());
+        w.add(T0 + 5, 1);
+        assert_eq!(w.total(T0 + 5), 1);
+        assert_eq!(w.total(T0 + 5 + 1440), 0);
     }
 
     #[test]
