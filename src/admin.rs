@@ -21,10 +21,15 @@ pub struct Admin {
     pub meter: Arc<Meter>,
     /// False until every listener is bound, and again once shutdown starts.
     pub ready: AtomicBool,
+    /// The status page, the threshold and history APIs.
+    pub console: Arc<crate::console::Console>,
 }
 
 impl Admin {
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<ResponseBody> {
+        if crate::console::Console::serves(req.uri().path()) {
+            return self.console.clone().handle(req).await;
+        }
         if req.method() != Method::GET && req.method() != Method::HEAD {
             return text(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -52,7 +57,8 @@ impl Admin {
             "/api/v1/usage" => json(StatusCode::OK, &self.meter.usage()),
             _ => text(
                 StatusCode::NOT_FOUND,
-                "not found; try /metrics, /healthz, /readyz or /api/v1/usage\n",
+                "not found; try / (status page), /metrics, /healthz, /readyz, /api/v1/usage, \
+                 /api/v1/history or /api/v1/orgs/{org}/threshold\n",
             ),
         }
     }

@@ -42,6 +42,8 @@ pub enum StartError {
     Upstream(#[from] proxy::UpstreamSetupError),
     #[error("store: {0}")]
     Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Console(#[from] crate::console::SetupError),
     #[error("listener \"{name}\": {source}")]
     Tls {
         name: String,
@@ -206,10 +208,13 @@ pub async fn start(config: &Config) -> Result<Server, StartError> {
         bound.push((l.name.clone(), addr));
     }
 
+    let console =
+        crate::console::start(config, &meter, &store, &metrics, &stop, &mut tasks).await?;
     let admin = Arc::new(Admin {
         metrics,
         meter: meter.clone(),
         ready: Default::default(),
+        console,
     });
     let socket = TcpListener::bind(config.admin.listen)
         .await
@@ -235,7 +240,7 @@ pub async fn start(config: &Config) -> Result<Server, StartError> {
         stopped(&stop),
         grace,
     ));
-    tracing::info!(addr = %admin_addr, "admin listening (/metrics, /healthz, /readyz, /api/v1/usage)");
+    tracing::info!(addr = %admin_addr, "admin listening (status page /, /metrics, /healthz, /readyz, /api/v1/usage)");
     tasks.spawn(persist::run(meter.clone(), store.clone(), stop.subscribe()));
     admin.ready.store(true, Ordering::Relaxed);
 

@@ -70,6 +70,7 @@ pub struct Metrics {
     duration: HistogramVec,
     unmatched: IntCounterVec,
     usage_reports: IntCounterVec,
+    notifications: IntCounterVec,
 }
 
 /// Errors are only possible from a programming mistake (a bad metric name or duplicate
@@ -153,6 +154,11 @@ impl Metrics {
                 "Usage figures read from Salesforce responses (Sforce-Limit-Info, LimitInfoHeader, /limits), by result.",
                 &["org", "result"],
             ),
+            notifications: counter(
+                "callmeter_notifications_total",
+                "Threshold email delivery attempts, by result: sent, or failed (each failed attempt; it is retried with backoff).",
+                &["org", "result"],
+            ),
             registry,
         };
         let build = must(IntGaugeVec::new(
@@ -179,6 +185,11 @@ impl Metrics {
 
     /// The handles of one org.
     pub fn org(&self, org: &str) -> OrgMetrics {
+        // Threshold emails are rare: their series exist from the start at 0, so that rate() and
+        // increase() see the first failure.
+        for result in ["sent", "failed"] {
+            self.notifications.with_label_values(&[org, result]);
+        }
         OrgMetrics {
             reports_ok: self.usage_reports.with_label_values(&[org, "ok"]),
             reports_malformed: self.usage_reports.with_label_values(&[org, "malformed"]),
@@ -209,6 +220,12 @@ impl Metrics {
                     .set(clamp_i64(i.queue_depth));
             }
         }
+    }
+
+    /// One delivery attempt of a threshold email of `org`: sent, or failed.
+    pub fn notification(&self, org: &str, sent: bool) {
+        let result = if sent { "sent" } else { "failed" };
+        self.notifications.with_label_values(&[org, result]).inc();
     }
 
     /// A request on `listener` that matched no integration.
