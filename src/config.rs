@@ -401,7 +401,8 @@ pub struct ThresholdConfig {
     pub levels: Vec<Amount>,
     /// Email addresses; may be empty (the threshold then only colours the dashboards).
     pub notify: Vec<String>,
-    /// Default 4 h: at most one email per level per interval.
+    /// Default 4 h: the shortest time between two emails of an org (or of one integration's
+    /// quota), except that a higher level than the last one emailed is told at once.
     pub min_interval: Duration,
 }
 
@@ -3530,6 +3531,74 @@ match = { path_prefix = "/PREFIX2" }
             "[org.threshold]\nlevels = [\"80%\"]\nnotify = [\"admin@example.com\"]\n",
         ));
         assert!(config.warnings().iter().any(|w| w.contains("no [smtp]")));
+    }
+
+    #[test]
+    fn history_time_zones() {
+        let config = ok(BASE);
+        assert_eq!(config.history.time_zone_name, "UTC");
+        assert_eq!(config.history.time_zone, tz::TimeZone::utc());
+        let plus2 = ok(&with("[history]\ntime_zone = \"+02:00\"\n"));
+        assert_eq!(plus2.history.time_zone, tz::TimeZone::fixed(7200).unwrap());
+        let minus = ok(&with("[history]\ntime_zone = \"-09:30\"\n"));
+        assert_eq!(
+            minus.history.time_zone,
+            tz::TimeZone::fixed(-34_200).unwrap()
+        );
+        for bad in [
+            "Mars/Olympus_Mons",
+            "+2",
+            "+15:00",
+            "../../etc/passwd",
+            "/etc/localtime",
+            "",
+        ] {
+            let e = fail(&with(&format!("[history]\ntime_zone = {bad:?}\n")));
+            assert_err(&e, "history.time_zone", Some(10));
+            assert!(e.to_string().contains("is not a time zone"), "{e}");
+        }
+        if std::path::Path::new("/usr/share/zoneinfo/Europe/Berlin").exists() {
+            let berlin = ok(&with("[history]\ntime_zone = \"Europe/Berlin\"\n"));
+            assert_eq!(berlin.history.time_zone_name, "Europe/Berlin");
+        }
+        let e = fail(&with("[history]\nzone = \"UTC\"\n"));
+        assert_eq!(e.key(), Some("history.zone"), "{e}");
+    }
+
+    #[test]
+    fn smtp_ca_must_exist() {
+        let smtp = "[smtp]\nhost = \"mx\"\nfrom = \"a@b\"\n";
+        let e = fail(&with(&format!("{smtp}ca = \"/nonexistent/ca.pem\"\n")));
+        assert_err(&e, "smtp.ca", Some(12));
+        let ca = tempfile::NamedTempFile::new().unwrap();
+        let config = ok(&with(&format!("{smtp}ca = {:?}\n", ca.path())));
+        assert_eq!(config.smtp.unwrap().ca.as_deref(), Some(ca.path()));
+    }
+
+    #[test]
+    fn a_threshold_alone_is_validated_like_org_threshold() {
+        let source = Path::new("request body");
+        let t = parse_threshold(
+            "[threshold]\nlevels = [\"80%\", 900]\nnotify = [\"a@example.com\"]\n",
+            source,
+        )
+        .expect("valid");
+        assert_eq!(t.levels, vec![Amount::Percent(80.0), Amount::Calls(900)]);
+        assert_eq!(t.min_interval, DEFAULT_THRESHOLD_MIN_INTERVAL);
+        for (text, key) in [
+            ("[threshold]\nlevels = [\"80%\", \"x\"]\n", "levels[1]"),
+            ("[threshold]\nlevels = []\n", "levels"),
+            ("[threshold]\n", "levels"),
+            (
+                "[threshold]\nlevels = [\"80%\"]\nmin_interval = \"0s\"\n",
+                "min_interval",
+            ),
+            ("[threshold]\nlevels = [\"80%\"]\nbogus = 1\n", "bogus"),
+            ("", "levels"),
+        ] {
+            let e = parse_threshold(text, source).expect_err(text);
+            assert_eq!(e.key(), Some(key), "{text}: {e}");
+        }
     }
 
     #[test]

@@ -331,6 +331,98 @@ mod tests {
         );
     }
 
+    /// A meter of org acme with integrations a and b, as `app` builds it.
+    fn meter() -> (Meter, Vec<Arc<crate::meter::IntegrationMeter>>) {
+        let toml = "[[listener]]\nname = \"main\"\nlisten = \"127.0.0.1:0\"\n[[org]]\nid = \"acme\"\n\
+                    instance_url = \"https://acme.my.salesforce.com\"\n\
+                    [[integration]]\nid = \"a\"\norg = \"acme\"\nmatch = { path_prefix = \"/a\" }\n\
+                    [[integration]]\nid = \"b\"\norg = \"acme\"\nmatch = { path_prefix = \"/b\" }\n";
+        let cfg = crate::config::parse(toml, std::path::Path::new("t.toml")).expect("config");
+        let org = Arc::new(crate::meter::OrgMeter::new(
+            &cfg.orgs[0],
+            crate::meter::Clock::new(),
+        ));
+        let mut meter = Meter::new();
+        meter.add_org(org.clone(), Vec::new());
+        let mut ims = Vec::new();
+        for i in &cfg.integrations {
+            let im = Arc::new(crate::meter::IntegrationMeter::from_config(i, org.clone()));
+            meter.add_integration(im.clone(), None);
+            ims.push(im);
+        }
+        (meter, ims)
+    }
+
+    fn count(im: &crate::meter::IntegrationMeter, n: u32) {
+        for _ in 0..n {
+            assert!(matches!(im.decide(1), crate::meter::Verdict::Forward(_)));
+        }
+    }
+
+    fn today(report: &HistoryReport) -> &BTreeMap<String, u64> {
+        &report.orgs[0].days.last().expect("today").integrations
+    }
+
+    #[tokio::test]
+    async fn records_finished_minutes_once_and_queries_add_the_rest() {
+        let (meter, ims) = meter();
+        count(&ims[0], 3);
+        count(&ims[1], 5);
+        let meter = Arc::new(meter);
+        let store = Arc::new(Store::open_in_memory().expect("store"));
+        let history = History::open(meter.clone(), store.clone(), HistoryConfig::default())
+            .await
+            .expect("history");
+        let now = history.now_minute();
+        let expect = |a: u64, b: u64| BTreeMap::from([("a".to_owned(), a), ("b".to_owned(), b)]);
+
+        // The current minute is not finished: nothing recorded, all of it live.
+        assert_eq!(history.record(now).await.expect("record"), 0);
+        assert!(store.history(None, "1970-01-01").expect("rows").is_empty());
+        assert_eq!(
+            today(&history.report(7, None).await.expect("report")),
+            &expect(3, 5)
+        );
+
+        // Minutes later (as far as the recorder is told), they are in the store, once.
+        assert_eq!(history.record(now + 3).await.expect("record"), 8);
+        assert_eq!(history.record(now + 3).await.expect("record"), 0);
+        let rows = store.history(None, "1970-01-01").expect("rows");
+        let stored: Vec<(&str, u64)> = rows
+            .iter()
+            .map(|r| (r.integration.as_str(), r.calls))
+            .collect();
+        assert_eq!(stored, [("a", 3), ("b", 5)]);
+        assert_eq!(rows[0].day, day_string(history.day_of(now)));
+        assert_eq!(
+            store.get_state(MARK_KEY).expect("mark"),
+            Some((now + 1).to_string())
+        );
+        let report = history.report(7, None).await.expect("report");
+        assert_eq!(today(&report), &expect(3, 5), "not counted twice");
+        assert_eq!(report.orgs[0].days.len(), 7);
+        assert_eq!(report.orgs[0].days[6].total, 8);
+
+        // A new History (a restart) reads the mark: the recorded minutes are not also taken
+        // from the windows.
+        let reopened = History::open(meter.clone(), store.clone(), HistoryConfig::default())
+            .await
+            .expect("history");
+        let report = reopened.report(1, Some("acme")).await.expect("report");
+        assert_eq!(today(&report), &expect(3, 5));
+
+        // Days older than KEEP_DAYS are purged when minutes are recorded.
+        store
+            .add_history("2000-01-01", "acme", "a", 7)
+            .expect("old row");
+        history.record(now + 4).await.expect("record");
+        assert!(store
+            .history(None, "1970-01-01")
+            .expect("rows")
+            .iter()
+            .all(|r| r.day != "2000-01-01"));
+    }
+
     #[test]
     fn named_zones_follow_daylight_saving_time() {
         let Ok(berlin) = tz::TimeZone::from_posix_tz(":Europe/Berlin") else {

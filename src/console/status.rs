@@ -261,26 +261,27 @@ fn history_table(h: &mut String, org: &crate::history::OrgHistory, zone: &str) {
         org.days.len(),
         escape(zone)
     );
-    for d in &org.days {
-        // MM-DD is enough in a table headed by the year's days.
-        let _ = write!(
-            h,
-            "<th title=\"{0}\">{1}</th>",
-            escape(&d.day),
-            escape(d.day.get(5..).unwrap_or(&d.day))
-        );
+    // Newest first: on a phone the table scrolls sideways, and today matters most.
+    for (n, d) in org.days.iter().rev().enumerate() {
+        // MM-DD is enough for a week.
+        let label = if n == 0 {
+            "Today"
+        } else {
+            d.day.get(5..).unwrap_or(&d.day)
+        };
+        let _ = write!(h, "<th title=\"{}\">{}</th>", escape(&d.day), escape(label));
     }
     h.push_str("</tr></thead><tbody>");
     for id in first.integrations.keys() {
         let _ = write!(h, "<tr><th scope=\"row\">{}</th>", escape(id));
-        for d in &org.days {
+        for d in org.days.iter().rev() {
             let n = d.integrations.get(id).copied().unwrap_or(0);
             let _ = write!(h, "<td>{}</td>", thousands(n));
         }
         h.push_str("</tr>");
     }
     h.push_str("<tr class=\"total\"><th scope=\"row\">All</th>");
-    for d in &org.days {
+    for d in org.days.iter().rev() {
         let _ = write!(h, "<td>{}</td>", thousands(d.total));
     }
     h.push_str("</tr></tbody></table></div>");

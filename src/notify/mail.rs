@@ -18,6 +18,8 @@ use crate::metrics::Metrics;
 
 /// How long one SMTP exchange (connect, TLS, AUTH, the message) may take.
 const SMTP_TIMEOUT: Duration = Duration::from_secs(30);
+/// The row of calls that did not go through the proxy.
+const OUTSIDE: &str = "(outside callmeter)";
 /// Backoff between delivery attempts: doubling from the first, capped at the last.
 const FIRST_RETRY: Duration = Duration::from_secs(1);
 const MAX_RETRY: Duration = Duration::from_secs(5 * 60);
@@ -262,21 +264,15 @@ impl Alert {
     }
 
     fn footer(&self) -> String {
-        let rearm = self
-            .budget
-            .map(|b| {
-                let h = b * super::crossing::HYSTERESIS_PERCENT / 100;
-                format!(
-                    " or after usage falls below {} calls",
-                    thousands(self.level_calls.saturating_sub(h))
-                )
-            })
-            .unwrap_or_default();
+        let hysteresis =
+            self.budget.unwrap_or(self.level_calls) * super::crossing::HYSTERESIS_PERCENT / 100;
         format!(
             "You receive this because your address is in the notify list of the threshold of org {}. \
-             No other email comes for this level until usage crosses it again (a day later{rearm}); \
-             a higher level is told at once.",
-            self.org
+             The next email about this level comes when usage has fallen below {} calls and \
+             crosses it again, or if usage is still above it a day from now; a higher level is \
+             told at once.",
+            self.org,
+            thousands(self.level_calls.saturating_sub(hysteresis))
         )
     }
 
@@ -299,7 +295,14 @@ impl Alert {
                 "Top integrations by calls in the last {}:",
                 self.window()
             );
-            let width = self.top.iter().map(|(id, ..)| id.len()).max().unwrap_or(0);
+            let outside = self.outside.filter(|&o| o > 0);
+            let width = self
+                .top
+                .iter()
+                .map(|(id, ..)| id.len())
+                .chain(outside.map(|_| OUTSIDE.len()))
+                .max()
+                .unwrap_or(0);
             for (id, calls, quota) in &self.top {
                 let quota = quota
                     .map(|q| format!(", quota {}", thousands(q)))
@@ -311,11 +314,10 @@ impl Alert {
                     share(*calls, self.used)
                 );
             }
-            if let Some(outside) = self.outside.filter(|&o| o > 0) {
+            if let Some(outside) = outside {
                 let _ = writeln!(
                     t,
-                    "  {:<width$}  {:>12}  ({}% of used: calls Salesforce counted that did not go through callmeter)",
-                    "(outside)",
+                    "  {OUTSIDE:<width$}  {:>12}  ({}% of used: calls Salesforce counted that did not go through callmeter)",
                     thousands(outside),
                     share(outside, self.used)
                 );
@@ -365,7 +367,7 @@ impl Alert {
             );
             let mut rows: Vec<(String, u64, Option<u64>)> = self.top.clone();
             if let Some(outside) = self.outside.filter(|&o| o > 0) {
-                rows.push(("(outside callmeter)".to_owned(), outside, None));
+                rows.push((OUTSIDE.to_owned(), outside, None));
             }
             for (id, calls, quota) in rows {
                 let _ = write!(
