@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
-use lettre::message::header::ContentType;
+use lettre::message::header::{ContentType, HeaderName, HeaderValue};
 use lettre::message::{Mailbox, MultiPart, SinglePart};
 use lettre::transport::smtp::authentication::Credentials;
 use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
@@ -398,9 +398,25 @@ impl Alert {
 
     /// The email, multipart plain text and HTML.
     pub fn message(&self, from: &Mailbox) -> Result<Message, String> {
+        static SEQUENCE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let sequence = SEQUENCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let message_id = format!(
+            "<callmeter.{nanos}.{}.{sequence}@{}>",
+            std::process::id(),
+            from.email.domain()
+        );
         let mut builder = Message::builder()
             .from(from.clone())
-            .subject(self.subject());
+            .subject(self.subject())
+            .message_id(Some(message_id))
+            // RFC 3834: an automatic message; out-of-office replies should not answer it.
+            .raw_header(HeaderValue::new(
+                HeaderName::new_from_ascii_str("Auto-Submitted"),
+                "auto-generated".to_owned(),
+            ));
         for to in &self.recipients {
             let mailbox: Mailbox = to
                 .parse()
@@ -555,6 +571,10 @@ mod tests {
         let raw = String::from_utf8(message.formatted()).unwrap();
         assert!(raw.contains("multipart/alternative"), "{raw}");
         assert!(raw.contains("To: admin@example.com"), "{raw}");
+        assert!(raw.contains("Auto-Submitted: auto-generated"), "{raw}");
+        assert!(raw.contains("Message-ID: <callmeter."), "{raw}");
+        assert!(raw.contains("@example.com>"), "{raw}");
+        assert!(raw.contains("Date: "), "{raw}");
     }
 
     #[test]

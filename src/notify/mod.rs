@@ -352,14 +352,18 @@ fn evaluate(
     on_limit: &HashMap<(String, String), OnLimit>,
 ) -> Vec<Alert> {
     let window = Duration::from_secs(u64::from(org.window_minutes) * 60);
-    let mut top: Vec<(String, u64, Option<u64>)> = org
-        .integrations
-        .iter()
-        .filter(|i| i.window > 0)
-        .map(|i| (i.id.clone(), i.window, i.quota))
-        .collect();
-    top.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-    top.truncate(TOP_INTEGRATIONS);
+    // Only an email needs the integrations by use.
+    let top = || {
+        let mut top: Vec<(String, u64, Option<u64>)> = org
+            .integrations
+            .iter()
+            .filter(|i| i.window > 0)
+            .map(|i| (i.id.clone(), i.window, i.quota))
+            .collect();
+        top.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        top.truncate(TOP_INTEGRATIONS);
+        top
+    };
     let alert = |integration: Option<QuotaAlert>, level: Level, used, budget| Alert {
         org: org.id.clone(),
         integration,
@@ -368,7 +372,7 @@ fn evaluate(
         used,
         budget,
         window_minutes: org.window_minutes,
-        top: top.clone(),
+        top: top(),
         outside: org
             .reported_used
             .map(|_| org.used.saturating_sub(org.proxied)),
