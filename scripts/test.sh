@@ -1,11 +1,17 @@
 #!/usr/bin/env bash
 # Runs every test of callmeter: unit, property and end-to-end tests, plus the checks that need
-# real Prometheus tools. Installs the Debian packages the tests use when they are missing.
+# real Prometheus tools, a real SMTP server (aiosmtpd) and a real browser (Chromium). Installs the
+# Debian packages the tests use when they are missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+# A real SMTP server for the threshold-email tests (Debian's python3, not one earlier on PATH).
+/usr/bin/python3 -c 'import aiosmtpd' >/dev/null 2>&1 || need+=(python3-aiosmtpd)
+# A real browser for the status-page tests: headless Chromium, and ChromeDriver for the form.
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing test dependencies: ${need[*]}"
   sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"

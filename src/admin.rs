@@ -29,10 +29,15 @@ pub struct Admin {
     pub token_env: String,
     /// False until every listener is bound, and again once shutdown starts.
     pub ready: AtomicBool,
+    /// The status page, the threshold and history APIs.
+    pub console: Arc<crate::console::Console>,
 }
 
 impl Admin {
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<ResponseBody> {
+        if crate::console::Console::serves(req.uri().path()) {
+            return self.console.clone().handle(req).await;
+        }
         let path = req.uri().path().to_owned();
         let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
         match (req.method(), segments.as_slice()) {
@@ -60,7 +65,8 @@ impl Admin {
             }
             _ => text(
                 StatusCode::NOT_FOUND,
-                "not found; try GET /metrics, /healthz, /readyz, /api/v1/usage, /api/v1/deferred\n",
+                "not found; try / (status page), /metrics, /healthz, /readyz, /api/v1/usage, \
+                 /api/v1/deferred, /api/v1/history or /api/v1/orgs/{org}/threshold\n",
             ),
         }
     }

@@ -45,6 +45,8 @@ pub enum StartError {
     Upstream(#[from] proxy::UpstreamSetupError),
     #[error("store: {0}")]
     Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Console(#[from] crate::console::SetupError),
     #[error("listener \"{name}\": {source}")]
     Tls {
         name: String,
@@ -233,6 +235,8 @@ pub async fn start(config: &Config) -> Result<Server, StartError> {
         bound.push((l.name.clone(), addr));
     }
 
+    let console =
+        crate::console::start(config, &meter, &store, &metrics, &stop, &mut tasks).await?;
     let admin = Arc::new(Admin {
         metrics,
         meter: meter.clone(),
@@ -240,6 +244,7 @@ pub async fn start(config: &Config) -> Result<Server, StartError> {
         token: config.admin.token.clone(),
         token_env: config.admin.token_env.clone(),
         ready: Default::default(),
+        console,
     });
     let socket = TcpListener::bind(config.admin.listen)
         .await
@@ -265,7 +270,7 @@ pub async fn start(config: &Config) -> Result<Server, StartError> {
         stopped(&stop),
         grace,
     ));
-    tracing::info!(addr = %admin_addr, "admin listening (/metrics, /healthz, /readyz, /api/v1/usage)");
+    tracing::info!(addr = %admin_addr, "admin listening (status page /, /metrics, /healthz, /readyz, /api/v1/usage)");
     tasks.spawn(persist::run(meter.clone(), store.clone(), stop.subscribe()));
     admin.ready.store(true, Ordering::Relaxed);
 

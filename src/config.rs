@@ -17,7 +17,8 @@
 //! CA bundles) are relative to the working directory, like most servers.
 //!
 //! This module is standalone on purpose (no `crate::` references) so it can be built and tested
-//! on its own; it depends only on `serde`, `toml`, `humantime`, `thiserror`, `http` and `tracing`.
+//! on its own; it depends only on `serde`, `toml`, `humantime`, `thiserror`, `http`, `tracing` and
+//! `tz-rs` (time zones of `[history]`).
 
 use std::borrow::Borrow;
 use std::collections::HashMap;
@@ -189,6 +190,25 @@ pub struct Config {
     /// In file order, followed by the synthesized `unattributed` integrations.
     pub integrations: Vec<IntegrationConfig>,
     pub smtp: Option<SmtpConfig>,
+    pub history: HistoryConfig,
+}
+
+/// `[history]`: the daily history of counted calls (`GET /api/v1/history`, the status page).
+#[derive(Clone, Debug, PartialEq)]
+pub struct HistoryConfig {
+    /// What `time_zone` said (`"UTC"` by default), for messages and the API.
+    pub time_zone_name: String,
+    /// The zone whose calendar days the history counts in.
+    pub time_zone: tz::TimeZone,
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        HistoryConfig {
+            time_zone_name: "UTC".to_owned(),
+            time_zone: tz::TimeZone::utc(),
+        }
+    }
 }
 
 /// `[admin]`: the listener for `/metrics`, health checks and the JSON API.
@@ -393,7 +413,8 @@ pub struct ThresholdConfig {
     pub levels: Vec<Amount>,
     /// Email addresses; may be empty (the threshold then only colours the dashboards).
     pub notify: Vec<String>,
-    /// Default 4 h: at most one email per level per interval.
+    /// Default 4 h: the shortest time between two emails of an org (or of one integration's
+    /// quota), except that a higher level than the last one emailed is told at once.
     pub min_interval: Duration,
 }
 
@@ -558,6 +579,9 @@ pub struct SmtpConfig {
     pub password: Option<String>,
     /// `addr@example.com` or `Name <addr@example.com>`.
     pub from: String,
+    /// Extra CA (PEM) trusted for the server's certificate, besides the webpki roots; existed at
+    /// load. For a relay with a private CA.
+    pub ca: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize)]
@@ -595,6 +619,7 @@ impl fmt::Debug for SmtpConfig {
             .field("password_env", &self.password_env)
             .field("password", &redacted(&self.password))
             .field("from", &self.from)
+            .field("ca", &self.ca)
             .finish()
     }
 }
@@ -834,6 +859,8 @@ pub enum Problem {
     MissingPasswordEnv,
     #[error("password_env is set but username is not; add username or remove password_env")]
     PasswordWithoutUser,
+    #[error("{value:?} is not a time zone: {reason}; write \"UTC\", a fixed offset such as \"+02:00\", or a name from the tz database such as \"Europe/Berlin\"")]
+    BadTimeZone { value: String, reason: String },
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -900,6 +927,13 @@ struct RawConfig {
     #[serde(default)]
     integration: Vec<S<RawIntegration>>,
     smtp: Option<S<RawSmtp>>,
+    history: Option<S<RawHistory>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHistory {
+    time_zone: Option<S<String>>,
 }
 
 #[derive(Deserialize)]
@@ -1042,6 +1076,7 @@ struct RawSmtp {
     username: Option<S<String>>,
     password_env: Option<S<String>>,
     from: Option<S<String>>,
+    ca: Option<S<String>>,
 }
 
 /// A value written either as a TOML integer (`500`) or a string (`"40%"`, `"auto"`); what the
@@ -1580,6 +1615,7 @@ impl Ctx<'_> {
         }
 
         let smtp = raw.smtp.as_ref().map(|s| self.smtp(s)).transpose()?;
+        let history = self.history(raw.history.as_ref())?;
 
         Ok(Config {
             source: self.file.to_path_buf(),
@@ -1591,6 +1627,7 @@ impl Ctx<'_> {
             orgs: orgs.into_iter().map(|o| o.value).collect(),
             integrations,
             smtp,
+            history,
         })
     }
 
@@ -2391,6 +2428,10 @@ impl Ctx<'_> {
                 },
             ));
         }
+        let ca =
+            r.ca.as_ref()
+                .map(|v| self.readable_file(v, "smtp.ca", "CA certificate file"))
+                .transpose()?;
         Ok(SmtpConfig {
             host,
             port,
@@ -2399,8 +2440,116 @@ impl Ctx<'_> {
             password_env,
             password,
             from: from.to_owned(),
+            ca,
         })
     }
+
+    fn history(&self, raw: Option<&S<RawHistory>>) -> Result<HistoryConfig, ConfigError> {
+        let Some(value) = raw.and_then(|r| r.get_ref().time_zone.as_ref()) else {
+            return Ok(HistoryConfig::default());
+        };
+        let name = value.get_ref().trim();
+        let time_zone = parse_time_zone(name).map_err(|reason| {
+            self.err_on(
+                "history.time_zone",
+                value,
+                Problem::BadTimeZone {
+                    value: value.get_ref().clone(),
+                    reason,
+                },
+            )
+        })?;
+        Ok(HistoryConfig {
+            time_zone_name: name.to_owned(),
+            time_zone,
+        })
+    }
+}
+
+/// `"UTC"`, a fixed offset `"+HH:MM"` / `"-HH:MM"`, or a name of the system's tz database
+/// (`/usr/share/zoneinfo`, Debian's `tzdata`), which follows daylight saving time.
+fn parse_time_zone(name: &str) -> Result<tz::TimeZone, String> {
+    if name.eq_ignore_ascii_case("utc") || name == "Z" {
+        return Ok(tz::TimeZone::utc());
+    }
+    if let Some(rest) = name.strip_prefix('+').or_else(|| name.strip_prefix('-')) {
+        let sign = if name.starts_with('-') { -1 } else { 1 };
+        let (h, m) = rest
+            .split_once(':')
+            .ok_or("a fixed offset needs hours and minutes, like +02:00")?;
+        let two_digits = |t: &str| t.len() == 2 && t.bytes().all(|b| b.is_ascii_digit());
+        if !two_digits(h) || !two_digits(m) {
+            return Err("a fixed offset needs hours and minutes, like +02:00".to_owned());
+        }
+        let (h, m): (i32, i32) = (h.parse().unwrap_or(99), m.parse().unwrap_or(99));
+        if h > 14 || m > 59 {
+            return Err("offsets range from -14:00 to +14:00".to_owned());
+        }
+        return tz::TimeZone::fixed(sign * (h * 3600 + m * 60)).map_err(|e| e.to_string());
+    }
+    let plausible = !name.is_empty()
+        && !name.starts_with('/')
+        && !name
+            .split('/')
+            .any(|part| part.is_empty() || part == "." || part == "..")
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'/' | b'_' | b'-' | b'+'));
+    if !plausible {
+        return Err("not a tz database name".to_owned());
+    }
+    // The leading ':' makes tz-rs read the zone file and never fall back to a POSIX TZ rule.
+    tz::TimeZone::from_posix_tz(&format!(":{name}")).map_err(|e| {
+        format!("no such zone in the system's tz database ({e}); is the tzdata package installed?")
+    })
+}
+
+/// Validates a threshold given on its own, as the table `[threshold]` of a TOML document
+/// (`levels`, `notify`, `min_interval`), with exactly the rules of `[org.threshold]`. This is
+/// what the admin API's `PUT /api/v1/orgs/{org}/threshold` accepts. The key of an error is
+/// relative to the table (`levels[1]`), and `source` names where the text came from.
+pub fn parse_threshold(text: &str, source: &Path) -> Result<ThresholdConfig, ConfigError> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Doc {
+        threshold: Option<S<RawThreshold>>,
+    }
+    let ctx = Ctx {
+        text,
+        file: source,
+        env: &process_env,
+        newlines: text.match_indices('\n').map(|(at, _)| at).collect(),
+    };
+    let relative = |e: ConfigError| match e {
+        ConfigError::Invalid {
+            file,
+            line,
+            key,
+            problem,
+        } => ConfigError::Invalid {
+            file,
+            line,
+            key: key
+                .strip_prefix("threshold.")
+                .map(str::to_owned)
+                .unwrap_or(key),
+            problem,
+        },
+        other => other,
+    };
+    let tree = DeTable::parse(text).map_err(|e| ctx.syntax_error(&e))?;
+    let doc: Doc =
+        toml::from_str(text).map_err(|e| relative(ctx.serde_error(&e, tree.get_ref())))?;
+    let Some(raw) = doc.threshold else {
+        return Err(ctx.err(
+            "levels",
+            None,
+            Problem::Missing {
+                example: "\"levels\": [\"80%\", \"90%\"]".to_owned(),
+            },
+        ));
+    };
+    ctx.threshold(&raw, "threshold").map_err(relative)
 }
 
 fn unattributed_integration(org: &OrgId) -> IntegrationConfig {
@@ -3493,6 +3642,74 @@ match = { path_prefix = "/PREFIX2" }
             "[org.threshold]\nlevels = [\"80%\"]\nnotify = [\"admin@example.com\"]\n",
         ));
         assert!(config.warnings().iter().any(|w| w.contains("no [smtp]")));
+    }
+
+    #[test]
+    fn history_time_zones() {
+        let config = ok(BASE);
+        assert_eq!(config.history.time_zone_name, "UTC");
+        assert_eq!(config.history.time_zone, tz::TimeZone::utc());
+        let plus2 = ok(&with("[history]\ntime_zone = \"+02:00\"\n"));
+        assert_eq!(plus2.history.time_zone, tz::TimeZone::fixed(7200).unwrap());
+        let minus = ok(&with("[history]\ntime_zone = \"-09:30\"\n"));
+        assert_eq!(
+            minus.history.time_zone,
+            tz::TimeZone::fixed(-34_200).unwrap()
+        );
+        for bad in [
+            "Mars/Olympus_Mons",
+            "+2",
+            "+15:00",
+            "../../etc/passwd",
+            "/etc/localtime",
+            "",
+        ] {
+            let e = fail(&with(&format!("[history]\ntime_zone = {bad:?}\n")));
+            assert_err(&e, "history.time_zone", Some(10));
+            assert!(e.to_string().contains("is not a time zone"), "{e}");
+        }
+        if std::path::Path::new("/usr/share/zoneinfo/Europe/Berlin").exists() {
+            let berlin = ok(&with("[history]\ntime_zone = \"Europe/Berlin\"\n"));
+            assert_eq!(berlin.history.time_zone_name, "Europe/Berlin");
+        }
+        let e = fail(&with("[history]\nzone = \"UTC\"\n"));
+        assert_eq!(e.key(), Some("history.zone"), "{e}");
+    }
+
+    #[test]
+    fn smtp_ca_must_exist() {
+        let smtp = "[smtp]\nhost = \"mx\"\nfrom = \"a@b\"\n";
+        let e = fail(&with(&format!("{smtp}ca = \"/nonexistent/ca.pem\"\n")));
+        assert_err(&e, "smtp.ca", Some(12));
+        let ca = tempfile::NamedTempFile::new().unwrap();
+        let config = ok(&with(&format!("{smtp}ca = {:?}\n", ca.path())));
+        assert_eq!(config.smtp.unwrap().ca.as_deref(), Some(ca.path()));
+    }
+
+    #[test]
+    fn a_threshold_alone_is_validated_like_org_threshold() {
+        let source = Path::new("request body");
+        let t = parse_threshold(
+            "[threshold]\nlevels = [\"80%\", 900]\nnotify = [\"a@example.com\"]\n",
+            source,
+        )
+        .expect("valid");
+        assert_eq!(t.levels, vec![Amount::Percent(80.0), Amount::Calls(900)]);
+        assert_eq!(t.min_interval, DEFAULT_THRESHOLD_MIN_INTERVAL);
+        for (text, key) in [
+            ("[threshold]\nlevels = [\"80%\", \"x\"]\n", "levels[1]"),
+            ("[threshold]\nlevels = []\n", "levels"),
+            ("[threshold]\n", "levels"),
+            (
+                "[threshold]\nlevels = [\"80%\"]\nmin_interval = \"0s\"\n",
+                "min_interval",
+            ),
+            ("[threshold]\nlevels = [\"80%\"]\nbogus = 1\n", "bogus"),
+            ("", "levels"),
+        ] {
+            let e = parse_threshold(text, source).expect_err(text);
+            assert_eq!(e.key(), Some(key), "{text}: {e}");
+        }
     }
 
     #[test]

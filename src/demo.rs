@@ -117,7 +117,9 @@ pub async fn run(opts: DemoOptions) -> Result<(), DemoError> {
         String::from_utf8_lossy(&sim_count)
     );
     println!("\nopen:");
+    println!("  http://{admin}/               status page: usage bars, 7 days, threshold form");
     println!("  http://{admin}/api/v1/usage   usage per org and integration (JSON)");
+    println!("  http://{admin}/api/v1/history counted calls per day and integration (JSON)");
     println!("  http://{admin}/metrics        Prometheus metrics");
     if opts.once {
         server.shutdown().await;

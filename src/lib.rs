@@ -20,6 +20,12 @@
 //! - `store`: the embedded SQLite database — saved windows, deferred calls, history.
 //! - `metrics`: the Prometheus registry and its text rendering.
 //! - `admin`: the admin listener — `/metrics`, health checks, `/api/v1/usage`.
+//! - `console`: the rest of the admin listener — the status page at `/`, the threshold API
+//!   (`/api/v1/orgs/{org}/threshold`) and the history API (`/api/v1/history`).
+//! - `notify`: thresholds (configured or set at run time), the watcher that sees a level
+//!   crossed, and the threshold emails (lettre, SMTP), all off the request path.
+//! - `history`: counted calls per calendar day and integration, recorded from the meter's
+//!   per-minute windows into the store and kept 30 days.
 //! - `app`: assembles the modules from a config and runs them until shutdown.
 //! - `sim`: a simulated Salesforce org, independent of the proxy's own rules, for tests,
 //!   benchmarks and the demo; `demo` puts the proxy in front of it with some traffic.
@@ -28,10 +34,13 @@
 pub mod admin;
 pub mod app;
 pub mod config;
+pub mod console;
 pub mod demo;
+pub mod history;
 pub mod logging;
 pub mod meter;
 pub mod metrics;
+pub mod notify;
 pub mod proxy;
 pub mod queue;
 pub mod salesforce;

@@ -71,6 +71,7 @@ pub struct Metrics {
     duration: HistogramVec,
     unmatched: IntCounterVec,
     usage_reports: IntCounterVec,
+    notifications: IntCounterVec,
 }
 
 /// Errors are only possible from a programming mistake (a bad metric name or duplicate
@@ -159,6 +160,11 @@ impl Metrics {
                 "Usage figures read from Salesforce responses (Sforce-Limit-Info, LimitInfoHeader, /limits), by result.",
                 &["org", "result"],
             ),
+            notifications: counter(
+                "callmeter_notifications_total",
+                "Threshold email delivery attempts, by result: sent, or failed (each failed attempt; it is retried with backoff).",
+                &["org", "result"],
+            ),
             registry,
         };
         let build = must(IntGaugeVec::new(
@@ -185,6 +191,11 @@ impl Metrics {
 
     /// The handles of one org.
     pub fn org(&self, org: &str) -> OrgMetrics {
+        // Threshold emails are rare: their series exist from the start at 0, so that rate() and
+        // increase() see the first failure.
+        for result in ["sent", "failed"] {
+            self.notifications.with_label_values(&[org, result]);
+        }
         OrgMetrics {
             reports_ok: self.usage_reports.with_label_values(&[org, "ok"]),
             reports_malformed: self.usage_reports.with_label_values(&[org, "malformed"]),
@@ -225,6 +236,12 @@ impl Metrics {
                 .with_label_values(&[org.as_str(), integration.as_str(), state.as_str()])
                 .set(clamp_i64(*n));
         }
+    }
+
+    /// One delivery attempt of a threshold email of `org`: sent, or failed.
+    pub fn notification(&self, org: &str, sent: bool) {
+        let result = if sent { "sent" } else { "failed" };
+        self.notifications.with_label_values(&[org, result]).inc();
     }
 
     /// A request on `listener` that matched no integration.

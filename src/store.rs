@@ -1164,6 +1164,45 @@ impl Store {
         Ok(out)
     }
 
+    /// Adds every row's `calls` to its day's count (as [`Store::add_history`]) and sets the state
+    /// `key` to `value`, in one transaction: the history recorder's mark of what it has recorded
+    /// moves with the counts, so a crash can neither count a minute twice nor lose it.
+    pub fn record_history(
+        &self,
+        rows: &[HistoryRow],
+        key: &str,
+        value: &str,
+    ) -> Result<(), StoreError> {
+        for row in rows {
+            check_day(&row.day)?;
+        }
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        {
+            let mut add = tx.prepare_cached(
+                "INSERT INTO history (day, org, integration, calls) VALUES (?1, ?2, ?3, ?4) \
+                 ON CONFLICT (day, org, integration) DO UPDATE SET calls = \
+                 CASE WHEN calls > 9223372036854775807 - excluded.calls \
+                 THEN 9223372036854775807 ELSE calls + excluded.calls END",
+            )?;
+            for row in rows {
+                add.execute(params![
+                    row.day,
+                    row.org,
+                    row.integration,
+                    sql_count_u64(row.calls)
+                ])?;
+            }
+            tx.prepare_cached(
+                "INSERT INTO state (key, value) VALUES (?1, ?2) \
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            )?
+            .execute(params![key, value])?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     /// Deletes history rows with `day < before_day`; returns how many.
     pub fn purge_history(&self, before_day: &str) -> Result<usize, StoreError> {
         check_day(before_day)?;

@@ -202,6 +202,11 @@ impl OrgMeter {
         &self.id
     }
 
+    /// The clock the windows are stamped with (minutes since the Unix epoch).
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
     /// The length of the rolling window.
     pub fn window_length(&self) -> Duration {
         Duration::from_secs(u64::from(self.window.minutes()) * 60)
@@ -693,7 +698,10 @@ pub struct Meter {
 
 struct OrgEntry {
     meter: Arc<OrgMeter>,
-    thresholds: Vec<Amount>,
+    /// The threshold levels: from the config, replaced at run time by the admin API
+    /// ([`Meter::set_thresholds`]). Read on each report (scrape, status page, watcher), written
+    /// rarely, never on the request path: a plain `RwLock` is enough.
+    thresholds: std::sync::RwLock<Vec<Amount>>,
     integrations: Vec<Arc<IntegrationMeter>>,
 }
 
@@ -753,9 +761,22 @@ impl Meter {
     pub fn add_org(&mut self, meter: Arc<OrgMeter>, thresholds: Vec<Amount>) {
         self.orgs.push(OrgEntry {
             meter,
-            thresholds,
+            thresholds: std::sync::RwLock::new(thresholds),
             integrations: Vec::new(),
         });
+    }
+
+    /// Replaces the threshold levels of `org` (a threshold set at run time); false if the org
+    /// is unknown. `OrgReport::threshold` and the threshold metric follow at once.
+    pub fn set_thresholds(&self, org: &str, levels: Vec<Amount>) -> bool {
+        let Some(entry) = self.orgs.iter().find(|e| e.meter.id.as_str() == org) else {
+            return false;
+        };
+        *entry
+            .thresholds
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = levels;
+        true
     }
 
     /// Registers an integration of an org added before.
@@ -859,7 +880,13 @@ impl Meter {
                     used: usage.used,
                     proxied: usage.proxied,
                     reported_used: usage.reported.map(|r| r.used),
-                    threshold: entry.thresholds.iter().filter_map(resolve).min(),
+                    threshold: entry
+                        .thresholds
+                        .read()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .iter()
+                        .filter_map(resolve)
+                        .min(),
                     percent: percent.map(|p| (p * 10.0).round() / 10.0),
                     color: percent.map(Level::of),
                     exhausted: usage.exhausted,

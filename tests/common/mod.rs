@@ -2,6 +2,8 @@
 //! ports picked by the OS, and a small HTTP client.
 #![allow(dead_code)] // each test binary uses a different part of this module
 
+pub mod smtp;
+
 use std::path::Path;
 
 use bytes::Bytes;

@@ -1,0 +1,588 @@
+//! Threshold emails: what they say (subject, plain text and HTML with the usage bar, the top
+//! integrations and what to do) and how they leave (SMTP through lettre, retried with backoff).
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+use lettre::message::header::{ContentType, HeaderName, HeaderValue};
+use lettre::message::{Mailbox, MultiPart, SinglePart};
+use lettre::transport::smtp::authentication::Credentials;
+use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
+use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+use tokio::sync::watch;
+
+use crate::config::{SmtpConfig, SmtpSecurity};
+use crate::meter::Level as Color;
+use crate::metrics::Metrics;
+
+/// How long one SMTP exchange (connect, TLS, AUTH, the message) may take.
+const SMTP_TIMEOUT: Duration = Duration::from_secs(30);
+/// The row of calls that did not go through the proxy.
+const OUTSIDE: &str = "(outside callmeter)";
+/// Backoff between delivery attempts: doubling from the first, capped at the last.
+const FIRST_RETRY: Duration = Duration::from_secs(1);
+const MAX_RETRY: Duration = Duration::from_secs(5 * 60);
+/// An email not delivered within this long is given up (it would be stale news).
+const GIVE_UP_AFTER: Duration = Duration::from_secs(60 * 60);
+
+/// Why the mailer cannot be built from `[smtp]`.
+#[derive(Debug, thiserror::Error)]
+pub enum MailerError {
+    #[error("smtp.from {from:?} is not an address lettre accepts: {source}")]
+    From {
+        from: String,
+        source: lettre::address::AddressError,
+    },
+    #[error("smtp.ca {path}: {error}")]
+    Ca { path: String, error: String },
+    #[error("TLS settings for {host}: {source}")]
+    Tls {
+        host: String,
+        source: lettre::transport::smtp::Error,
+    },
+}
+
+/// The SMTP transport of `[smtp]`.
+pub struct Mailer {
+    transport: AsyncSmtpTransport<Tokio1Executor>,
+    from: Mailbox,
+}
+
+impl Mailer {
+    pub fn new(cfg: &SmtpConfig) -> Result<Self, MailerError> {
+        let from: Mailbox = cfg.from.parse().map_err(|source| MailerError::From {
+            from: cfg.from.clone(),
+            source,
+        })?;
+        let mut builder = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&cfg.host)
+            .port(cfg.port)
+            .timeout(Some(SMTP_TIMEOUT));
+        if cfg.security != SmtpSecurity::None {
+            let mut params = TlsParameters::builder(cfg.host.clone());
+            if let Some(path) = &cfg.ca {
+                let ca_error = |error: String| MailerError::Ca {
+                    path: path.display().to_string(),
+                    error,
+                };
+                let pem = std::fs::read(path).map_err(|e| ca_error(e.to_string()))?;
+                let cert = Certificate::from_pem(&pem).map_err(|e| ca_error(e.to_string()))?;
+                params = params.add_root_certificate(cert);
+            }
+            let params = params.build_rustls().map_err(|source| MailerError::Tls {
+                host: cfg.host.clone(),
+                source,
+            })?;
+            builder = builder.tls(match cfg.security {
+                SmtpSecurity::Tls => Tls::Wrapper(params),
+                _ => Tls::Required(params),
+            });
+        }
+        if let (Some(user), Some(password)) = (&cfg.username, &cfg.password) {
+            builder = builder.credentials(Credentials::new(user.clone(), password.clone()));
+        }
+        Ok(Mailer {
+            transport: builder.build(),
+            from,
+        })
+    }
+
+    pub fn from(&self) -> &Mailbox {
+        &self.from
+    }
+
+    /// One attempt.
+    pub async fn send(&self, message: Message) -> Result<(), lettre::transport::smtp::Error> {
+        self.transport.send(message).await.map(|_| ())
+    }
+}
+
+/// Sends `message`, retrying with backoff until it is delivered, [`GIVE_UP_AFTER`] has passed,
+/// or the proxy stops. Every attempt is counted in `callmeter_notifications_total` and failures
+/// are logged; nothing here touches the request path.
+pub async fn deliver(
+    mailer: Arc<Mailer>,
+    message: Message,
+    org: String,
+    subject: String,
+    metrics: Arc<Metrics>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let started = tokio::time::Instant::now();
+    let mut delay = FIRST_RETRY;
+    for attempt in 1u32.. {
+        match mailer.send(message.clone()).await {
+            Ok(()) => {
+                metrics.notification(&org, true);
+                tracing::info!(%org, %subject, attempt, "threshold email sent");
+                return;
+            }
+            Err(error) => {
+                metrics.notification(&org, false);
+                if started.elapsed() + delay > GIVE_UP_AFTER {
+                    tracing::error!(%org, %subject, attempt, %error,
+                        "threshold email not sent; giving up (check [smtp] and the SMTP server)");
+                    return;
+                }
+                tracing::warn!(%org, %subject, attempt, %error, retry_in = ?delay,
+                    "threshold email not sent; will retry");
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = stop.wait_for(|s| *s) => {
+                tracing::warn!(%org, %subject, "shutting down: threshold email not sent");
+                return;
+            }
+        }
+        delay = (delay * 2).min(MAX_RETRY);
+    }
+}
+
+/// What an email is about.
+#[derive(Debug, Clone)]
+pub struct Alert {
+    pub org: String,
+    /// `None`: the org's usage against its limit; `Some`: an integration's against its quota.
+    pub integration: Option<QuotaAlert>,
+    /// The level as the admin wrote it (`80%`, `95000`) and in calls.
+    pub level: String,
+    pub level_calls: u64,
+    pub used: u64,
+    /// The limit (org) or quota (integration), when known.
+    pub budget: Option<u64>,
+    pub window_minutes: u32,
+    /// The org's integrations by calls in the window, most first: `(id, calls, quota)`.
+    pub top: Vec<(String, u64, Option<u64>)>,
+    /// Calls in the org's estimate that did not go through the proxy (known after a report).
+    pub outside: Option<u64>,
+    pub recipients: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct QuotaAlert {
+    pub id: String,
+    /// What happens to its calls at the quota (`reject`, `queue`, `defer`).
+    pub on_limit: &'static str,
+}
+
+impl Alert {
+    fn percent(&self) -> Option<u64> {
+        self.budget
+            .filter(|&b| b > 0)
+            .map(|b| (u128::from(self.used) * 100 / u128::from(b)) as u64)
+    }
+
+    fn color(&self) -> Color {
+        Color::of(self.percent().unwrap_or(0) as f64)
+    }
+
+    fn window(&self) -> String {
+        if self.window_minutes % 60 == 0 {
+            format!("{} hours", self.window_minutes / 60)
+        } else {
+            format!("{} minutes", self.window_minutes)
+        }
+    }
+
+    /// `[callmeter] acme: 82% of daily Salesforce API calls used (82,013 / 100,000)`.
+    pub fn subject(&self) -> String {
+        let used = thousands(self.used);
+        match (&self.integration, self.percent(), self.budget) {
+            (None, Some(p), Some(b)) => format!(
+                "[callmeter] {}: {p}% of daily Salesforce API calls used ({used} / {})",
+                self.org,
+                thousands(b)
+            ),
+            (None, _, _) => format!(
+                "[callmeter] {}: {used} Salesforce API calls used in {} (threshold {})",
+                self.org,
+                self.window(),
+                thousands(self.level_calls)
+            ),
+            (Some(i), p, b) => format!(
+                "[callmeter] {}/{}: {}% of its Salesforce API call quota used ({used} / {})",
+                self.org,
+                i.id,
+                p.unwrap_or(0),
+                thousands(b.unwrap_or(0))
+            ),
+        }
+    }
+
+    fn headline(&self) -> String {
+        let used = thousands(self.used);
+        let level = if self.level.ends_with('%') {
+            format!("{} ({} calls)", self.level, thousands(self.level_calls))
+        } else {
+            format!("{} calls", thousands(self.level_calls))
+        };
+        match (&self.integration, self.percent(), self.budget) {
+            (None, Some(p), Some(b)) => format!(
+                "Org {} has used {p}% of its daily Salesforce API calls: {used} of {} in the last {}. \
+                 That is past your threshold of {level}.",
+                self.org,
+                thousands(b),
+                self.window()
+            ),
+            (None, _, _) => format!(
+                "Org {} has used {used} Salesforce API calls in the last {}. That is past your \
+                 threshold of {level}. (Its daily limit is not known yet.)",
+                self.org,
+                self.window()
+            ),
+            (Some(i), p, b) => format!(
+                "Integration {} of org {} has used {}% of its quota: {used} of {} calls in the \
+                 last {}. That is past your threshold of {level}. At its quota, its calls are \
+                 {}.",
+                i.id,
+                self.org,
+                p.unwrap_or(0),
+                thousands(b.unwrap_or(0)),
+                self.window(),
+                match i.on_limit {
+                    "queue" => "held in a queue until budget frees",
+                    "defer" => "stored and replayed when budget frees",
+                    _ => "rejected, as Salesforce rejects calls at the limit",
+                }
+            ),
+        }
+    }
+
+    fn advice(&self) -> Vec<&'static str> {
+        let mut out = vec![
+            "Find out which integration spends the budget (the list above, or the status page of the callmeter admin listener) and slow it down: sync less often, sync fewer fields or objects, or sync in one direction only.",
+            "Give busy integrations a quota (and on_limit = \"queue\" or \"defer\") in callmeter, so that one cannot use up the whole org's budget.",
+        ];
+        if self.integration.is_none() {
+            out.push("If the usage is here to stay, buy more API calls from Salesforce.");
+            out.push("Calls age out 24 hours after they were made, so usage falls by itself once the traffic slows down. At the limit Salesforce refuses every integration's calls with REQUEST_LIMIT_EXCEEDED.");
+        } else {
+            out.push("Or raise the integration's quota in the callmeter config, if the org's budget allows it.");
+        }
+        out
+    }
+
+    fn footer(&self) -> String {
+        let hysteresis =
+            self.budget.unwrap_or(self.level_calls) * super::crossing::HYSTERESIS_PERCENT / 100;
+        format!(
+            "You receive this because your address is in the notify list of the threshold of org {}. \
+             The next email about this level comes when usage has fallen below {} calls and \
+             crosses it again, or if usage is still above it a day from now; a higher level is \
+             told at once.",
+            self.org,
+            thousands(self.level_calls.saturating_sub(hysteresis))
+        )
+    }
+
+    fn plain_text(&self) -> String {
+        let mut t = String::new();
+        let _ = writeln!(t, "{}\n", self.headline());
+        if let Some(p) = self.percent() {
+            let filled = (p.min(100) / 5) as usize;
+            let _ = writeln!(
+                t,
+                "[{}{}] {p}% ({})\n",
+                "#".repeat(filled),
+                "-".repeat(20 - filled),
+                color_name(self.color())
+            );
+        }
+        if !self.top.is_empty() {
+            let _ = writeln!(
+                t,
+                "Top integrations by calls in the last {}:",
+                self.window()
+            );
+            let outside = self.outside.filter(|&o| o > 0);
+            let width = self
+                .top
+                .iter()
+                .map(|(id, ..)| id.len())
+                .chain(outside.map(|_| OUTSIDE.len()))
+                .max()
+                .unwrap_or(0);
+            for (id, calls, quota) in &self.top {
+                let quota = quota
+                    .map(|q| format!(", quota {}", thousands(q)))
+                    .unwrap_or_default();
+                let _ = writeln!(
+                    t,
+                    "  {id:<width$}  {:>12}  ({}% of used{quota})",
+                    thousands(*calls),
+                    share(*calls, self.used)
+                );
+            }
+            if let Some(outside) = outside {
+                let _ = writeln!(
+                    t,
+                    "  {OUTSIDE:<width$}  {:>12}  ({}% of used: calls Salesforce counted that did not go through callmeter)",
+                    thousands(outside),
+                    share(outside, self.used)
+                );
+            }
+            t.push('\n');
+        }
+        let _ = writeln!(t, "What to do:");
+        for a in self.advice() {
+            let _ = writeln!(t, "  - {a}");
+        }
+        let _ = writeln!(t, "\n-- \n{}", self.footer());
+        t
+    }
+
+    fn html(&self) -> String {
+        let mut h = String::new();
+        let _ = write!(
+            h,
+            "<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>{}</title></head>\
+             <body style=\"font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;color:#1f2328;max-width:640px;margin:0 auto;padding:16px\">\
+             <p style=\"font-size:16px;line-height:1.5\">{}</p>",
+            escape(&self.subject()),
+            escape(&self.headline())
+        );
+        if let Some(p) = self.percent() {
+            let c = self.color();
+            let _ = write!(
+                h,
+                "<div data-color=\"{name}\" style=\"background:#e5e7eb;border-radius:6px;height:20px;width:100%\">\
+                 <div style=\"background:{hex};width:{w}%;height:20px;border-radius:6px\"></div></div>\
+                 <p style=\"margin:4px 0 16px;color:{hex};font-weight:600\">{p}% used</p>",
+                name = color_name(c),
+                hex = color_hex(c),
+                w = p.min(100),
+            );
+        }
+        if !self.top.is_empty() {
+            let _ = write!(
+                h,
+                "<h3 style=\"font-size:15px;margin:16px 0 8px\">Top integrations by calls in the last {}</h3>\
+                 <table style=\"border-collapse:collapse;font-size:14px\">\
+                 <tr><th align=\"left\" style=\"padding:4px 12px 4px 0\">Integration</th>\
+                 <th align=\"right\" style=\"padding:4px 12px\">Calls</th>\
+                 <th align=\"right\" style=\"padding:4px 12px\">Share</th>\
+                 <th align=\"right\" style=\"padding:4px 0 4px 12px\">Quota</th></tr>",
+                escape(&self.window())
+            );
+            let mut rows: Vec<(String, u64, Option<u64>)> = self.top.clone();
+            if let Some(outside) = self.outside.filter(|&o| o > 0) {
+                rows.push((OUTSIDE.to_owned(), outside, None));
+            }
+            for (id, calls, quota) in rows {
+                let _ = write!(
+                    h,
+                    "<tr><td style=\"padding:4px 12px 4px 0\">{}</td>\
+                     <td align=\"right\" style=\"padding:4px 12px\">{}</td>\
+                     <td align=\"right\" style=\"padding:4px 12px\">{}%</td>\
+                     <td align=\"right\" style=\"padding:4px 0 4px 12px\">{}</td></tr>",
+                    escape(&id),
+                    thousands(calls),
+                    share(calls, self.used),
+                    quota.map(thousands).unwrap_or_else(|| "none".to_owned())
+                );
+            }
+            h.push_str("</table>");
+        }
+        h.push_str("<h3 style=\"font-size:15px;margin:16px 0 8px\">What to do</h3><ul style=\"font-size:14px;line-height:1.5;padding-left:20px\">");
+        for a in self.advice() {
+            let _ = write!(h, "<li>{}</li>", escape(a));
+        }
+        let _ = write!(
+            h,
+            "</ul><p style=\"font-size:12px;color:#57606a\">{}</p></body></html>",
+            escape(&self.footer())
+        );
+        h
+    }
+
+    /// The email, multipart plain text and HTML.
+    pub fn message(&self, from: &Mailbox) -> Result<Message, String> {
+        static SEQUENCE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let sequence = SEQUENCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let message_id = format!(
+            "<callmeter.{nanos}.{}.{sequence}@{}>",
+            std::process::id(),
+            from.email.domain()
+        );
+        let mut builder = Message::builder()
+            .from(from.clone())
+            .subject(self.subject())
+            .message_id(Some(message_id))
+            // RFC 3834: an automatic message; out-of-office replies should not answer it.
+            .raw_header(HeaderValue::new(
+                HeaderName::new_from_ascii_str("Auto-Submitted"),
+                "auto-generated".to_owned(),
+            ));
+        for to in &self.recipients {
+            let mailbox: Mailbox = to
+                .parse()
+                .map_err(|e| format!("recipient {to:?} is not an address: {e}"))?;
+            builder = builder.to(mailbox);
+        }
+        builder
+            .multipart(
+                MultiPart::alternative()
+                    .singlepart(
+                        SinglePart::builder()
+                            .header(ContentType::TEXT_PLAIN)
+                            .body(self.plain_text()),
+                    )
+                    .singlepart(
+                        SinglePart::builder()
+                            .header(ContentType::TEXT_HTML)
+                            .body(self.html()),
+                    ),
+            )
+            .map_err(|e| e.to_string())
+    }
+}
+
+fn share(part: u64, whole: u64) -> u64 {
+    if whole == 0 {
+        0
+    } else {
+        (u128::from(part) * 100 / u128::from(whole)) as u64
+    }
+}
+
+/// `82013` → `82,013`.
+pub fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+pub fn color_name(c: Color) -> &'static str {
+    match c {
+        Color::Green => "green",
+        Color::Orange => "orange",
+        Color::Red => "red",
+    }
+}
+
+/// The bar colours of the status page and the emails (readable on white, colour-blind safe
+/// enough with the percentage printed next to them).
+pub fn color_hex(c: Color) -> &'static str {
+    match c {
+        Color::Green => "#2e7d32",
+        Color::Orange => "#ef6c00",
+        Color::Red => "#c62828",
+    }
+}
+
+/// Escapes text for HTML element content and quoted attribute values.
+pub fn escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn alert() -> Alert {
+        Alert {
+            org: "acme".into(),
+            integration: None,
+            level: "80%".into(),
+            level_calls: 80_000,
+            used: 82_013,
+            budget: Some(100_000),
+            window_minutes: 1440,
+            top: vec![
+                ("salesloft".into(), 50_000, Some(60_000)),
+                ("etl<script>".into(), 12_000, None),
+            ],
+            outside: Some(20_013),
+            recipients: vec!["admin@example.com".into()],
+        }
+    }
+
+    #[test]
+    fn subject_reads_like_the_brief() {
+        assert_eq!(
+            alert().subject(),
+            "[callmeter] acme: 82% of daily Salesforce API calls used (82,013 / 100,000)"
+        );
+        let quota = Alert {
+            integration: Some(QuotaAlert {
+                id: "salesloft".into(),
+                on_limit: "queue",
+            }),
+            used: 3_640,
+            budget: Some(4_000),
+            ..alert()
+        };
+        assert_eq!(
+            quota.subject(),
+            "[callmeter] acme/salesloft: 91% of its Salesforce API call quota used (3,640 / 4,000)"
+        );
+        let unknown_limit = Alert {
+            level: "80000".into(),
+            budget: None,
+            ..alert()
+        };
+        assert_eq!(
+            unknown_limit.subject(),
+            "[callmeter] acme: 82,013 Salesforce API calls used in 24 hours (threshold 80,000)"
+        );
+    }
+
+    #[test]
+    fn bodies_carry_the_bar_the_top_integrations_and_advice_escaped() {
+        let a = alert();
+        let text = a.plain_text();
+        assert!(
+            text.contains("[################----] 82% (orange)"),
+            "{text}"
+        );
+        assert!(text.contains("salesloft"), "{text}");
+        assert!(text.contains("What to do:"), "{text}");
+        let html = a.html();
+        assert!(
+            html.contains("data-color=\"orange\"") && html.contains("#ef6c00"),
+            "{html}"
+        );
+        assert!(html.contains("width:82%"), "{html}");
+        assert!(html.contains("etl&lt;script&gt;") && !html.contains("etl<script>"));
+        let message = a
+            .message(&"callmeter <cm@example.com>".parse().unwrap())
+            .unwrap();
+        let raw = String::from_utf8(message.formatted()).unwrap();
+        assert!(raw.contains("multipart/alternative"), "{raw}");
+        assert!(raw.contains("To: admin@example.com"), "{raw}");
+        assert!(raw.contains("Auto-Submitted: auto-generated"), "{raw}");
+        assert!(raw.contains("Message-ID: <callmeter."), "{raw}");
+        assert!(raw.contains("@example.com>"), "{raw}");
+        assert!(raw.contains("Date: "), "{raw}");
+    }
+
+    #[test]
+    fn thousands_separators() {
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(1_000), "1,000");
+        assert_eq!(thousands(82_013), "82,013");
+        assert_eq!(thousands(1_234_567), "1,234,567");
+    }
+}

@@ -1,0 +1,543 @@
+//! Thresholds and threshold emails.
+//!
+//! - [`Thresholds`]: each org's threshold (levels, recipients, `min_interval`), from
+//!   `[org.threshold]` or set at run time through the admin API; a run-time threshold is kept in
+//!   the store, wins over the config and survives restarts.
+//! - [`Watcher`]: a task that reads the meter's usage every [`CHECK_INTERVAL`] (and at once when
+//!   a threshold changes), runs each subject's [`crossing`] state machine — the org against its
+//!   limit, and each integration with a quota against that quota, at the org's percentage levels
+//!   — saves the state, then hands emails to [`mail::deliver`] tasks. None of it is on the
+//!   request path, and an SMTP failure only delays or loses an email.
+
+pub mod crossing;
+pub mod mail;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{watch, Notify};
+
+use crate::config::{Amount, Config, ConfigError, OnLimit, OrgId, ThresholdConfig};
+use crate::meter::{Meter, OrgReport};
+use crate::metrics::Metrics;
+use crate::store::{Store, StoreError};
+
+use self::crossing::{Decision, Level, Reading, SubjectState};
+use self::mail::{Alert, Mailer, QuotaAlert};
+
+/// How often the watcher reads the usage.
+pub const CHECK_INTERVAL: Duration = Duration::from_secs(2);
+/// Integrations listed in an org's email.
+const TOP_INTEGRATIONS: usize = 5;
+
+/// Where an org's threshold comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    /// `[org.threshold]`.
+    Config,
+    /// Set through the admin API; kept in the store.
+    Runtime,
+    /// No threshold.
+    None,
+}
+
+/// A threshold the admin API refused: the field (`levels[1]`) and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}{message}", field.as_deref().map(|f| format!("{f}: ")).unwrap_or_default())]
+pub struct InvalidThreshold {
+    pub field: Option<String>,
+    pub message: String,
+}
+
+struct OrgThreshold {
+    org: OrgId,
+    configured: Option<ThresholdConfig>,
+    runtime: RwLock<Option<ThresholdConfig>>,
+}
+
+/// Every org's threshold. Read by the watcher and the admin pages, written by the admin API.
+pub struct Thresholds {
+    orgs: Vec<OrgThreshold>,
+}
+
+impl Thresholds {
+    pub fn from_config(config: &Config) -> Self {
+        Thresholds {
+            orgs: config
+                .orgs
+                .iter()
+                .map(|o| OrgThreshold {
+                    org: o.id.clone(),
+                    configured: o.threshold.clone(),
+                    runtime: RwLock::new(None),
+                })
+                .collect(),
+        }
+    }
+
+    /// Takes the run-time thresholds saved in the store (they win over the config) and gives
+    /// the meter their levels. A saved threshold that no longer validates is ignored, loudly.
+    pub async fn load(&self, store: &Arc<Store>, meter: &Meter) -> Result<(), StoreError> {
+        let s = store.clone();
+        let saved = tokio::task::spawn_blocking(move || s.thresholds())
+            .await
+            .map_err(|e| StoreError::Corrupt(format!("loading thresholds: {e}")))??;
+        for (org, json) in saved {
+            let Some(entry) = self.orgs.iter().find(|o| o.org.as_str() == org) else {
+                continue; // an org no longer configured
+            };
+            let parsed = serde_json::from_str(&json)
+                .map_err(|e| InvalidThreshold {
+                    field: None,
+                    message: e.to_string(),
+                })
+                .and_then(|v| from_json(&v));
+            match parsed {
+                Ok(threshold) => {
+                    meter.set_thresholds(&org, threshold.levels.clone());
+                    *write(&entry.runtime) = Some(threshold);
+                    tracing::info!(%org, "using the threshold set through the admin API");
+                }
+                Err(e) => tracing::error!(%org, error = %e,
+                    "the threshold saved in the store is invalid; using the configured one"),
+            }
+        }
+        Ok(())
+    }
+
+    /// The threshold in force for `org` and where it comes from; `None` for an unknown org.
+    pub fn get(&self, org: &str) -> Option<(Option<ThresholdConfig>, Source)> {
+        let entry = self.orgs.iter().find(|o| o.org.as_str() == org)?;
+        let runtime = entry
+            .runtime
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        Some(match (runtime, &entry.configured) {
+            (Some(t), _) => (Some(t), Source::Runtime),
+            (None, Some(t)) => (Some(t.clone()), Source::Config),
+            (None, None) => (None, Source::None),
+        })
+    }
+
+    /// Sets (`Some`) or forgets (`None`: the configured one applies again) the run-time
+    /// threshold of `org`: saved in the store first, then in force, and the meter's levels
+    /// follow. False for an unknown org.
+    pub async fn set(
+        &self,
+        org: &str,
+        threshold: Option<ThresholdConfig>,
+        store: &Arc<Store>,
+        meter: &Meter,
+    ) -> Result<bool, StoreError> {
+        let Some(entry) = self.orgs.iter().find(|o| o.org.as_str() == org) else {
+            return Ok(false);
+        };
+        let (s, key) = (store.clone(), org.to_owned());
+        let json = threshold.as_ref().map(|t| to_json(t).to_string());
+        tokio::task::spawn_blocking(move || match json {
+            Some(json) => s.put_threshold(&key, &json),
+            None => s.delete_threshold(&key).map(|_| ()),
+        })
+        .await
+        .map_err(|e| StoreError::Corrupt(format!("saving the threshold: {e}")))??;
+        let levels = threshold
+            .as_ref()
+            .or(entry.configured.as_ref())
+            .map(|t| t.levels.clone())
+            .unwrap_or_default();
+        *write(&entry.runtime) = threshold;
+        meter.set_thresholds(org, levels);
+        Ok(true)
+    }
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A threshold as the admin API shows and takes it: `levels` (numbers of calls, or strings
+/// such as `"80%"`), `notify`, `min_interval` (`"4h"`).
+pub fn to_json(t: &ThresholdConfig) -> serde_json::Value {
+    let levels: Vec<serde_json::Value> = t
+        .levels
+        .iter()
+        .map(|a| match a {
+            Amount::Calls(n) => serde_json::Value::from(*n),
+            pct @ Amount::Percent(_) => serde_json::Value::from(pct.to_string()),
+        })
+        .collect();
+    serde_json::json!({
+        "levels": levels,
+        "notify": t.notify,
+        "min_interval": humantime::format_duration(t.min_interval).to_string(),
+    })
+}
+
+/// Validates a threshold given as JSON with the rules of `[org.threshold]` (the same code
+/// `callmeter check` runs): the JSON object becomes the TOML table `[threshold]`.
+pub fn from_json(value: &serde_json::Value) -> Result<ThresholdConfig, InvalidThreshold> {
+    let invalid = |field: Option<&str>, message: String| InvalidThreshold {
+        field: field.map(str::to_owned),
+        message,
+    };
+    let Some(object) = value.as_object() else {
+        return Err(invalid(
+            None,
+            "expected a JSON object such as {\"levels\": [\"80%\", \"90%\"], \"notify\": [\"admin@example.com\"], \"min_interval\": \"4h\"}".to_owned(),
+        ));
+    };
+    let mut table = toml::Table::new();
+    for (key, value) in object {
+        if value.is_null() {
+            continue; // as if absent: the default applies
+        }
+        let value = toml::Value::try_from(value).map_err(|e| {
+            invalid(
+                Some(key),
+                format!("{e}; use numbers, strings and arrays of them"),
+            )
+        })?;
+        table.insert(key.clone(), value);
+    }
+    let mut doc = toml::Table::new();
+    doc.insert("threshold".to_owned(), toml::Value::Table(table));
+    let text = toml::to_string(&doc).map_err(|e| invalid(None, e.to_string()))?;
+    crate::config::parse_threshold(&text, Path::new("request body")).map_err(|e| match e {
+        ConfigError::Invalid { key, problem, .. } => invalid(Some(&key), problem.to_string()),
+        other => invalid(None, other.to_string()),
+    })
+}
+
+/// The saved notification state of one org.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct OrgState {
+    #[serde(default)]
+    org: SubjectState,
+    /// Integrations with a quota, by id.
+    #[serde(default)]
+    integrations: BTreeMap<String, SubjectState>,
+}
+
+/// The threshold watcher.
+pub struct Watcher {
+    pub meter: Arc<Meter>,
+    pub thresholds: Arc<Thresholds>,
+    pub store: Arc<Store>,
+    pub metrics: Arc<Metrics>,
+    /// `None` without `[smtp]`: crossings are still tracked and logged.
+    pub mailer: Option<Arc<Mailer>>,
+    /// `on_limit` of each integration, for quota emails.
+    pub on_limit: HashMap<(String, String), OnLimit>,
+    /// Notified when a threshold changes, to check at once.
+    pub poke: Arc<Notify>,
+}
+
+impl Watcher {
+    /// Checks every [`CHECK_INTERVAL`], or when poked, until `stop`.
+    pub async fn run(self, stop: watch::Receiver<bool>) {
+        let mut states = self.load_states().await;
+        let mut tick = tokio::time::interval(CHECK_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut stopped = stop.clone();
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = self.poke.notified() => {}
+                _ = stopped.wait_for(|s| *s) => break,
+            }
+            self.check(&mut states, &stop).await;
+        }
+    }
+
+    async fn load_states(&self) -> HashMap<String, OrgState> {
+        let mut states = HashMap::new();
+        for org in self.meter.orgs() {
+            let (s, id) = (self.store.clone(), org.id().to_string());
+            let key = id.clone();
+            let saved = tokio::task::spawn_blocking(move || s.get_notify_state(&key)).await;
+            match saved {
+                Ok(Ok(Some(json))) => match serde_json::from_str::<OrgState>(&json) {
+                    Ok(state) => {
+                        states.insert(id, state);
+                    }
+                    Err(e) => tracing::warn!(org = %id, error = %e,
+                        "ignoring unreadable notification state; a crossing may be told again"),
+                },
+                Ok(Ok(None)) => {}
+                Ok(Err(e)) => tracing::warn!(org = %id, error = %e,
+                    "cannot read the notification state; a crossing may be told again"),
+                Err(e) => tracing::warn!(org = %id, error = %e, "reading notification state"),
+            }
+        }
+        states
+    }
+
+    /// One look at every org's usage.
+    async fn check(&self, states: &mut HashMap<String, OrgState>, stop: &watch::Receiver<bool>) {
+        let usage = self.meter.usage();
+        let now_ms = self.meter.orgs().next().map_or(0, |o| o.clock().unix_ms());
+        for org in &usage.orgs {
+            let threshold = self.thresholds.get(&org.id).and_then(|(t, _)| t);
+            let state = states.entry(org.id.clone()).or_default();
+            let before = state.clone();
+            let alerts = match &threshold {
+                Some(t) => evaluate(org, t, state, now_ms, &self.on_limit),
+                None => {
+                    *state = OrgState::default();
+                    Vec::new()
+                }
+            };
+            if *state != before {
+                // Saved before any email leaves: a restart must not tell the same crossing twice.
+                let (s, id) = (self.store.clone(), org.id.clone());
+                let json = serde_json::to_string(&*state).unwrap_or_default();
+                let saved = tokio::task::spawn_blocking(move || s.put_notify_state(&id, &json))
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r.map_err(|e| e.to_string()));
+                if let Err(error) = saved {
+                    tracing::error!(org = %org.id, %error,
+                        "cannot save the notification state; after a restart an email may be sent again");
+                }
+            }
+            for alert in alerts {
+                self.send(alert, stop);
+            }
+        }
+    }
+
+    fn send(&self, alert: Alert, stop: &watch::Receiver<bool>) {
+        let subject = alert.subject();
+        let Some(mailer) = &self.mailer else {
+            if !alert.recipients.is_empty() {
+                tracing::warn!(org = %alert.org, %subject, "threshold crossed; no email: there is no [smtp] section");
+            }
+            return;
+        };
+        if alert.recipients.is_empty() {
+            tracing::info!(org = %alert.org, %subject, "threshold crossed; no email: the threshold has no notify addresses");
+            return;
+        }
+        match alert.message(mailer.from()) {
+            Ok(message) => {
+                tokio::spawn(mail::deliver(
+                    mailer.clone(),
+                    message,
+                    alert.org.clone(),
+                    subject,
+                    self.metrics.clone(),
+                    stop.clone(),
+                ));
+            }
+            Err(error) => {
+                self.metrics.notification(&alert.org, false);
+                tracing::error!(org = %alert.org, %subject, %error, "cannot build the threshold email");
+            }
+        }
+    }
+}
+
+/// Runs the crossing state machines of one org and its integrations; returns the emails due.
+fn evaluate(
+    org: &OrgReport,
+    threshold: &ThresholdConfig,
+    state: &mut OrgState,
+    now_ms: u64,
+    on_limit: &HashMap<(String, String), OnLimit>,
+) -> Vec<Alert> {
+    let window = Duration::from_secs(u64::from(org.window_minutes) * 60);
+    // Only an email needs the integrations by use.
+    let top = || {
+        let mut top: Vec<(String, u64, Option<u64>)> = org
+            .integrations
+            .iter()
+            .filter(|i| i.window > 0)
+            .map(|i| (i.id.clone(), i.window, i.quota))
+            .collect();
+        top.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        top.truncate(TOP_INTEGRATIONS);
+        top
+    };
+    let alert = |integration: Option<QuotaAlert>, level: Level, used, budget| Alert {
+        org: org.id.clone(),
+        integration,
+        level: level.key,
+        level_calls: level.calls,
+        used,
+        budget,
+        window_minutes: org.window_minutes,
+        top: top(),
+        outside: org
+            .reported_used
+            .map(|_| org.used.saturating_sub(org.proxied)),
+        recipients: threshold.notify.clone(),
+    };
+    let mut out = Vec::new();
+
+    let levels: Vec<Level> = threshold
+        .levels
+        .iter()
+        .filter_map(|a| resolve(a, org.limit, true))
+        .collect();
+    let reading = Reading {
+        used: org.used,
+        budget: org.limit,
+        reported: org.reported_used.is_some(),
+        now_ms,
+        window,
+    };
+    match state
+        .org
+        .evaluate(&levels, &reading, threshold.min_interval)
+    {
+        Decision::Email(level) => out.push(alert(None, level, org.used, org.limit)),
+        Decision::HeldBack(level) => tracing::info!(org = %org.id, level = %level.key,
+            "threshold crossed again within min_interval; no email"),
+        Decision::Nothing => {}
+    }
+
+    // Integrations with a quota: the org's percentage levels, of the quota.
+    state.integrations.retain(|id, _| {
+        org.integrations
+            .iter()
+            .any(|i| &i.id == id && i.quota.is_some())
+    });
+    for i in &org.integrations {
+        let Some(quota) = i.quota else { continue };
+        let levels: Vec<Level> = threshold
+            .levels
+            .iter()
+            .filter_map(|a| resolve(a, Some(quota), false))
+            .collect();
+        if levels.is_empty() {
+            continue;
+        }
+        let reading = Reading {
+            used: i.window,
+            budget: Some(quota),
+            reported: false,
+            now_ms,
+            window,
+        };
+        let subject = state.integrations.entry(i.id.clone()).or_default();
+        match subject.evaluate(&levels, &reading, threshold.min_interval) {
+            Decision::Email(level) => {
+                let quota_alert = QuotaAlert {
+                    id: i.id.clone(),
+                    on_limit: on_limit
+                        .get(&(org.id.clone(), i.id.clone()))
+                        .map_or("reject", |o| o.as_str()),
+                };
+                out.push(alert(Some(quota_alert), level, i.window, Some(quota)));
+            }
+            Decision::HeldBack(level) => tracing::info!(org = %org.id, integration = %i.id,
+                level = %level.key, "quota threshold crossed again within min_interval; no email"),
+            Decision::Nothing => {}
+        }
+        if subject.is_empty() {
+            state.integrations.remove(&i.id);
+        }
+    }
+    out
+}
+
+/// A level in calls against `budget` (the limit or a quota). A percentage needs the budget;
+/// a number of calls applies to the org only (`calls_apply`). At least 1 call.
+fn resolve(level: &Amount, budget: Option<u64>, calls_apply: bool) -> Option<Level> {
+    let calls = match level {
+        Amount::Calls(n) if calls_apply => *n,
+        Amount::Calls(_) => return None,
+        Amount::Percent(_) => level.resolve(budget?),
+    };
+    Some(Level {
+        key: level.to_string(),
+        calls: calls.max(1),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn json_thresholds_are_validated_like_the_config() {
+        let t = from_json(
+            &json!({"levels": ["80%", 95000], "notify": ["a@example.com"], "min_interval": "30m"}),
+        )
+        .expect("valid");
+        assert_eq!(t.levels, vec![Amount::Percent(80.0), Amount::Calls(95_000)]);
+        assert_eq!(t.min_interval, Duration::from_secs(1800));
+        assert_eq!(
+            to_json(&t),
+            json!({"levels": ["80%", 95000], "notify": ["a@example.com"], "min_interval": "30m"})
+        );
+        assert_eq!(from_json(&to_json(&t)), Ok(t));
+
+        let defaults = from_json(&json!({"levels": ["90%"], "notify": null})).expect("valid");
+        assert_eq!(defaults.min_interval, Duration::from_secs(4 * 3600));
+        assert!(defaults.notify.is_empty());
+
+        for (body, field, words) in [
+            (json!({}), Some("levels"), "missing"),
+            (json!({"levels": []}), Some("levels"), "empty"),
+            (
+                json!({"levels": ["180%"]}),
+                Some("levels[0]"),
+                "at most 100%",
+            ),
+            (
+                json!({"levels": ["80%", "lots"]}),
+                Some("levels[1]"),
+                "not a number of calls",
+            ),
+            (
+                json!({"levels": [80.5]}),
+                Some("levels[0]"),
+                "floating point",
+            ),
+            (json!({"levels": [0]}), Some("levels[0]"), "at least 1 call"),
+            (
+                json!({"levels": ["80%"], "notify": ["nobody"]}),
+                Some("notify[0]"),
+                "not an email address",
+            ),
+            (
+                json!({"levels": ["80%"], "min_interval": "soon"}),
+                Some("min_interval"),
+                "not a duration",
+            ),
+            (
+                json!({"levels": ["80%"], "colour": "red"}),
+                Some("colour"),
+                "unknown key",
+            ),
+            (json!(["80%"]), None, "JSON object"),
+        ] {
+            let e = from_json(&body).expect_err(&body.to_string());
+            assert_eq!(e.field.as_deref(), field, "{body}: {e}");
+            assert!(e.message.contains(words), "{body}: {e}");
+        }
+    }
+
+    #[test]
+    fn levels_resolve_against_the_limit_or_the_quota() {
+        let pct = Amount::Percent(90.0);
+        let calls = Amount::Calls(500);
+        assert_eq!(resolve(&pct, Some(1_000), true).map(|l| l.calls), Some(900));
+        assert_eq!(resolve(&pct, None, true), None);
+        assert_eq!(resolve(&calls, None, true).map(|l| l.calls), Some(500));
+        // Numbers of calls are org levels; only percentages apply to quotas.
+        assert_eq!(resolve(&calls, Some(1_000), false), None);
+        assert_eq!(
+            resolve(&Amount::Percent(1.0), Some(10), false).map(|l| l.calls),
+            Some(1)
+        );
+    }
+}

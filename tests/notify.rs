@@ -1,0 +1,324 @@
+//! Threshold emails end to end: the real proxy in front of the simulated org, usage driven with
+//! the simulator's external calls and proxied calls, and a real SMTP server (Debian's
+//! python3-aiosmtpd) that the test starts on a free port and kills on drop.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use callmeter::sim::{self, SimOptions};
+use callmeter::{app, config};
+use common::smtp::{free_port, SmtpOptions, SmtpServer};
+use common::*;
+use http::{Method, StatusCode};
+
+/// Longer than the watcher's check interval (2 s) plus an SMTP exchange.
+const EMAIL_WAIT: Duration = Duration::from_secs(10);
+/// How long "no further email" is watched for: two checks and then some.
+const QUIET: Duration = Duration::from_millis(4_500);
+
+const REST: &str = "/a/services/data/v62.0/sobjects/Account/001000000000001AAA";
+
+fn smtp_section(port: u16, extra: &str) -> String {
+    format!(
+        "\n[smtp]\nhost = \"127.0.0.1\"\nport = {port}\nsecurity = \"none\"\n\
+         from = \"callmeter <callmeter@example.com>\"\n{extra}\n"
+    )
+}
+
+fn integration(id: &str, extra: &str) -> String {
+    format!(
+        "[[integration]]\nid = \"{id}\"\norg = \"acme\"\nmatch = {{ path_prefix = \"/{id}\" }}\n{extra}\n"
+    )
+}
+
+/// Starts the proxy from `toml` (with `STORE_PATH` pointing into `dir`).
+async fn start_proxy(toml: &str, dir: &Path) -> (app::Server, String, String) {
+    let toml = toml.replace(
+        "STORE_PATH",
+        &dir.join("callmeter.db").display().to_string(),
+    );
+    let cfg = config::parse(&toml, Path::new("test.toml")).expect("test config is valid");
+    let server = app::start(&cfg).await.expect("proxy starts");
+    let proxy = format!("http://{}", server.listener("main").expect("main"));
+    let admin = format!("http://{}", server.admin_addr);
+    (server, proxy, admin)
+}
+
+async fn external(http: &Http, sim: &sim::SimHandle, n: u64) {
+    let (status, _, body) = http
+        .send(
+            Method::POST,
+            &format!("{}/_sim/external?n={n}", sim.url),
+            &[],
+            "",
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body:?}");
+}
+
+async fn call(http: &Http, proxy: &str, path: &str) {
+    let (status, _, body) = http.get(&format!("{proxy}{path}"), &[]).await;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+}
+
+/// The value of a series in `/metrics` (0 if absent).
+async fn metric(http: &Http, admin: &str, series: &str) -> u64 {
+    let (_, _, body) = http.get(&format!("{admin}/metrics"), &[]).await;
+    let text = String::from_utf8_lossy(&body);
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}
+
+fn subjects(messages: &[serde_json::Value]) -> Vec<String> {
+    messages
+        .iter()
+        .map(|m| m["subject"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn crossing_80_then_90_percent_sends_two_emails_and_a_restart_none_twice() {
+    let smtp = SmtpServer::start(free_port(), SmtpOptions::default());
+    let sim = sim::spawn(SimOptions {
+        limit: 1_000,
+        used: 700,
+        ..SimOptions::default()
+    })
+    .await
+    .expect("sim");
+    // min_interval is long: the 90 % email still goes out at once, as an escalation.
+    let org = "[org.threshold]\nlevels = [\"80%\", \"90%\"]\n\
+               notify = [\"admin@example.com\", \"ops@example.com\"]\nmin_interval = \"4h\"\n";
+    let toml = config_text(&sim.url, org, &integration("a", "")) + &smtp_section(smtp.port, "");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let http = Http::new();
+
+    let (server, proxy, admin) = start_proxy(&toml, dir.path()).await;
+    call(&http, &proxy, REST).await; // 701 of 1000: below every level
+    tokio::time::sleep(QUIET).await;
+    assert!(smtp.messages().is_empty(), "{:#?}", smtp.messages());
+
+    external(&http, &sim, 110).await;
+    call(&http, &proxy, REST).await; // Salesforce reports 812
+    let first = smtp.wait_for(1, EMAIL_WAIT).await;
+    assert_eq!(
+        subjects(&first),
+        ["[callmeter] acme: 81% of daily Salesforce API calls used (812 / 1,000)"]
+    );
+    let m = &first[0];
+    assert_eq!(
+        m["rcpt_tos"],
+        serde_json::json!(["admin@example.com", "ops@example.com"])
+    );
+    assert_eq!(m["from"], "callmeter <callmeter@example.com>");
+    assert_eq!(m["content_type"], "multipart/alternative");
+    let html = m["html"].as_str().expect("an HTML part");
+    assert!(
+        html.contains("data-color=\"orange\"") && html.contains("#ef6c00"),
+        "the bar is orange at 81 %: {html}"
+    );
+    let plain = m["plain"].as_str().expect("a plain-text part");
+    assert!(
+        plain.contains("past your threshold of 80% (800 calls)"),
+        "{plain}"
+    );
+    assert!(
+        plain.contains("Top integrations by calls in the last 24 hours:")
+            && plain.contains("What to do:"),
+        "the top integrations and advice: {plain}"
+    );
+    assert_eq!(
+        metric(
+            &http,
+            &admin,
+            "callmeter_notifications_total{org=\"acme\",result=\"sent\"}"
+        )
+        .await,
+        1
+    );
+
+    // A restart: usage is still above 80 % and the state says it was told.
+    server.shutdown().await;
+    let (server, proxy, admin) = start_proxy(&toml, dir.path()).await;
+    tokio::time::sleep(Duration::from_millis(2_500)).await; // the proxy's own count only
+    call(&http, &proxy, REST).await; // Salesforce reports 813
+    tokio::time::sleep(QUIET).await;
+    assert_eq!(
+        smtp.messages().len(),
+        1,
+        "no second email for the same crossing"
+    );
+
+    external(&http, &sim, 90).await;
+    call(&http, &proxy, REST).await; // 904
+    let both = smtp.wait_for(2, EMAIL_WAIT).await;
+    assert_eq!(
+        subjects(&both)[1],
+        "[callmeter] acme: 90% of daily Salesforce API calls used (904 / 1,000)"
+    );
+    assert!(both[1]["html"]
+        .as_str()
+        .is_some_and(|h| h.contains("data-color=\"red\"")));
+    tokio::time::sleep(QUIET).await;
+    assert_eq!(smtp.messages().len(), 2, "exactly two emails");
+    assert_eq!(
+        metric(
+            &http,
+            &admin,
+            "callmeter_notifications_total{org=\"acme\",result=\"failed\"}"
+        )
+        .await,
+        0
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn smtp_down_is_retried_and_counted_and_proxying_goes_on() {
+    let port = free_port(); // nothing listens here yet
+    let sim = sim::spawn(SimOptions {
+        limit: 1_000,
+        used: 850,
+        ..SimOptions::default()
+    })
+    .await
+    .expect("sim");
+    let org = "[org.threshold]\nlevels = [\"80%\"]\nnotify = [\"admin@example.com\"]\n";
+    let toml = config_text(&sim.url, org, &integration("a", "")) + &smtp_section(port, "");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let http = Http::new();
+    let (server, proxy, admin) = start_proxy(&toml, dir.path()).await;
+    let failed = "callmeter_notifications_total{org=\"acme\",result=\"failed\"}";
+    let sent = "callmeter_notifications_total{org=\"acme\",result=\"sent\"}";
+    assert_eq!(
+        metric(&http, &admin, failed).await,
+        0,
+        "the series exists at 0"
+    );
+    assert!(
+        String::from_utf8_lossy(&http.get(&format!("{admin}/metrics"), &[]).await.2)
+            .contains(failed)
+    );
+
+    call(&http, &proxy, REST).await; // 851 of 1000: past 80 %
+                                     // Proxying is not held up while the email fails: every call is answered at once.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let started = Instant::now();
+        call(&http, &proxy, REST).await;
+        assert!(started.elapsed() < Duration::from_secs(1));
+        if metric(&http, &admin, failed).await >= 2 {
+            break; // the first attempt and a retry
+        }
+        assert!(Instant::now() < deadline, "no failed attempts counted");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(metric(&http, &admin, sent).await, 0);
+
+    // The server comes up: a later retry delivers the email, once.
+    let smtp = SmtpServer::start(port, SmtpOptions::default());
+    let messages = smtp.wait_for(1, Duration::from_secs(15)).await;
+    // The figure is the one of the first check that saw the crossing (calls went on).
+    let subject = &subjects(&messages)[0];
+    assert!(
+        subject.starts_with("[callmeter] acme: 8")
+            && subject.contains("% of daily Salesforce API calls used ("),
+        "{messages:#?}"
+    );
+    assert_eq!(metric(&http, &admin, sent).await, 1);
+    tokio::time::sleep(QUIET).await;
+    assert_eq!(smtp.messages().len(), 1);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_integration_at_its_quota_levels_gets_its_own_emails() {
+    let smtp = SmtpServer::start(free_port(), SmtpOptions::default());
+    let sim = sim::spawn(SimOptions::default()).await.expect("sim"); // 15,000: org far below
+    let org = "[org.threshold]\nlevels = [\"80%\", \"90%\"]\nnotify = [\"admin@example.com\"]\n";
+    let toml = config_text(
+        &sim.url,
+        org,
+        &(integration("a", "quota = 10\non_limit = \"queue\"") + &integration("b", "")),
+    ) + &smtp_section(smtp.port, "");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let http = Http::new();
+    let (server, proxy, _) = start_proxy(&toml, dir.path()).await;
+    for _ in 0..8 {
+        call(&http, &proxy, REST).await;
+    }
+    call(&http, &proxy, "/b/services/data/v62.0/limits").await;
+    let first = smtp.wait_for(1, EMAIL_WAIT).await;
+    assert_eq!(
+        subjects(&first),
+        ["[callmeter] acme/a: 80% of its Salesforce API call quota used (8 / 10)"]
+    );
+    assert!(
+        first[0]["plain"]
+            .as_str()
+            .is_some_and(|p| p.contains("held in a queue")),
+        "{first:#?}"
+    );
+    call(&http, &proxy, REST).await;
+    let both = smtp.wait_for(2, EMAIL_WAIT).await;
+    assert_eq!(
+        subjects(&both)[1],
+        "[callmeter] acme/a: 90% of its Salesforce API call quota used (9 / 10)"
+    );
+    tokio::time::sleep(QUIET).await;
+    assert_eq!(
+        smtp.messages().len(),
+        2,
+        "b has no quota, the org is at 0 %"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn starttls_with_a_private_ca_and_auth_with_the_password_from_the_environment() {
+    let tls = tempfile::tempdir().expect("tempdir");
+    let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).expect("cert");
+    let (cert_path, key_path) = (tls.path().join("cert.pem"), tls.path().join("key.pem"));
+    std::fs::write(&cert_path, cert.cert.pem()).expect("write cert");
+    std::fs::write(&key_path, cert.signing_key.serialize_pem()).expect("write key");
+    let smtp = SmtpServer::start(
+        free_port(),
+        SmtpOptions {
+            auth: Some("callmeter:s3cret-pw".into()),
+            starttls: Some((cert_path.clone(), key_path)),
+        },
+    );
+    let sim = sim::spawn(SimOptions {
+        limit: 1_000,
+        used: 950,
+        ..SimOptions::default()
+    })
+    .await
+    .expect("sim");
+    let org = "[org.threshold]\nlevels = [\"90%\"]\nnotify = [\"admin@example.com\"]\n";
+    let extra = format!(
+        "security = \"starttls\"\nusername = \"callmeter\"\npassword_env = \"TEST_SMTP_PASSWORD\"\nca = \"{}\"",
+        cert_path.display()
+    );
+    let toml = (config_text(&sim.url, org, &integration("a", ""))
+        + &smtp_section(smtp.port, &extra))
+        .replace("security = \"none\"\n", "");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let toml = toml.replace(
+        "STORE_PATH",
+        &dir.path().join("callmeter.db").display().to_string(),
+    );
+    let env = |name: &str| (name == "TEST_SMTP_PASSWORD").then(|| "s3cret-pw".to_owned());
+    let cfg = config::parse_with_env(&toml, Path::new("test.toml"), &env).expect("valid");
+    let server = app::start(&cfg).await.expect("proxy starts");
+    let proxy = format!("http://{}", server.listener("main").expect("main"));
+    call(&Http::new(), &proxy, REST).await;
+    let messages = smtp.wait_for(1, EMAIL_WAIT).await;
+    assert_eq!(messages[0]["tls"], true, "{messages:#?}");
+    assert_eq!(messages[0]["authenticated"], true, "{messages:#?}");
+    assert!(subjects(&messages)[0].starts_with("[callmeter] acme: 95% of daily"));
+    server.shutdown().await;
+}
