@@ -65,11 +65,13 @@ pub async fn handle(
     req: Request<Incoming>,
 ) -> Response<ResponseBody> {
     let started = Instant::now();
+    // Kept for the log line of a failed request: cheap clones (an enum, a shared buffer).
     let method = req.method().clone();
-    let path = req.uri().path().to_owned();
+    let uri = req.uri().clone();
     match proxy(&ctx, peer, req, started).await {
         Ok(resp) => resp,
         Err(err) => {
+            let path = uri.path();
             if err.is_upstream() {
                 tracing::warn!(%method, %path, listener = ctx.routes.listener(), error = %err, "upstream failure");
             } else {
