@@ -258,6 +258,8 @@ pub struct ProxySettings {
     /// Default false: an incoming `X-Forwarded-For` is replaced by the peer address. True when a
     /// trusted load balancer sits in front: the peer address is appended to the incoming header.
     pub trust_forwarded_for: bool,
+    /// Threads of the async runtime; `None` (default): one per core.
+    pub worker_threads: Option<usize>,
 }
 
 /// `[[listener]]`: one proxy socket.
@@ -963,6 +965,7 @@ struct RawProxy {
     shutdown_grace: Option<S<String>>,
     max_header_bytes: Option<S<u64>>,
     trust_forwarded_for: Option<bool>,
+    worker_threads: Option<S<u64>>,
 }
 
 #[derive(Deserialize)]
@@ -1720,7 +1723,22 @@ impl Ctx<'_> {
             }
             None => DEFAULT_MAX_HEADER_BYTES,
         };
+        let worker_threads = match raw.and_then(|r| r.worker_threads.as_ref()) {
+            None => None,
+            Some(v) if (1..=1024).contains(v.get_ref()) => Some(*v.get_ref() as usize),
+            Some(v) => {
+                return Err(self.err_on(
+                    "proxy.worker_threads",
+                    v,
+                    Problem::OutOfRange {
+                        value: v.get_ref().to_string(),
+                        expected: "1 to 1024 threads".into(),
+                    },
+                ))
+            }
+        };
         Ok(ProxySettings {
+            worker_threads,
             shutdown_grace,
             // In range of usize on every supported target (at most 16 MiB).
             max_header_bytes: usize::try_from(max_header_bytes).unwrap_or(usize::MAX),
@@ -2878,6 +2896,7 @@ instance_url = "https://acme.my.salesforce.com"
                 shutdown_grace: Duration::from_secs(30),
                 max_header_bytes: 65536,
                 trust_forwarded_for: false,
+                worker_threads: None,
             }
         );
         let listener = &config.listeners[0];
