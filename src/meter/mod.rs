@@ -19,12 +19,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use budget::{InFlight, IntegrationBudget, OrgBudget};
+pub use budget::{InFlight, IntegrationBudget, OrgBudget, RateParams};
+use budget::{LiveIntegrationBudget, LiveOrgBudget};
 pub use clock::Clock;
 pub use rate::TokenBucket;
 pub use window::{Minute, Window};
 
-use arc_swap::ArcSwap;
 use std::sync::atomic::AtomicU32;
 
 use crate::config::{Amount, IntegrationConfig, IntegrationId, OrgConfig, OrgId};
@@ -124,7 +124,7 @@ impl Ticket {
 #[derive(Debug)]
 pub struct OrgMeter {
     id: OrgId,
-    budget: ArcSwap<OrgBudget>,
+    budget: LiveOrgBudget,
     in_flight: Arc<AtomicU32>,
     /// Counted calls the proxy forwarded within the window.
     window: Window,
@@ -155,7 +155,9 @@ pub struct IntegrationMeter {
     id: IntegrationId,
     org: Arc<OrgMeter>,
     window: Window,
-    budget: ArcSwap<IntegrationBudget>,
+    budget: LiveIntegrationBudget,
+    /// The state of the integration's `rate` token bucket.
+    bucket: TokenBucket,
     in_flight: Arc<AtomicU32>,
     /// Calls held back (rejected, or that waited) and calls waiting now, for reporting.
     rejected: AtomicU64,
@@ -183,7 +185,7 @@ impl OrgMeter {
         let minutes = (cfg.window.as_secs() / 60).clamp(1, u64::from(u32::MAX)) as u32;
         OrgMeter {
             id: cfg.id.clone(),
-            budget: ArcSwap::from_pointee(OrgBudget::from_config(cfg)),
+            budget: LiveOrgBudget::new(OrgBudget::from_config(cfg)),
             in_flight: Default::default(),
             window: Window::new(minutes),
             forwarded: AtomicU64::new(0),
@@ -441,7 +443,7 @@ impl OrgMeter {
 
     /// Applies a reloaded config's budget; counts are kept.
     pub fn set_budget(&self, budget: OrgBudget) {
-        self.budget.store(Arc::new(budget));
+        self.budget.store(budget);
         self.signal_freed();
     }
 
@@ -463,16 +465,6 @@ impl OrgMeter {
             exhausted: self.is_exhausted(),
         }
     }
-}
-
-fn give_back_rate(budget: &IntegrationBudget, units: u32) {
-    if let Some(rate) = &budget.rate {
-        rate.give_back(units);
-    }
-}
-
-fn rate_interval(rate: &TokenBucket) -> u64 {
-    rate.interval_us().max(1)
 }
 
 #[inline]
@@ -508,7 +500,8 @@ impl IntegrationMeter {
             id,
             org,
             window: Window::new(minutes),
-            budget: ArcSwap::from_pointee(budget),
+            budget: LiveIntegrationBudget::new(budget),
+            bucket: TokenBucket::default(),
             in_flight: Default::default(),
             rejected: AtomicU64::new(0),
             queued: Default::default(),
@@ -517,7 +510,7 @@ impl IntegrationMeter {
 
     /// Applies a reloaded config's budget; the window and its counts are kept.
     pub fn set_budget(&self, budget: IntegrationBudget) {
-        self.budget.store(Arc::new(budget));
+        self.budget.store(budget);
         self.org.signal_freed();
     }
 
@@ -565,9 +558,9 @@ impl IntegrationMeter {
                 in_flight,
             });
         }
-        if let Some(rate) = &budget.rate {
-            if let Err(wait) = rate.take(units, self.org.clock.micros()) {
-                let size = (1_000_000 / rate_interval(rate)).max(1);
+        if let Some(rate) = budget.rate {
+            if let Err(wait) = self.bucket.take(rate, units, self.org.clock.micros()) {
+                let size = (1_000_000 / rate.interval_us.max(1)).max(1);
                 return Verdict::Limited(Limited {
                     budget: Budget::Rate,
                     retry_after: wait,
@@ -577,7 +570,7 @@ impl IntegrationMeter {
         }
         if let Some(quota) = self.quota_of(&budget) {
             if let Err(used) = self.window.try_add(minute, units, quota) {
-                give_back_rate(&budget, units);
+                self.give_back_rate(&budget, units);
                 let needed = (used + u64::from(units)).saturating_sub(quota);
                 let probe = self.org.budget.load().probe_interval;
                 let retry_after = self
@@ -595,7 +588,7 @@ impl IntegrationMeter {
         }
         if let Err(limited) = self.org.try_count(units, minute, budget.critical) {
             self.window.refund(minute, units);
-            give_back_rate(&budget, units);
+            self.give_back_rate(&budget, units);
             return Verdict::Limited(limited);
         }
         Verdict::Forward(Ticket {
@@ -603,6 +596,12 @@ impl IntegrationMeter {
             minute,
             in_flight,
         })
+    }
+
+    fn give_back_rate(&self, budget: &IntegrationBudget, units: u32) {
+        if let Some(rate) = budget.rate {
+            self.bucket.give_back(rate, units);
+        }
     }
 
     fn quota_of(&self, budget: &IntegrationBudget) -> Option<u64> {

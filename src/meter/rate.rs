@@ -8,40 +8,26 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-#[derive(Debug)]
+use super::budget::RateParams;
+
+/// The state of a token bucket; its settings (`RateParams`) come with each call, so that a
+/// reload can change them without losing the state.
+#[derive(Debug, Default)]
 pub struct TokenBucket {
-    /// Microseconds per token.
-    interval_us: u64,
-    /// Microseconds of burst: `burst · interval`.
-    tolerance_us: u64,
     /// Theoretical arrival time, in microseconds of the meter's clock.
     tat_us: AtomicU64,
 }
 
 impl TokenBucket {
-    pub fn new(per_second: f64, burst: u32) -> Self {
-        let interval_us = (1_000_000.0 / per_second.max(1e-6)).round().max(1.0) as u64;
-        TokenBucket {
-            interval_us,
-            tolerance_us: interval_us * u64::from(burst.max(1)),
-            tat_us: AtomicU64::new(0),
-        }
-    }
-
-    /// Microseconds per token.
-    pub fn interval_us(&self) -> u64 {
-        self.interval_us
-    }
-
     /// Takes `units` tokens at `now_us`, or says how long until they would be there.
-    pub fn take(&self, units: u32, now_us: u64) -> Result<(), Duration> {
-        let cost = self.interval_us.saturating_mul(u64::from(units));
+    pub fn take(&self, rate: RateParams, units: u32, now_us: u64) -> Result<(), Duration> {
+        let cost = rate.interval_us.saturating_mul(u64::from(units));
         let mut tat = self.tat_us.load(Ordering::Acquire);
         loop {
             let next = tat.max(now_us).saturating_add(cost);
             let ahead = next - now_us;
-            if ahead > self.tolerance_us {
-                return Err(Duration::from_micros(ahead - self.tolerance_us));
+            if ahead > rate.tolerance_us {
+                return Err(Duration::from_micros(ahead - rate.tolerance_us));
             }
             match self
                 .tat_us
@@ -54,8 +40,8 @@ impl TokenBucket {
     }
 
     /// Gives back tokens taken for a call that a later budget refused.
-    pub fn give_back(&self, units: u32) {
-        let cost = self.interval_us.saturating_mul(u64::from(units));
+    pub fn give_back(&self, rate: RateParams, units: u32) {
+        let cost = rate.interval_us.saturating_mul(u64::from(units));
         let _ = self
             .tat_us
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |tat| {
@@ -71,34 +57,34 @@ mod tests {
     #[test]
     fn burst_then_steady_rate() {
         // 10 per second (one token per 100 ms), burst 3.
-        let b = TokenBucket::new(10.0, 3);
+        let (b, r) = (TokenBucket::default(), RateParams::new(10.0, 3));
         let t0 = 5_000_000;
         for _ in 0..3 {
-            assert_eq!(b.take(1, t0), Ok(()));
+            assert_eq!(b.take(r, 1, t0), Ok(()));
         }
         // The bucket is empty: the next token comes 100 ms later.
-        assert_eq!(b.take(1, t0), Err(Duration::from_millis(100)));
-        assert_eq!(b.take(1, t0 + 40_000), Err(Duration::from_millis(60)));
-        assert_eq!(b.take(1, t0 + 100_000), Ok(()));
+        assert_eq!(b.take(r, 1, t0), Err(Duration::from_millis(100)));
+        assert_eq!(b.take(r, 1, t0 + 40_000), Err(Duration::from_millis(60)));
+        assert_eq!(b.take(r, 1, t0 + 100_000), Ok(()));
         // After a quiet second the full burst is back, and no more.
         let t1 = t0 + 2_000_000;
-        assert_eq!(b.take(3, t1), Ok(()));
-        assert!(b.take(1, t1).is_err());
+        assert_eq!(b.take(r, 3, t1), Ok(()));
+        assert!(b.take(r, 1, t1).is_err());
     }
 
     #[test]
     fn a_call_larger_than_the_burst_waits_for_its_tokens() {
-        let b = TokenBucket::new(10.0, 5);
+        let (b, r) = (TokenBucket::default(), RateParams::new(10.0, 5));
         // 25 units (a composite batch) at once: 20 tokens short, 2 s of refill.
-        assert_eq!(b.take(25, 1_000_000), Err(Duration::from_secs(2)));
+        assert_eq!(b.take(r, 25, 1_000_000), Err(Duration::from_secs(2)));
     }
 
     #[test]
     fn given_back_tokens_are_usable_again() {
-        let b = TokenBucket::new(1.0, 1);
-        assert_eq!(b.take(1, 10_000_000), Ok(()));
-        assert!(b.take(1, 10_000_000).is_err());
-        b.give_back(1);
-        assert_eq!(b.take(1, 10_000_000), Ok(()));
+        let (b, r) = (TokenBucket::default(), RateParams::new(1.0, 1));
+        assert_eq!(b.take(r, 1, 10_000_000), Ok(()));
+        assert!(b.take(r, 1, 10_000_000).is_err());
+        b.give_back(r, 1);
+        assert_eq!(b.take(r, 1, 10_000_000), Ok(()));
     }
 }
