@@ -67,9 +67,9 @@ impl Base {
         })
     }
 
-    fn uri(&self, path_and_query: &str) -> Result<Uri, http::Error> {
+    fn uri(&self, path_and_query: PathAndQuery) -> Result<Uri, http::Error> {
         let pq = if self.path.is_empty() {
-            PathAndQuery::try_from(path_and_query)?
+            path_and_query
         } else {
             PathAndQuery::try_from(format!("{}{}", self.path, path_and_query))?
         };
@@ -163,7 +163,7 @@ impl Upstream {
     }
 
     /// The URL a request goes to: the login host for login calls, the instance otherwise.
-    pub fn uri(&self, login: bool, path_and_query: &str) -> Result<Uri, http::Error> {
+    pub fn uri(&self, login: bool, path_and_query: PathAndQuery) -> Result<Uri, http::Error> {
         self.base(login).uri(path_and_query)
     }
 

@@ -24,6 +24,7 @@ mod route;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use http::uri::PathAndQuery;
 use http::{header, HeaderValue, Request, Response, Uri};
 use hyper::body::Incoming;
 use tokio::time::Instant;
@@ -97,8 +98,8 @@ async fn proxy(
     let matched = ctx.routes.route(&parts)?;
     let route = matched.route;
     tracing::trace!(integration = route.id(), method = %parts.method, uri = %parts.uri, headers = %headers::Redacted(&parts.headers), "request");
-    let upstream_pq = upstream_path_and_query(&parts.uri, matched.strip);
-    let upstream_path = upstream_pq.split('?').next().unwrap_or("/");
+    let upstream_pq = upstream_path_and_query(&parts.uri, matched.strip)?;
+    let upstream_path = upstream_pq.path();
     if let (Some(defer), Some(id)) = (&route.defer, deferred::status_id(upstream_path)) {
         return Ok(deferred::status(defer, &route, &parts, id).await);
     }
@@ -135,7 +136,7 @@ async fn proxy(
                 Some(defer) => {
                     let call = deferred::Limited {
                         parts: &parts,
-                        path_and_query: &upstream_pq,
+                        path_and_query: upstream_pq.as_str(),
                         body,
                         units,
                         limited: &limited,
@@ -168,7 +169,7 @@ async fn proxy(
     parts.uri = route
         .org
         .upstream
-        .uri(login, &upstream_pq)
+        .uri(login, upstream_pq)
         .map_err(|_| ProxyError::BadPath)?;
     parts.version = http::Version::HTTP_11;
     let response = match route
@@ -283,14 +284,22 @@ async fn admit(route: &Route, api: Api, units: u32) -> Result<(Ticket, Outcome),
 }
 
 /// The path and query to send upstream: the request's, less the integration's path prefix.
-fn upstream_path_and_query(uri: &Uri, strip: usize) -> String {
-    let pq = uri.path_and_query().map_or("/", |pq| pq.as_str());
-    let rest = pq.get(strip..).unwrap_or("");
-    if rest.is_empty() || rest.starts_with('?') {
-        format!("/{rest}")
-    } else {
-        rest.to_owned()
+/// Without a prefix it is the request's own (a reference-counted clone, no copy).
+fn upstream_path_and_query(uri: &Uri, strip: usize) -> Result<PathAndQuery, ProxyError> {
+    let original = uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    if strip == 0 {
+        return Ok(original);
     }
+    let rest = original.as_str().get(strip..).unwrap_or("");
+    let stripped = if rest.is_empty() || rest.starts_with('?') {
+        PathAndQuery::try_from(format!("/{rest}"))
+    } else {
+        PathAndQuery::try_from(rest)
+    };
+    stripped.map_err(|_| ProxyError::BadPath)
 }
 
 /// Where a client that logged in through this listener should send its next calls: the
@@ -338,13 +347,13 @@ mod tests {
             .parse()
             .expect("uri");
         assert_eq!(
-            upstream_path_and_query(&uri, 3),
+            upstream_path_and_query(&uri, 3).expect("pq"),
             "/services/data/v60.0/query?q=SELECT+Id"
         );
         let uri: Uri = "/sl?x=1".parse().expect("uri");
-        assert_eq!(upstream_path_and_query(&uri, 3), "/?x=1");
+        assert_eq!(upstream_path_and_query(&uri, 3).expect("pq"), "/?x=1");
         let uri: Uri = "/sl".parse().expect("uri");
-        assert_eq!(upstream_path_and_query(&uri, 3), "/");
-        assert_eq!(upstream_path_and_query(&uri, 0), "/sl");
+        assert_eq!(upstream_path_and_query(&uri, 3).expect("pq"), "/");
+        assert_eq!(upstream_path_and_query(&uri, 0).expect("pq"), "/sl");
     }
 }

@@ -370,10 +370,9 @@ async fn send(
 
 fn build_request(r: &OrgReplayer, call: &DeferredCall) -> Result<Request<RequestBody>, String> {
     let method = Method::from_bytes(call.method.as_bytes()).map_err(|e| e.to_string())?;
-    let uri = r
-        .upstream
-        .uri(false, &call.path_and_query)
+    let pq = http::uri::PathAndQuery::try_from(call.path_and_query.as_str())
         .map_err(|e| e.to_string())?;
+    let uri = r.upstream.uri(false, pq).map_err(|e| e.to_string())?;
     let mut req = Request::builder().method(method).uri(uri);
     for (name, value) in &call.headers {
         let name = HeaderName::from_bytes(name.as_bytes()).map_err(|e| e.to_string())?;
