@@ -19,7 +19,7 @@
 #   Each run records req/s, p50 and p99 latency, and the proxy's CPU time (utime + stime from
 #   /proc/PID/stat; nginx master + worker) per request. Tables show the median of the rounds.
 #   Then (unless --skip-rss): idle memory of callmeter with 10,000 integrations and the time
-#   to render /metrics for them after one call to each of 1,000.
+#   to render /metrics for them after one call to each of 1,000, then to each of all 10,000.
 #
 # Pinning, and its limits on a 2-core machine
 #   Core 0 runs the proxy under test (nginx, HAProxy, callmeter-1w); core 1 runs the origin and
@@ -187,17 +187,17 @@ wait_ok() {
   exit 1
 }
 
-# CPU ticks (utime + stime, all threads) of the given processes, summed.
+# "utime stime": CPU ticks (all threads) of the given processes, summed.
 ticks() {
-  local pid total=0 stat fields
+  local pid user=0 sys=0 stat fields
   for pid in "$@"; do
     stat=$(<"/proc/$pid/stat")
     # The command name (field 2) may hold spaces: split after its closing parenthesis, so
     # fields[0] is field 3 (state) and utime, stime (fields 14, 15) are fields[11], fields[12].
     read -ra fields <<<"${stat##*) }"
-    total=$((total + fields[11] + fields[12]))
+    user=$((user + fields[11])) sys=$((sys + fields[12]))
   done
-  echo "$total"
+  echo "$user $sys"
 }
 
 # "busy0 softirq0 total0 busy1 softirq1 total1" from /proc/stat, in clock ticks. busy = user +
@@ -368,7 +368,8 @@ proxy_pids() {
 # Runs
 
 # One line per run: proto conc round target rps p50 p99 cpu_us proxy% origin% loadgen% core0%
-# core1% softirq% other% errors. The CPU percentages are of one core (100 = a whole core);
+# core1% softirq% other% errors usr_us sys_us (the proxy's CPU per request split into user and
+# kernel time). The CPU percentages are of one core (100 = a whole core);
 # other% is the CPU time of every process that is not this script's (see others_ticks): the
 # noise from other programs on the machine. A run in which they took more than MAX_OTHER % of
 # a core is repeated, at most twice; the run lines say so.
@@ -452,7 +453,9 @@ run_once() {
     -v lg="$(tail -n1 "$work/loadgen.time")" \
     -v start="$start" -v end="$end" -v c0="$c0" -v c1="$c1" 'BEGIN {
       wall = end - start; split(c0, a, " "); split(c1, b, " "); split(lg, l, " ")
-      proxy = (t1 - t0) / hz; origin = (o1 - o0) / hz; loadgen = l[1] + l[2]
+      split(t0, pa, " "); split(t1, pb, " "); split(o0, oa, " "); split(o1, ob, " ")
+      usr = (pb[1] - pa[1]) / hz; sys = (pb[2] - pa[2]) / hz; proxy = usr + sys
+      origin = (ob[1] + ob[2] - oa[1] - oa[2]) / hz; loadgen = l[1] + l[2]
       other = (x1 - x0) / hz; if (other < 0) other = 0
       core0 = (b[3] > a[3]) ? 100 * (b[1] - a[1]) / (b[3] - a[3]) : 0
       core1 = (b[6] > a[6]) ? 100 * (b[4] - a[4]) / (b[6] - a[6]) : 0
@@ -461,12 +464,13 @@ run_once() {
       print proto, conc, round, target, rps, p50, p99, sprintf("%.1f", proxy * 1e6 / req),
             sprintf("%.0f", proxy * pct), sprintf("%.0f", origin * pct), sprintf("%.0f", loadgen * pct),
             sprintf("%.0f", core0), sprintf("%.0f", core1), sprintf("%.0f", softirq * pct),
-            sprintf("%.0f", other * pct), err }'
+            sprintf("%.0f", other * pct), err, sprintf("%.1f", usr * 1e6 / req),
+            sprintf("%.1f", sys * 1e6 / req) }'
 }
 
 show_run() {
-  awk -F'\t' -v note="$1" '{ printf "  %s c=%-3s r%s %-12s %6.0f req/s  p50 %7.3f ms  p99 %8.3f ms  %5.1f CPU us/req  proxy %3s%%  origin %3s%%  loadgen %3s%%  core0 %3s%%  core1 %3s%%  softirq %3s%%  other %3s%%  errors %s%s\n",
-                   $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, note }'
+  awk -F'\t' -v note="$1" '{ printf "  %s c=%-3s r%s %-12s %6.0f req/s  p50 %7.3f ms  p99 %8.3f ms  %5.1f CPU us/req (usr %4.1f + sys %4.1f)  proxy %3s%%  origin %3s%%  loadgen %3s%%  core0 %3s%%  core1 %3s%%  softirq %3s%%  other %3s%%  errors %s%s\n",
+                   $1, $2, $3, $4, $5, $6, $7, $8, $17, $18, $9, $10, $11, $12, $13, $14, $15, $16, note }'
 }
 
 # measure PROTO CONC ROUND TARGET: one recorded run, repeated (at most twice) while other
@@ -507,8 +511,8 @@ table() {
   [ "$proto" = h1 ] || what="HTTP/2 h2c (h2load -m10)"
   nginx_rps=$(column "$proto" "$conc" nginx 5 | median)
   printf '\n%s, %s connections: medians of %s round(s) of %s s\n' "$what" "$conc" "$rounds" "$duration"
-  printf '%-12s %7s %13s %7s %8s %8s %6s %9s %7s %6s %6s %8s\n' target 'req/s' 'req/s range' \
-    'p50 ms' 'p99 ms' 'CPU us/r' 'proxy%' 'core0/1%' 'softirq' 'other%' errors 'vs nginx'
+  printf '%-12s %7s %13s %7s %8s %8s %8s %6s %9s %7s %6s %6s %8s\n' target 'req/s' 'req/s range' \
+    'p50 ms' 'p99 ms' 'CPU us/r' '=usr+sys' 'proxy%' 'core0/1%' 'softirq' 'other%' errors 'vs nginx'
   for t in "${TARGETS[@]}"; do
     [ -n "$(column "$proto" "$conc" "$t" 5)" ] || continue
     local rps lo hi errs ratio=-
@@ -519,9 +523,10 @@ table() {
     if [ "$nginx_rps" != - ]; then
       ratio=$(awk -v a="$rps" -v b="$nginx_rps" 'BEGIN { printf "%.2f", a / b }')
     fi
-    printf '%-12s %7.0f %13s %7.3f %8.3f %8.1f %6.0f %9s %7.0f %6.0f %6s %8s\n' "$t" "$rps" \
+    printf '%-12s %7.0f %13s %7.3f %8.3f %8.1f %8s %6.0f %9s %7.0f %6.0f %6s %8s\n' "$t" "$rps" \
       "$(printf '%.0f-%.0f' "$lo" "$hi")" "$(column "$proto" "$conc" "$t" 6 | median)" \
       "$(column "$proto" "$conc" "$t" 7 | median)" "$(column "$proto" "$conc" "$t" 8 | median)" \
+      "$(printf '%.1f+%.1f' "$(column "$proto" "$conc" "$t" 17 | median)" "$(column "$proto" "$conc" "$t" 18 | median)")" \
       "$(column "$proto" "$conc" "$t" 9 | median)" \
       "$(printf '%.0f/%.0f' "$(column "$proto" "$conc" "$t" 12 | median)" "$(column "$proto" "$conc" "$t" 13 | median)")" \
       "$(column "$proto" "$conc" "$t" 14 | median)" "$(column "$proto" "$conc" "$t" 15 | median)" \
@@ -585,6 +590,25 @@ rss_section() {
   printf '  /metrics time_total, 5 scrapes in a row: %s ms (first %s ms; median of the other 4: %s ms)\n' \
     "${times[*]}" "${times[0]}" "$(printf '%s\n' "${times[@]:1}" | median)"
   printf '  after the scrapes:                     %s\n' "$(mem_status)"
+
+  # The worst case: every integration has request counters and a latency histogram.
+  for ((i = 0; i < 10000; i++)); do
+    ((i % 10 == 0)) && continue
+    printf 'url = "http://127.0.0.1:%s/i%05d/services/data/v62.0/query?q=SELECT+Id+FROM+Account"\noutput = "/dev/null"\n' "$port" "$i"
+  done >"$curlcfg"
+  codes=$(curl -s -K "$curlcfg" -w '%{http_code}\n' | sort | uniq -c | tr -s ' ' | tr '\n' ',')
+  printf '  9,000 more calls (one each to all the others): status counts %s\n' "${codes%,}"
+  times=()
+  for n in 1 2 3 4 5; do
+    line=$(curl -s -o "$work/metrics.txt" -w '%{http_code} %{time_total} %{size_download}' \
+      "http://127.0.0.1:$admin/metrics")
+    times+=("$(awk '{ printf "%.1f", $2 * 1000 }' <<<"$line")")
+    [ "$n" -gt 1 ] || printf '  /metrics with all 10,000 active: HTTP %s, %s bytes, %s lines\n' "${line%% *}" \
+      "${line##* }" "$(wc -l <"$work/metrics.txt")"
+  done
+  printf '  /metrics time_total, 5 scrapes in a row: %s ms (first %s ms; median of the other 4: %s ms)\n' \
+    "${times[*]}" "${times[0]}" "$(printf '%s\n' "${times[@]:1}" | median)"
+  printf '  after those scrapes:                   %s\n' "$(mem_status)"
 }
 
 # ---------------------------------------------------------------------------------------------
