@@ -48,7 +48,8 @@
 #   distribution's own nginx/haproxy services on their usual ports: they do not take part).
 #   Everything listens on 127.0.0.1, on free ports; every process started here is stopped by
 #   its PID when the script exits. KEEP_WORK=1 keeps the temporary directory (configs, logs);
-#   NGINX_KEEPALIVE=N sets nginx's upstream `keepalive` (default 64, see below).
+#   NGINX_KEEPALIVE=N sets nginx's upstream `keepalive` (default 64, see below); MAX_OTHER=N
+#   the share of a core (default 15 %) other programs may take before a run is repeated.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -374,7 +375,7 @@ proxy_pids() {
 # noise from other programs on the machine. A run in which they took more than MAX_OTHER % of
 # a core is repeated, at most twice; the run lines say so.
 results=$work/runs.tsv
-readonly MAX_OTHER=15
+readonly MAX_OTHER=${MAX_OTHER:-15}
 
 # CPU ticks used so far by every process not started by this script (nor ksoftirqd, which does
 # this benchmark's deferred network work): utime + stime + the times of reaped children, so that
@@ -532,6 +533,10 @@ table() {
       "$(column "$proto" "$conc" "$t" 14 | median)" "$(column "$proto" "$conc" "$t" 15 | median)" \
       "$errs" "$ratio"
   done
+  local noisy
+  noisy=$(awk -F'\t' -v p="$proto" -v c="$conc" -v max="$MAX_OTHER" \
+    '$1 == p && $2 == c && $15 > max { printf "%s%s round %s (other %s%%)", sep, $4, $3, $15; sep = ", " }' "$results")
+  [ -z "$noisy" ] || printf 'runs kept although other programs were busy: %s\n' "$noisy"
 }
 
 # The issue's HTTP/1.1 targets, for each callmeter variant against nginx.
