@@ -1,0 +1,201 @@
+#!/usr/bin/env bash
+# Where callmeter spends its CPU under load: a perf profile of the proxy while wrk drives it.
+#
+# Starts the fake origin (benches/origin.rs) on core 1 and `callmeter serve` with one tokio
+# worker on core 0 (the one-core setup of benches/load.sh, same config: three path-prefix
+# integrations, the driven one with a quota, daily_limit 5,000,000), drives the counted REST
+# call with wrk (-t1, -c32 unless --conc N) from core 1, and records the proxy with
+# `perf record --call-graph dwarf` for 6 s in the middle of a 14 s run. Then it prints:
+#   - the proxy's CPU per request split into user and kernel time (from /proc/PID/stat);
+#   - the share of samples in the kernel, in callmeter's binary and in libc;
+#   - the top symbols (self time);
+#   - user-space samples by the nearest "owner" frame from the leaf upward: callmeter's own
+#     functions (header rewriting, RateLimit headers, routing, metering...) and the libraries
+#     under them (hyper's client pool and dispatch channel, hyper's HTTP/1 codec, tokio).
+# Usage: benches/profile.sh [--conc N] [--keep DIR]   (--keep: leave perf.data and logs in DIR)
+# Needs perf (Debian: linux-perf; installed when missing) and root or perf_event_paranoid <= 1.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+conc=32
+keep=
+while [ $# -gt 0 ]; do
+  case $1 in
+    --conc) conc=$2 && shift 2 ;;
+    --keep) keep=$2 && shift 2 ;;
+    *) echo "usage: benches/profile.sh [--conc N] [--keep DIR]" >&2 && exit 2 ;;
+  esac
+done
+
+need=()
+command -v perf >/dev/null 2>&1 || need+=(linux-perf)
+command -v wrk >/dev/null 2>&1 || need+=(wrk)
+if [ ${#need[@]} -gt 0 ]; then
+  sudo=()
+  [ "$(id -u)" -eq 0 ] || sudo=(sudo)
+  "${sudo[@]}" apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq "${need[@]}" >&2
+fi
+
+exe() { # NAME CARGO-ARGS...: builds and prints the executable of target NAME
+  local name=$1
+  shift
+  cargo "$@" --message-format=json-render-diagnostics | python3 -c '
+import json, sys
+for line in sys.stdin:
+    try:
+        msg = json.loads(line)
+    except ValueError:
+        continue
+    if msg.get("reason") == "compiler-artifact" and msg["target"]["name"] == sys.argv[1] \
+            and msg.get("executable"):
+        print(msg["executable"])
+' "$name"
+}
+echo "building..." >&2
+callmeter_bin=$(exe callmeter build --release --quiet --bin callmeter)
+origin_bin=$(exe origin bench --bench origin --no-run --quiet)
+
+work=${keep:-$(mktemp -d "${TMPDIR:-/tmp}/callmeter-profile.XXXXXX")}
+mkdir -p "$work"
+pids=()
+cleanup() {
+  local pid
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  [ -n "$keep" ] || rm -rf "$work"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+origin_port=$(free_port) port=$(free_port) admin=$(free_port)
+cat >"$work/callmeter.toml" <<TOML
+[admin]
+listen = "127.0.0.1:$admin"
+[store]
+path = "$work/callmeter.db"
+[log]
+level = "warn"
+[proxy]
+shutdown_grace = "1s"
+[[listener]]
+name = "main"
+listen = "127.0.0.1:$port"
+[[org]]
+id = "acme"
+instance_url = "http://127.0.0.1:$origin_port"
+allow_plain_http = true
+daily_limit = 5000000
+[[integration]]
+id = "salesloft"
+org = "acme"
+match = { path_prefix = "/salesloft" }
+quota = 4000000
+[[integration]]
+id = "etl"
+org = "acme"
+match = { path_prefix = "/etl" }
+[[integration]]
+id = "middleware"
+org = "acme"
+match = { path_prefix = "/middleware" }
+TOML
+
+taskset -c 1 "$origin_bin" --listen "127.0.0.1:$origin_port" >"$work/origin.log" 2>&1 &
+pids+=($!)
+TOKIO_WORKER_THREADS=1 taskset -c 0 "$callmeter_bin" serve --config "$work/callmeter.toml" \
+  >"$work/callmeter.log" 2>&1 &
+proxy_pid=$!
+pids+=("$proxy_pid")
+for _ in $(seq 100); do
+  curl -sf -o /dev/null "http://127.0.0.1:$admin/readyz" && break
+  sleep 0.1
+done
+url="http://127.0.0.1:$port/salesloft/services/data/v62.0/query?q=SELECT+Id+FROM+Account"
+taskset -c 1 wrk -t1 -c"$conc" -d3s "$url" >/dev/null
+
+cpu() { awk '{ sub(/^.*\) /, ""); print $12, $13 }' "/proc/$proxy_pid/stat"; }
+taskset -c 1 wrk -t1 -c"$conc" -d14s "$url" >"$work/wrk.out" &
+wrk_pid=$!
+sleep 4
+read -r u0 s0 < <(cpu)
+perf record -q -F 997 --call-graph dwarf,16384 -p "$proxy_pid" -o "$work/perf.data" -- sleep 6 \
+  2>"$work/perf-record.log"
+read -r u1 s1 < <(cpu)
+wait "$wrk_pid"
+rps=$(awk '/^Requests\/sec:/ { print $2 }' "$work/wrk.out")
+hz=$(getconf CLK_TCK)
+
+printf 'callmeter, 1 worker on core 0, wrk -t1 -c%s: %.0f req/s over the whole run\n' "$conc" "$rps"
+awk -v u="$((u1 - u0))" -v s="$((s1 - s0))" -v hz="$hz" -v rps="$rps" 'BEGIN {
+  # perf slows the proxy a little while it records; req/s is the whole run'\''s, so this is an
+  # estimate.
+  printf "CPU per request while recording (approx.): user %.1f us + kernel %.1f us\n",
+         u / hz / 6 * 1e6 / rps, s / hz / 6 * 1e6 / rps }'
+printf '\nsamples by binary:\n'
+perf report -i "$work/perf.data" --no-children --sort dso --stdio -g none 2>/dev/null |
+  awk '/%/ && !/^#/ { printf "  %s %s\n", $1, $2 }' | head -n 6
+printf '\ntop symbols (self):\n'
+perf report -i "$work/perf.data" --no-children --sort dso,sym --stdio -g none --percent-limit 0.6 2>/dev/null |
+  awk '/%/ && !/^#/' | sed 's/  */ /g' | cut -c1-150 | head -n 30
+printf '\nuser-space samples by nearest owner frame (share of all samples):\n'
+perf script -i "$work/perf.data" -F comm,tid,ip,sym,dso 2>/dev/null | python3 -c '
+import collections, re, sys
+OWNERS = [
+    ("callmeter: reject::add_ratelimit_headers (RateLimit headers)", r"add_ratelimit_headers"),
+    ("callmeter: headers::to_upstream (hop-by-hop, X-Forwarded-*, call options)", r"headers::to_upstream"),
+    ("callmeter: headers::to_client", r"headers::to_client"),
+    ("callmeter: Upstream::uri (upstream URI)", r"Upstream::uri"),
+    ("callmeter: RouteTable::route", r"RouteTable::route"),
+    ("callmeter: classify", r"callmeter::proxy::classify|salesforce::classify"),
+    ("callmeter: meter decide", r"IntegrationMeter::decide|OrgMeter::try_count"),
+    ("callmeter: observe::response (Sforce-Limit-Info)", r"observe::response"),
+    ("callmeter: metrics record", r"IntegrationMetrics::record"),
+    ("callmeter: handle (method/path copies)", r"^callmeter::proxy::handle"),
+    ("callmeter: ResponseBody", r"callmeter::proxy::body"),
+    ("tokio timer (per-request response timeout)", r"tokio::runtime::time::|sleep::Sleep|Sleep::"),
+    ("hyper-util legacy client (pool checkout/put, ResponseFuture)", r"hyper_util::client::legacy"),
+    ("hyper client dispatch channel (mpsc/oneshot to the connection task)",
+     r"hyper::client::dispatch|tokio::sync::mpsc|tokio::sync::oneshot"),
+    ("hyper HTTP/1 parse/encode", r"Http1Transaction>::(parse|encode)|httparse|hyper::proto::h1::role"),
+    ("hyper HTTP/1 io/dispatch", r"hyper::proto::h1"),
+    ("callmeter: proxy() itself (incl. inlined code)", r"^callmeter::proxy::proxy::"),
+    ("tokio io/scheduler", r"tokio::"),
+]
+samples, cur = [], None
+for line in sys.stdin:
+    if not line.strip():
+        if cur is not None:
+            samples.append(cur)
+        cur = None
+    elif not line[0].isspace():
+        cur = []
+    else:
+        m = re.match(r"\s+[0-9a-f]+ (.*?) \((inlined|[^)]*)\)\s*$", line)
+        if m and cur is not None:
+            cur.append((m.group(1), m.group(2)))
+if cur:
+    samples.append(cur)
+n = len(samples) or 1
+kernel = sum(1 for s in samples if s and s[0][1].endswith("kallsyms]"))
+counts = collections.Counter()
+for s in samples:
+    if not s or s[0][1].endswith("kallsyms]"):
+        continue
+    owner = "other user space"
+    for sym, _ in s:
+        hit = next((name for name, pat in OWNERS if re.search(pat, sym)), None)
+        if hit:
+            owner = hit
+            break
+    counts[owner] += 1
+print(f"  {100 * kernel / n:5.1f}%  kernel (syscalls, loopback TCP)")
+for owner, c in counts.most_common():
+    print(f"  {100 * c / n:5.1f}%  {owner}")
+alloc = sum(1 for s in samples if s and re.search(r"malloc|_int_free|^free$|realloc", s[0][0]))
+copy = sum(1 for s in samples if s and re.search(r"memmove|memcpy", s[0][0]))
+print(f"  (leaf in malloc/free: {100 * alloc / n:.1f}%, in memmove/memcpy: {100 * copy / n:.1f}%,"
+      " spread over the rows above)")
+'
+[ -z "$keep" ] || echo "perf data and logs kept in $work" >&2
