@@ -5,8 +5,9 @@
 # worker on core 0 (the one-core setup of benches/load.sh, same config: three path-prefix
 # integrations, the driven one with a quota, daily_limit 5,000,000), drives the counted REST
 # call with wrk (-t1, -c32 unless --conc N) from core 1, and records the proxy with
-# `perf record --call-graph dwarf` for 6 s in the middle of a 14 s run. Then it prints:
-#   - the proxy's CPU per request split into user and kernel time (from /proc/PID/stat);
+# `perf record --call-graph dwarf` for 6 s in the middle of a 12 s run. Then it prints:
+#   - req/s and the proxy's CPU per request split into user and kernel time (/proc/PID/stat),
+#     from a 5 s run without perf;
 #   - the share of samples in the kernel, in callmeter's binary and in libc;
 #   - the top symbols (self time);
 #   - user-space samples by the nearest "owner" frame from the leaf upward: callmeter's own
@@ -115,24 +116,25 @@ done
 url="http://127.0.0.1:$port/salesloft/services/data/v62.0/query?q=SELECT+Id+FROM+Account"
 taskset -c 1 wrk -t1 -c"$conc" -d3s "$url" >/dev/null
 
+# First a run without perf, for req/s and the CPU per request split into user and kernel time.
 cpu() { awk '{ sub(/^.*\) /, ""); print $12, $13 }' "/proc/$proxy_pid/stat"; }
-taskset -c 1 wrk -t1 -c"$conc" -d14s "$url" >"$work/wrk.out" &
-wrk_pid=$!
-sleep 4
 read -r u0 s0 < <(cpu)
+taskset -c 1 wrk -t1 -c"$conc" -d5s "$url" >"$work/wrk.out"
+read -r u1 s1 < <(cpu)
+requests=$(awk '/ requests in / { print $1 }' "$work/wrk.out")
+rps=$(awk '/^Requests\/sec:/ { print $2 }' "$work/wrk.out")
+printf 'callmeter, 1 worker on core 0, wrk -t1 -c%s for 5 s: %.0f req/s; CPU per request:\n' "$conc" "$rps"
+awk -v u="$((u1 - u0))" -v s="$((s1 - s0))" -v hz="$(getconf CLK_TCK)" -v n="$requests" 'BEGIN {
+  printf "  user %.1f us + kernel %.1f us = %.1f us\n", u / hz * 1e6 / n, s / hz * 1e6 / n,
+         (u + s) / hz * 1e6 / n }'
+
+# Then the profile: 6 s in the middle of a 12 s run.
+taskset -c 1 wrk -t1 -c"$conc" -d12s "$url" >/dev/null &
+wrk_pid=$!
+sleep 3
 perf record -q -F 997 --call-graph dwarf,16384 -p "$proxy_pid" -o "$work/perf.data" -- sleep 6 \
   2>"$work/perf-record.log"
-read -r u1 s1 < <(cpu)
 wait "$wrk_pid"
-rps=$(awk '/^Requests\/sec:/ { print $2 }' "$work/wrk.out")
-hz=$(getconf CLK_TCK)
-
-printf 'callmeter, 1 worker on core 0, wrk -t1 -c%s: %.0f req/s over the whole run\n' "$conc" "$rps"
-awk -v u="$((u1 - u0))" -v s="$((s1 - s0))" -v hz="$hz" -v rps="$rps" 'BEGIN {
-  # perf slows the proxy a little while it records; req/s is the whole run'\''s, so this is an
-  # estimate.
-  printf "CPU per request while recording (approx.): user %.1f us + kernel %.1f us\n",
-         u / hz / 6 * 1e6 / rps, s / hz / 6 * 1e6 / rps }'
 printf '\nsamples by binary:\n'
 perf report -i "$work/perf.data" --no-children --sort dso --stdio -g none 2>/dev/null |
   awk '/%/ && !/^#/ { printf "  %s %s\n", $1, $2 }' | head -n 6
