@@ -481,6 +481,31 @@ impl fmt::Debug for Store {
     }
 }
 
+/// One of the small key → text tables: its three statements.
+struct Kv {
+    upsert: &'static str,
+    select: &'static str,
+    delete: &'static str,
+}
+
+const STATE: Kv = Kv {
+    upsert: "INSERT INTO state (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+    select: "SELECT value FROM state WHERE key = ?1",
+    delete: "DELETE FROM state WHERE key = ?1",
+};
+
+const THRESHOLD: Kv = Kv {
+    upsert: "INSERT INTO org_threshold (org, json) VALUES (?1, ?2) ON CONFLICT (org) DO UPDATE SET json = excluded.json",
+    select: "SELECT json FROM org_threshold WHERE org = ?1",
+    delete: "DELETE FROM org_threshold WHERE org = ?1",
+};
+
+const NOTIFY: Kv = Kv {
+    upsert: "INSERT INTO org_notify (org, value) VALUES (?1, ?2) ON CONFLICT (org) DO UPDATE SET value = excluded.value",
+    select: "SELECT value FROM org_notify WHERE org = ?1",
+    delete: "DELETE FROM org_notify WHERE org = ?1",
+};
+
 impl Store {
     /// Opens (or creates) the database at `path`: creates missing parent directories, creates
     /// the file with mode 0600 before SQLite writes to it (an existing file readable by group or
@@ -677,33 +702,38 @@ impl Store {
 
     // ----- key/value state --------------------------------------------------------------
 
-    /// Sets `key` to `value` (durable when it returns).
-    pub fn put_state(&self, key: &str, value: &str) -> Result<(), StoreError> {
+    fn kv_put(&self, kv: &Kv, key: &str, value: &str) -> Result<(), StoreError> {
         self.lock()
-            .prepare_cached(
-                "INSERT INTO state (key, value) VALUES (?1, ?2) \
-                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            )?
+            .prepare_cached(kv.upsert)?
             .execute(params![key, value])?;
         Ok(())
     }
 
-    /// The value of `key`, if set.
-    pub fn get_state(&self, key: &str) -> Result<Option<String>, StoreError> {
+    fn kv_get(&self, kv: &Kv, key: &str) -> Result<Option<String>, StoreError> {
         Ok(self
             .lock()
-            .prepare_cached("SELECT value FROM state WHERE key = ?1")?
+            .prepare_cached(kv.select)?
             .query_row([key], |row| row.get(0))
             .optional()?)
     }
 
+    fn kv_delete(&self, kv: &Kv, key: &str) -> Result<bool, StoreError> {
+        Ok(self.lock().prepare_cached(kv.delete)?.execute([key])? > 0)
+    }
+
+    /// Sets `key` to `value` (durable when it returns).
+    pub fn put_state(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        self.kv_put(&STATE, key, value)
+    }
+
+    /// The value of `key`, if set.
+    pub fn get_state(&self, key: &str) -> Result<Option<String>, StoreError> {
+        self.kv_get(&STATE, key)
+    }
+
     /// Removes `key`; false if it was not set.
     pub fn delete_state(&self, key: &str) -> Result<bool, StoreError> {
-        let n = self
-            .lock()
-            .prepare_cached("DELETE FROM state WHERE key = ?1")?
-            .execute([key])?;
-        Ok(n > 0)
+        self.kv_delete(&STATE, key)
     }
 
     // ----- thresholds and notification state --------------------------------------------
@@ -714,22 +744,12 @@ impl Store {
         serde_json::from_str::<serde_json::Value>(json).map_err(|error| {
             StoreError::Invalid(format!("the threshold of org {org:?} is not JSON: {error}"))
         })?;
-        self.lock()
-            .prepare_cached(
-                "INSERT INTO org_threshold (org, json) VALUES (?1, ?2) \
-                 ON CONFLICT (org) DO UPDATE SET json = excluded.json",
-            )?
-            .execute(params![org, json])?;
-        Ok(())
+        self.kv_put(&THRESHOLD, org, json)
     }
 
     /// The threshold JSON stored for `org`, if any.
     pub fn get_threshold(&self, org: &str) -> Result<Option<String>, StoreError> {
-        Ok(self
-            .lock()
-            .prepare_cached("SELECT json FROM org_threshold WHERE org = ?1")?
-            .query_row([org], |row| row.get(0))
-            .optional()?)
+        self.kv_get(&THRESHOLD, org)
     }
 
     /// Every stored threshold as `(org, json)`, by org.
@@ -742,40 +762,22 @@ impl Store {
 
     /// Forgets the run-time threshold of `org` (the configured one applies again).
     pub fn delete_threshold(&self, org: &str) -> Result<bool, StoreError> {
-        let n = self
-            .lock()
-            .prepare_cached("DELETE FROM org_threshold WHERE org = ?1")?
-            .execute([org])?;
-        Ok(n > 0)
+        self.kv_delete(&THRESHOLD, org)
     }
 
     /// Records the notification state of `org` (e.g. which threshold level was last emailed).
     pub fn put_notify_state(&self, org: &str, value: &str) -> Result<(), StoreError> {
-        self.lock()
-            .prepare_cached(
-                "INSERT INTO org_notify (org, value) VALUES (?1, ?2) \
-                 ON CONFLICT (org) DO UPDATE SET value = excluded.value",
-            )?
-            .execute(params![org, value])?;
-        Ok(())
+        self.kv_put(&NOTIFY, org, value)
     }
 
     /// The notification state of `org`, if recorded.
     pub fn get_notify_state(&self, org: &str) -> Result<Option<String>, StoreError> {
-        Ok(self
-            .lock()
-            .prepare_cached("SELECT value FROM org_notify WHERE org = ?1")?
-            .query_row([org], |row| row.get(0))
-            .optional()?)
+        self.kv_get(&NOTIFY, org)
     }
 
     /// Clears the notification state of `org`; false if there was none.
     pub fn delete_notify_state(&self, org: &str) -> Result<bool, StoreError> {
-        let n = self
-            .lock()
-            .prepare_cached("DELETE FROM org_notify WHERE org = ?1")?
-            .execute([org])?;
-        Ok(n > 0)
+        self.kv_delete(&NOTIFY, org)
     }
 
     // ----- deferred calls ---------------------------------------------------------------
