@@ -209,47 +209,9 @@ core_jiffies() {
                      printf "%d %d %d ", busy, $8, busy + $5 + $6 + $9 } END { print "" }' /proc/stat
 }
 
-# callmeter_config FILE PORT ADMIN_PORT [N]: one org at the origin, three path-prefix
-# integrations (plus N generated ones for the memory section), the benchmark's integration with a quota far from reached.
-callmeter_config() {
-  local file=$1 port=$2 admin=$3 extra=${4:-0} db
-  db="${file%.toml}.db"
-  cat >"$file" <<TOML
-[admin]
-listen = "127.0.0.1:$admin"
-[store]
-path = "$db"
-[log]
-level = "warn"
-[proxy]
-shutdown_grace = "1s"
-[[listener]]
-name = "main"
-listen = "127.0.0.1:$port"
-[[org]]
-id = "acme"
-instance_url = "http://127.0.0.1:$origin_port"
-allow_plain_http = true
-daily_limit = 5000000
-[[integration]]
-id = "salesloft"
-org = "acme"
-match = { path_prefix = "/salesloft" }
-quota = 4000000
-[[integration]]
-id = "etl"
-org = "acme"
-match = { path_prefix = "/etl" }
-[[integration]]
-id = "middleware"
-org = "acme"
-match = { path_prefix = "/middleware" }
-TOML
-  local i
-  for ((i = 0; i < extra; i++)); do
-    printf '[[integration]]\nid = "i%05d"\norg = "acme"\nmatch = { path_prefix = "/i%05d" }\n' "$i" "$i"
-  done >>"$file"
-}
+# callmeter_config FILE PORT ADMIN_PORT [N]: see benches/common.sh (the origin is $origin_port).
+# shellcheck source=benches/common.sh
+. benches/common.sh
 
 origin_port=$(free_port)
 start origin "${load_pin[@]}" "$origin_bin" --listen "127.0.0.1:$origin_port" --threads 1

@@ -71,37 +71,9 @@ free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
 }
 origin_port=$(free_port) port=$(free_port) admin=$(free_port)
-cat >"$work/callmeter.toml" <<TOML
-[admin]
-listen = "127.0.0.1:$admin"
-[store]
-path = "$work/callmeter.db"
-[log]
-level = "warn"
-[proxy]
-shutdown_grace = "1s"
-[[listener]]
-name = "main"
-listen = "127.0.0.1:$port"
-[[org]]
-id = "acme"
-instance_url = "http://127.0.0.1:$origin_port"
-allow_plain_http = true
-daily_limit = 5000000
-[[integration]]
-id = "salesloft"
-org = "acme"
-match = { path_prefix = "/salesloft" }
-quota = 4000000
-[[integration]]
-id = "etl"
-org = "acme"
-match = { path_prefix = "/etl" }
-[[integration]]
-id = "middleware"
-org = "acme"
-match = { path_prefix = "/middleware" }
-TOML
+# shellcheck source=benches/common.sh
+. benches/common.sh
+callmeter_config "$work/callmeter.toml" "$port" "$admin"
 
 taskset -c 1 "$origin_bin" --listen "127.0.0.1:$origin_port" >"$work/origin.log" 2>&1 &
 pids+=($!)

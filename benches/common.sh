@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Shared by benches/load.sh and benches/profile.sh: the callmeter config both measure.
+#
+# callmeter_config FILE PORT ADMIN_PORT [N]: one org at the fake origin on $origin_port, three
+# path-prefix integrations (the benchmark's one with a quota far from reached), plus N
+# generated ones (i00000, i00001, ...) for the memory section. The store sits next to FILE.
+callmeter_config() {
+  local file=$1 port=$2 admin=$3 extra=${4:-0} db
+  db="${file%.toml}.db"
+  cat >"$file" <<TOML
+[admin]
+listen = "127.0.0.1:$admin"
+[store]
+path = "$db"
+[log]
+level = "warn"
+[proxy]
+shutdown_grace = "1s"
+[[listener]]
+name = "main"
+listen = "127.0.0.1:$port"
+[[org]]
+id = "acme"
+instance_url = "http://127.0.0.1:$origin_port"
+allow_plain_http = true
+daily_limit = 5000000
+[[integration]]
+id = "salesloft"
+org = "acme"
+match = { path_prefix = "/salesloft" }
+quota = 4000000
+[[integration]]
+id = "etl"
+org = "acme"
+match = { path_prefix = "/etl" }
+[[integration]]
+id = "middleware"
+org = "acme"
+match = { path_prefix = "/middleware" }
+TOML
+  local i
+  for ((i = 0; i < extra; i++)); do
+    printf '[[integration]]\nid = "i%05d"\norg = "acme"\nmatch = { path_prefix = "/i%05d" }\n' "$i" "$i"
+  done >>"$file"
+}
