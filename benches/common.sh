@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Shared by benches/load.sh and benches/profile.sh: the callmeter config both measure.
 #
+# cargo_exe NAME CARGO-ARGS...: builds with cargo and prints the executable of target NAME.
+#
 # callmeter_config FILE PORT ADMIN_PORT [N]: one org at the fake origin on $origin_port, three
 # path-prefix integrations (the benchmark's one with a quota far from reached), plus N
 # generated ones (i00000, i00001, ...) for the memory section. The store sits next to FILE.
@@ -42,4 +44,20 @@ TOML
   for ((i = 0; i < extra; i++)); do
     printf '[[integration]]\nid = "i%05d"\norg = "acme"\nmatch = { path_prefix = "/i%05d" }\n' "$i" "$i"
   done >>"$file"
+}
+
+cargo_exe() {
+  local name=$1
+  shift
+  cargo "$@" --message-format=json-render-diagnostics | python3 -c '
+import json, sys
+for line in sys.stdin:
+    try:
+        msg = json.loads(line)
+    except ValueError:
+        continue
+    if msg.get("reason") == "compiler-artifact" and msg["target"]["name"] == sys.argv[1] \
+            and msg.get("executable"):
+        print(msg["executable"])
+' "$name"
 }

@@ -106,23 +106,9 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 # nginx and haproxy live in /usr/sbin, which a non-root PATH may lack.
 PATH=$PATH:/usr/sbin
+# shellcheck source=benches/common.sh
+. benches/common.sh
 
-# Builds with cargo and prints the path of the executable of target $1.
-cargo_exe() {
-  local name=$1
-  shift
-  cargo "$@" --message-format=json-render-diagnostics | python3 -c '
-import json, sys
-for line in sys.stdin:
-    try:
-        msg = json.loads(line)
-    except ValueError:
-        continue
-    if msg.get("reason") == "compiler-artifact" and msg["target"]["name"] == sys.argv[1] \
-            and msg.get("executable"):
-        print(msg["executable"])
-' "$name"
-}
 log "building callmeter (release) and the origin (bench profile)..."
 callmeter_bin=$(cargo_exe callmeter build --release --quiet --bin callmeter)
 origin_bin=$(cargo_exe origin bench --bench origin --no-run --quiet)
@@ -210,8 +196,6 @@ core_jiffies() {
 }
 
 # callmeter_config FILE PORT ADMIN_PORT [N]: see benches/common.sh (the origin is $origin_port).
-# shellcheck source=benches/common.sh
-. benches/common.sh
 
 origin_port=$(free_port)
 start origin "${load_pin[@]}" "$origin_bin" --listen "127.0.0.1:$origin_port" --threads 1

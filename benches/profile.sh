@@ -38,24 +38,11 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq "${need[@]}" >&2
 fi
 
-exe() { # NAME CARGO-ARGS...: builds and prints the executable of target NAME
-  local name=$1
-  shift
-  cargo "$@" --message-format=json-render-diagnostics | python3 -c '
-import json, sys
-for line in sys.stdin:
-    try:
-        msg = json.loads(line)
-    except ValueError:
-        continue
-    if msg.get("reason") == "compiler-artifact" and msg["target"]["name"] == sys.argv[1] \
-            and msg.get("executable"):
-        print(msg["executable"])
-' "$name"
-}
+# shellcheck source=benches/common.sh
+. benches/common.sh
 echo "building..." >&2
-callmeter_bin=$(exe callmeter build --release --quiet --bin callmeter)
-origin_bin=$(exe origin bench --bench origin --no-run --quiet)
+callmeter_bin=$(cargo_exe callmeter build --release --quiet --bin callmeter)
+origin_bin=$(cargo_exe origin bench --bench origin --no-run --quiet)
 
 work=${keep:-$(mktemp -d "${TMPDIR:-/tmp}/callmeter-profile.XXXXXX")}
 mkdir -p "$work"
@@ -71,8 +58,6 @@ free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
 }
 origin_port=$(free_port) port=$(free_port) admin=$(free_port)
-# shellcheck source=benches/common.sh
-. benches/common.sh
 callmeter_config "$work/callmeter.toml" "$port" "$admin"
 
 taskset -c 1 "$origin_bin" --listen "127.0.0.1:$origin_port" >"$work/origin.log" 2>&1 &
