@@ -78,8 +78,7 @@ impl Admin {
                 tracing::warn!(error = %e, "reading deferred-call counts for /metrics failed")
             }
         }
-        self.metrics.update_usage(&self.meter.usage());
-        let mut resp = text(StatusCode::OK, self.metrics.render());
+        let mut resp = text(StatusCode::OK, self.metrics.render(&self.meter.usage()));
         resp.headers_mut().insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
