@@ -150,15 +150,20 @@ pub struct OrgMeter {
 }
 
 /// Per-integration state.
+///
+/// `repr(C)` and 64-byte alignment keep what `decide` reads (budget, window head, org) in the
+/// first two cache lines: with thousands of integrations most calls find their integration
+/// out of the CPU caches, and each extra line is another miss.
 #[derive(Debug)]
+#[repr(C, align(64))]
 pub struct IntegrationMeter {
-    id: IntegrationId,
-    org: Arc<OrgMeter>,
-    window: Window,
     budget: LiveIntegrationBudget,
+    window: Window,
+    org: Arc<OrgMeter>,
     /// The state of the integration's `rate` token bucket.
     bucket: TokenBucket,
     in_flight: Arc<AtomicU32>,
+    id: IntegrationId,
     /// Calls held back (rejected, or that waited) and calls waiting now, for reporting.
     rejected: AtomicU64,
     queued: std::sync::atomic::AtomicUsize,
