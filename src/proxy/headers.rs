@@ -4,8 +4,6 @@
 //! `X-Forwarded-*` tell Salesforce's logs who the client was; `Sforce-Call-Options: client=`
 //! makes Salesforce's Event Monitoring attribute the call to the same integration we do.
 
-use std::net::IpAddr;
-
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 /// The header an integration may send to identify itself with a secret key.
@@ -51,8 +49,9 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// Where the request came from and how, for the `X-Forwarded-*` headers.
-pub struct ClientInfo {
-    pub ip: IpAddr,
+pub struct ClientInfo<'a> {
+    /// The client's IP (see `Peer::ip_header`).
+    pub ip: &'a HeaderValue,
     pub tls: bool,
     /// Keep an incoming `X-Forwarded-For` and append to it (the proxy is behind a trusted load
     /// balancer), or replace it (the client could have forged it).
@@ -62,19 +61,27 @@ pub struct ClientInfo {
 /// Prepares the client's headers for the upstream request.
 pub fn to_upstream(
     headers: &mut HeaderMap,
-    client: &ClientInfo,
+    client: &ClientInfo<'_>,
     call_options_client: Option<&HeaderValue>,
 ) {
     remove_hop_by_hop(headers);
     headers.remove(header::HOST); // the client sets it from the upstream URI
     headers.remove(KEY_HEADER);
 
-    let ip = client.ip.to_string();
-    let forwarded_for = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prior) if client.trust_forwarded => format!("{prior}, {ip}"),
-        _ => ip,
+    let prior = headers
+        .get(&X_FORWARDED_FOR)
+        .filter(|_| client.trust_forwarded);
+    let forwarded_for = match prior {
+        Some(prior) => {
+            let mut joined = Vec::with_capacity(prior.len() + 2 + client.ip.len());
+            joined.extend_from_slice(prior.as_bytes());
+            joined.extend_from_slice(b", ");
+            joined.extend_from_slice(client.ip.as_bytes());
+            HeaderValue::from_bytes(&joined).ok()
+        }
+        None => Some(client.ip.clone()),
     };
-    if let Ok(v) = HeaderValue::from_str(&forwarded_for) {
+    if let Some(v) = forwarded_for {
         headers.insert(X_FORWARDED_FOR, v);
     }
     if !(client.trust_forwarded && headers.contains_key(&X_FORWARDED_PROTO)) {
@@ -142,9 +149,11 @@ pub fn to_client(headers: &mut HeaderMap) {
 mod tests {
     use super::*;
 
-    fn client(trust: bool) -> ClientInfo {
+    static CLIENT_IP: HeaderValue = HeaderValue::from_static("10.1.2.3");
+
+    fn client(trust: bool) -> ClientInfo<'static> {
         ClientInfo {
-            ip: "10.1.2.3".parse().expect("ip"),
+            ip: &CLIENT_IP,
             tls: true,
             trust_forwarded: trust,
         }

@@ -21,7 +21,6 @@ mod observe;
 mod reject;
 mod route;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use http::uri::PathAndQuery;
@@ -33,7 +32,7 @@ pub use body::{RequestBody, ResponseBody};
 pub use deferred::{constant_time_eq, DeferRoute};
 pub use error::ProxyError;
 pub use forward::{Upstream, UpstreamSetupError};
-pub use listener::{serve_listener, ConnLimits, ListenerSetupError, TlsSetup};
+pub use listener::{serve_listener, ConnLimits, ListenerSetupError, Peer, TlsSetup};
 pub use route::{Route, RouteTable};
 
 use crate::meter::{OrgMeter, Ticket, Verdict};
@@ -62,14 +61,14 @@ pub struct ListenerContext {
 /// Handles one request end to end. Never fails: errors become responses here.
 pub async fn handle(
     ctx: Arc<ListenerContext>,
-    peer: SocketAddr,
+    peer: Peer,
     req: Request<Incoming>,
 ) -> Response<ResponseBody> {
     let started = Instant::now();
     // Kept for the log line of a failed request: cheap clones (an enum, a shared buffer).
     let method = req.method().clone();
     let uri = req.uri().clone();
-    match proxy(&ctx, peer, req, started).await {
+    match proxy(&ctx, &peer, req, started).await {
         Ok(resp) => resp,
         Err(err) => {
             let path = uri.path();
@@ -88,7 +87,7 @@ pub async fn handle(
 
 async fn proxy(
     ctx: &ListenerContext,
-    peer: SocketAddr,
+    peer: &Peer,
     req: Request<Incoming>,
     started: Instant,
 ) -> Result<Response<ResponseBody>, ProxyError> {
@@ -110,7 +109,7 @@ async fn proxy(
     // Where the client reaches this integration: for login rewrites and deferred status URLs.
     let base = (kind.is_login() || route.defer.is_some()).then(|| public_base(ctx, &parts, &route));
     let client = ClientInfo {
-        ip: peer.ip(),
+        ip: &peer.ip_header,
         tls: ctx.tls,
         trust_forwarded: ctx.trust_forwarded,
     };

@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# User-space instructions callmeter executes per proxied request, counted by valgrind's
+# callgrind: a figure that does not move with the machine's load, unlike req/s and CPU time on
+# a shared VM, so it tells whether a change to the request path made it cheaper.
+#
+# Starts the fake origin (benches/origin.rs) and `callmeter serve` (one tokio worker, the
+# config of benches/load.sh) under callgrind, sends 2,000 requests to warm up, zeroes the
+# counters, sends N more (h2load --h1, 8 connections, the counted REST call of load.sh),
+# dumps the counters and prints:
+#   - instructions per request;
+#   - their split by the crate of the function they run in (code inlined into a function
+#     counts for its crate): callmeter, hyper, hyper-util, http, tokio, the C library's
+#     allocator and memcpy, ...;
+#   - the top functions by their own instructions.
+# Kernel work (syscalls, loopback TCP: about 60 % of the CPU time, see benches/profile.sh) is
+# not counted. Under callgrind everything runs ~50 times slower; a run takes about a minute.
+# Usage: benches/instructions.sh [-n N]   (default 10000)
+# Needs valgrind and h2load (Debian: valgrind, nghttp2-client; installed when missing).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+requests=10000
+while [ $# -gt 0 ]; do
+  case $1 in
+    -n) requests=$2 && shift 2 ;;
+    *) echo "usage: benches/instructions.sh [-n N]" >&2 && exit 2 ;;
+  esac
+done
+
+need=()
+command -v valgrind >/dev/null 2>&1 || need+=(valgrind)
+command -v h2load >/dev/null 2>&1 || need+=(nghttp2-client)
+if [ ${#need[@]} -gt 0 ]; then
+  sudo=()
+  [ "$(id -u)" -eq 0 ] || sudo=(sudo)
+  "${sudo[@]}" apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq "${need[@]}" >&2
+fi
+
+# shellcheck source=benches/common.sh
+. benches/common.sh
+echo "building..." >&2
+callmeter_bin=$(cargo_exe callmeter build --release --quiet --bin callmeter)
+origin_bin=$(cargo_exe origin bench --bench origin --no-run --quiet)
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/callmeter-instructions.XXXXXX")
+pids=()
+cleanup() {
+  local pid
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  rm -rf "$work"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+origin_port=$(free_port) port=$(free_port) admin=$(free_port)
+callmeter_config "$work/callmeter.toml" "$port" "$admin"
+
+"$origin_bin" --listen "127.0.0.1:$origin_port" >"$work/origin.log" 2>&1 &
+pids+=($!)
+TOKIO_WORKER_THREADS=1 valgrind --tool=callgrind --callgrind-out-file="$work/callgrind.out" \
+  "$callmeter_bin" serve --config "$work/callmeter.toml" >"$work/callmeter.log" 2>&1 &
+proxy_pid=$!
+pids+=("$proxy_pid")
+for _ in $(seq 300); do
+  curl -sf -o /dev/null "http://127.0.0.1:$admin/readyz" && break
+  sleep 0.2
+done
+url="http://127.0.0.1:$port/salesloft/services/data/v62.0/query?q=SELECT+Id+FROM+Account"
+h2load --h1 -n 2000 -c 8 "$url" >/dev/null
+callgrind_control -z "$proxy_pid" >/dev/null
+h2load --h1 -n "$requests" -c 8 "$url" >"$work/h2load.out"
+callgrind_control -d "$proxy_pid" >/dev/null
+ok=$(awk '/^status codes:/ { print $3 }' "$work/h2load.out")
+[ "$ok" = "$requests" ] || {
+  echo "only $ok of $requests requests answered 2xx:" >&2
+  cat "$work/h2load.out" >&2
+  exit 1
+}
+
+callgrind_annotate --threshold=100 --inclusive=no --auto=no "$work/callgrind.out.1" 2>/dev/null |
+  python3 -c '
+import collections, re, sys
+n = int(sys.argv[1])
+total, rows = 0, []
+for line in sys.stdin:
+    m = re.match(r"\s*([\d,]+) \(\s*[\d.]+%\)\s+(\S.*)$", line)
+    if not m:
+        continue
+    ir, what = int(m.group(1).replace(",", "")), m.group(2)
+    if "PROGRAM TOTALS" in what:
+        total = ir
+    elif ":" in what and ir < total / 3:
+        # (callgrind_annotate also lists the thread entry points with everything under them.)
+        rows.append((ir, what))
+print(f"callmeter, 1 worker: {total / n:,.0f} user-space instructions per request ({n:,} requests)")
+def origin(what):
+    path, _, func = what.partition(":")
+    # The crate of the function (code inlined into it counts for it), else the C library part.
+    m = re.match(r"<*&?(?:mut )?([a-z_][a-z0-9_]*)::", func)
+    if m:
+        return m.group(1).replace("_", "-") if m.group(1) != "core" else "core/std"
+    if "malloc" in path:
+        return "libc malloc/free"
+    if re.search(r"mem(move|cpy|set)|/string/", path):
+        return "libc memcpy/memset"
+    return "other (libc, vDSO)"
+by = collections.Counter()
+for ir, what in rows:
+    by[origin(what)] += ir
+print("\nby origin of the code (share of instructions):")
+for name, ir in by.most_common(14):
+    print(f"  {100 * ir / total:5.1f}%  {ir / n:7,.0f}/request  {name}")
+print("\ntop functions (own instructions per request):")
+for ir, what in sorted(rows, reverse=True)[:25]:
+    what = re.sub(r"/root/.cargo/registry/src/[^/]+/|/rustc/[0-9a-f]+/library/", "", what)
+    what = re.sub(r" \[/[^]]*\]$", "", what)
+    print(f"  {ir / n:7,.0f}  {what[:150]}")
+' "$requests"
