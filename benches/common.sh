@@ -3,11 +3,12 @@
 #
 # cargo_exe NAME CARGO-ARGS...: builds with cargo and prints the executable of target NAME.
 #
-# callmeter_config FILE PORT ADMIN_PORT [N]: one org at the fake origin on $origin_port, three
-# path-prefix integrations (the benchmark's one with a quota far from reached), plus N
-# generated ones (i00000, i00001, ...) for the memory section. The store sits next to FILE.
+# callmeter_config FILE PORT ADMIN_PORT [N [THREADS]]: one org at the fake origin on
+# $origin_port, three path-prefix integrations (the benchmark's one with a quota far from
+# reached), plus N generated ones (i00000, i00001, ...) for the memory section; THREADS sets
+# `[proxy] worker_threads` (default: one per core). The store sits next to FILE.
 callmeter_config() {
-  local file=$1 port=$2 admin=$3 extra=${4:-0} db
+  local file=$1 port=$2 admin=$3 extra=${4:-0} threads=${5:-} db
   db="${file%.toml}.db"
   cat >"$file" <<TOML
 [admin]
@@ -18,6 +19,7 @@ path = "$db"
 level = "warn"
 [proxy]
 shutdown_grace = "1s"
+${threads:+worker_threads = $threads}
 [[listener]]
 name = "main"
 listen = "127.0.0.1:$port"

@@ -7,7 +7,7 @@
 #   to the same fast fake origin (benches/origin.rs: a small query-shaped JSON body and a
 #   Sforce-Limit-Info header on every answer):
 #     callmeter     `callmeter serve`, default runtime (one tokio worker per core), not pinned
-#     callmeter-1w  the same with TOKIO_WORKER_THREADS=1, pinned to the proxy core: the
+#     callmeter-1w  the same with `worker_threads = 1`, pinned to the proxy core: the
 #                   one-core match for nginx and HAProxy below
 #     nginx         worker_processes 1, upstream keepalive 64, HTTP/1.1 to the origin
 #     haproxy       nbthread 1, http-reuse always
@@ -218,9 +218,8 @@ start_proxies() {
 
   # callmeter, one worker on the proxy core
   port=$(free_port) admin=$(free_port)
-  callmeter_config "$work/callmeter-1w.toml" "$port" "$admin"
-  start callmeter-1w env TOKIO_WORKER_THREADS=1 "${proxy_pin[@]}" \
-    "$callmeter_bin" serve --config "$work/callmeter-1w.toml"
+  callmeter_config "$work/callmeter-1w.toml" "$port" "$admin" 0 1
+  start callmeter-1w "${proxy_pin[@]}" "$callmeter_bin" serve --config "$work/callmeter-1w.toml"
   main_pid[callmeter-1w]=$started
   h1_url[callmeter-1w]="http://127.0.0.1:$port$QUERY_PATH"
   h2_url[callmeter-1w]=${h1_url[callmeter-1w]}

@@ -58,11 +58,11 @@ free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
 }
 origin_port=$(free_port) port=$(free_port) admin=$(free_port)
-callmeter_config "$work/callmeter.toml" "$port" "$admin"
+callmeter_config "$work/callmeter.toml" "$port" "$admin" 0 1
 
 taskset -c 1 "$origin_bin" --listen "127.0.0.1:$origin_port" >"$work/origin.log" 2>&1 &
 pids+=($!)
-TOKIO_WORKER_THREADS=1 taskset -c 0 "$callmeter_bin" serve --config "$work/callmeter.toml" \
+taskset -c 0 "$callmeter_bin" serve --config "$work/callmeter.toml" \
   >"$work/callmeter.log" 2>&1 &
 proxy_pid=$!
 pids+=("$proxy_pid")

@@ -19,13 +19,21 @@ async fn serve(
     serve_with(upstream, dir, env, "").await
 }
 
-/// Writes the config `serve` uses, with `extra` keys for integration "a".
+/// Writes the config `serve` uses, with `extra` keys for integration "a" (and any line of it
+/// starting with `[proxy] ` for the `[proxy]` section).
 fn write_config(
     upstream: &str,
     dir: &std::path::Path,
     ports: (u16, u16),
     extra: &str,
 ) -> std::path::PathBuf {
+    let (proxy_extra, extra): (Vec<&str>, Vec<&str>) =
+        extra.lines().partition(|l| l.starts_with("[proxy] "));
+    let proxy_extra: Vec<&str> = proxy_extra
+        .iter()
+        .map(|l| l.trim_start_matches("[proxy] "))
+        .collect();
+    let (proxy_extra, extra) = (proxy_extra.join("\n"), extra.join("\n"));
     let (proxy_port, admin_port) = ports;
     let store = dir.join("callmeter.db").display().to_string();
     let toml = format!(
@@ -36,6 +44,7 @@ listen = "127.0.0.1:{admin_port}"
 path = "{store}"
 [proxy]
 shutdown_grace = "10s"
+{proxy_extra}
 [[listener]]
 name = "main"
 listen = "127.0.0.1:{proxy_port}"
@@ -131,6 +140,36 @@ async fn sigterm_drains_requests_in_flight_then_exits() {
             .is_err(),
         "no longer accepting"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_threads_sizes_the_runtime() {
+    let org = sim::spawn(SimOptions::default()).await.expect("sim");
+    for threads in [1, 3] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut proc, proxy, _) = serve_with(
+            &org.url,
+            dir.path(),
+            &[("RUST_LOG", "callmeter=info")],
+            &format!("[proxy] worker_threads = {threads}"),
+        )
+        .await;
+        let http = Http::new();
+        let url = format!("{proxy}/a/services/data/v62.0/sobjects");
+        assert_eq!(http.get(&url, &[]).await.0, StatusCode::OK);
+        let _ = proc.0.kill();
+        let mut stderr = String::new();
+        proc.0
+            .stderr
+            .take()
+            .expect("stderr")
+            .read_to_string(&mut stderr)
+            .expect("read logs");
+        assert!(
+            stderr.contains(&format!("worker_threads={threads}")),
+            "{stderr}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
