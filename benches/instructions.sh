@@ -14,16 +14,19 @@
 #   - the top functions by their own instructions.
 # Kernel work (syscalls, loopback TCP: about 60 % of the CPU time, see benches/profile.sh) is
 # not counted. Under callgrind everything runs ~50 times slower; a run takes about a minute.
-# Usage: benches/instructions.sh [-n N]   (default 10000)
+# Usage: benches/instructions.sh [-n N] [-c C]   (N requests, default 10000, over C connections,
+# default 8)
 # Needs valgrind and h2load (Debian: valgrind, nghttp2-client; installed when missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 requests=10000
+conns=8
 while [ $# -gt 0 ]; do
   case $1 in
     -n) requests=$2 && shift 2 ;;
-    *) echo "usage: benches/instructions.sh [-n N]" >&2 && exit 2 ;;
+    -c) conns=$2 && shift 2 ;;
+    *) echo "usage: benches/instructions.sh [-n N] [-c C]" >&2 && exit 2 ;;
   esac
 done
 
@@ -69,9 +72,9 @@ for _ in $(seq 300); do
   sleep 0.2
 done
 url="http://127.0.0.1:$port/salesloft/services/data/v62.0/query?q=SELECT+Id+FROM+Account"
-h2load --h1 -n 2000 -c 8 "$url" >/dev/null
+h2load --h1 -n 2000 -c "$conns" "$url" >/dev/null
 callgrind_control -z "$proxy_pid" >/dev/null
-h2load --h1 -n "$requests" -c 8 "$url" >"$work/h2load.out"
+h2load --h1 -n "$requests" -c "$conns" "$url" >"$work/h2load.out"
 callgrind_control -d "$proxy_pid" >/dev/null
 ok=$(awk '/^status codes:/ { print $3 }' "$work/h2load.out")
 [ "$ok" = "$requests" ] || {
@@ -95,7 +98,8 @@ for line in sys.stdin:
     elif ":" in what and ir < total / 3:
         # (callgrind_annotate also lists the thread entry points with everything under them.)
         rows.append((ir, what))
-print(f"callmeter, 1 worker: {total / n:,.0f} user-space instructions per request ({n:,} requests)")
+print(f"callmeter, 1 worker: {total / n:,.0f} user-space instructions per request "
+      f"({n:,} requests over {sys.argv[2]} connections)")
 def origin(what):
     path, _, func = what.partition(":")
     # The crate of the function (code inlined into it counts for it), else the C library part.
@@ -118,4 +122,4 @@ for ir, what in sorted(rows, reverse=True)[:25]:
     what = re.sub(r"/root/.cargo/registry/src/[^/]+/|/rustc/[0-9a-f]+/library/", "", what)
     what = re.sub(r" \[/[^]]*\]$", "", what)
     print(f"  {ir / n:7,.0f}  {what[:150]}")
-' "$requests"
+' "$requests" "$conns"
