@@ -195,7 +195,7 @@ core_jiffies() {
                      printf "%d %d %d ", busy, $8, busy + $5 + $6 + $9 } END { print "" }' /proc/stat
 }
 
-# callmeter_config FILE PORT ADMIN_PORT [N]: see benches/common.sh (the origin is $origin_port).
+# callmeter_config FILE PORT ADMIN_PORT [N [THREADS]]: see benches/common.sh (the origin is $origin_port).
 
 origin_port=$(free_port)
 start origin "${load_pin[@]}" "$origin_bin" --listen "127.0.0.1:$origin_port" --threads 1

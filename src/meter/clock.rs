@@ -15,6 +15,15 @@ use tokio::time::Instant;
 
 use super::window::Minute;
 
+/// How far `minute()` and `unix_ms()` may trail the precise clock that tokio's timers run on:
+/// one kernel tick of the coarse clock (4 ms at the common HZ = 250, 10 ms at HZ = 100). A
+/// wait computed from them up to a minute boundary adds this, or a timer could fire before
+/// the meter sees the new minute and the waiter would go round again.
+#[cfg(all(target_os = "linux", not(test)))]
+pub const MAX_LAG: std::time::Duration = std::time::Duration::from_millis(10);
+#[cfg(not(all(target_os = "linux", not(test))))]
+pub const MAX_LAG: std::time::Duration = std::time::Duration::ZERO;
+
 /// Source of "now" for the meter. Cheap to clone.
 #[derive(Debug, Clone, Copy)]
 pub struct Clock {

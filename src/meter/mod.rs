@@ -482,10 +482,12 @@ fn unpack_report(word: u64) -> (u64, u32) {
     (word >> 32, word as u32)
 }
 
-/// Time from now until `minute` begins, at least one second (`Retry-After` is in seconds).
+/// Time from now until `minute` begins as the clock will see it, at least one second
+/// (`Retry-After` is in seconds).
 fn until_minute(clock: &Clock, minute: Minute) -> Duration {
     let at_ms = u64::from(minute) * 60_000;
-    Duration::from_millis(at_ms.saturating_sub(clock.unix_ms())).max(Duration::from_secs(1))
+    let wait = Duration::from_millis(at_ms.saturating_sub(clock.unix_ms())) + clock::MAX_LAG;
+    wait.max(Duration::from_secs(1))
 }
 
 impl IntegrationMeter {
