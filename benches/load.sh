@@ -11,6 +11,9 @@
 #                   one-core match for nginx and HAProxy below
 #     nginx         worker_processes 1, upstream keepalive 64, HTTP/1.1 to the origin
 #     haproxy       nbthread 1, http-reuse always
+#     direct        no proxy: the load generator straight to the origin. Its req/s is the most
+#                   any proxy can show on this machine (the origin and the load generator
+#                   share a core), so it says how much room there is above nginx.
 #   callmeter meters the call (route, classify, decide + count against a quota and the org's
 #   limit, read Sforce-Limit-Info, RateLimit headers); nginx and HAProxy only strip the
 #   /salesloft prefix and forward. wrk drives HTTP/1.1 (-t1, -c32 then -c256), h2load drives
@@ -41,7 +44,7 @@
 #     --quick     3 s runs, 1 round, 1 s warm-up (a smoke test: don't quote its numbers)
 #     --skip-rss  skip the 10,000-integration memory and /metrics section
 #     --rss-only  only that section
-#   A full run takes 7 to 9 minutes. Results go to stdout, progress to stderr; keep them with
+#   A full run takes 9 to 11 minutes. Results go to stdout, progress to stderr; keep them with
 #     benches/load.sh | tee "benches/results/load-$(date +%F).txt"
 #   Builds callmeter (release) and the origin (bench profile); installs nginx, haproxy, wrk and
 #   nghttp2-client (h2load) with apt-get when missing (installing the packages may start the
@@ -79,7 +82,7 @@ done
 # requests beyond 64 at once get a fresh connection), which costs it throughput there.
 nginx_keepalive=${NGINX_KEEPALIVE:-64}
 readonly QUERY_PATH="/salesloft/services/data/v62.0/query?q=SELECT+Id+FROM+Account"
-readonly TARGETS=(callmeter callmeter-1w nginx haproxy)
+readonly TARGETS=(callmeter callmeter-1w nginx haproxy direct)
 
 log() { printf '%s\n' "$*" >&2; }
 die() {
@@ -297,14 +300,20 @@ HAPROXY
   h2_url[haproxy]="http://127.0.0.1:$h2port$QUERY_PATH"
   wait_ok haproxy "${h1_url[haproxy]}"
 
+  # No proxy: the origin answers the same path without the integration prefix.
+  h1_url[direct]="http://127.0.0.1:$origin_port${QUERY_PATH#/salesloft}"
+  h2_url[direct]=${h1_url[direct]}
+
   local t
   for t in "${TARGETS[@]}"; do
     curl -sf -o /dev/null "${h1_url[$t]}" || die "$t does not answer ${h1_url[$t]}"
   done
 }
 
-# The processes whose CPU time counts for a target: nginx's master and worker(s).
+# The processes whose CPU time counts for a target: nginx's master and worker(s); none for
+# direct.
 proxy_pids() {
+  [ "$1" != direct ] || return 0
   local pid=${main_pid[$1]}
   echo "$pid"
   if [ "$1" = nginx ]; then pgrep -P "$pid"; fi
@@ -614,6 +623,7 @@ if [ "$run_load" = 1 ]; then
 
   printf '\npeak RSS (VmHWM) after the runs: '
   for t in "${TARGETS[@]}"; do
+    [ "$t" != direct ] || continue
     mapfile -t procs < <(proxy_pids "$t")
     printf '%s %s  ' "$t" "$(for p in "${procs[@]}"; do awk '/^VmHWM/ { print $2 }' "/proc/$p/status"; done |
       awk '{ s += $1 } END { printf "%.1f MiB", s / 1024 }')"
