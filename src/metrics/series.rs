@@ -309,6 +309,62 @@ mod tests {
         );
     }
 
+    /// The value of the line of `out` that starts with `prefix` (labels included).
+    fn value(out: &str, prefix: &str) -> Option<f64> {
+        out.lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .and_then(|v| v.trim().parse().ok())
+    }
+
+    proptest::proptest! {
+        /// Whatever is recorded: per API family, the requests counters add up to the
+        /// histogram's count, buckets never decrease, +Inf equals the count, and the sum is
+        /// the recorded time.
+        #[test]
+        fn rendered_series_agree_with_what_was_recorded(
+            calls in proptest::collection::vec((0..Api::ALL.len(), 0..Outcome::ALL.len(), 0u64..200_000_000), 0..200)
+        ) {
+            let set = SeriesSet::default();
+            let series = set.get("acme", "etl");
+            let mut count = [0u64; Api::ALL.len()];
+            let mut sum = [0u64; Api::ALL.len()];
+            for &(api, outcome, micros) in &calls {
+                series.record(Api::ALL[api], Outcome::ALL[outcome], Duration::from_micros(micros));
+                count[api] += 1;
+                sum[api] += micros;
+            }
+            let mut out = String::new();
+            set.render(&mut out);
+            for api in Api::ALL {
+                let labels = format!(r#"api="{}",integration="etl",org="acme""#, api.as_str());
+                let n = count[api.index()];
+                let requests: f64 = Outcome::ALL
+                    .iter()
+                    .filter_map(|o| value(&out, &format!("{REQUESTS}{{{labels},outcome=\"{}\"}}", o.as_str())))
+                    .sum();
+                proptest::prop_assert_eq!(requests as u64, n);
+                let count_line = format!("{DURATION}_count{{{labels}}}");
+                if n == 0 {
+                    let absent = !out.contains(&count_line);
+                    proptest::prop_assert!(absent);
+                    continue;
+                }
+                let mut previous = 0.0;
+                for le in BUCKET_LABELS.iter().chain(["+Inf"].iter()) {
+                    let b = value(&out, &format!("{DURATION}_bucket{{{labels},le=\"{le}\"}}"));
+                    let b = b.ok_or_else(|| proptest::test_runner::TestCaseError::fail(format!("no le={le}")))?;
+                    proptest::prop_assert!(b >= previous);
+                    previous = b;
+                }
+                proptest::prop_assert_eq!(previous as u64, n);
+                proptest::prop_assert_eq!(value(&out, &count_line), Some(n as f64));
+                let sum_line = format!("{DURATION}_sum{{{labels}}}");
+                let error = (value(&out, &sum_line).unwrap_or(-1.0) - sum[api.index()] as f64 / 1e6).abs();
+                proptest::prop_assert!(error < 1e-6);
+            }
+        }
+    }
+
     #[test]
     fn bucket_labels_match_bounds() {
         for (bound, label) in BUCKETS_MICROS.iter().zip(BUCKET_LABELS) {
