@@ -29,7 +29,7 @@
 //! - `app`: assembles the modules from a config and runs them until shutdown.
 //! - `sim`: a simulated Salesforce org, independent of the proxy's own rules, for tests,
 //!   benchmarks and the demo; `demo` puts the proxy in front of it with some traffic.
-//! - `logging`: the tracing subscriber.
+//! - `logging`: the tracing subscriber; `markup`: escaping for XML and HTML.
 
 pub mod admin;
 pub mod app;
@@ -38,6 +38,7 @@ pub mod console;
 pub mod demo;
 pub mod history;
 pub mod logging;
+pub mod markup;
 pub mod meter;
 pub mod metrics;
 pub mod notify;

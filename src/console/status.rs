@@ -8,8 +8,9 @@
 use std::fmt::Write as _;
 
 use crate::history::HistoryReport;
+use crate::markup::escape;
 use crate::meter::{Level, OrgReport, Usage};
-use crate::notify::mail::{color_name, escape, thousands};
+use crate::notify::mail::{color_name, thousands};
 use crate::notify::{self, Source, Thresholds};
 
 pub const SCRIPT: &str = include_str!("status.js");

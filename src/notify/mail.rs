@@ -13,6 +13,7 @@ use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use tokio::sync::watch;
 
 use crate::config::{SmtpConfig, SmtpSecurity};
+use crate::markup::escape;
 use crate::meter::Level as Color;
 use crate::metrics::Metrics;
 
@@ -478,22 +479,6 @@ pub fn color_hex(c: Color) -> &'static str {
         Color::Orange => "#ef6c00",
         Color::Red => "#c62828",
     }
-}
-
-/// Escapes text for HTML element content and quoted attribute values.
-pub fn escape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
 }
 
 #[cfg(test)]

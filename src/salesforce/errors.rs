@@ -4,7 +4,7 @@
 
 use bytes::Bytes;
 
-use super::{json, xml};
+use super::json;
 
 /// A REST error list: `[{"message":"…","errorCode":"…"}]`, as Salesforce answers, e.g.
 /// `[{"message":"TotalRequests Limit exceeded.","errorCode":"REQUEST_LIMIT_EXCEEDED"}]`.
@@ -31,18 +31,18 @@ pub fn soap_fault_body(fault_code: &str, message: &str, exception_code: &str) ->
         r#" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance">"#,
         "<soapenv:Body><soapenv:Fault><faultcode>",
     ));
-    xml::push_escaped(&mut out, fault_code);
+    crate::markup::push_escaped(&mut out, fault_code);
     out.push_str("</faultcode><faultstring>");
-    xml::push_escaped(&mut out, exception_code);
+    crate::markup::push_escaped(&mut out, exception_code);
     out.push_str(": ");
-    xml::push_escaped(&mut out, message);
+    crate::markup::push_escaped(&mut out, message);
     out.push_str(concat!(
         "</faultstring><detail>",
         r#"<sf:ApiFault xsi:type="sf:ApiFault"><sf:exceptionCode>"#,
     ));
-    xml::push_escaped(&mut out, exception_code);
+    crate::markup::push_escaped(&mut out, exception_code);
     out.push_str("</sf:exceptionCode><sf:exceptionMessage>");
-    xml::push_escaped(&mut out, message);
+    crate::markup::push_escaped(&mut out, message);
     out.push_str(concat!(
         "</sf:exceptionMessage></sf:ApiFault></detail>",
         "</soapenv:Fault></soapenv:Body></soapenv:Envelope>",

@@ -70,7 +70,7 @@ pub fn rewrite_oauth_token(body: &[u8], public_base: &str) -> Option<Vec<u8>> {
 /// `loginResponse` the same way. `None` if there is no such element with an http(s) URL.
 pub fn rewrite_soap_login(body: &[u8], public_base: &str) -> Option<Vec<u8>> {
     let mut escaped_base = String::new();
-    xml::push_escaped(&mut escaped_base, public_base.trim_end_matches('/'));
+    crate::markup::push_escaped(&mut escaped_base, public_base.trim_end_matches('/'));
     let mut out = Vec::new();
     let mut copied = 0;
     let mut at = 0;

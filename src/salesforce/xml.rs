@@ -134,25 +134,6 @@ pub(super) fn local_name(name: &[u8]) -> &[u8] {
     }
 }
 
-/// Appends `text` to `out` escaped for XML character data or a quoted attribute.
-///
-/// Characters XML 1.0 cannot carry at all (most C0 controls) become U+FFFD rather than producing
-/// a document every SOAP client would reject.
-pub(super) fn push_escaped(out: &mut String, text: &str) {
-    for c in text.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&apos;"),
-            '\t' | '\n' | '\r' => out.push(c),
-            c if c < ' ' || c == '\u{FFFE}' || c == '\u{FFFF}' => out.push('\u{FFFD}'),
-            c => out.push(c),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -208,12 +189,5 @@ mod tests {
         assert_eq!(local_name(b"ns:limitInfo"), b"limitInfo");
         assert_eq!(local_name(b"limitInfo"), b"limitInfo");
         assert_eq!(local_name(b"a:b:c"), b"c");
-    }
-
-    #[test]
-    fn escapes_markup_and_drops_invalid_chars() {
-        let mut out = String::new();
-        push_escaped(&mut out, "a<b>&\"'\u{1}\tz");
-        assert_eq!(out, "a&lt;b&gt;&amp;&quot;&apos;\u{FFFD}\tz");
     }
 }
