@@ -1,7 +1,16 @@
 #!/usr/bin/env bash
-# Shared by benches/load.sh and benches/profile.sh: the callmeter config both measure.
+# Shared by benches/load.sh, profile.sh and instructions.sh: tools, builds, and the callmeter
+# config they all measure.
+#
+# ensure_tools COMMAND:PACKAGE...: installs (apt-get) the Debian packages of the commands
+# that are missing.
+#
+# build_bins: builds callmeter (release) and the fake origin (bench profile); sets
+# $callmeter_bin and $origin_bin.
 #
 # cargo_exe NAME CARGO-ARGS...: builds with cargo and prints the executable of target NAME.
+#
+# free_port: a TCP port on 127.0.0.1 that was free a moment ago.
 #
 # callmeter_config FILE PORT ADMIN_PORT [N [THREADS]]: one org at the fake origin on
 # $origin_port, three path-prefix integrations (the benchmark's one with a quota far from
@@ -46,6 +55,33 @@ TOML
   for ((i = 0; i < extra; i++)); do
     printf '[[integration]]\nid = "i%05d"\norg = "acme"\nmatch = { path_prefix = "/i%05d" }\n' "$i" "$i"
   done >>"$file"
+}
+
+ensure_tools() {
+  local pair need=()
+  for pair in "$@"; do
+    command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
+  done
+  [ ${#need[@]} -gt 0 ] || return 0
+  echo "installing: ${need[*]}" >&2
+  local sudo=()
+  [ "$(id -u)" -eq 0 ] || sudo=(sudo)
+  "${sudo[@]}" apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq "${need[@]}" >&2
+}
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+build_bins() {
+  echo "building callmeter (release) and the origin (bench profile)..." >&2
+  callmeter_bin=$(cargo_exe callmeter build --release --quiet --bin callmeter)
+  origin_bin=$(cargo_exe origin bench --bench origin --no-run --quiet)
+  if [ ! -x "$callmeter_bin" ] || [ ! -x "$origin_bin" ]; then
+    echo "no callmeter or origin executable found after the build" >&2
+    exit 1
+  fi
 }
 
 cargo_exe() {

@@ -30,21 +30,10 @@ while [ $# -gt 0 ]; do
   esac
 done
 
-need=()
-command -v valgrind >/dev/null 2>&1 || need+=(valgrind)
-command -v h2load >/dev/null 2>&1 || need+=(nghttp2-client)
-if [ ${#need[@]} -gt 0 ]; then
-  sudo=()
-  [ "$(id -u)" -eq 0 ] || sudo=(sudo)
-  "${sudo[@]}" apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq "${need[@]}" >&2
-fi
-
 # shellcheck source=benches/common.sh
 . benches/common.sh
-echo "building..." >&2
-callmeter_bin=$(cargo_exe callmeter build --release --quiet --bin callmeter)
-origin_bin=$(cargo_exe origin bench --bench origin --no-run --quiet)
+ensure_tools valgrind:valgrind h2load:nghttp2-client curl:curl python3:python3
+build_bins
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/callmeter-instructions.XXXXXX")
 pids=()
@@ -55,9 +44,6 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
 origin_port=$(free_port) port=$(free_port) admin=$(free_port)
 callmeter_config "$work/callmeter.toml" "$port" "$admin" 0 1
 

@@ -93,30 +93,12 @@ die() {
 # ---------------------------------------------------------------------------------------------
 # Tools
 
-need=()
-command -v nginx >/dev/null 2>&1 || need+=(nginx)
-command -v haproxy >/dev/null 2>&1 || need+=(haproxy)
-command -v wrk >/dev/null 2>&1 || need+=(wrk)
-command -v h2load >/dev/null 2>&1 || need+=(nghttp2-client)
-command -v curl >/dev/null 2>&1 || need+=(curl)
-command -v python3 >/dev/null 2>&1 || need+=(python3)
-if [ ${#need[@]} -gt 0 ]; then
-  log "installing: ${need[*]}"
-  sudo=()
-  [ "$(id -u)" -eq 0 ] || sudo=(sudo)
-  "${sudo[@]}" apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq "${need[@]}" >&2
-fi
-# nginx and haproxy live in /usr/sbin, which a non-root PATH may lack.
-PATH=$PATH:/usr/sbin
 # shellcheck source=benches/common.sh
 . benches/common.sh
-
-log "building callmeter (release) and the origin (bench profile)..."
-callmeter_bin=$(cargo_exe callmeter build --release --quiet --bin callmeter)
-origin_bin=$(cargo_exe origin bench --bench origin --no-run --quiet)
-[ -x "$callmeter_bin" ] || die "no callmeter executable found after the build"
-[ -x "$origin_bin" ] || die "no origin executable found after the build"
+# nginx and haproxy live in /usr/sbin, which a non-root PATH may lack.
+PATH=$PATH:/usr/sbin
+ensure_tools nginx:nginx haproxy:haproxy wrk:wrk h2load:nghttp2-client curl:curl python3:python3
+build_bins
 
 # ---------------------------------------------------------------------------------------------
 # Processes
@@ -150,9 +132,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
 
 # start NAME CMD...: runs CMD in the background, output to $work/NAME.log; sets $started.
 started=
@@ -522,6 +501,21 @@ verdicts() {
 # ---------------------------------------------------------------------------------------------
 # Memory and /metrics with 10,000 integrations
 
+# scrape_metrics LABEL ADMIN_PORT: five scrapes of /metrics in a row; prints the first one's
+# size and the time of each.
+scrape_metrics() {
+  local label=$1 admin=$2 times=() n line
+  for n in 1 2 3 4 5; do
+    line=$(curl -s -o "$work/metrics.txt" -w '%{http_code} %{time_total} %{size_download}' \
+      "http://127.0.0.1:$admin/metrics")
+    times+=("$(awk '{ printf "%.1f", $2 * 1000 }' <<<"$line")")
+    [ "$n" -gt 1 ] || printf '  %s: HTTP %s, %s bytes, %s lines\n' "$label" "${line%% *}" \
+      "${line##* }" "$(wc -l <"$work/metrics.txt")"
+  done
+  printf '  /metrics time_total, 5 scrapes in a row: %s ms (first %s ms; median of the other 4: %s ms)\n' \
+    "${times[*]}" "${times[0]}" "$(printf '%s\n' "${times[@]:1}" | median)"
+}
+
 rss_section() {
   local port admin pid
   port=$(free_port) admin=$(free_port)
@@ -543,16 +537,7 @@ rss_section() {
   printf '  1,000 calls (one each to i00000, i00010, ...): status counts %s\n' "${codes%,}"
   printf '  after the calls:                       %s\n' "$(mem_status)"
 
-  local times=() n line
-  for n in 1 2 3 4 5; do
-    line=$(curl -s -o "$work/metrics.txt" -w '%{http_code} %{time_total} %{size_download}' \
-      "http://127.0.0.1:$admin/metrics")
-    times+=("$(awk '{ printf "%.1f", $2 * 1000 }' <<<"$line")")
-    [ "$n" -gt 1 ] || printf '  /metrics: HTTP %s, %s bytes, %s lines\n' "${line%% *}" \
-      "${line##* }" "$(wc -l <"$work/metrics.txt")"
-  done
-  printf '  /metrics time_total, 5 scrapes in a row: %s ms (first %s ms; median of the other 4: %s ms)\n' \
-    "${times[*]}" "${times[0]}" "$(printf '%s\n' "${times[@]:1}" | median)"
+  scrape_metrics "/metrics" "$admin"
   printf '  after the scrapes:                     %s\n' "$(mem_status)"
 
   # The worst case: every integration has request counters and a latency histogram.
@@ -562,16 +547,7 @@ rss_section() {
   done >"$curlcfg"
   codes=$(curl -s -K "$curlcfg" -w '%{http_code}\n' | sort | uniq -c | tr -s ' ' | tr '\n' ',')
   printf '  9,000 more calls (one each to all the others): status counts %s\n' "${codes%,}"
-  times=()
-  for n in 1 2 3 4 5; do
-    line=$(curl -s -o "$work/metrics.txt" -w '%{http_code} %{time_total} %{size_download}' \
-      "http://127.0.0.1:$admin/metrics")
-    times+=("$(awk '{ printf "%.1f", $2 * 1000 }' <<<"$line")")
-    [ "$n" -gt 1 ] || printf '  /metrics with all 10,000 active: HTTP %s, %s bytes, %s lines\n' "${line%% *}" \
-      "${line##* }" "$(wc -l <"$work/metrics.txt")"
-  done
-  printf '  /metrics time_total, 5 scrapes in a row: %s ms (first %s ms; median of the other 4: %s ms)\n' \
-    "${times[*]}" "${times[0]}" "$(printf '%s\n' "${times[@]:1}" | median)"
+  scrape_metrics "/metrics with all 10,000 active" "$admin"
   printf '  after those scrapes:                   %s\n' "$(mem_status)"
 }
 

@@ -64,6 +64,19 @@ match = {{ path_prefix = "/a" }}
     path
 }
 
+/// Kills the process and returns everything it logged.
+fn stop_and_read_logs(proc: &mut Proc) -> String {
+    let _ = proc.0.kill();
+    let mut stderr = String::new();
+    proc.0
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut stderr)
+        .expect("read logs");
+    stderr
+}
+
 async fn serve_with(
     upstream: &str,
     dir: &std::path::Path,
@@ -157,14 +170,7 @@ async fn worker_threads_sizes_the_runtime() {
         let http = Http::new();
         let url = format!("{proxy}/a/services/data/v62.0/sobjects");
         assert_eq!(http.get(&url, &[]).await.0, StatusCode::OK);
-        let _ = proc.0.kill();
-        let mut stderr = String::new();
-        proc.0
-            .stderr
-            .take()
-            .expect("stderr")
-            .read_to_string(&mut stderr)
-            .expect("read logs");
+        let stderr = stop_and_read_logs(&mut proc);
         assert!(
             stderr.contains(&format!("worker_threads={threads}")),
             "{stderr}"
@@ -216,14 +222,7 @@ async fn trace_logs_redact_credentials() {
         .await;
     assert_eq!(status, StatusCode::OK);
 
-    let _ = proc.0.kill();
-    let mut stderr = String::new();
-    proc.0
-        .stderr
-        .take()
-        .expect("stderr")
-        .read_to_string(&mut stderr)
-        .expect("read logs");
+    let stderr = stop_and_read_logs(&mut proc);
     assert!(stderr.contains("[redacted]"), "{stderr}");
     for secret in [
         access.as_str(),
