@@ -14,19 +14,22 @@
 #   - the top functions by their own instructions.
 # Kernel work (syscalls, loopback TCP: about 60 % of the CPU time, see benches/profile.sh) is
 # not counted. Under callgrind everything runs ~50 times slower; a run takes about a minute.
-# Usage: benches/instructions.sh [-n N] [-c C]   (N requests, default 10000, over C connections,
-# default 8)
+# Usage: benches/instructions.sh [-n N] [-c C] [-o FILE]   (N requests, default 10000, over C
+# connections, default 8; -o keeps the raw callgrind profile in FILE for callgrind_annotate,
+# e.g. `--tree=caller` to see who calls a function)
 # Needs valgrind and h2load (Debian: valgrind, nghttp2-client; installed when missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 requests=10000
 conns=8
+keep=
 while [ $# -gt 0 ]; do
   case $1 in
     -n) requests=$2 && shift 2 ;;
     -c) conns=$2 && shift 2 ;;
-    *) echo "usage: benches/instructions.sh [-n N] [-c C]" >&2 && exit 2 ;;
+    -o) keep=$2 && shift 2 ;;
+    *) echo "usage: benches/instructions.sh [-n N] [-c C] [-o FILE]" >&2 && exit 2 ;;
   esac
 done
 
@@ -69,6 +72,7 @@ ok=$(awk '/^status codes:/ { print $3 }' "$work/h2load.out")
   exit 1
 }
 
+[ -z "$keep" ] || cp "$work/callgrind.out.1" "$keep"
 callgrind_annotate --threshold=100 --inclusive=no --auto=no "$work/callgrind.out.1" 2>/dev/null |
   python3 -c '
 import collections, re, sys

@@ -90,6 +90,67 @@ async fn http2_over_tls_with_alpn() {
     assert_eq!(env.usage().await["orgs"][0]["used"], 2);
 }
 
+/// Salesforce is reached over TLS, where ALPN picks HTTP/2: an "edge" proxy sends to a
+/// "front" proxy that terminates TLS with a test CA (`upstream_ca`) and forwards to the
+/// simulator. Sequential and concurrent calls, with and without bodies, arrive counted on both.
+#[tokio::test]
+async fn tls_upstream_with_a_private_ca() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("cert");
+    let cert_path = dir.path().join("cert.pem");
+    let key_path = dir.path().join("key.pem");
+    std::fs::write(&cert_path, cert.cert.pem()).expect("write cert");
+    std::fs::write(&key_path, cert.signing_key.serialize_pem()).expect("write key");
+    let sim = sim::spawn(SimOptions::default()).await.expect("sim");
+    let whole_listener =
+        "[[integration]]\nid = \"a\"\norg = \"acme\"\nmatch = { listener = \"main\" }\n";
+    let front_toml = config_text(&sim.url, "", whole_listener).replace(
+        "listen = \"127.0.0.1:0\"\n\n[[org]]",
+        &format!(
+            "listen = \"127.0.0.1:0\"\ntls = {{ cert = \"{}\", key = \"{}\" }}\n\n[[org]]",
+            cert_path.display(),
+            key_path.display()
+        ),
+    );
+    let front = start_with(sim, &front_toml).await;
+    let front_port = front.server.listener("main").expect("listener").port();
+
+    let edge_sim = sim::spawn(SimOptions::default()).await.expect("sim");
+    let edge_toml = config_text(
+        &format!("https://localhost:{front_port}"),
+        &format!("upstream_ca = \"{}\"", cert_path.display()),
+        "[[integration]]\nid = \"e\"\norg = \"acme\"\nmatch = { path_prefix = \"/e\" }\n",
+    );
+    let edge = start_with(edge_sim, &edge_toml).await;
+
+    let url = format!("{}/e/services/data/v62.0/sobjects", edge.proxy);
+    let (status, headers, _) = edge.http.get(&url, &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(headers.contains_key("sforce-limit-info"));
+    let calls = (0..8).map(|_| edge.http.get(&url, &[]));
+    for (status, _, _) in futures_util::future::join_all(calls).await {
+        assert_eq!(status, StatusCode::OK);
+    }
+    let composite = format!("{}/e/services/data/v62.0/composite/batch", edge.proxy);
+    let (status, _, _) = edge
+        .http
+        .send(
+            Method::POST,
+            &composite,
+            &[("content-type", "application/json")],
+            composite_batch(3),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+
+    assert_eq!(edge.window("e").await, 12);
+    assert_eq!(front.window("a").await, 12);
+    // Salesforce's usage reports reach the edge through the TLS hop.
+    assert_eq!(front.sim_count().await["used"], 12);
+    let usage = edge.usage().await;
+    assert_eq!(usage["orgs"][0]["used"], 12, "{usage}");
+}
+
 /// Streams `total` bytes in `chunk`-sized frames, with no Content-Length: chunked on HTTP/1.1.
 fn streamed(
     total: usize,

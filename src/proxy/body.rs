@@ -15,6 +15,8 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
+use super::pool::UpstreamBody;
+
 /// A request body on its way upstream.
 #[derive(Debug)]
 pub enum RequestBody {
@@ -161,9 +163,9 @@ pub trait Observer: Send + Unpin + 'static {
 
 /// A response body on its way back to the client.
 pub enum ResponseBody {
-    Stream(Incoming),
+    Stream(UpstreamBody),
     /// Bytes already read from the upstream body, then the rest of it.
-    Prefixed(Option<Bytes>, Incoming),
+    Prefixed(Option<Bytes>, UpstreamBody),
     /// The upstream body, shown to an observer as it passes.
     Observed(Observed),
     /// A body the proxy made or rewrote.
@@ -190,7 +192,7 @@ impl ResponseBody {
         }
     }
 
-    pub fn observed(inner: Incoming, observer: Box<dyn Observer>) -> Self {
+    pub fn observed(inner: UpstreamBody, observer: Box<dyn Observer>) -> Self {
         ResponseBody::Observed(Observed {
             inner,
             observer: Some(observer),
@@ -200,7 +202,7 @@ impl ResponseBody {
     /// Collects up to `limit` bytes of a response body; when the body is larger, `Err` carries
     /// what was read plus the rest of the stream, so nothing is lost.
     pub async fn collect_bounded(
-        mut inner: Incoming,
+        mut inner: UpstreamBody,
         limit: usize,
     ) -> Result<Result<Bytes, ResponseBody>, hyper::Error> {
         let mut buf = bytes::BytesMut::new();
@@ -218,7 +220,7 @@ impl ResponseBody {
 
 /// An upstream body and the observer that sees it pass.
 pub struct Observed {
-    inner: Incoming,
+    inner: UpstreamBody,
     observer: Option<Box<dyn Observer>>,
 }
 

@@ -36,7 +36,7 @@ pub enum ProxyError {
     UpstreamConnect {
         upstream: String,
         #[source]
-        source: hyper_util::client::legacy::Error,
+        source: super::pool::SendError,
     },
 
     #[error("Salesforce at {upstream} sent no response within {}; the call may have been processed and stays counted", humantime::format_duration(*.after))]
@@ -46,7 +46,7 @@ pub enum ProxyError {
     Upstream {
         upstream: String,
         #[source]
-        source: hyper_util::client::legacy::Error,
+        source: super::pool::SendError,
     },
 }
 

@@ -1,5 +1,5 @@
-//! The upstream side: one pooled HTTP client per org, sending only to that org's configured
-//! Salesforce URLs.
+//! The upstream side: per org, the connections to its configured Salesforce URLs (`pool.rs`),
+//! the URL each request goes to, and the response timeout.
 //!
 //! The upstream is chosen by configuration, never by the request's Host header, so the proxy
 //! cannot be used as an open proxy. TLS is rustls with the webpki roots plus an optional extra
@@ -11,17 +11,14 @@ use std::time::Duration;
 
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, Uri};
-use hyper::body::Incoming;
-use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
 use thiserror::Error;
 
 use super::body::RequestBody;
 use super::error::ProxyError;
+use super::pool::{Host, UpstreamBody};
 use crate::config::OrgConfig;
 
 /// How long an idle upstream connection is kept for reuse. Salesforce closes idle keep-alive
@@ -44,6 +41,13 @@ pub enum UpstreamSetupError {
         org: String,
         #[source]
         source: rustls::Error,
+    },
+    #[error("org \"{org}\": {url} cannot be used as an upstream: {source}")]
+    Url {
+        org: String,
+        url: String,
+        #[source]
+        source: http::Error,
     },
 }
 
@@ -81,11 +85,13 @@ impl Base {
     }
 }
 
-/// The client for one org.
+/// The upstream of one org.
 pub struct Upstream {
-    client: Client<HttpsConnector<HttpConnector>, RequestBody>,
     instance: Base,
     login: Base,
+    instance_host: Arc<Host>,
+    /// The instance's own when the org has no separate login URL.
+    login_host: Arc<Host>,
     response_timeout: Duration,
 }
 
@@ -138,11 +144,6 @@ impl Upstream {
                 .enable_http2()
                 .wrap_connector(http)
         };
-        let client = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(POOL_IDLE)
-            .build(connector);
 
         // Config validation guarantees absolute URLs; fall back to the instance for login.
         let instance = Base::of(&cfg.instance_url).ok_or_else(|| UpstreamSetupError::CaEmpty {
@@ -154,10 +155,30 @@ impl Upstream {
             .as_ref()
             .and_then(Base::of)
             .unwrap_or_else(|| instance.clone());
+        let host = |base: &Base| {
+            Host::new(
+                base.scheme.clone(),
+                base.authority.clone(),
+                connector.clone(),
+                POOL_IDLE,
+            )
+            .map_err(|source| UpstreamSetupError::Url {
+                org: org.clone(),
+                url: base.display.clone(),
+                source,
+            })
+        };
+        let instance_host = host(&instance)?;
+        let login_host = if cfg.login_url.is_some() {
+            host(&login)?
+        } else {
+            instance_host.clone()
+        };
         Ok(Arc::new(Upstream {
-            client,
             instance,
             login,
+            instance_host,
+            login_host,
             response_timeout: cfg.response_timeout,
         }))
     }
@@ -180,11 +201,16 @@ impl Upstream {
         &self,
         login: bool,
         req: Request<RequestBody>,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<Response<UpstreamBody>, ProxyError> {
         let upstream = || self.base(login).display.clone();
-        match tokio::time::timeout(self.response_timeout, self.client.request(req)).await {
+        let host = if login {
+            &self.login_host
+        } else {
+            &self.instance_host
+        };
+        match tokio::time::timeout(self.response_timeout, host.send(req)).await {
             Ok(Ok(resp)) => Ok(resp),
-            Ok(Err(source)) if source.is_connect() => Err(ProxyError::UpstreamConnect {
+            Ok(Err(source)) if !source.maybe_sent() => Err(ProxyError::UpstreamConnect {
                 upstream: upstream(),
                 source,
             }),

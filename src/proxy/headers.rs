@@ -73,7 +73,7 @@ pub fn to_upstream(
     call_options_client: Option<&HeaderValue>,
 ) {
     remove_hop_by_hop(headers);
-    headers.remove(header::HOST); // the client sets it from the upstream URI
+    headers.remove(header::HOST); // the upstream connection sets its own (pool.rs)
     headers.remove(KEY_HEADER);
 
     let prior = headers

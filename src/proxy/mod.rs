@@ -18,6 +18,7 @@ mod forward;
 mod headers;
 mod listener;
 mod observe;
+mod pool;
 mod reject;
 mod route;
 
@@ -33,6 +34,7 @@ pub use deferred::{constant_time_eq, DeferRoute};
 pub use error::ProxyError;
 pub use forward::{Upstream, UpstreamSetupError};
 pub use listener::{serve_listener, ConnLimits, ListenerSetupError, Peer, TlsSetup};
+pub use pool::UpstreamBody;
 pub use route::{Route, RouteTable};
 
 use crate::meter::{OrgMeter, Ticket, Verdict};

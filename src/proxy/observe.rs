@@ -11,10 +11,10 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::response::Parts;
 use http::{header, HeaderValue, StatusCode};
-use hyper::body::Incoming;
 
 use super::body::{Observer, ResponseBody};
 use super::headers::LIMIT_INFO;
+use super::pool::UpstreamBody;
 use super::OrgRoute;
 use crate::salesforce::{self, BodyScanner, CallKind, LimitExceeded};
 
@@ -29,7 +29,7 @@ pub fn response(
     kind: CallKind,
     units: u32,
     parts: &Parts,
-    body: Incoming,
+    body: UpstreamBody,
 ) -> ResponseBody {
     if let Some(value) = parts.headers.get(LIMIT_INFO) {
         match salesforce::parse_limit_info(value.as_bytes()) {

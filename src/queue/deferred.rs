@@ -384,7 +384,7 @@ fn build_request(r: &OrgReplayer, call: &DeferredCall) -> Result<Request<Request
 }
 
 /// Reads an upstream answer: usage report, limit errors, and what to keep for the status URL.
-async fn answer(r: &OrgReplayer, resp: http::Response<hyper::body::Incoming>) -> Sent {
+async fn answer(r: &OrgReplayer, resp: http::Response<crate::proxy::UpstreamBody>) -> Sent {
     let (parts, body) = resp.into_parts();
     if let Some(report) = parts
         .headers

@@ -1,0 +1,605 @@
+//! Connections to one Salesforce host, kept for reuse.
+//!
+//! A host that negotiates HTTP/2 by ALPN gets one connection that every request shares. An
+//! HTTP/1.1 host gets a queue of idle connections: a request takes the oldest one still open,
+//! and its response body puts the connection back once it has been read to the end (a body
+//! dropped half-read closes it). A connection that turns out closed before the request went
+//! out is skipped and the request tries the next one, then a new connection.
+//!
+//! This replaces hyper-util's legacy client pool, which on every request hashed its pool key
+//! twice under a mutex and spawned a task to return the connection: about a tenth of the
+//! proxy's user-space instructions per request. The idle queue is lock-free (as in pingora's
+//! connection pool): a request never waits on another to take or return a connection.
+
+use std::error::Error as StdError;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use bytes::Bytes;
+use crossbeam_queue::ArrayQueue;
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{header, HeaderValue, Request, Response, Uri, Version};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::{Connection, HttpConnector};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use thiserror::Error;
+use tower_service::Service;
+
+use super::body::RequestBody;
+use crate::meter::Clock;
+
+pub type Connector = HttpsConnector<HttpConnector>;
+type H1 = http1::SendRequest<RequestBody>;
+type H2 = http2::SendRequest<RequestBody>;
+
+/// Idle HTTP/1.1 connections kept per host; one coming back to a full queue is closed.
+const MAX_IDLE: usize = 512;
+
+/// Why a request got no response.
+#[derive(Debug, Error)]
+pub enum SendError {
+    #[error("{}", chain(.0.as_ref()))]
+    Connect(Box<dyn StdError + Send + Sync>),
+    #[error("HTTP handshake failed: {}", chain(.0))]
+    Handshake(hyper::Error),
+    #[error("the new connection closed before the request could be sent")]
+    ClosedEarly,
+    #[error("{}", chain(.0))]
+    Exchange(hyper::Error),
+}
+
+impl SendError {
+    /// Whether the request may have reached Salesforce (and so stays counted).
+    pub fn maybe_sent(&self) -> bool {
+        matches!(self, SendError::Exchange(_))
+    }
+}
+
+/// An error and its causes on one line: "tcp connect error: Connection refused (os error 111)".
+fn chain(err: &(dyn StdError + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut cause = err.source();
+    while let Some(e) = cause {
+        let next = e.to_string();
+        if !text.contains(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        cause = e.source();
+    }
+    text
+}
+
+/// One host's connections.
+pub struct Host {
+    scheme: Scheme,
+    authority: Authority,
+    /// `scheme://authority/`: what the connector dials.
+    dial: Uri,
+    /// The `Host` header of HTTP/1.1 requests (HTTP/2 sends the authority instead).
+    host_header: HeaderValue,
+    connector: Connector,
+    idle: ArrayQueue<Idle>,
+    h2: ArcSwapOption<H2>,
+    clock: Clock,
+    idle_timeout_ms: u64,
+}
+
+struct Idle {
+    sender: H1,
+    since_ms: u64,
+}
+
+/// How one attempt on one connection ended.
+enum Attempt {
+    /// The connection was closed before the request went out: the request comes back (boxed:
+    /// this is the rare path, and it keeps the common result small).
+    Unsent(Box<Request<RequestBody>>),
+    Failed(SendError),
+}
+
+impl Host {
+    /// `idle_timeout`: how long an idle connection is kept. Salesforce closes idle keep-alive
+    /// connections after a while; staying below that avoids sending on a half-closed socket.
+    pub fn new(
+        scheme: Scheme,
+        authority: Authority,
+        connector: Connector,
+        idle_timeout: Duration,
+    ) -> Result<Arc<Host>, http::Error> {
+        let dial = Uri::builder()
+            .scheme(scheme.clone())
+            .authority(authority.clone())
+            .path_and_query("/")
+            .build()?;
+        let default_port = match scheme.as_str() {
+            "https" => 443,
+            _ => 80,
+        };
+        // Like browsers and hyper's client: no port in `Host` when it is the scheme's default.
+        let host_header = match authority.port_u16() {
+            Some(p) if p == default_port => HeaderValue::from_str(authority.host()),
+            _ => HeaderValue::from_str(authority.as_str()),
+        }
+        .map_err(http::Error::from)?;
+        Ok(Arc::new(Host {
+            scheme,
+            authority,
+            dial,
+            host_header,
+            connector,
+            idle: ArrayQueue::new(MAX_IDLE),
+            h2: ArcSwapOption::empty(),
+            clock: Clock::new(),
+            idle_timeout_ms: idle_timeout.as_millis() as u64,
+        }))
+    }
+
+    /// Sends `req` (whose URI's path and query are used) and waits for the response head.
+    pub async fn send(
+        self: &Arc<Self>,
+        mut req: Request<RequestBody>,
+    ) -> Result<Response<UpstreamBody>, SendError> {
+        if let Some(h2) = self.h2.load_full() {
+            match self.send_h2(&h2, req).await {
+                Ok(resp) => return Ok(resp),
+                Err(Attempt::Failed(e)) => return Err(e),
+                Err(Attempt::Unsent(back)) => {
+                    // Gone (GOAWAY, idle close): forget it unless another request already did.
+                    let _ = self.h2.compare_and_swap(&h2, None);
+                    req = *back;
+                }
+            }
+        }
+        let now = self.clock.unix_ms();
+        while let Some(idle) = self.idle.pop() {
+            if now.saturating_sub(idle.since_ms) > self.idle_timeout_ms {
+                continue; // dropping the sender closes the connection
+            }
+            match self.send_h1(idle.sender, req).await {
+                Ok(resp) => return Ok(resp),
+                Err(Attempt::Failed(e)) => return Err(e),
+                Err(Attempt::Unsent(back)) => req = *back,
+            }
+        }
+        let attempt = match self.connect().await? {
+            Fresh::H1(sender) => self.send_h1(sender, req).await,
+            Fresh::H2(sender) => self.send_h2(&sender, req).await,
+        };
+        attempt.map_err(|e| match e {
+            Attempt::Unsent(_) => SendError::ClosedEarly,
+            Attempt::Failed(e) => e,
+        })
+    }
+
+    async fn send_h1(
+        self: &Arc<Self>,
+        mut sender: H1,
+        mut req: Request<RequestBody>,
+    ) -> Result<Response<UpstreamBody>, Attempt> {
+        // Ready once the previous response on it has been read; an error: it closed meanwhile.
+        if sender.ready().await.is_err() {
+            return Err(Attempt::Unsent(Box::new(req)));
+        }
+        // HTTP/1.1 wants origin form and a Host header.
+        if let Some(pq) = req.uri().path_and_query().cloned() {
+            *req.uri_mut() = Uri::from(pq);
+        }
+        *req.version_mut() = Version::HTTP_11;
+        req.headers_mut()
+            .insert(header::HOST, self.host_header.clone());
+        match sender.try_send_request(req).await {
+            Ok(resp) => {
+                let lease = Lease {
+                    sender,
+                    host: self.clone(),
+                };
+                Ok(resp.map(|body| UpstreamBody::new(body, Some(lease))))
+            }
+            Err(mut e) => match e.take_message() {
+                Some(req) => Err(Attempt::Unsent(Box::new(req))),
+                None => Err(Attempt::Failed(SendError::Exchange(e.into_error()))),
+            },
+        }
+    }
+
+    async fn send_h2(
+        &self,
+        shared: &H2,
+        mut req: Request<RequestBody>,
+    ) -> Result<Response<UpstreamBody>, Attempt> {
+        if shared.is_closed() {
+            return Err(Attempt::Unsent(Box::new(req)));
+        }
+        // HTTP/2 takes scheme and authority from the URI (`:scheme`, `:authority`).
+        let pq = req
+            .uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = Some(self.authority.clone());
+        parts.path_and_query = Some(pq);
+        if let Ok(uri) = Uri::from_parts(parts) {
+            *req.uri_mut() = uri;
+        }
+        *req.version_mut() = Version::HTTP_2;
+        req.headers_mut().remove(header::HOST);
+        match shared.clone().try_send_request(req).await {
+            Ok(resp) => Ok(resp.map(|body| UpstreamBody::new(body, None))),
+            Err(mut e) => match e.take_message() {
+                Some(req) => Err(Attempt::Unsent(Box::new(req))),
+                None => Err(Attempt::Failed(SendError::Exchange(e.into_error()))),
+            },
+        }
+    }
+
+    async fn connect(&self) -> Result<Fresh, SendError> {
+        let stream = self
+            .connector
+            .clone()
+            .call(self.dial.clone())
+            .await
+            .map_err(SendError::Connect)?;
+        let authority = self.authority.clone();
+        if stream.connected().is_negotiated_h2() {
+            let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .handshake(stream)
+                .await
+                .map_err(SendError::Handshake)?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(upstream = %authority, error = %e, "HTTP/2 upstream connection ended with an error");
+                }
+            });
+            // Requests that connected at the same time as this one each made a connection;
+            // the last one stays shared, the others close when their requests are done.
+            self.h2.store(Some(Arc::new(sender.clone())));
+            Ok(Fresh::H2(sender))
+        } else {
+            let (sender, conn) = http1::Builder::new()
+                .handshake(stream)
+                .await
+                .map_err(SendError::Handshake)?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(upstream = %authority, error = %e, "upstream connection ended with an error");
+                }
+            });
+            Ok(Fresh::H1(sender))
+        }
+    }
+
+    /// Takes back an HTTP/1.1 connection whose response has been read.
+    fn checkin(&self, sender: H1) {
+        if sender.is_closed() {
+            return;
+        }
+        let since_ms = self.clock.unix_ms();
+        // A full queue: more connections are idle than the host needs; this one closes.
+        let _ = self.idle.push(Idle { sender, since_ms });
+    }
+
+    /// Idle HTTP/1.1 connections held (for tests and the curious).
+    #[cfg(test)]
+    fn idle_count(&self) -> usize {
+        self.idle.len()
+    }
+}
+
+enum Fresh {
+    H1(H1),
+    H2(H2),
+}
+
+/// An HTTP/1.1 connection lent to one response.
+struct Lease {
+    sender: H1,
+    host: Arc<Host>,
+}
+
+/// A response body from upstream. When it is an HTTP/1.1 response read to its end, dropping
+/// it returns the connection for the next request.
+pub struct UpstreamBody {
+    inner: Incoming,
+    lease: Option<Lease>,
+    ended: bool,
+}
+
+impl UpstreamBody {
+    fn new(inner: Incoming, lease: Option<Lease>) -> Self {
+        UpstreamBody {
+            inner,
+            lease,
+            ended: false,
+        }
+    }
+}
+
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            // Half-read, the connection still carries the rest: dropping it closes it.
+            if self.ended || self.inner.is_end_stream() {
+                lease.host.checkin(lease.sender);
+            }
+        }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(None) = polled {
+            self.ended = true;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl std::fmt::Debug for UpstreamBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamBody")
+            .field("http1", &self.lease.is_some())
+            .field("ended", &self.ended)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::net::SocketAddr;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+
+    use http_body_util::{BodyExt, Full};
+    use hyper::service::service_fn;
+    use hyper_util::rt::TokioIo;
+    use hyper_util::server::conn::auto;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// A test origin: counts the connections it accepted and the HTTP versions it was asked
+    /// in. `/big` answers 256 KiB, `/slow` answers after 100 ms, anything else a few bytes.
+    struct Origin {
+        addr: SocketAddr,
+        connections: Arc<AtomicUsize>,
+        versions: Arc<Mutex<Vec<Version>>>,
+    }
+
+    async fn origin(tls: Option<tokio_rustls::TlsAcceptor>) -> Origin {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let connections = Arc::new(AtomicUsize::new(0));
+        let versions = Arc::new(Mutex::new(Vec::new()));
+        let (count, seen) = (connections.clone(), versions.clone());
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::Relaxed);
+                let (seen, tls) = (seen.clone(), tls.clone());
+                tokio::spawn(async move {
+                    let service = service_fn(move |req: Request<Incoming>| {
+                        let seen = seen.clone();
+                        async move {
+                            seen.lock().expect("versions").push(req.version());
+                            let body = match req.uri().path() {
+                                "/big" => Bytes::from(vec![b'x'; 256 * 1024]),
+                                "/slow" => {
+                                    tokio::time::sleep(Duration::from_millis(100)).await;
+                                    Bytes::from_static(b"slow")
+                                }
+                                _ => Bytes::from_static(b"ok"),
+                            };
+                            Ok::<_, Infallible>(Response::new(Full::new(body)))
+                        }
+                    });
+                    let builder = auto::Builder::new(TokioExecutor::new());
+                    let _ = match tls {
+                        Some(acceptor) => match acceptor.accept(tcp).await {
+                            Ok(stream) => {
+                                builder
+                                    .serve_connection(TokioIo::new(stream), service)
+                                    .await
+                            }
+                            Err(_) => return,
+                        },
+                        None => builder.serve_connection(TokioIo::new(tcp), service).await,
+                    };
+                });
+            }
+        });
+        Origin {
+            addr,
+            connections,
+            versions,
+        }
+    }
+
+    fn plain_host(addr: SocketAddr, idle_timeout: Duration) -> Arc<Host> {
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_webpki_roots()
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .build();
+        Host::new(
+            Scheme::HTTP,
+            Authority::try_from(addr.to_string()).expect("authority"),
+            connector,
+            idle_timeout,
+        )
+        .expect("host")
+    }
+
+    fn get(path: &str) -> Request<RequestBody> {
+        Request::get(path)
+            .body(RequestBody::Empty)
+            .expect("request")
+    }
+
+    async fn fetch(host: &Arc<Host>, path: &str) -> Bytes {
+        let resp = host.send(get(path)).await.expect("response");
+        assert_eq!(resp.status(), 200);
+        resp.into_body().collect().await.expect("body").to_bytes()
+    }
+
+    #[tokio::test]
+    async fn http1_connection_is_reused_once_its_response_is_read() {
+        let origin = origin(None).await;
+        let host = plain_host(origin.addr, Duration::from_secs(50));
+        for _ in 0..5 {
+            assert_eq!(fetch(&host, "/").await, "ok");
+        }
+        assert_eq!(origin.connections.load(Ordering::Relaxed), 1);
+        assert_eq!(host.idle_count(), 1);
+        let versions = origin.versions.lock().expect("versions").clone();
+        assert_eq!(versions, vec![Version::HTTP_11; 5]);
+    }
+
+    #[tokio::test]
+    async fn half_read_response_closes_its_connection() {
+        let origin = origin(None).await;
+        let host = plain_host(origin.addr, Duration::from_secs(50));
+        let resp = host.send(get("/big")).await.expect("response");
+        drop(resp);
+        assert_eq!(host.idle_count(), 0, "a half-read connection is not reused");
+        assert_eq!(fetch(&host, "/big").await.len(), 256 * 1024);
+        assert_eq!(origin.connections.load(Ordering::Relaxed), 2);
+        assert_eq!(host.idle_count(), 1, "a fully read one is");
+    }
+
+    #[tokio::test]
+    async fn concurrent_requests_open_connections_that_later_requests_reuse() {
+        let origin = origin(None).await;
+        let host = plain_host(origin.addr, Duration::from_secs(50));
+        let slow = (0..4).map(|_| fetch(&host, "/slow"));
+        let bodies = futures_util::future::join_all(slow).await;
+        assert!(bodies.iter().all(|b| b == "slow"));
+        assert_eq!(origin.connections.load(Ordering::Relaxed), 4);
+        assert_eq!(host.idle_count(), 4);
+        let again = (0..4).map(|_| fetch(&host, "/slow"));
+        futures_util::future::join_all(again).await;
+        assert_eq!(origin.connections.load(Ordering::Relaxed), 4);
+    }
+
+    #[tokio::test]
+    async fn idle_connections_expire() {
+        let origin = origin(None).await;
+        let host = plain_host(origin.addr, Duration::from_millis(1));
+        fetch(&host, "/").await;
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        fetch(&host, "/").await;
+        assert_eq!(origin.connections.load(Ordering::Relaxed), 2);
+    }
+
+    /// A keep-alive server that closes each connection shortly after answering: the request
+    /// that finds the closed connection goes out on a new one instead of failing.
+    #[tokio::test]
+    async fn connection_closed_by_the_server_is_skipped() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::Relaxed);
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    let _ = tcp.read(&mut buf).await;
+                    let _ = tcp
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        .await;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                });
+            }
+        });
+        let host = plain_host(addr, Duration::from_secs(50));
+        fetch(&host, "/").await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        fetch(&host, "/").await;
+        assert_eq!(accepted.load(Ordering::Relaxed), 2);
+    }
+
+    #[tokio::test]
+    async fn unreachable_host_is_a_connect_error_that_sent_nothing() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        drop(listener);
+        let host = plain_host(addr, Duration::from_secs(50));
+        let err = host.send(get("/")).await.expect_err("nothing listens");
+        assert!(!err.maybe_sent());
+        assert!(err.to_string().contains("refused"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn http2_host_shares_one_connection() {
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("cert");
+        let key = rustls_pki_types::PrivateKeyDer::try_from(cert.signing_key.serialize_der())
+            .expect("key");
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.cert.der().clone()], key)
+            .expect("server config");
+        server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let origin = origin(Some(tokio_rustls::TlsAcceptor::from(Arc::new(server)))).await;
+
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert.cert.der().clone()).expect("root");
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(client)
+            .https_only()
+            .enable_http1()
+            .enable_http2()
+            .build();
+        let authority = format!("localhost:{}", origin.addr.port());
+        let host = Host::new(
+            Scheme::HTTPS,
+            Authority::try_from(authority).expect("authority"),
+            connector,
+            Duration::from_secs(50),
+        )
+        .expect("host");
+
+        fetch(&host, "/").await;
+        let many = (0..8).map(|_| fetch(&host, "/slow"));
+        futures_util::future::join_all(many).await;
+        fetch(&host, "/big").await;
+        assert_eq!(origin.connections.load(Ordering::Relaxed), 1);
+        assert_eq!(host.idle_count(), 0, "HTTP/2 is shared, never queued");
+        let versions = origin.versions.lock().expect("versions").clone();
+        assert_eq!(versions, vec![Version::HTTP_2; 10]);
+    }
+}
