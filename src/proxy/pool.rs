@@ -1,10 +1,14 @@
 //! Connections to one Salesforce host, kept for reuse.
 //!
-//! A host that negotiates HTTP/2 by ALPN gets one connection that every request shares. An
-//! HTTP/1.1 host gets a queue of idle connections: a request takes the oldest one still open,
-//! and its response body puts the connection back once it has been read to the end (a body
-//! dropped half-read closes it). A connection that turns out closed before the request went
-//! out is skipped and the request tries the next one, then a new connection.
+//! A host that negotiates HTTP/2 by ALPN gets one connection that every request shares; it is
+//! pinged while in use and replaced when it closes or has been idle too long. An HTTP/1.1 host
+//! gets a queue of idle connections: a request takes the oldest one still open, and its
+//! response body puts the connection back once it has been read to the end and the connection
+//! can take the next request (a body dropped half-read closes it). A connection that turns out
+//! closed before the request went out is skipped and the request tries the next one, then a
+//! new connection. No connection idles longer than the idle timeout, which stays below
+//! Salesforce's keep-alive timeout, so handing out the oldest first does not risk sending on a
+//! socket the server is closing (pingora's pool works the same way).
 //!
 //! This replaces hyper-util's legacy client pool, which on every request hashed its pool key
 //! twice under a mutex and spawned a task to return the connection: about a tenth of the
@@ -13,6 +17,7 @@
 
 use std::error::Error as StdError;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -40,6 +45,10 @@ type H2 = http2::SendRequest<RequestBody>;
 
 /// Idle HTTP/1.1 connections kept per host; one coming back to a full queue is closed.
 const MAX_IDLE: usize = 512;
+/// HTTP/2 pings while requests are in flight, so a connection that died silently (a NAT or
+/// firewall dropped it) is noticed and replaced instead of timing out every request on it.
+const H2_PING_INTERVAL: Duration = Duration::from_secs(30);
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why a request got no response.
 #[derive(Debug, Error)]
@@ -86,7 +95,11 @@ pub struct Host {
     host_header: HeaderValue,
     connector: Connector,
     idle: ArrayQueue<Idle>,
-    h2: ArcSwapOption<H2>,
+    h2: ArcSwapOption<Shared>,
+    /// Set once the host has negotiated HTTP/2: from then on one request at a time connects
+    /// (under `h2_connecting`) while the others wait for its connection.
+    speaks_h2: AtomicBool,
+    h2_connecting: tokio::sync::Mutex<()>,
     clock: Clock,
     idle_timeout_ms: u64,
 }
@@ -94,6 +107,28 @@ pub struct Host {
 struct Idle {
     sender: H1,
     since_ms: u64,
+}
+
+/// The shared HTTP/2 connection.
+struct Shared {
+    sender: H2,
+    /// When a request last used it (coarse: updated at most once a second, so requests on
+    /// different cores do not all write the same cache line).
+    used_ms: AtomicU64,
+}
+
+impl Shared {
+    /// Usable for the next request: open and not idle past `timeout_ms`.
+    fn usable(&self, now_ms: u64, timeout_ms: u64) -> bool {
+        let used = self.used_ms.load(Ordering::Relaxed);
+        if self.sender.is_closed() || now_ms.saturating_sub(used) > timeout_ms {
+            return false;
+        }
+        if now_ms.saturating_sub(used) >= 1000 {
+            self.used_ms.store(now_ms, Ordering::Relaxed);
+        }
+        true
+    }
 }
 
 /// How one attempt on one connection ended.
@@ -136,6 +171,8 @@ impl Host {
             connector,
             idle: ArrayQueue::new(MAX_IDLE),
             h2: ArcSwapOption::empty(),
+            speaks_h2: AtomicBool::new(false),
+            h2_connecting: tokio::sync::Mutex::new(()),
             clock: Clock::new(),
             idle_timeout_ms: idle_timeout.as_millis() as u64,
         }))
@@ -146,20 +183,22 @@ impl Host {
         self: &Arc<Self>,
         mut req: Request<RequestBody>,
     ) -> Result<Response<UpstreamBody>, SendError> {
-        if let Some(h2) = self.h2.load_full() {
-            match self.send_h2(&h2, req).await {
+        let now = self.clock.unix_ms();
+        if let Some(shared) = self.shared_h2(now).await? {
+            match self.send_h2(&shared, req).await {
                 Ok(resp) => return Ok(resp),
                 Err(Attempt::Failed(e)) => return Err(e),
                 Err(Attempt::Unsent(back)) => {
-                    // Gone (GOAWAY, idle close): forget it unless another request already did.
-                    let _ = self.h2.compare_and_swap(&h2, None);
+                    // Gone (GOAWAY, closed): forget it unless another request already did.
+                    let _ = self.h2.compare_and_swap(&shared, None);
                     req = *back;
                 }
             }
         }
-        let now = self.clock.unix_ms();
         while let Some(idle) = self.idle.pop() {
-            if now.saturating_sub(idle.since_ms) > self.idle_timeout_ms {
+            // Every connection in the queue was ready when it went in: one that is not has
+            // closed since, and one idle too long may be closing at the server's end.
+            if !idle.sender.is_ready() || now.saturating_sub(idle.since_ms) > self.idle_timeout_ms {
                 continue; // dropping the sender closes the connection
             }
             match self.send_h1(idle.sender, req).await {
@@ -170,7 +209,7 @@ impl Host {
         }
         let attempt = match self.connect().await? {
             Fresh::H1(sender) => self.send_h1(sender, req).await,
-            Fresh::H2(sender) => self.send_h2(&sender, req).await,
+            Fresh::H2(shared) => self.send_h2(&shared, req).await,
         };
         attempt.map_err(|e| match e {
             Attempt::Unsent(_) => SendError::ClosedEarly,
@@ -183,7 +222,8 @@ impl Host {
         mut sender: H1,
         mut req: Request<RequestBody>,
     ) -> Result<Response<UpstreamBody>, Attempt> {
-        // Ready once the previous response on it has been read; an error: it closed meanwhile.
+        // A pooled connection is ready, a new one as soon as its task runs; an error: it
+        // closed meanwhile.
         if sender.ready().await.is_err() {
             return Err(Attempt::Unsent(Box::new(req)));
         }
@@ -209,12 +249,38 @@ impl Host {
         }
     }
 
+    /// The shared HTTP/2 connection if the host has one in use. Once the host is known to speak
+    /// HTTP/2, a request that finds none makes it while concurrent ones wait for it, rather than
+    /// each opening a TLS connection of its own.
+    async fn shared_h2(self: &Arc<Self>, now: u64) -> Result<Option<Arc<Shared>>, SendError> {
+        let current = self.h2.load_full();
+        if let Some(shared) = current.filter(|s| s.usable(now, self.idle_timeout_ms)) {
+            return Ok(Some(shared));
+        }
+        if !self.speaks_h2.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        let _gate = self.h2_connecting.lock().await;
+        let current = self.h2.load_full();
+        if let Some(shared) = current.filter(|s| s.usable(now, self.idle_timeout_ms)) {
+            return Ok(Some(shared));
+        }
+        match self.connect().await? {
+            Fresh::H2(shared) => Ok(Some(shared)),
+            // The host went back to HTTP/1.1: the caller takes this connection from the queue.
+            Fresh::H1(sender) => {
+                self.checkin(sender);
+                Ok(None)
+            }
+        }
+    }
+
     async fn send_h2(
         &self,
-        shared: &H2,
+        shared: &Shared,
         mut req: Request<RequestBody>,
     ) -> Result<Response<UpstreamBody>, Attempt> {
-        if shared.is_closed() {
+        if shared.sender.is_closed() {
             return Err(Attempt::Unsent(Box::new(req)));
         }
         // HTTP/2 takes scheme and authority from the URI (`:scheme`, `:authority`).
@@ -232,7 +298,7 @@ impl Host {
         }
         *req.version_mut() = Version::HTTP_2;
         req.headers_mut().remove(header::HOST);
-        match shared.clone().try_send_request(req).await {
+        match shared.sender.clone().try_send_request(req).await {
             Ok(resp) => Ok(resp.map(|body| UpstreamBody::new(body, None))),
             Err(mut e) => match e.take_message() {
                 Some(req) => Err(Attempt::Unsent(Box::new(req))),
@@ -252,6 +318,8 @@ impl Host {
         if stream.connected().is_negotiated_h2() {
             let (sender, conn) = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
+                .keep_alive_interval(H2_PING_INTERVAL)
+                .keep_alive_timeout(H2_PING_TIMEOUT)
                 .handshake(stream)
                 .await
                 .map_err(SendError::Handshake)?;
@@ -260,10 +328,16 @@ impl Host {
                     tracing::debug!(upstream = %authority, error = %e, "HTTP/2 upstream connection ended with an error");
                 }
             });
-            // Requests that connected at the same time as this one each made a connection;
-            // the last one stays shared, the others close when their requests are done.
-            self.h2.store(Some(Arc::new(sender.clone())));
-            Ok(Fresh::H2(sender))
+            // Before the host was known to speak HTTP/2, requests that connected at the same
+            // time each made a connection; the last one stays shared, the others close when
+            // their requests are done.
+            let shared = Arc::new(Shared {
+                sender,
+                used_ms: AtomicU64::new(self.clock.unix_ms()),
+            });
+            self.h2.store(Some(shared.clone()));
+            self.speaks_h2.store(true, Ordering::Relaxed);
+            Ok(Fresh::H2(shared))
         } else {
             let (sender, conn) = http1::Builder::new()
                 .handshake(stream)
@@ -278,14 +352,29 @@ impl Host {
         }
     }
 
-    /// Takes back an HTTP/1.1 connection whose response has been read.
-    fn checkin(&self, sender: H1) {
-        if sender.is_closed() {
-            return;
+    /// Takes back an HTTP/1.1 connection whose response has been read. It joins the queue once
+    /// it can take a request: usually at once; while it still sends the request body (the
+    /// server answered before reading all of it), a task waits for that first, so that no
+    /// request waits behind an upload in the queue. The wait is bounded by the idle timeout:
+    /// hyper 1.12 does not always signal readiness after such an upload ends (seen in
+    /// `connection_still_uploading_is_not_handed_out`), and a connection in doubt is closed.
+    fn checkin(self: &Arc<Self>, mut sender: H1) {
+        if sender.is_ready() {
+            let since_ms = self.clock.unix_ms();
+            // A full queue: more connections are idle than the host needs; this one closes.
+            let _ = self.idle.push(Idle { sender, since_ms });
+        } else if !sender.is_closed() {
+            let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+                return; // shutting down
+            };
+            let host = self.clone();
+            let wait = Duration::from_millis(self.idle_timeout_ms);
+            runtime.spawn(async move {
+                if let Ok(Ok(())) = tokio::time::timeout(wait, sender.ready()).await {
+                    host.checkin(sender);
+                }
+            });
         }
-        let since_ms = self.clock.unix_ms();
-        // A full queue: more connections are idle than the host needs; this one closes.
-        let _ = self.idle.push(Idle { sender, since_ms });
     }
 
     /// Idle HTTP/1.1 connections held (for tests and the curious).
@@ -297,7 +386,7 @@ impl Host {
 
 enum Fresh {
     H1(H1),
-    H2(H2),
+    H2(Arc<Shared>),
 }
 
 /// An HTTP/1.1 connection lent to one response.
@@ -545,6 +634,78 @@ mod tests {
         assert_eq!(accepted.load(Ordering::Relaxed), 2);
     }
 
+    /// The server answers before it has read the request body: the connection is not handed
+    /// out while the upload goes on, and a request meanwhile takes a new one instead of
+    /// waiting behind it. (Whether it comes back afterwards is up to hyper; see `checkin`.)
+    #[tokio::test]
+    async fn connection_still_uploading_is_not_handed_out() {
+        const UPLOAD: usize = 8 << 20;
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::Relaxed);
+                tokio::spawn(answer_early(tcp));
+            }
+        });
+        let host = plain_host(addr, Duration::from_secs(50));
+        let upload = Request::post("/upload")
+            .header(header::CONTENT_LENGTH, UPLOAD)
+            .body(RequestBody::full(Bytes::from(vec![b'u'; UPLOAD])))
+            .expect("request");
+        let resp = host.send(upload).await.expect("early answer");
+        assert_eq!(
+            resp.into_body().collect().await.expect("body").to_bytes(),
+            "ok"
+        );
+        assert_eq!(host.idle_count(), 0, "still uploading");
+        let quick = tokio::time::timeout(Duration::from_millis(100), fetch(&host, "/"));
+        assert_eq!(quick.await.expect("not stuck behind the upload"), "ok");
+        assert_eq!(accepted.load(Ordering::Relaxed), 2);
+    }
+
+    /// Per request: reads the head, answers "ok" at once, then (after 200 ms) reads the body
+    /// its Content-Length announced.
+    async fn answer_early(mut tcp: tokio::net::TcpStream) {
+        let mut buf = Vec::new();
+        loop {
+            let head_end = loop {
+                if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break i + 4;
+                }
+                let mut chunk = [0u8; 4096];
+                match tcp.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            };
+            let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+            if tcp.write_all(reply).await.is_err() {
+                return;
+            }
+            if length > 0 {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            buf.drain(..head_end);
+            while buf.len() < length {
+                let mut chunk = [0u8; 65536];
+                match tcp.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+            buf.drain(..length);
+        }
+    }
+
     #[tokio::test]
     async fn unreachable_host_is_a_connect_error_that_sent_nothing() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -556,8 +717,8 @@ mod tests {
         assert!(err.to_string().contains("refused"), "{err}");
     }
 
-    #[tokio::test]
-    async fn http2_host_shares_one_connection() {
+    /// An origin speaking HTTP/2 and HTTP/1.1 over TLS, and a host for it trusting its CA.
+    async fn tls_origin(idle_timeout: Duration) -> (Origin, Arc<Host>) {
         let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("cert");
         let key = rustls_pki_types::PrivateKeyDer::try_from(cert.signing_key.serialize_der())
             .expect("key");
@@ -589,10 +750,15 @@ mod tests {
             Scheme::HTTPS,
             Authority::try_from(authority).expect("authority"),
             connector,
-            Duration::from_secs(50),
+            idle_timeout,
         )
         .expect("host");
+        (origin, host)
+    }
 
+    #[tokio::test]
+    async fn http2_host_shares_one_connection() {
+        let (origin, host) = tls_origin(Duration::from_secs(50)).await;
         fetch(&host, "/").await;
         let many = (0..8).map(|_| fetch(&host, "/slow"));
         futures_util::future::join_all(many).await;
@@ -601,5 +767,17 @@ mod tests {
         assert_eq!(host.idle_count(), 0, "HTTP/2 is shared, never queued");
         let versions = origin.versions.lock().expect("versions").clone();
         assert_eq!(versions, vec![Version::HTTP_2; 10]);
+    }
+
+    /// An HTTP/2 connection idle too long is replaced, by one new connection however many
+    /// requests arrive at once.
+    #[tokio::test]
+    async fn idle_http2_connection_is_replaced_once() {
+        let (origin, host) = tls_origin(Duration::from_millis(50)).await;
+        fetch(&host, "/").await;
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let many = (0..8).map(|_| fetch(&host, "/"));
+        futures_util::future::join_all(many).await;
+        assert_eq!(origin.connections.load(Ordering::Relaxed), 2);
     }
 }
