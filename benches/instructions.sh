@@ -5,7 +5,7 @@
 #
 # Starts the fake origin (benches/origin.rs) and `callmeter serve` (one tokio worker, the
 # config of benches/load.sh) under callgrind, sends 2,000 requests to warm up, zeroes the
-# counters, sends N more (h2load --h1, 8 connections, the counted REST call of load.sh),
+# counters, sends N more (h2load, HTTP/1.1 unless --h2, 8 connections, the counted REST call of load.sh),
 # dumps the counters and prints:
 #   - instructions per request;
 #   - their split by the crate of the function they run in (code inlined into a function
@@ -14,8 +14,8 @@
 #   - the top functions by their own instructions.
 # Kernel work (syscalls, loopback TCP: about 60 % of the CPU time, see benches/profile.sh) is
 # not counted. Under callgrind everything runs ~50 times slower; a run takes about a minute.
-# Usage: benches/instructions.sh [-n N] [-c C] [-o FILE]   (N requests, default 10000, over C
-# connections, default 8; -o keeps the raw callgrind profile in FILE for callgrind_annotate,
+# Usage: benches/instructions.sh [-n N] [-c C] [--h2] [-o FILE]   (N requests, default 10000,
+# over C connections, default 8; --h2: h2c with 10 streams per connection, as load.sh; -o keeps the raw callgrind profile in FILE for callgrind_annotate,
 # e.g. `--tree=caller` to see who calls a function)
 # Needs valgrind and h2load (Debian: valgrind, nghttp2-client; installed when missing).
 set -euo pipefail
@@ -24,12 +24,14 @@ cd "$(dirname "$0")/.."
 requests=10000
 conns=8
 keep=
+proto=(--h1)
 while [ $# -gt 0 ]; do
   case $1 in
     -n) requests=$2 && shift 2 ;;
     -c) conns=$2 && shift 2 ;;
     -o) keep=$2 && shift 2 ;;
-    *) echo "usage: benches/instructions.sh [-n N] [-c C] [-o FILE]" >&2 && exit 2 ;;
+    --h2) proto=(-m 10) && shift ;;
+    *) echo "usage: benches/instructions.sh [-n N] [-c C] [--h2] [-o FILE]" >&2 && exit 2 ;;
   esac
 done
 
@@ -61,9 +63,9 @@ for _ in $(seq 300); do
   sleep 0.2
 done
 url="http://127.0.0.1:$port/salesloft/services/data/v62.0/query?q=SELECT+Id+FROM+Account"
-h2load --h1 -n 2000 -c "$conns" "$url" >/dev/null
+h2load "${proto[@]}" -n 2000 -c "$conns" "$url" >/dev/null
 callgrind_control -z "$proxy_pid" >/dev/null
-h2load --h1 -n "$requests" -c "$conns" "$url" >"$work/h2load.out"
+h2load "${proto[@]}" -n "$requests" -c "$conns" "$url" >"$work/h2load.out"
 callgrind_control -d "$proxy_pid" >/dev/null
 ok=$(awk '/^status codes:/ { print $3 }' "$work/h2load.out")
 [ "$ok" = "$requests" ] || {
@@ -89,7 +91,7 @@ for line in sys.stdin:
         # (callgrind_annotate also lists the thread entry points with everything under them.)
         rows.append((ir, what))
 print(f"callmeter, 1 worker: {total / n:,.0f} user-space instructions per request "
-      f"({n:,} requests over {sys.argv[2]} connections)")
+      f"({n:,} requests over {sys.argv[2]} connections, {sys.argv[3]})")
 def origin(what):
     path, _, func = what.partition(":")
     # The crate of the function (code inlined into it counts for it), else the C library part.
@@ -112,4 +114,4 @@ for ir, what in sorted(rows, reverse=True)[:25]:
     what = re.sub(r"/root/.cargo/registry/src/[^/]+/|/rustc/[0-9a-f]+/library/", "", what)
     what = re.sub(r" \[/[^]]*\]$", "", what)
     print(f"  {ir / n:7,.0f}  {what[:150]}")
-' "$requests" "$conns"
+' "$requests" "$conns" "$([ "${proto[0]}" = --h1 ] && echo HTTP/1.1 || echo h2c)"

@@ -87,6 +87,10 @@ pub async fn handle(
     }
 }
 
+/// The steps off the common path (deferred calls, waits in the queue, login rewrites, reading a
+/// body prefix) await boxed futures: their state would otherwise make every request's future
+/// several KiB larger, and that future is moved a few times per request (and spawned per
+/// stream by the HTTP/2 server).
 async fn proxy(
     ctx: &ListenerContext,
     peer: &Peer,
@@ -102,7 +106,7 @@ async fn proxy(
     let upstream_pq = upstream_path_and_query(&parts.uri, matched.strip)?;
     let upstream_path = upstream_pq.path();
     if let (Some(defer), Some(id)) = (&route.defer, deferred::status_id(upstream_path)) {
-        return Ok(deferred::status(defer, &route, &parts, id).await);
+        return Ok(Box::pin(deferred::status(defer, &route, &parts, id)).await);
     }
 
     // 2. classify
@@ -143,7 +147,7 @@ async fn proxy(
                         limited: &limited,
                         base,
                     };
-                    deferred::defer(defer, &route, call).await
+                    Box::pin(deferred::defer(defer, &route, call)).await
                 }
                 None => Err(reject::response(&limited, &route, api)),
             };
@@ -196,7 +200,7 @@ async fn proxy(
     let body = observe::response(&route.org, kind, ticket.units(), &parts, body);
     let body = match base {
         Some(base) if login && parts.status.is_success() => {
-            observe::rewrite_login(kind, &mut parts, body, &base).await
+            Box::pin(observe::rewrite_login(kind, &mut parts, body, &base)).await
         }
         _ => body,
     };
@@ -233,9 +237,12 @@ async fn classify(
         let units = salesforce::counted_units(kind, &route.org.counting, None);
         return Ok((kind, units, RequestBody::Stream(body)));
     }
-    let (prefix, complete, body) = RequestBody::read_prefix(body, salesforce::BODY_PREFIX_LIMIT)
-        .await
-        .map_err(ProxyError::ClientBody)?;
+    let (prefix, complete, body) = Box::pin(RequestBody::read_prefix(
+        body,
+        salesforce::BODY_PREFIX_LIMIT,
+    ))
+    .await
+    .map_err(ProxyError::ClientBody)?;
     let prefix = salesforce::BodyPrefix {
         bytes: &prefix,
         complete,
@@ -278,7 +285,7 @@ async fn admit(route: &Route, api: Api, units: u32) -> Result<(Ticket, Outcome),
             Verdict::Limited(limited) => Some(limited),
         }
     };
-    match queue.wait(units, limited).await {
+    match Box::pin(queue.wait(units, limited)).await {
         Ok(ticket) => Ok((ticket, Outcome::Queued)),
         Err(err) => Err(Held::Answered(reject::queue_response(&err, route, api))),
     }

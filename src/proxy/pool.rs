@@ -16,6 +16,7 @@
 //! connection pool): a request never waits on another to take or return a connection.
 
 use std::error::Error as StdError;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -207,7 +208,7 @@ impl Host {
                 Err(Attempt::Unsent(back)) => req = *back,
             }
         }
-        let attempt = match self.connect().await? {
+        let attempt = match self.connect_boxed().await? {
             Fresh::H1(sender) => self.send_h1(sender, req).await,
             Fresh::H2(shared) => self.send_h2(&shared, req).await,
         };
@@ -265,7 +266,7 @@ impl Host {
         if let Some(shared) = current.filter(|s| s.usable(now, self.idle_timeout_ms)) {
             return Ok(Some(shared));
         }
-        match self.connect().await? {
+        match self.connect_boxed().await? {
             Fresh::H2(shared) => Ok(Some(shared)),
             // The host went back to HTTP/1.1: the caller takes this connection from the queue.
             Fresh::H1(sender) => {
@@ -305,6 +306,13 @@ impl Host {
                 None => Err(Attempt::Failed(SendError::Exchange(e.into_error()))),
             },
         }
+    }
+
+    /// Connecting takes a TLS handshake and an HTTP/2 handshake: a future of several KiB.
+    /// Boxed, it is allocated when a request connects instead of making every request's future
+    /// (moved a few times per request; spawned per stream by the HTTP/2 server) that large.
+    fn connect_boxed(&self) -> Pin<Box<dyn Future<Output = Result<Fresh, SendError>> + Send + '_>> {
+        Box::pin(self.connect())
     }
 
     async fn connect(&self) -> Result<Fresh, SendError> {
