@@ -4,7 +4,8 @@
 //! 1. **route** (`route.rs`): which integration and org it belongs to;
 //! 2. **classify** (`salesforce::classify`): its API family and how many calls Salesforce counts;
 //! 3. **decide** (`meter`): count it before it leaves, so concurrent calls see each other;
-//! 4. **forward** (`forward.rs`): to the org's configured upstream, headers cleaned (`headers.rs`);
+//! 4. **forward** (`forward.rs`, connections in `pool.rs`): to the org's configured upstream,
+//!    headers cleaned (`headers.rs`);
 //! 5. **observe**: usage figures and limit errors in the response, as it streams (`observe.rs`);
 //! 6. **rewrite**: login responses point the client back at the proxy (`observe.rs`);
 //! 7. **respond** and **record** the outcome in the metrics.
