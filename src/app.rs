@@ -22,7 +22,8 @@ use crate::meter::{
 };
 use crate::metrics::Metrics;
 use crate::proxy::{
-    self, ConnLimits, DeferRoute, ListenerContext, OrgRoute, Route, RouteTable, TlsSetup, Upstream,
+    self, ConnLimits, DeferRoute, ListenerContext, OrgRoute, RateLimitHeaders, Route, RouteTable,
+    TlsSetup, Upstream,
 };
 use crate::queue::deferred::DeferralsBuilder;
 use crate::queue::WaitQueue;
@@ -153,10 +154,9 @@ pub async fn start(config: &Config) -> Result<Server, StartError> {
                     stop.subscribe(),
                 )
             }),
-            ratelimit_key: i.ratelimit_headers.then(|| {
-                use base64::Engine;
-                base64::engine::general_purpose::STANDARD.encode(i.id.as_str())
-            }),
+            ratelimit: i
+                .ratelimit_headers
+                .then(|| RateLimitHeaders::new(i.id.as_str())),
             defer: (i.on_limit == OnLimit::Defer).then(|| DeferRoute {
                 deferrals: deferrals.clone(),
                 max_body_bytes: i.defer.max_body_bytes,

@@ -30,14 +30,18 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 /// Removes hop-by-hop headers, including any the `Connection` header names. `Upgrade` goes
 /// too: the proxy does not tunnel protocol upgrades (Salesforce APIs need none).
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    // Most requests carry none of them: one pass over the names (comparing standard names is
+    // Most messages carry none of them: one pass over the names (comparing standard names is
     // comparing small integers) is cheaper than nine hashed removals that find nothing.
-    let any = headers
-        .keys()
-        .any(|name| name == header::UPGRADE || HOP_BY_HOP.contains(name));
-    if !any {
-        return;
+    if headers.keys().any(is_hop_by_hop) {
+        remove_hop_by_hop_present(headers);
     }
+}
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::UPGRADE || HOP_BY_HOP.contains(name)
+}
+
+fn remove_hop_by_hop_present(headers: &mut HeaderMap) {
     if headers.contains_key(header::CONNECTION) {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
@@ -66,19 +70,34 @@ pub struct ClientInfo<'a> {
     pub trust_forwarded: bool,
 }
 
-/// Prepares the client's headers for the upstream request.
+/// Prepares the client's headers for the upstream request. `Host` stays: the upstream
+/// connection replaces it with its own (HTTP/1.1) or drops it (HTTP/2), see `pool.rs`.
 pub fn to_upstream(
     headers: &mut HeaderMap,
     client: &ClientInfo<'_>,
     call_options_client: Option<&HeaderValue>,
 ) {
-    remove_hop_by_hop(headers);
-    headers.remove(header::HOST); // the upstream connection sets its own (pool.rs)
-    headers.remove(KEY_HEADER);
+    // One pass over the names says which of the headers below are there at all, so the
+    // common request (none of them) costs no hashed lookups for them.
+    let (mut hop, mut key, mut forwarded_for, mut forwarded_proto) = (false, false, false, false);
+    for name in headers.keys() {
+        hop |= is_hop_by_hop(name);
+        key |= name == KEY_HEADER;
+        forwarded_for |= name == X_FORWARDED_FOR;
+        forwarded_proto |= name == X_FORWARDED_PROTO;
+    }
+    if hop {
+        remove_hop_by_hop_present(headers);
+    }
+    if key {
+        headers.remove(KEY_HEADER);
+    }
 
-    let prior = headers
-        .get(&X_FORWARDED_FOR)
-        .filter(|_| client.trust_forwarded);
+    let prior = if forwarded_for && client.trust_forwarded {
+        headers.get(&X_FORWARDED_FOR)
+    } else {
+        None
+    };
     let forwarded_for = match prior {
         Some(prior) => {
             let mut joined = Vec::with_capacity(prior.len() + 2 + client.ip.len());
@@ -92,7 +111,7 @@ pub fn to_upstream(
     if let Some(v) = forwarded_for {
         headers.insert(X_FORWARDED_FOR, v);
     }
-    if !(client.trust_forwarded && headers.contains_key(&X_FORWARDED_PROTO)) {
+    if !(client.trust_forwarded && forwarded_proto) {
         let proto = if client.tls { "https" } else { "http" };
         headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     }
@@ -187,8 +206,12 @@ mod tests {
             HeaderValue::from_static("Bearer 00D"),
         );
         to_upstream(&mut h, &client(false), None);
-        assert_eq!(h.len(), 3, "{h:?}");
+        assert_eq!(h.len(), 4, "{h:?}");
         assert!(h.contains_key(header::AUTHORIZATION));
+        assert!(
+            h.contains_key(header::HOST),
+            "replaced by the upstream connection"
+        );
         assert_eq!(h[X_FORWARDED_FOR], "10.1.2.3");
         assert_eq!(h[X_FORWARDED_PROTO], "https");
     }

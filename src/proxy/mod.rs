@@ -36,6 +36,7 @@ pub use error::ProxyError;
 pub use forward::{Upstream, UpstreamSetupError};
 pub use listener::{serve_listener, ConnLimits, ListenerSetupError, Peer, TlsSetup};
 pub use pool::UpstreamBody;
+pub use reject::RateLimitHeaders;
 pub use route::{Route, RouteTable};
 
 use crate::meter::{OrgMeter, Ticket, Verdict};

@@ -481,12 +481,13 @@ mod tests {
 
     use super::*;
 
-    /// A test origin: counts the connections it accepted and the HTTP versions it was asked
-    /// in. `/big` answers 256 KiB, `/slow` answers after 100 ms, anything else a few bytes.
+    /// A test origin: counts the connections it accepted, and records the HTTP version and
+    /// host (`Host` header, else the URI's authority) of each request. `/big` answers 256 KiB, `/slow` answers after 100 ms, anything else a few bytes.
     struct Origin {
         addr: SocketAddr,
         connections: Arc<AtomicUsize>,
         versions: Arc<Mutex<Vec<Version>>>,
+        hosts: Arc<Mutex<Vec<String>>>,
     }
 
     async fn origin(tls: Option<tokio_rustls::TlsAcceptor>) -> Origin {
@@ -494,16 +495,25 @@ mod tests {
         let addr = listener.local_addr().expect("addr");
         let connections = Arc::new(AtomicUsize::new(0));
         let versions = Arc::new(Mutex::new(Vec::new()));
-        let (count, seen) = (connections.clone(), versions.clone());
+        let hosts = Arc::new(Mutex::new(Vec::new()));
+        let (count, seen, seen_hosts) = (connections.clone(), versions.clone(), hosts.clone());
         tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
                 count.fetch_add(1, Ordering::Relaxed);
-                let (seen, tls) = (seen.clone(), tls.clone());
+                let (seen, seen_hosts, tls) = (seen.clone(), seen_hosts.clone(), tls.clone());
                 tokio::spawn(async move {
                     let service = service_fn(move |req: Request<Incoming>| {
-                        let seen = seen.clone();
+                        let (seen, seen_hosts) = (seen.clone(), seen_hosts.clone());
                         async move {
                             seen.lock().expect("versions").push(req.version());
+                            let host = req
+                                .headers()
+                                .get(header::HOST)
+                                .and_then(|h| h.to_str().ok())
+                                .or(req.uri().authority().map(|a| a.as_str()))
+                                .unwrap_or("")
+                                .to_owned();
+                            seen_hosts.lock().expect("hosts").push(host);
                             let body = match req.uri().path() {
                                 "/big" => Bytes::from(vec![b'x'; 256 * 1024]),
                                 "/slow" => {
@@ -534,6 +544,7 @@ mod tests {
             addr,
             connections,
             versions,
+            hosts,
         }
     }
 
@@ -553,8 +564,10 @@ mod tests {
         .expect("host")
     }
 
+    /// A GET as the proxy hands it over: the client's `Host` (the proxy's) still on it.
     fn get(path: &str) -> Request<RequestBody> {
         Request::get(path)
+            .header(header::HOST, "proxy.example.com")
             .body(RequestBody::Empty)
             .expect("request")
     }
@@ -576,6 +589,8 @@ mod tests {
         assert_eq!(host.idle_count(), 1);
         let versions = origin.versions.lock().expect("versions").clone();
         assert_eq!(versions, vec![Version::HTTP_11; 5]);
+        let hosts = origin.hosts.lock().expect("hosts").clone();
+        assert_eq!(hosts, vec![origin.addr.to_string(); 5]);
     }
 
     #[tokio::test]
@@ -775,6 +790,9 @@ mod tests {
         assert_eq!(host.idle_count(), 0, "HTTP/2 is shared, never queued");
         let versions = origin.versions.lock().expect("versions").clone();
         assert_eq!(versions, vec![Version::HTTP_2; 10]);
+        let hosts = origin.hosts.lock().expect("hosts").clone();
+        let authority = format!("localhost:{}", origin.addr.port());
+        assert_eq!(hosts, vec![authority; 10]);
     }
 
     /// An HTTP/2 connection idle too long is replaced, by one new connection however many

@@ -6,14 +6,17 @@
 //! 500 SOAP fault `sf:REQUEST_LIMIT_EXCEEDED`. An integration with `reject_style = "http429"`
 //! gets 429 with `Retry-After` and the IETF `RateLimit-Policy` / `RateLimit` headers instead.
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwapOption;
+use bytes::BytesMut;
 use http::{header, HeaderName, HeaderValue, Response, StatusCode};
 
 use super::body::ResponseBody;
 use super::Route;
 use crate::config::RejectStyle;
-use crate::meter::{Budget, Limited};
+use crate::meter::{Budget, Left, Limited};
 use crate::queue::QueueError;
 use crate::salesforce::{self, Api};
 
@@ -50,51 +53,96 @@ fn describe(limited: &Limited, route: &Route) -> String {
     }
 }
 
+/// An integration's `RateLimit` headers: its partition key, and the `RateLimit-Policy` value
+/// last sent, reused while the budgets' sizes and window stay the same (they change only on a
+/// reload or when Salesforce reports a new limit), so a counted response formats only the
+/// `RateLimit` value.
+pub struct RateLimitHeaders {
+    /// The integration id in base64.
+    key: String,
+    policy: ArcSwapOption<Policy>,
+}
+
+struct Policy {
+    sizes: [Option<u64>; 2],
+    window: u64,
+    value: HeaderValue,
+}
+
+impl RateLimitHeaders {
+    pub fn new(integration: &str) -> Self {
+        use base64::Engine;
+        RateLimitHeaders {
+            key: base64::engine::general_purpose::STANDARD.encode(integration),
+            policy: ArcSwapOption::empty(),
+        }
+    }
+
+    fn policy(&self, budgets: &[(&str, Option<Left>); 2], window: u64) -> Option<HeaderValue> {
+        let sizes = budgets.map(|(_, b)| b.map(|l| l.size));
+        if let Some(p) = self.policy.load().as_ref() {
+            if p.sizes == sizes && p.window == window {
+                return Some(p.value.clone());
+            }
+        }
+        let value = self.format(budgets, |buf, left| {
+            buf.extend_from_slice(b"q=");
+            buf.extend_from_slice(itoa::Buffer::new().format(left.size).as_bytes());
+            buf.extend_from_slice(b";w=");
+            buf.extend_from_slice(itoa::Buffer::new().format(window).as_bytes());
+        })?;
+        self.policy.store(Some(Arc::new(Policy {
+            sizes,
+            window,
+            value: value.clone(),
+        })));
+        Some(value)
+    }
+
+    /// `"name";<params>;pk=:<key>:` for each budget that applies, comma-separated.
+    fn format(
+        &self,
+        budgets: &[(&str, Option<Left>); 2],
+        params: impl Fn(&mut BytesMut, &Left),
+    ) -> Option<HeaderValue> {
+        let mut buf = BytesMut::with_capacity(96);
+        for (name, left) in budgets {
+            let Some(left) = left else { continue };
+            if !buf.is_empty() {
+                buf.extend_from_slice(b", ");
+            }
+            buf.extend_from_slice(b"\"");
+            buf.extend_from_slice(name.as_bytes());
+            buf.extend_from_slice(b"\";");
+            params(&mut buf, left);
+            buf.extend_from_slice(b";pk=:");
+            buf.extend_from_slice(self.key.as_bytes());
+            buf.extend_from_slice(b":");
+        }
+        // Handed to the header value without a copy.
+        HeaderValue::from_maybe_shared(buf.freeze()).ok()
+    }
+}
+
 /// The IETF `RateLimit-Policy` / `RateLimit` headers (draft-ietf-httpapi-ratelimit-headers)
 /// on a counted response: the integration's quota and the org's daily budget as it applies to
 /// the integration, each with the integration as partition key.
 pub fn add_ratelimit_headers(headers: &mut http::HeaderMap, route: &Route) {
-    let Some(pk) = &route.ratelimit_key else {
+    let Some(ratelimit) = &route.ratelimit else {
         return;
     };
     let remaining = route.meter.remaining();
-    let window = route.org.meter.window_length().as_secs();
-    // Written by hand with itoa into two buffers handed to the header values without a copy:
-    // this runs for every counted response.
-    let mut policy = bytes::BytesMut::with_capacity(128);
-    let mut state = bytes::BytesMut::with_capacity(96);
-    let mut num = itoa::Buffer::new();
-    for (name, budget) in [("quota", remaining.quota), ("daily", remaining.org)] {
-        let Some(crate::meter::Left { size, left }) = budget else {
-            continue;
-        };
-        if !policy.is_empty() {
-            policy.extend_from_slice(b", ");
-            state.extend_from_slice(b", ");
-        }
-        for (buf, key, value) in [(&mut policy, "q", size), (&mut state, "r", left)] {
-            buf.extend_from_slice(b"\"");
-            buf.extend_from_slice(name.as_bytes());
-            buf.extend_from_slice(b"\";");
-            buf.extend_from_slice(key.as_bytes());
-            buf.extend_from_slice(b"=");
-            buf.extend_from_slice(num.format(value).as_bytes());
-        }
-        policy.extend_from_slice(b";w=");
-        policy.extend_from_slice(num.format(window).as_bytes());
-        for buf in [&mut policy, &mut state] {
-            buf.extend_from_slice(b";pk=:");
-            buf.extend_from_slice(pk.as_bytes());
-            buf.extend_from_slice(b":");
-        }
-    }
-    if policy.is_empty() {
+    if remaining.quota.is_none() && remaining.org.is_none() {
         return;
     }
-    if let (Ok(p), Ok(s)) = (
-        HeaderValue::from_maybe_shared(policy.freeze()),
-        HeaderValue::from_maybe_shared(state.freeze()),
-    ) {
+    let budgets = [("quota", remaining.quota), ("daily", remaining.org)];
+    let window = route.org.meter.window_length().as_secs();
+    let policy = ratelimit.policy(&budgets, window);
+    let state = ratelimit.format(&budgets, |buf, left| {
+        buf.extend_from_slice(b"r=");
+        buf.extend_from_slice(itoa::Buffer::new().format(left.left).as_bytes());
+    });
+    if let (Some(p), Some(s)) = (policy, state) {
         headers.insert(RATELIMIT_POLICY, p);
         headers.insert(RATELIMIT, s);
     }
@@ -210,5 +258,33 @@ mod tests {
         assert_eq!(retry_after_secs(Duration::from_millis(1_001)), 2);
         assert_eq!(retry_after_secs(Duration::from_secs(60)), 60);
         assert_eq!(retry_after_secs(Duration::ZERO), 1);
+    }
+
+    #[test]
+    fn ratelimit_policy_is_reused_only_while_the_sizes_stay() {
+        let headers = RateLimitHeaders::new("a");
+        let left = |size, left| Some(Left { size, left });
+        let day = 86_400;
+        let p = headers.policy(&[("quota", left(100, 60)), ("daily", left(5_000, 10))], day);
+        assert_eq!(
+            p.expect("policy"),
+            r#""quota";q=100;w=86400;pk=:YQ==:, "daily";q=5000;w=86400;pk=:YQ==:"#
+        );
+        // What is left does not enter the policy: the same value comes back.
+        let p = headers.policy(&[("quota", left(100, 1)), ("daily", left(5_000, 2))], day);
+        assert_eq!(
+            p.expect("policy"),
+            r#""quota";q=100;w=86400;pk=:YQ==:, "daily";q=5000;w=86400;pk=:YQ==:"#
+        );
+        // A reload changed the quota; Salesforce reported a new limit; the window changed.
+        let p = headers.policy(&[("quota", left(200, 1)), ("daily", left(5_000, 2))], day);
+        assert_eq!(
+            p.expect("policy"),
+            r#""quota";q=200;w=86400;pk=:YQ==:, "daily";q=5000;w=86400;pk=:YQ==:"#
+        );
+        let p = headers.policy(&[("quota", None), ("daily", left(9_000, 2))], day);
+        assert_eq!(p.expect("policy"), r#""daily";q=9000;w=86400;pk=:YQ==:"#);
+        let p = headers.policy(&[("quota", None), ("daily", left(9_000, 2))], 3_600);
+        assert_eq!(p.expect("policy"), r#""daily";q=9000;w=3600;pk=:YQ==:"#);
     }
 }

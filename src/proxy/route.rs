@@ -36,9 +36,8 @@ pub struct Route {
     pub queue: Option<Arc<crate::queue::WaitQueue>>,
     /// Where calls are stored when `on_limit = "defer"`.
     pub defer: Option<super::DeferRoute>,
-    /// The integration id in base64, the partition key of the `RateLimit` headers; `None` when
-    /// the integration turned those headers off.
-    pub ratelimit_key: Option<String>,
+    /// The `RateLimit` response headers; `None` when the integration turned them off.
+    pub ratelimit: Option<super::RateLimitHeaders>,
 }
 
 impl Route {
