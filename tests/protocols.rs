@@ -37,27 +37,15 @@ async fn h2c_prior_knowledge() {
 #[tokio::test]
 async fn http2_over_tls_with_alpn() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("cert");
-    let cert_path = dir.path().join("cert.pem");
-    let key_path = dir.path().join("key.pem");
-    std::fs::write(&cert_path, cert.cert.pem()).expect("write cert");
-    std::fs::write(&key_path, cert.signing_key.serialize_pem()).expect("write key");
+    let tls = TestTls::new(dir.path());
 
     let sim = sim::spawn(SimOptions::default()).await.expect("sim");
-    let toml = config_text(&sim.url, "", ONE).replace(
-        "listen = \"127.0.0.1:0\"\n\n[[org]]",
-        &format!(
-            "listen = \"127.0.0.1:0\"\ntls = {{ cert = \"{}\", key = \"{}\" }}\n\n[[org]]",
-            cert_path.display(),
-            key_path.display()
-        ),
-    );
-    assert!(toml.contains("tls = "), "the test config has TLS");
+    let toml = tls.on_listener(&config_text(&sim.url, "", ONE));
     let env = start_with(sim, &toml).await;
     let port = env.server.listener("main").expect("listener").port();
 
     let mut roots = rustls::RootCertStore::empty();
-    roots.add(cert.cert.der().clone()).expect("root");
+    roots.add(tls.cert.clone()).expect("root");
     let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
@@ -96,29 +84,18 @@ async fn http2_over_tls_with_alpn() {
 #[tokio::test]
 async fn tls_upstream_with_a_private_ca() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("cert");
-    let cert_path = dir.path().join("cert.pem");
-    let key_path = dir.path().join("key.pem");
-    std::fs::write(&cert_path, cert.cert.pem()).expect("write cert");
-    std::fs::write(&key_path, cert.signing_key.serialize_pem()).expect("write key");
+    let tls = TestTls::new(dir.path());
     let sim = sim::spawn(SimOptions::default()).await.expect("sim");
     let whole_listener =
         "[[integration]]\nid = \"a\"\norg = \"acme\"\nmatch = { listener = \"main\" }\n";
-    let front_toml = config_text(&sim.url, "", whole_listener).replace(
-        "listen = \"127.0.0.1:0\"\n\n[[org]]",
-        &format!(
-            "listen = \"127.0.0.1:0\"\ntls = {{ cert = \"{}\", key = \"{}\" }}\n\n[[org]]",
-            cert_path.display(),
-            key_path.display()
-        ),
-    );
+    let front_toml = tls.on_listener(&config_text(&sim.url, "", whole_listener));
     let front = start_with(sim, &front_toml).await;
     let front_port = front.server.listener("main").expect("listener").port();
 
     let edge_sim = sim::spawn(SimOptions::default()).await.expect("sim");
     let edge_toml = config_text(
         &format!("https://localhost:{front_port}"),
-        &format!("upstream_ca = \"{}\"", cert_path.display()),
+        &format!("upstream_ca = \"{}\"", tls.cert_path.display()),
         "[[integration]]\nid = \"e\"\norg = \"acme\"\nmatch = { path_prefix = \"/e\" }\n",
     );
     let edge = start_with(edge_sim, &edge_toml).await;
@@ -149,6 +126,42 @@ async fn tls_upstream_with_a_private_ca() {
     assert_eq!(front.sim_count().await["used"], 12);
     let usage = edge.usage().await;
     assert_eq!(usage["orgs"][0]["used"], 12, "{usage}");
+}
+
+/// A self-signed certificate for "localhost", written as PEM files for a listener's `tls`.
+struct TestTls {
+    cert: rustls_pki_types::CertificateDer<'static>,
+    cert_path: std::path::PathBuf,
+    key_path: std::path::PathBuf,
+}
+
+impl TestTls {
+    fn new(dir: &std::path::Path) -> Self {
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("cert");
+        let cert_path = dir.join("cert.pem");
+        let key_path = dir.join("key.pem");
+        std::fs::write(&cert_path, cert.cert.pem()).expect("write cert");
+        std::fs::write(&key_path, cert.signing_key.serialize_pem()).expect("write key");
+        TestTls {
+            cert: cert.cert.der().clone(),
+            cert_path,
+            key_path,
+        }
+    }
+
+    /// `toml` (from `config_text`) with its listener serving TLS with this certificate.
+    fn on_listener(&self, toml: &str) -> String {
+        let with_tls = toml.replace(
+            "listen = \"127.0.0.1:0\"\n\n[[org]]",
+            &format!(
+                "listen = \"127.0.0.1:0\"\ntls = {{ cert = \"{}\", key = \"{}\" }}\n\n[[org]]",
+                self.cert_path.display(),
+                self.key_path.display()
+            ),
+        );
+        assert!(with_tls.contains("tls = "), "the test config has TLS");
+        with_tls
+    }
 }
 
 /// Streams `total` bytes in `chunk`-sized frames, with no Content-Length: chunked on HTTP/1.1.

@@ -84,9 +84,11 @@ pub async fn defer(
         integration: route.id().to_owned(),
         method: parts.method.to_string(),
         path_and_query: path_and_query.to_owned(),
+        // `Host` names the proxy; the upstream connection sets its own when the call is sent.
         headers: parts
             .headers
             .iter()
+            .filter(|(k, _)| *k != http::header::HOST)
             .map(|(k, v)| (k.as_str().to_owned(), v.as_bytes().to_vec()))
             .collect(),
         body: body.to_vec(),

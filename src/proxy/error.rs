@@ -103,22 +103,19 @@ pub fn json_error(status: StatusCode, message: &str, error_code: &str) -> Respon
     resp
 }
 
-/// The error and its causes on one line: hyper's errors keep the useful part (e.g. "Connection
-/// refused") in their sources.
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    // The top-level message already embeds the direct source; walk the deeper ones.
-    if let Some(s) = source {
-        source = s.source();
-    }
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
+/// The error and its causes on one line, each cause once (a message often embeds its direct
+/// source already): hyper's errors keep the useful part, e.g. "Connection refused", in their
+/// sources.
+pub(super) fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut cause = err.source();
+    while let Some(e) = cause {
+        let next = e.to_string();
+        if !text.contains(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
         }
-        source = s.source();
+        cause = e.source();
     }
-    out
+    text
 }

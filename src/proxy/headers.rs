@@ -77,23 +77,17 @@ pub fn to_upstream(
     client: &ClientInfo<'_>,
     call_options_client: Option<&HeaderValue>,
 ) {
-    // One pass over the names says which of the headers below are there at all, so the
-    // common request (none of them) costs no hashed lookups for them.
-    let (mut hop, mut key, mut forwarded_for, mut forwarded_proto) = (false, false, false, false);
-    for name in headers.keys() {
-        hop |= is_hop_by_hop(name);
-        key |= name == KEY_HEADER;
-        forwarded_for |= name == X_FORWARDED_FOR;
-        forwarded_proto |= name == X_FORWARDED_PROTO;
-    }
-    if hop {
+    let mut present = Present::scan(headers);
+    if present.hop_by_hop {
         remove_hop_by_hop_present(headers);
+        // `Connection` may have named any of the others.
+        present = Present::scan(headers);
     }
-    if key {
+    if present.key {
         headers.remove(KEY_HEADER);
     }
 
-    let prior = if forwarded_for && client.trust_forwarded {
+    let prior = if present.forwarded_for && client.trust_forwarded {
         headers.get(&X_FORWARDED_FOR)
     } else {
         None
@@ -111,13 +105,40 @@ pub fn to_upstream(
     if let Some(v) = forwarded_for {
         headers.insert(X_FORWARDED_FOR, v);
     }
-    if !(client.trust_forwarded && forwarded_proto) {
+    if !(client.trust_forwarded && present.forwarded_proto) {
         let proto = if client.tls { "https" } else { "http" };
         headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     }
 
     if let Some(client_option) = call_options_client {
         set_call_options_client(headers, client_option);
+    }
+}
+
+/// Which of the headers `to_upstream` edits a request carries: one pass over the names, so the
+/// common request (none of them) costs no hashed lookups for them.
+struct Present {
+    hop_by_hop: bool,
+    key: bool,
+    forwarded_for: bool,
+    forwarded_proto: bool,
+}
+
+impl Present {
+    fn scan(headers: &HeaderMap) -> Self {
+        let mut p = Present {
+            hop_by_hop: false,
+            key: false,
+            forwarded_for: false,
+            forwarded_proto: false,
+        };
+        for name in headers.keys() {
+            p.hop_by_hop |= is_hop_by_hop(name);
+            p.key |= name == KEY_HEADER;
+            p.forwarded_for |= name == X_FORWARDED_FOR;
+            p.forwarded_proto |= name == X_FORWARDED_PROTO;
+        }
+        p
     }
 }
 
@@ -253,6 +274,20 @@ mod tests {
         assert_eq!(replaced[X_FORWARDED_FOR], "10.1.2.3");
         to_upstream(&mut h, &client(true), None);
         assert_eq!(h[X_FORWARDED_FOR], "1.1.1.1, 10.1.2.3");
+    }
+
+    /// A trusted `X-Forwarded-Proto` that `Connection` names is hop-by-hop: it goes, and the
+    /// proxy's own takes its place.
+    #[test]
+    fn forwarded_proto_named_by_connection_is_replaced() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("x-forwarded-proto"),
+        );
+        h.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+        to_upstream(&mut h, &client(true), None);
+        assert_eq!(h[X_FORWARDED_PROTO], "https");
     }
 
     #[test]

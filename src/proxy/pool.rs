@@ -38,6 +38,7 @@ use thiserror::Error;
 use tower_service::Service;
 
 use super::body::RequestBody;
+use super::error::error_chain;
 use crate::meter::Clock;
 
 pub type Connector = HttpsConnector<HttpConnector>;
@@ -54,13 +55,13 @@ const H2_PING_TIMEOUT: Duration = Duration::from_secs(10);
 /// Why a request got no response.
 #[derive(Debug, Error)]
 pub enum SendError {
-    #[error("{}", chain(.0.as_ref()))]
+    #[error("{}", error_chain(.0.as_ref()))]
     Connect(Box<dyn StdError + Send + Sync>),
-    #[error("HTTP handshake failed: {}", chain(.0))]
+    #[error("HTTP handshake failed: {}", error_chain(.0))]
     Handshake(hyper::Error),
     #[error("the new connection closed before the request could be sent")]
     ClosedEarly,
-    #[error("{}", chain(.0))]
+    #[error("{}", error_chain(.0))]
     Exchange(hyper::Error),
 }
 
@@ -69,21 +70,6 @@ impl SendError {
     pub fn maybe_sent(&self) -> bool {
         matches!(self, SendError::Exchange(_))
     }
-}
-
-/// An error and its causes on one line: "tcp connect error: Connection refused (os error 111)".
-fn chain(err: &(dyn StdError + 'static)) -> String {
-    let mut text = err.to_string();
-    let mut cause = err.source();
-    while let Some(e) = cause {
-        let next = e.to_string();
-        if !text.contains(&next) {
-            text.push_str(": ");
-            text.push_str(&next);
-        }
-        cause = e.source();
-    }
-    text
 }
 
 /// One host's connections.
@@ -97,8 +83,9 @@ pub struct Host {
     connector: Connector,
     idle: ArrayQueue<Idle>,
     h2: ArcSwapOption<Shared>,
-    /// Set once the host has negotiated HTTP/2: from then on one request at a time connects
-    /// (under `h2_connecting`) while the others wait for its connection.
+    /// Whether the host's last connection negotiated HTTP/2 (and the connect after it did not
+    /// fail): then one request at a time connects (under `h2_connecting`) while the others
+    /// wait for its connection.
     speaks_h2: AtomicBool,
     h2_connecting: tokio::sync::Mutex<()>,
     clock: Clock,
@@ -185,8 +172,8 @@ impl Host {
         mut req: Request<RequestBody>,
     ) -> Result<Response<UpstreamBody>, SendError> {
         let now = self.clock.unix_ms();
-        if let Some(shared) = self.shared_h2(now).await? {
-            match self.send_h2(&shared, req).await {
+        match self.shared_h2(now).await? {
+            Some(Fresh::H2(shared)) => match self.send_h2(&shared, req).await {
                 Ok(resp) => return Ok(resp),
                 Err(Attempt::Failed(e)) => return Err(e),
                 Err(Attempt::Unsent(back)) => {
@@ -194,7 +181,10 @@ impl Host {
                     let _ = self.h2.compare_and_swap(&shared, None);
                     req = *back;
                 }
-            }
+            },
+            // The host answered HTTP/1.1 this time: this request takes that connection.
+            Some(Fresh::H1(sender)) => return self.send_fresh(Fresh::H1(sender), req).await,
+            None => {}
         }
         while let Some(idle) = self.idle.pop() {
             // Every connection in the queue was ready when it went in: one that is not has
@@ -208,7 +198,17 @@ impl Host {
                 Err(Attempt::Unsent(back)) => req = *back,
             }
         }
-        let attempt = match self.connect_boxed().await? {
+        let fresh = self.connect_boxed().await?;
+        self.send_fresh(fresh, req).await
+    }
+
+    /// Sends on a connection made for this request.
+    async fn send_fresh(
+        self: &Arc<Self>,
+        fresh: Fresh,
+        req: Request<RequestBody>,
+    ) -> Result<Response<UpstreamBody>, SendError> {
+        let attempt = match fresh {
             Fresh::H1(sender) => self.send_h1(sender, req).await,
             Fresh::H2(shared) => self.send_h2(&shared, req).await,
         };
@@ -252,11 +252,12 @@ impl Host {
 
     /// The shared HTTP/2 connection if the host has one in use. Once the host is known to speak
     /// HTTP/2, a request that finds none makes it while concurrent ones wait for it, rather than
-    /// each opening a TLS connection of its own.
-    async fn shared_h2(self: &Arc<Self>, now: u64) -> Result<Option<Arc<Shared>>, SendError> {
+    /// each opening a TLS connection of its own; `Fresh::H1` if that connection came up as
+    /// HTTP/1.1 (the host changed). `None`: go the HTTP/1.1 way.
+    async fn shared_h2(self: &Arc<Self>, now: u64) -> Result<Option<Fresh>, SendError> {
         let current = self.h2.load_full();
         if let Some(shared) = current.filter(|s| s.usable(now, self.idle_timeout_ms)) {
-            return Ok(Some(shared));
+            return Ok(Some(Fresh::H2(shared)));
         }
         if !self.speaks_h2.load(Ordering::Relaxed) {
             return Ok(None);
@@ -264,16 +265,18 @@ impl Host {
         let _gate = self.h2_connecting.lock().await;
         let current = self.h2.load_full();
         if let Some(shared) = current.filter(|s| s.usable(now, self.idle_timeout_ms)) {
-            return Ok(Some(shared));
+            return Ok(Some(Fresh::H2(shared)));
         }
-        match self.connect_boxed().await? {
-            Fresh::H2(shared) => Ok(Some(shared)),
-            // The host went back to HTTP/1.1: the caller takes this connection from the queue.
-            Fresh::H1(sender) => {
-                self.checkin(sender);
-                Ok(None)
-            }
+        // The request before us under the gate could not connect: rather than each waiter
+        // trying in turn (the last waiting for all of them), the rest connect side by side.
+        if !self.speaks_h2.load(Ordering::Relaxed) {
+            return Ok(None);
         }
+        let fresh = self.connect_boxed().await;
+        if fresh.is_err() {
+            self.speaks_h2.store(false, Ordering::Relaxed);
+        }
+        fresh.map(Some)
     }
 
     async fn send_h2(
@@ -322,7 +325,6 @@ impl Host {
             .call(self.dial.clone())
             .await
             .map_err(SendError::Connect)?;
-        let authority = self.authority.clone();
         if stream.connected().is_negotiated_h2() {
             let (sender, conn) = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
@@ -331,11 +333,7 @@ impl Host {
                 .handshake(stream)
                 .await
                 .map_err(SendError::Handshake)?;
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(upstream = %authority, error = %e, "HTTP/2 upstream connection ended with an error");
-                }
-            });
+            self.drive(conn);
             // Before the host was known to speak HTTP/2, requests that connected at the same
             // time each made a connection; the last one stays shared, the others close when
             // their requests are done.
@@ -347,17 +345,24 @@ impl Host {
             self.speaks_h2.store(true, Ordering::Relaxed);
             Ok(Fresh::H2(shared))
         } else {
+            self.speaks_h2.store(false, Ordering::Relaxed);
             let (sender, conn) = http1::Builder::new()
                 .handshake(stream)
                 .await
                 .map_err(SendError::Handshake)?;
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(upstream = %authority, error = %e, "upstream connection ended with an error");
-                }
-            });
+            self.drive(conn);
             Ok(Fresh::H1(sender))
         }
+    }
+
+    /// Runs a connection's I/O in a task of its own until it closes.
+    fn drive(&self, conn: impl Future<Output = Result<(), hyper::Error>> + Send + 'static) {
+        let upstream = self.authority.clone();
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%upstream, error = %e, "upstream connection ended with an error");
+            }
+        });
     }
 
     /// Takes back an HTTP/1.1 connection whose response has been read. It joins the queue once
@@ -490,7 +495,8 @@ mod tests {
         hosts: Arc<Mutex<Vec<String>>>,
     }
 
-    async fn origin(tls: Option<tokio_rustls::TlsAcceptor>) -> Origin {
+    /// `tls`: the acceptor each new connection is served with (a test may swap it).
+    async fn origin(tls: Option<Arc<Mutex<tokio_rustls::TlsAcceptor>>>) -> Origin {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let connections = Arc::new(AtomicUsize::new(0));
@@ -526,7 +532,8 @@ mod tests {
                         }
                     });
                     let builder = auto::Builder::new(TokioExecutor::new());
-                    let _ = match tls {
+                    let acceptor = tls.map(|t| t.lock().expect("acceptor").clone());
+                    let _ = match acceptor {
                         Some(acceptor) => match acceptor.accept(tcp).await {
                             Ok(stream) => {
                                 builder
@@ -741,7 +748,8 @@ mod tests {
     }
 
     /// An origin speaking HTTP/2 and HTTP/1.1 over TLS, and a host for it trusting its CA.
-    async fn tls_origin(idle_timeout: Duration) -> (Origin, Arc<Host>) {
+    /// Also returns a switch that makes the origin offer only HTTP/1.1 to new connections.
+    async fn tls_origin(idle_timeout: Duration) -> (Origin, Arc<Host>, impl Fn()) {
         let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("cert");
         let key = rustls_pki_types::PrivateKeyDer::try_from(cert.signing_key.serialize_der())
             .expect("key");
@@ -752,8 +760,17 @@ mod tests {
             .with_no_client_auth()
             .with_single_cert(vec![cert.cert.der().clone()], key)
             .expect("server config");
+        let mut http1_only = server.clone();
         server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        let origin = origin(Some(tokio_rustls::TlsAcceptor::from(Arc::new(server)))).await;
+        http1_only.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let acceptor = Arc::new(Mutex::new(tokio_rustls::TlsAcceptor::from(Arc::new(
+            server,
+        ))));
+        let origin = origin(Some(acceptor.clone())).await;
+        let to_http1 = move || {
+            *acceptor.lock().expect("acceptor") =
+                tokio_rustls::TlsAcceptor::from(Arc::new(http1_only.clone()));
+        };
 
         let mut roots = rustls::RootCertStore::empty();
         roots.add(cert.cert.der().clone()).expect("root");
@@ -776,12 +793,12 @@ mod tests {
             idle_timeout,
         )
         .expect("host");
-        (origin, host)
+        (origin, host, to_http1)
     }
 
     #[tokio::test]
     async fn http2_host_shares_one_connection() {
-        let (origin, host) = tls_origin(Duration::from_secs(50)).await;
+        let (origin, host, _) = tls_origin(Duration::from_secs(50)).await;
         fetch(&host, "/").await;
         let many = (0..8).map(|_| fetch(&host, "/slow"));
         futures_util::future::join_all(many).await;
@@ -799,11 +816,35 @@ mod tests {
     /// requests arrive at once.
     #[tokio::test]
     async fn idle_http2_connection_is_replaced_once() {
-        let (origin, host) = tls_origin(Duration::from_millis(50)).await;
+        let (origin, host, _) = tls_origin(Duration::from_millis(50)).await;
         fetch(&host, "/").await;
         tokio::time::sleep(Duration::from_millis(150)).await;
         let many = (0..8).map(|_| fetch(&host, "/"));
         futures_util::future::join_all(many).await;
         assert_eq!(origin.connections.load(Ordering::Relaxed), 2);
+    }
+
+    /// A host that spoke HTTP/2 and now answers HTTP/1.1 is treated as HTTP/1.1 from then on:
+    /// its connections are queued and reused, not made anew for each request.
+    #[tokio::test]
+    async fn host_going_back_to_http1_reuses_its_connections() {
+        let (origin, host, to_http1) = tls_origin(Duration::from_millis(50)).await;
+        fetch(&host, "/").await;
+        to_http1();
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let first = (0..3).map(|_| fetch(&host, "/slow"));
+        futures_util::future::join_all(first).await;
+        let after_switch = origin.connections.load(Ordering::Relaxed);
+        assert!(after_switch <= 4, "{after_switch} connections");
+        for _ in 0..5 {
+            fetch(&host, "/").await;
+        }
+        assert_eq!(origin.connections.load(Ordering::Relaxed), after_switch);
+        let versions = origin.versions.lock().expect("versions").clone();
+        assert_eq!(versions[0], Version::HTTP_2);
+        assert!(
+            versions[1..].iter().all(|v| *v == Version::HTTP_11),
+            "{versions:?}"
+        );
     }
 }

@@ -85,9 +85,9 @@ impl RateLimitHeaders {
                 return Some(p.value.clone());
             }
         }
-        let value = self.format(budgets, |buf, left| {
+        let value = self.format(budgets, |buf, budget| {
             buf.extend_from_slice(b"q=");
-            buf.extend_from_slice(itoa::Buffer::new().format(left.size).as_bytes());
+            buf.extend_from_slice(itoa::Buffer::new().format(budget.size).as_bytes());
             buf.extend_from_slice(b";w=");
             buf.extend_from_slice(itoa::Buffer::new().format(window).as_bytes());
         })?;
@@ -138,9 +138,9 @@ pub fn add_ratelimit_headers(headers: &mut http::HeaderMap, route: &Route) {
     let budgets = [("quota", remaining.quota), ("daily", remaining.org)];
     let window = route.org.meter.window_length().as_secs();
     let policy = ratelimit.policy(&budgets, window);
-    let state = ratelimit.format(&budgets, |buf, left| {
+    let state = ratelimit.format(&budgets, |buf, budget| {
         buf.extend_from_slice(b"r=");
-        buf.extend_from_slice(itoa::Buffer::new().format(left.left).as_bytes());
+        buf.extend_from_slice(itoa::Buffer::new().format(budget.left).as_bytes());
     });
     if let (Some(p), Some(s)) = (policy, state) {
         headers.insert(RATELIMIT_POLICY, p);
