@@ -12,6 +12,9 @@
 #
 # free_port: a TCP port on 127.0.0.1 that was free a moment ago.
 #
+# wait_up URL LOGFILE [TENTHS]: waits until URL answers 2xx (default for 15 s, TENTHS tenths
+# of a second); else prints the end of LOGFILE (the server's log) and exits.
+#
 # callmeter_config FILE PORT ADMIN_PORT [N [THREADS]]: one org at the fake origin on
 # $origin_port, three path-prefix integrations (the benchmark's one with a quota far from
 # reached), plus N generated ones (i00000, i00001, ...) for the memory section; THREADS sets
@@ -68,6 +71,17 @@ ensure_tools() {
   [ "$(id -u)" -eq 0 ] || sudo=(sudo)
   "${sudo[@]}" apt-get update -qq
   DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq "${need[@]}" >&2
+}
+
+wait_up() {
+  local url=$1 logfile=$2 tries=${3:-150}
+  for _ in $(seq "$tries"); do
+    curl -sf -o /dev/null "$url" && return 0
+    sleep 0.1
+  done
+  echo "no answer from $url; the end of $logfile:" >&2
+  tail -n 20 "$logfile" >&2 || true
+  exit 1
 }
 
 free_port() {

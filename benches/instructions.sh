@@ -58,10 +58,7 @@ valgrind --tool=callgrind --callgrind-out-file="$work/callgrind.out" \
   "$callmeter_bin" serve --config "$work/callmeter.toml" >"$work/callmeter.log" 2>&1 &
 proxy_pid=$!
 pids+=("$proxy_pid")
-for _ in $(seq 300); do
-  curl -sf -o /dev/null "http://127.0.0.1:$admin/readyz" && break
-  sleep 0.2
-done
+wait_up "http://127.0.0.1:$admin/readyz" "$work/callmeter.log" 600
 url="http://127.0.0.1:$port/salesloft/services/data/v62.0/query?q=SELECT+Id+FROM+Account"
 h2load "${proto[@]}" -n 2000 -c "$conns" "$url" >/dev/null
 callgrind_control -z "$proxy_pid" >/dev/null

@@ -143,19 +143,6 @@ start() {
   pids+=("$started")
 }
 
-# wait_ok NAME URL [CURL-ARGS...]: waits up to 15 s for URL to answer 200.
-wait_ok() {
-  local name=$1 url=$2
-  shift 2
-  for _ in $(seq 150); do
-    if curl -sf -o /dev/null "$@" "$url"; then return 0; fi
-    sleep 0.1
-  done
-  log "$name did not come up at $url; its log:"
-  tail -n 20 "$work/$name.log" >&2 || true
-  exit 1
-}
-
 # "utime stime": CPU ticks (all threads) of the given processes, summed.
 ticks() {
   local pid user=0 sys=0 stat fields
@@ -182,7 +169,7 @@ core_jiffies() {
 origin_port=$(free_port)
 start origin "${load_pin[@]}" "$origin_bin" --listen "127.0.0.1:$origin_port" --threads 1
 origin_pid=$started
-wait_ok origin "http://127.0.0.1:$origin_port/"
+wait_up "http://127.0.0.1:$origin_port/" "$work/origin.log"
 
 declare -A h1_url h2_url main_pid
 h2_skip_note=
@@ -196,7 +183,7 @@ start_proxies() {
   main_pid[callmeter]=$started
   h1_url[callmeter]="http://127.0.0.1:$port$QUERY_PATH"
   h2_url[callmeter]=${h1_url[callmeter]}
-  wait_ok callmeter "http://127.0.0.1:$admin/readyz"
+  wait_up "http://127.0.0.1:$admin/readyz" "$work/callmeter.log"
 
   # callmeter, one worker on the proxy core
   port=$(free_port) admin=$(free_port)
@@ -205,7 +192,7 @@ start_proxies() {
   main_pid[callmeter-1w]=$started
   h1_url[callmeter-1w]="http://127.0.0.1:$port$QUERY_PATH"
   h2_url[callmeter-1w]=${h1_url[callmeter-1w]}
-  wait_ok callmeter-1w "http://127.0.0.1:$admin/readyz"
+  wait_up "http://127.0.0.1:$admin/readyz" "$work/callmeter-1w.log"
 
   # nginx: h2c (prior knowledge) needs its own `listen ... http2` port
   port=$(free_port) h2port=$(free_port)
@@ -247,7 +234,7 @@ NGINX
   main_pid[nginx]=$started
   h1_url[nginx]="http://127.0.0.1:$port$QUERY_PATH"
   h2_url[nginx]="http://127.0.0.1:$h2port$QUERY_PATH"
-  wait_ok nginx "${h1_url[nginx]}"
+  wait_up "${h1_url[nginx]}" "$work/nginx.log"
   if [ "$(curl -s --http2-prior-knowledge -o /dev/null -w '%{http_version}' "${h2_url[nginx]}")" != 2 ]; then
     h2_skip_note="nginx: no HTTP/2 with prior knowledge on a plaintext listener here; skipped for h2c"
     unset 'h2_url[nginx]'
@@ -277,7 +264,7 @@ HAPROXY
   main_pid[haproxy]=$started
   h1_url[haproxy]="http://127.0.0.1:$port$QUERY_PATH"
   h2_url[haproxy]="http://127.0.0.1:$h2port$QUERY_PATH"
-  wait_ok haproxy "${h1_url[haproxy]}"
+  wait_up "${h1_url[haproxy]}" "$work/haproxy.log"
 
   # No proxy: the origin answers the same path without the integration prefix.
   h1_url[direct]="http://127.0.0.1:$origin_port${QUERY_PATH#/salesloft}"
@@ -522,7 +509,7 @@ rss_section() {
   callmeter_config "$work/callmeter-10k.toml" "$port" "$admin" 10000
   start callmeter-10k "$callmeter_bin" serve --config "$work/callmeter-10k.toml"
   pid=$started
-  wait_ok callmeter-10k "http://127.0.0.1:$admin/readyz"
+  wait_up "http://127.0.0.1:$admin/readyz" "$work/callmeter-10k.log"
   sleep 2
   mem_status() { awk '/^(VmRSS|VmHWM)/ { printf "%s %.1f MiB  ", $1, $2 / 1024 }' "/proc/$pid/status"; }
   printf '\n10,000 integrations (path prefixes /i00000 ... /i09999, plus the three above)\n'

@@ -52,10 +52,7 @@ taskset -c 0 "$callmeter_bin" serve --config "$work/callmeter.toml" \
   >"$work/callmeter.log" 2>&1 &
 proxy_pid=$!
 pids+=("$proxy_pid")
-for _ in $(seq 100); do
-  curl -sf -o /dev/null "http://127.0.0.1:$admin/readyz" && break
-  sleep 0.1
-done
+wait_up "http://127.0.0.1:$admin/readyz" "$work/callmeter.log"
 url="http://127.0.0.1:$port/salesloft/services/data/v62.0/query?q=SELECT+Id+FROM+Account"
 taskset -c 1 wrk -t1 -c"$conc" -d3s "$url" >/dev/null
 

@@ -77,11 +77,9 @@ impl Base {
         } else {
             PathAndQuery::try_from(format!("{}{}", self.path, path_and_query))?
         };
-        Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone())
-            .path_and_query(pq)
-            .build()
+        // Origin form: the connection it goes out on adds scheme and host as its protocol
+        // wants them (pool.rs), so no absolute URI is built only to be taken apart again.
+        Ok(Uri::from(pq))
     }
 }
 
@@ -183,7 +181,8 @@ impl Upstream {
         }))
     }
 
-    /// The URL a request goes to: the login host for login calls, the instance otherwise.
+    /// The path and query a request is sent with: under the login URL for login calls, the
+    /// instance URL otherwise (`send` with the same `login` picks the host).
     pub fn uri(&self, login: bool, path_and_query: PathAndQuery) -> Result<Uri, http::Error> {
         self.base(login).uri(path_and_query)
     }
