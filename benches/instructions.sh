@@ -14,10 +14,14 @@
 #   - the top functions by their own instructions.
 # Kernel work (syscalls, loopback TCP: about 60 % of the CPU time, see benches/profile.sh) is
 # not counted. Under callgrind everything runs ~50 times slower; a run takes about a minute.
-# Usage: benches/instructions.sh [-n N] [-c C] [--h2] [-o FILE]   (N requests, default 10000,
-# over C connections, default 8; --h2: h2c with 10 streams per connection, as load.sh; -o keeps the raw callgrind profile in FILE for callgrind_annotate,
-# e.g. `--tree=caller` to see who calls a function)
-# Needs valgrind and h2load (Debian: valgrind, nghttp2-client; installed when missing).
+# Usage: benches/instructions.sh [-n N] [-c C] [--h2] [--nginx] [-o FILE]   (N requests,
+# default 10000, over C connections, default 8; --h2: h2c with 10 streams per connection, as
+# load.sh; --nginx: measures nginx instead, configured as in load.sh but as one process
+# (`master_process off`), for the same count on the reference proxy; -o keeps the raw
+# callgrind profile in FILE for callgrind_annotate, e.g. `--tree=caller` to see who calls a
+# function)
+# Needs valgrind and h2load (Debian: valgrind, nghttp2-client; installed when missing), and
+# nginx for --nginx.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,19 +29,24 @@ requests=10000
 conns=8
 keep=
 proto=(--h1)
+target=callmeter
 while [ $# -gt 0 ]; do
   case $1 in
     -n) requests=$2 && shift 2 ;;
     -c) conns=$2 && shift 2 ;;
     -o) keep=$2 && shift 2 ;;
     --h2) proto=(-m 10) && shift ;;
-    *) echo "usage: benches/instructions.sh [-n N] [-c C] [--h2] [-o FILE]" >&2 && exit 2 ;;
+    --nginx) target=nginx && shift ;;
+    *) echo "usage: benches/instructions.sh [-n N] [-c C] [--h2] [--nginx] [-o FILE]" >&2 && exit 2 ;;
   esac
 done
 
 # shellcheck source=benches/common.sh
 . benches/common.sh
+# nginx lives in /usr/sbin, which a non-root PATH may lack.
+PATH=$PATH:/usr/sbin
 ensure_tools valgrind:valgrind h2load:nghttp2-client curl:curl python3:python3
+[ "$target" = callmeter ] || ensure_tools nginx:nginx
 build_bins
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/callmeter-instructions.XXXXXX")
@@ -49,17 +58,61 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-origin_port=$(free_port) port=$(free_port) admin=$(free_port)
-callmeter_config "$work/callmeter.toml" "$port" "$admin" 0 1
-
+origin_port=$(free_port) port=$(free_port) admin=$(free_port) h2port=$(free_port)
 "$origin_bin" --listen "127.0.0.1:$origin_port" >"$work/origin.log" 2>&1 &
 pids+=($!)
-valgrind --tool=callgrind --callgrind-out-file="$work/callgrind.out" \
-  "$callmeter_bin" serve --config "$work/callmeter.toml" >"$work/callmeter.log" 2>&1 &
-proxy_pid=$!
-pids+=("$proxy_pid")
-wait_up "http://127.0.0.1:$admin/readyz" "$work/callmeter.log" 600
-url="http://127.0.0.1:$port/salesloft/services/data/v62.0/query?q=SELECT+Id+FROM+Account"
+path=/salesloft/services/data/v62.0/query?q=SELECT+Id+FROM+Account
+if [ "$target" = callmeter ]; then
+  callmeter_config "$work/callmeter.toml" "$port" "$admin" 0 1
+  valgrind --tool=callgrind --callgrind-out-file="$work/callgrind.out" \
+    "$callmeter_bin" serve --config "$work/callmeter.toml" >"$work/callmeter.log" 2>&1 &
+  proxy_pid=$!
+  pids+=("$proxy_pid")
+  wait_up "http://127.0.0.1:$admin/readyz" "$work/callmeter.log" 600
+  url="http://127.0.0.1:$port$path"
+  label="callmeter, 1 worker"
+else
+  # load.sh's nginx (one worker, upstream keepalive, HTTP/1.1 to the origin), in one process.
+  mkdir -p "$work/nginx"
+  cat >"$work/nginx/nginx.conf" <<NGINX
+daemon off;
+master_process off;
+pid $work/nginx/nginx.pid;
+error_log $work/nginx/error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    keepalive_requests 1000000;
+    client_body_temp_path $work/nginx/client_body;
+    proxy_temp_path $work/nginx/proxy;
+    fastcgi_temp_path $work/nginx/fastcgi;
+    uwsgi_temp_path $work/nginx/uwsgi;
+    scgi_temp_path $work/nginx/scgi;
+    upstream origin {
+        server 127.0.0.1:$origin_port;
+        keepalive 64;
+        keepalive_requests 1000000;
+    }
+    server {
+        listen 127.0.0.1:$port;
+        listen 127.0.0.1:$h2port http2;
+        location /salesloft/ {
+            proxy_pass http://origin/;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }
+    }
+}
+NGINX
+  valgrind --tool=callgrind --callgrind-out-file="$work/callgrind.out" \
+    nginx -p "$work/nginx" -c "$work/nginx/nginx.conf" -e "$work/nginx/error.log" \
+    >"$work/nginx.log" 2>&1 &
+  proxy_pid=$!
+  pids+=("$proxy_pid")
+  url="http://127.0.0.1:$([ "${proto[0]}" = --h1 ] && echo "$port" || echo "$h2port")$path"
+  wait_up "http://127.0.0.1:$port$path" "$work/nginx.log" 600
+  label="nginx, 1 process"
+fi
 h2load "${proto[@]}" -n 2000 -c "$conns" "$url" >/dev/null
 callgrind_control -z "$proxy_pid" >/dev/null
 h2load "${proto[@]}" -n "$requests" -c "$conns" "$url" >"$work/h2load.out"
@@ -87,7 +140,7 @@ for line in sys.stdin:
     elif ":" in what and ir < total / 3:
         # (callgrind_annotate also lists the thread entry points with everything under them.)
         rows.append((ir, what))
-print(f"callmeter, 1 worker: {total / n:,.0f} user-space instructions per request "
+print(f"{sys.argv[4]}: {total / n:,.0f} user-space instructions per request "
       f"({n:,} requests over {sys.argv[2]} connections, {sys.argv[3]})")
 def origin(what):
     path, _, func = what.partition(":")
@@ -95,6 +148,8 @@ def origin(what):
     m = re.match(r"<*&?(?:mut )?([a-z_][a-z0-9_]*)::", func)
     if m:
         return m.group(1).replace("_", "-") if m.group(1) != "core" else "core/std"
+    if func.startswith("ngx_") or what.endswith("/nginx]"):
+        return "nginx"
     if "malloc" in path:
         return "libc malloc/free"
     if re.search(r"mem(move|cpy|set)|/string/", path):
@@ -111,4 +166,4 @@ for ir, what in sorted(rows, reverse=True)[:25]:
     what = re.sub(r"/root/.cargo/registry/src/[^/]+/|/rustc/[0-9a-f]+/library/", "", what)
     what = re.sub(r" \[/[^]]*\]$", "", what)
     print(f"  {ir / n:7,.0f}  {what[:150]}")
-' "$requests" "$conns" "$([ "${proto[0]}" = --h1 ] && echo HTTP/1.1 || echo h2c)"
+' "$requests" "$conns" "$([ "${proto[0]}" = --h1 ] && echo HTTP/1.1 || echo h2c)" "$label"

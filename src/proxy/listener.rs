@@ -127,6 +127,10 @@ pub async fn serve_listener<H, F>(
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
+        // Head and body copied into one buffer and written with one `write`: for Salesforce's
+        // mostly small responses cheaper than hyper's queue of buffers for `writev`
+        // (README "Performance"); a large body streams through that buffer, bounded by its size.
+        .writev(false)
         .timer(TokioTimer::new())
         .header_read_timeout(Some(limits.header_timeout))
         // hyper's floor for the read buffer is 8 KiB.
