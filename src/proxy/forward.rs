@@ -207,7 +207,9 @@ impl Upstream {
         } else {
             &self.instance_host
         };
-        match tokio::time::timeout(self.response_timeout, host.send(req)).await {
+        // Pinned where it is: the timeout then holds a pointer to it instead of a copy.
+        let sending = std::pin::pin!(host.send(req));
+        match tokio::time::timeout(self.response_timeout, sending).await {
             Ok(Ok(resp)) => Ok(resp),
             Ok(Err(source)) if !source.maybe_sent() => Err(ProxyError::UpstreamConnect {
                 upstream: upstream(),
