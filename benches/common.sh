@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Shared by benches/load.sh, profile.sh and instructions.sh: tools, builds, and the callmeter
-# config they all measure.
+# Shared by benches/load.sh, profile.sh and instructions.sh: tools, builds, the callmeter
+# config they all measure and the nginx they compare it with.
 #
 # ensure_tools COMMAND:PACKAGE...: installs (apt-get) the Debian packages of the commands
 # that are missing.
@@ -14,6 +14,11 @@
 #
 # wait_up URL LOGFILE [TENTHS]: waits until URL answers 2xx (default for 15 s, TENTHS tenths
 # of a second); else prints the end of LOGFILE (the server's log) and exits.
+#
+# nginx_config DIR PORT H2PORT KEEPALIVE: writes DIR/nginx.conf, the nginx the benchmarks
+# measure: one worker, `/salesloft/` proxied to the origin on $origin_port (prefix stripped)
+# over HTTP/1.1 with KEEPALIVE idle upstream connections kept, h2c (prior knowledge) on H2PORT.
+# Start it with `nginx -p DIR -c DIR/nginx.conf -e DIR/error.log -g 'daemon off;'`.
 #
 # callmeter_config FILE PORT ADMIN_PORT [N [THREADS]]: one org at the fake origin on
 # $origin_port, three path-prefix integrations (the benchmark's one with a quota far from
@@ -112,4 +117,41 @@ for line in sys.stdin:
             and msg.get("executable"):
         print(msg["executable"])
 ' "$name"
+}
+
+nginx_config() {
+  local dir=$1 port=$2 h2port=$3 keepalive=$4
+  mkdir -p "$dir"
+  cat >"$dir/nginx.conf" <<NGINX
+worker_processes 1;
+worker_rlimit_nofile 16384;
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    # nginx closes a client connection (HTTP/1.1 and HTTP/2) after 1000 requests by default,
+    # and an upstream one too: the other proxies never do, so neither does nginx here.
+    keepalive_requests 1000000;
+    client_body_temp_path $dir/client_body;
+    proxy_temp_path $dir/proxy;
+    fastcgi_temp_path $dir/fastcgi;
+    uwsgi_temp_path $dir/uwsgi;
+    scgi_temp_path $dir/scgi;
+    upstream origin {
+        server 127.0.0.1:$origin_port;
+        keepalive $keepalive;
+        keepalive_requests 1000000;
+    }
+    server {
+        listen 127.0.0.1:$port;
+        listen 127.0.0.1:$h2port http2;
+        location /salesloft/ {
+            proxy_pass http://origin/;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }
+    }
+}
+NGINX
 }

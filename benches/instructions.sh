@@ -72,41 +72,11 @@ if [ "$target" = callmeter ]; then
   url="http://127.0.0.1:$port$path"
   label="callmeter, 1 worker"
 else
-  # load.sh's nginx (one worker, upstream keepalive, HTTP/1.1 to the origin), in one process.
-  mkdir -p "$work/nginx"
-  cat >"$work/nginx/nginx.conf" <<NGINX
-daemon off;
-master_process off;
-pid $work/nginx/nginx.pid;
-error_log $work/nginx/error.log warn;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    keepalive_requests 1000000;
-    client_body_temp_path $work/nginx/client_body;
-    proxy_temp_path $work/nginx/proxy;
-    fastcgi_temp_path $work/nginx/fastcgi;
-    uwsgi_temp_path $work/nginx/uwsgi;
-    scgi_temp_path $work/nginx/scgi;
-    upstream origin {
-        server 127.0.0.1:$origin_port;
-        keepalive 64;
-        keepalive_requests 1000000;
-    }
-    server {
-        listen 127.0.0.1:$port;
-        listen 127.0.0.1:$h2port http2;
-        location /salesloft/ {
-            proxy_pass http://origin/;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-        }
-    }
-}
-NGINX
+  # load.sh's nginx, in one process so that callgrind sees all of it.
+  nginx_config "$work/nginx" "$port" "$h2port" 256
   valgrind --tool=callgrind --callgrind-out-file="$work/callgrind.out" \
     nginx -p "$work/nginx" -c "$work/nginx/nginx.conf" -e "$work/nginx/error.log" \
-    >"$work/nginx.log" 2>&1 &
+    -g 'daemon off; master_process off;' >"$work/nginx.log" 2>&1 &
   proxy_pid=$!
   pids+=("$proxy_pid")
   url="http://127.0.0.1:$([ "${proto[0]}" = --h1 ] && echo "$port" || echo "$h2port")$path"

@@ -198,39 +198,7 @@ start_proxies() {
 
   # nginx: h2c (prior knowledge) needs its own `listen ... http2` port
   port=$(free_port) h2port=$(free_port)
-  mkdir -p "$work/nginx"
-  cat >"$work/nginx/nginx.conf" <<NGINX
-worker_processes 1;
-worker_rlimit_nofile 16384;
-pid $work/nginx/nginx.pid;
-error_log $work/nginx/error.log warn;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    # nginx closes a client connection (HTTP/1.1 and HTTP/2) after 1000 requests by default,
-    # and an upstream one too: the other proxies never do, so neither does nginx here.
-    keepalive_requests 1000000;
-    client_body_temp_path $work/nginx/client_body;
-    proxy_temp_path $work/nginx/proxy;
-    fastcgi_temp_path $work/nginx/fastcgi;
-    uwsgi_temp_path $work/nginx/uwsgi;
-    scgi_temp_path $work/nginx/scgi;
-    upstream origin {
-        server 127.0.0.1:$origin_port;
-        keepalive $nginx_keepalive;
-        keepalive_requests 1000000;
-    }
-    server {
-        listen 127.0.0.1:$port;
-        listen 127.0.0.1:$h2port http2;
-        location /salesloft/ {
-            proxy_pass http://origin/;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-        }
-    }
-}
-NGINX
+  nginx_config "$work/nginx" "$port" "$h2port" "$nginx_keepalive"
   start nginx "${proxy_pin[@]}" nginx -p "$work/nginx" -c "$work/nginx/nginx.conf" \
     -e "$work/nginx/error.log" -g 'daemon off;'
   main_pid[nginx]=$started
