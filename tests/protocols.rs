@@ -1,4 +1,5 @@
-//! End-to-end: HTTP/2 over TLS, h2c, chunked and large streamed uploads, malformed requests.
+//! End-to-end: HTTP/2 over TLS, h2c, chunked and large streamed uploads and downloads,
+//! malformed requests.
 
 mod common;
 
@@ -229,6 +230,71 @@ async fn chunked_and_large_uploads_stream_through_whole() {
     );
     assert_eq!(env.window("a").await, 1 + 4);
     assert_eq!(env.sim_count().await["used"], 5);
+}
+
+/// The frames of a large Bulk query result: odd sizes (from 1 byte to more than the proxy's
+/// write buffer) so that the proxy's buffering of response bodies meets every case, each
+/// frame filled with its own byte so that a lost, repeated or reordered frame shows.
+fn result_frames() -> Vec<Bytes> {
+    const SIZES: [usize; 6] = [1, 100, 65_536, 300_000, 7, 16_384];
+    (0..240)
+        .map(|i| Bytes::from(vec![b'a' + (i % 26) as u8; SIZES[i % SIZES.len()]]))
+        .collect()
+}
+
+#[tokio::test]
+async fn large_responses_stream_through_whole() {
+    use hyper::service::service_fn;
+    use hyper_util::rt::TokioIo;
+
+    // An origin answering every request with the frames above, chunked, and a usage report.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let origin = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let service = service_fn(|_req: Request<hyper::body::Incoming>| async {
+                let frames = result_frames()
+                    .into_iter()
+                    .map(|b| Ok::<_, Infallible>(http_body::Frame::data(b)));
+                let resp = http::Response::builder()
+                    .header("content-type", "text/csv")
+                    .header("sforce-limit-info", "api-usage=7/15000")
+                    .body(StreamBody::new(stream::iter(frames)))
+                    .expect("response");
+                Ok::<_, Infallible>(resp)
+            });
+            tokio::spawn(async move {
+                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                let _ = builder.serve_connection(TokioIo::new(tcp), service).await;
+            });
+        }
+    });
+    let sim = sim::spawn(SimOptions::default()).await.expect("sim");
+    let env = start_with(sim, &config_text(&origin, "", ONE)).await;
+
+    let expected: Vec<u8> = result_frames().concat();
+    // One client connection: after a large body it carries the next request as well.
+    let client = Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(1)
+        .build(HttpConnector::new());
+    let url = format!(
+        "{}/a/services/data/v62.0/jobs/query/750000000000001/results",
+        env.proxy
+    );
+    for _ in 0..2 {
+        let resp = client
+            .request(Request::get(&url).body(Empty::<Bytes>::new()).expect("req"))
+            .await
+            .expect("response");
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(resp.version(), Version::HTTP_11);
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        assert_eq!(body.len(), expected.len());
+        assert!(body == expected, "the body arrived altered");
+    }
+    assert_eq!(env.usage().await["orgs"][0]["reported_used"], 7);
 }
 
 /// Sends raw bytes and returns the status line of the answer.
