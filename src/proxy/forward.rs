@@ -42,6 +42,8 @@ pub enum UpstreamSetupError {
         #[source]
         source: rustls::Error,
     },
+    #[error("org \"{org}\": instance_url {url} is not an absolute URL (scheme and host)")]
+    NotAbsolute { org: String, url: String },
     #[error("org \"{org}\": {url} cannot be used as an upstream: {source}")]
     Url {
         org: String,
@@ -144,10 +146,11 @@ impl Upstream {
         };
 
         // Config validation guarantees absolute URLs; fall back to the instance for login.
-        let instance = Base::of(&cfg.instance_url).ok_or_else(|| UpstreamSetupError::CaEmpty {
-            org: org.clone(),
-            path: "instance_url is not absolute".into(),
-        })?;
+        let instance =
+            Base::of(&cfg.instance_url).ok_or_else(|| UpstreamSetupError::NotAbsolute {
+                org: org.clone(),
+                url: cfg.instance_url.to_string(),
+            })?;
         let login = cfg
             .login_url
             .as_ref()

@@ -91,8 +91,7 @@ pub async fn handle(
 
 /// The steps off the common path (deferred calls, waits in the queue, login rewrites, reading a
 /// body prefix) await boxed futures: their state would otherwise make every request's future
-/// several KiB larger, and that future is moved a few times per request (and spawned per
-/// stream by the HTTP/2 server).
+/// several KiB larger, and the HTTP/2 server copies that future into a task per stream.
 async fn proxy(
     ctx: &ListenerContext,
     peer: &Peer,

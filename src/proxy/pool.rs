@@ -30,7 +30,7 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{header, HeaderValue, Request, Response, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
+use hyper::client::conn::{http1, http2, TrySendError};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::{Connection, HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -125,6 +125,16 @@ enum Attempt {
     /// this is the rare path, and it keeps the common result small).
     Unsent(Box<Request<RequestBody>>),
     Failed(SendError),
+}
+
+impl From<TrySendError<Request<RequestBody>>> for Attempt {
+    /// hyper hands the request back when it did not send it.
+    fn from(mut e: TrySendError<Request<RequestBody>>) -> Self {
+        match e.take_message() {
+            Some(req) => Attempt::Unsent(Box::new(req)),
+            None => Attempt::Failed(SendError::Exchange(e.into_error())),
+        }
+    }
 }
 
 impl Host {
@@ -243,10 +253,7 @@ impl Host {
                 };
                 Ok(resp.map(|body| UpstreamBody::new(body, Some(lease))))
             }
-            Err(mut e) => match e.take_message() {
-                Some(req) => Err(Attempt::Unsent(Box::new(req))),
-                None => Err(Attempt::Failed(SendError::Exchange(e.into_error()))),
-            },
+            Err(e) => Err(Attempt::from(e)),
         }
     }
 
@@ -304,16 +311,13 @@ impl Host {
         req.headers_mut().remove(header::HOST);
         match shared.sender.clone().try_send_request(req).await {
             Ok(resp) => Ok(resp.map(|body| UpstreamBody::new(body, None))),
-            Err(mut e) => match e.take_message() {
-                Some(req) => Err(Attempt::Unsent(Box::new(req))),
-                None => Err(Attempt::Failed(SendError::Exchange(e.into_error()))),
-            },
+            Err(e) => Err(Attempt::from(e)),
         }
     }
 
     /// Connecting takes a TLS handshake and an HTTP/2 handshake: a future of several KiB.
     /// Boxed, it is allocated when a request connects instead of making every request's future
-    /// (moved a few times per request; spawned per stream by the HTTP/2 server) that large.
+    /// that large (the HTTP/2 server copies that future into a task per stream).
     fn connect_boxed(&self) -> Pin<Box<dyn Future<Output = Result<Fresh, SendError>> + Send + '_>> {
         Box::pin(self.connect())
     }
