@@ -79,9 +79,12 @@ fn has_prefix(path: &str, prefix: &str) -> bool {
         .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
 }
 
+/// The first segment, for the map of path-prefix rules. Empty segments are not skipped: a rule
+/// for `/sl` must not take `//sl`, which `has_prefix` would refuse anyway.
 fn first_segment(path: &str) -> &str {
     let path = path.strip_prefix('/').unwrap_or(path);
-    path.split('/').next().unwrap_or("")
+    let end = path.bytes().position(|b| b == b'/').unwrap_or(path.len());
+    &path[..end]
 }
 
 /// What routing looks at, read once from the request.
