@@ -8,7 +8,6 @@
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 
 use thiserror::Error;
 use tokio::net::TcpListener;
@@ -29,9 +28,6 @@ use crate::queue::deferred::DeferralsBuilder;
 use crate::queue::WaitQueue;
 use crate::salesforce::CountingRules;
 use crate::store::Store;
-
-/// How long a client may take to send its request head before the connection is closed.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Error)]
 pub enum StartError {
@@ -168,7 +164,7 @@ pub async fn start(config: &Config) -> Result<Server, StartError> {
     let grace = config.proxy.shutdown_grace;
     let limits = ConnLimits {
         max_header_bytes: config.proxy.max_header_bytes,
-        header_timeout: HEADER_TIMEOUT,
+        header_timeout: config.proxy.header_timeout,
     };
     let mut bound = Vec::new();
 

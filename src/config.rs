@@ -52,6 +52,7 @@ const DEFAULT_ADMIN_TOKEN_ENV: &str = "CALLMETER_ADMIN_TOKEN";
 const DEFAULT_STORE_PATH: &str = "data/callmeter.db";
 const DEFAULT_LOG_LEVEL: &str = "info";
 const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_MAX_HEADER_BYTES: u64 = 64 * 1024;
 /// hyper's HTTP/1 server panics on a buffer below 8 KiB, so smaller values are refused here.
 const MIN_MAX_HEADER_BYTES: u64 = 8 * 1024;
@@ -255,6 +256,10 @@ pub struct ProxySettings {
     pub shutdown_grace: Duration,
     /// Largest request head accepted. Default 64 KiB; 8 KiB to 16 MiB.
     pub max_header_bytes: usize,
+    /// How long a client may take to send a request head, counted from when the proxy starts
+    /// waiting for it (so also how long an idle keep-alive connection stays open), and to
+    /// finish a TLS handshake. Default 30 s.
+    pub header_timeout: Duration,
     /// Default false: an incoming `X-Forwarded-For` is replaced by the peer address. True when a
     /// trusted load balancer sits in front: the peer address is appended to the incoming header.
     pub trust_forwarded_for: bool,
@@ -964,6 +969,7 @@ struct RawLog {
 struct RawProxy {
     shutdown_grace: Option<S<String>>,
     max_header_bytes: Option<S<u64>>,
+    header_timeout: Option<S<String>>,
     trust_forwarded_for: Option<bool>,
     worker_threads: Option<S<u64>>,
 }
@@ -1704,6 +1710,12 @@ impl Ctx<'_> {
             DEFAULT_SHUTDOWN_GRACE,
             true,
         )?;
+        let header_timeout = self.duration(
+            &raw.and_then(|r| r.header_timeout.clone()),
+            "proxy.header_timeout",
+            DEFAULT_HEADER_TIMEOUT,
+            false,
+        )?;
         let max_header_bytes = match raw.and_then(|r| r.max_header_bytes.as_ref()) {
             Some(v) => {
                 let n = *v.get_ref();
@@ -1740,6 +1752,7 @@ impl Ctx<'_> {
         Ok(ProxySettings {
             worker_threads,
             shutdown_grace,
+            header_timeout,
             // In range of usize on every supported target (at most 16 MiB).
             max_header_bytes: usize::try_from(max_header_bytes).unwrap_or(usize::MAX),
             trust_forwarded_for: raw.and_then(|r| r.trust_forwarded_for).unwrap_or(false),
@@ -2895,6 +2908,7 @@ instance_url = "https://acme.my.salesforce.com"
             ProxySettings {
                 shutdown_grace: Duration::from_secs(30),
                 max_header_bytes: 65536,
+                header_timeout: Duration::from_secs(30),
                 trust_forwarded_for: false,
                 worker_threads: None,
             }
@@ -3368,6 +3382,11 @@ match = { path_prefix = "/PREFIX2" }
         assert_eq!(config.proxy.shutdown_grace, Duration::ZERO);
         let config = ok(&with("response_timeout = \"1m 30s\"\n"));
         assert_eq!(config.orgs[0].response_timeout, Duration::from_secs(90));
+        // A zero header timeout would close every connection before its first request.
+        let e = fail(&with("[proxy]\nheader_timeout = \"0s\"\n"));
+        assert_err(&e, "proxy.header_timeout", Some(10));
+        let config = ok(&with("[proxy]\nheader_timeout = \"5s\"\n"));
+        assert_eq!(config.proxy.header_timeout, Duration::from_secs(5));
     }
 
     #[test]

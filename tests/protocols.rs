@@ -358,3 +358,83 @@ async fn malformed_requests_get_4xx_and_the_server_keeps_serving() {
     assert_eq!(status, StatusCode::OK, "still serving");
     assert_eq!(env.window("a").await, 1);
 }
+
+/// Reads until the proxy closes the connection; returns what came and when the end came.
+async fn read_to_close(stream: &mut tokio::net::TcpStream) -> (Vec<u8>, std::time::Instant) {
+    let mut got = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        stream.read_to_end(&mut got),
+    )
+    .await
+    .expect("the proxy closes the connection")
+    .ok(); // a reset is a close too
+    (got, std::time::Instant::now())
+}
+
+#[tokio::test]
+async fn slow_request_heads_and_idle_connections_are_closed_after_the_header_timeout() {
+    use std::time::{Duration, Instant};
+    let sim = sim::spawn(SimOptions::default()).await.expect("sim");
+    let toml = config_text(&sim.url.clone(), "", ONE).replace(
+        "shutdown_grace = \"2s\"",
+        "shutdown_grace = \"2s\"\nheader_timeout = \"1s\"",
+    );
+    let env = start_with(sim, &toml).await;
+    let addr = env.proxy.trim_start_matches("http://").to_owned();
+    let request = b"GET /a/services/data/v62.0/limits HTTP/1.1\r\nHost: x\r\n\r\n";
+
+    // A head that never ends (slowloris): closed after the timeout, nothing forwarded.
+    let mut slow = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    let started = Instant::now();
+    slow.write_all(b"GET /a/services/data/v62.0/limits HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("write");
+    let (answer, closed) = read_to_close(&mut slow).await;
+    let waited = closed - started;
+    assert!(
+        waited >= Duration::from_millis(900),
+        "closed after {waited:?}"
+    );
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 408"),
+        "{answer}"
+    );
+
+    // A connection that sends a request every 600 ms lives past the 1 s timeout, since each
+    // request head restarts it; once idle it is closed after the timeout.
+    let mut busy = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    let mut buf = vec![0u8; 64 * 1024];
+    for _ in 0..5 {
+        busy.write_all(request)
+            .await
+            .expect("write on a live connection");
+        let n = tokio::time::timeout(Duration::from_secs(5), busy.read(&mut buf))
+            .await
+            .expect("answer in time")
+            .expect("read");
+        assert!(
+            buf[..n].starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&buf[..n])
+        );
+        tokio::time::sleep(Duration::from_millis(600)).await;
+    }
+    let idle_since = Instant::now() - Duration::from_millis(600);
+    let (_, closed) = read_to_close(&mut busy).await;
+    let idle = closed - idle_since;
+    assert!(
+        idle >= Duration::from_millis(900) && idle < Duration::from_secs(5),
+        "idle connection closed after {idle:?}"
+    );
+    assert_eq!(
+        env.sim_count().await["used"],
+        5,
+        "the slow head was not forwarded"
+    );
+}

@@ -11,6 +11,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::timer::ConnTimer;
 use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -131,7 +132,6 @@ pub async fn serve_listener<H, F>(
         // mostly small responses cheaper than hyper's queue of buffers for `writev`
         // (README "Performance"); a large body streams through that buffer, bounded by its size.
         .writev(false)
-        .timer(TokioTimer::new())
         .header_read_timeout(Some(limits.header_timeout))
         // hyper's floor for the read buffer is 8 KiB.
         .max_buf_size(limits.max_header_bytes.max(8192));
@@ -161,6 +161,11 @@ pub async fn serve_listener<H, F>(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
+        // Each connection gets its own header-read timer (`timer.rs`), so the builder is
+        // copied per connection: a few hundred bytes, against a timer registration saved on
+        // every request.
+        let mut builder = builder.clone();
+        builder.http1().timer(ConnTimer::new());
         let handler = handler.clone();
         let client = Peer::new(peer);
         let service = service_fn(move |req| {
@@ -181,7 +186,6 @@ pub async fn serve_listener<H, F>(
             }
             Some(TlsSetup(acceptor)) => {
                 let acceptor = acceptor.clone();
-                let builder = builder.clone();
                 let watcher = graceful.watcher();
                 tokio::spawn(async move {
                     let stream =

@@ -22,6 +22,7 @@ mod observe;
 mod pool;
 mod reject;
 mod route;
+mod timer;
 
 use std::sync::Arc;
 
