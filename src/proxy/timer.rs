@@ -17,11 +17,14 @@ use std::time::Instant;
 
 use hyper::rt::{Sleep, Timer};
 
-/// One connection's timer (see the module doc). Only that connection's task polls it, so its
-/// lock is never contended; hyper needs the sleep to be `Send + Sync`.
+/// The connection's one tokio timer, made on first use. Only that connection's task polls it,
+/// so the lock is never contended; hyper needs the sleep to be `Send + Sync`.
+type SharedSleep = Arc<Mutex<Option<Pin<Box<tokio::time::Sleep>>>>>;
+
+/// One connection's timer (see the module doc).
 #[derive(Clone, Default)]
 pub struct ConnTimer {
-    sleep: Arc<Mutex<Option<Pin<Box<tokio::time::Sleep>>>>>,
+    sleep: SharedSleep,
 }
 
 impl ConnTimer {
@@ -50,7 +53,7 @@ impl Timer for ConnTimer {
 
 /// One arming of the connection's timer: done when the timer, set to `deadline`, fires.
 struct ConnSleep {
-    timer: Arc<Mutex<Option<Pin<Box<tokio::time::Sleep>>>>>,
+    timer: SharedSleep,
     deadline: tokio::time::Instant,
 }
 

@@ -310,7 +310,6 @@ fn classify_soap<'a>(mut segs: impl Iterator<Item = &'a str>) -> CallKind {
 
 /// The non-empty `/`-separated segments of a path. A byte scan: paths are a few dozen bytes,
 /// too short for `str::split`'s memchr set-up to pay, and this runs on every request.
-#[derive(Clone)]
 struct Segments<'a> {
     rest: &'a str,
 }
