@@ -21,7 +21,7 @@ use crate::meter::{
 };
 use crate::metrics::Metrics;
 use crate::proxy::{
-    self, ConnLimits, DeferRoute, ListenerContext, OrgRoute, RateLimitHeaders, Route, RouteTable,
+    self, ConnOptions, DeferRoute, ListenerContext, OrgRoute, RateLimitHeaders, Route, RouteTable,
     TlsSetup, Upstream,
 };
 use crate::queue::deferred::DeferralsBuilder;
@@ -162,9 +162,10 @@ pub async fn start(config: &Config) -> Result<Server, StartError> {
     }
 
     let grace = config.proxy.shutdown_grace;
-    let limits = ConnLimits {
+    let options = ConnOptions {
         max_header_bytes: config.proxy.max_header_bytes,
         header_timeout: config.proxy.header_timeout,
+        watch_hangups: false,
     };
     let mut bound = Vec::new();
 
@@ -208,6 +209,10 @@ pub async fn start(config: &Config) -> Result<Server, StartError> {
             addr: l.listen,
             source,
         })?;
+        let options = ConnOptions {
+            watch_hangups: table.queues(),
+            ..options
+        };
         let ctx = Arc::new(ListenerContext {
             routes: table,
             public_url: l
@@ -222,7 +227,7 @@ pub async fn start(config: &Config) -> Result<Server, StartError> {
         tasks.spawn(proxy::serve_listener(
             socket,
             tls,
-            limits,
+            options,
             handler,
             stopped(&stop),
             grace,
@@ -261,7 +266,7 @@ pub async fn start(config: &Config) -> Result<Server, StartError> {
     tasks.spawn(proxy::serve_listener(
         socket,
         None,
-        limits,
+        options,
         handler,
         stopped(&stop),
         grace,

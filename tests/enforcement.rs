@@ -202,6 +202,61 @@ async fn queued_calls_leave_in_order_and_overflow_or_timeout_is_refused() {
     assert_eq!(env.sim_count().await["used"], 5);
 }
 
+/// A queued call whose client hangs up leaves the queue: it is neither forwarded nor counted,
+/// and the budget it waited for goes to the next call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_call_whose_client_hangs_up_is_not_forwarded() {
+    use tokio::io::AsyncWriteExt;
+    let env = start(
+        SimOptions::default(),
+        "",
+        "[[integration]]\nid = \"q\"\norg = \"acme\"\nmatch = { path_prefix = \"/q\" }\n\
+         rate = { per_second = 2, burst = 1 }\non_limit = \"queue\"\nqueue = { max_depth = 3, max_wait = \"5s\" }\n",
+    )
+    .await;
+    let url = format!("{}/q/services/data/v62.0/sobjects", env.proxy);
+    assert_eq!(
+        env.http.get(&url, &[]).await.0,
+        StatusCode::OK,
+        "the burst token"
+    );
+
+    // The next call waits for the token due in 500 ms; its client leaves before that.
+    let addr = env.proxy.trim_start_matches("http://");
+    let mut client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    client
+        .write_all(b"GET /q/services/data/v62.0/sobjects HTTP/1.1\r\nHost: proxy\r\n\r\n")
+        .await
+        .expect("send");
+    let mut depth = serde_json::Value::Null;
+    for _ in 0..50 {
+        depth = env.usage().await["orgs"][0]["integrations"][0]["queue_depth"].clone();
+        if depth == 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(depth, 1, "the call is queued");
+    drop(client);
+
+    // Well past the token's arrival: the abandoned call was dropped, not sent.
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    assert_eq!(
+        env.sim_count().await["used"],
+        1,
+        "Salesforce saw only the first call"
+    );
+    assert_eq!(env.window("q").await, 1);
+    let usage = env.usage().await;
+    assert_eq!(
+        usage["orgs"][0]["integrations"][0]["queue_depth"], 0,
+        "{usage}"
+    );
+    // The budget it waited for is the next call's.
+    assert_eq!(env.http.get(&url, &[]).await.0, StatusCode::OK);
+    assert_eq!(env.sim_count().await["used"], 2);
+}
+
 #[tokio::test]
 async fn a_restart_keeps_the_window_and_the_budget_decisions() {
     let sim = callmeter::sim::spawn(SimOptions::default())

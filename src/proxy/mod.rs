@@ -35,7 +35,7 @@ pub use body::{RequestBody, ResponseBody};
 pub use deferred::{constant_time_eq, DeferRoute};
 pub use error::ProxyError;
 pub use forward::{Upstream, UpstreamSetupError};
-pub use listener::{serve_listener, ConnLimits, ListenerSetupError, Peer, TlsSetup};
+pub use listener::{serve_listener, ConnOptions, ListenerSetupError, Peer, TlsSetup};
 pub use pool::UpstreamBody;
 pub use reject::RateLimitHeaders;
 pub use route::{Route, RouteTable};

@@ -141,6 +141,8 @@ pub struct RouteTable {
     listener: String,
     /// Whether any rule has a host condition; if none, requests' hosts are not looked at.
     uses_host: bool,
+    /// Whether any of its integrations queues calls at its limit (`on_limit = "queue"`).
+    queues: bool,
     by_key: HashMap<String, Vec<Candidate>>,
     by_host: HashMap<String, Vec<Candidate>>,
     by_segment: HashMap<String, Vec<Candidate>>,
@@ -160,6 +162,7 @@ impl RouteTable {
         RouteTable {
             listener: listener.to_owned(),
             uses_host: false,
+            queues: false,
             by_key: HashMap::new(),
             by_host: HashMap::new(),
             by_segment: HashMap::new(),
@@ -175,6 +178,7 @@ impl RouteTable {
             rule: rule.clone(),
         };
         self.uses_host |= rule.host.is_some();
+        self.queues |= route.queue.is_some();
         let list = if let Some(key) = &rule.key {
             self.by_key.entry(key.clone()).or_default()
         } else if let Some(host) = &rule.host {
@@ -196,7 +200,14 @@ impl RouteTable {
 
     /// Sends unmatched traffic to `route` (the org's unattributed integration).
     pub fn set_unmatched(&mut self, route: Arc<Route>) {
+        self.queues |= route.queue.is_some();
         self.unmatched = Some(route);
+    }
+
+    /// Whether a call on this listener may wait in a queue for budget: then the listener has
+    /// to notice a client that hangs up meanwhile (see `ConnOptions::watch_hangups`).
+    pub fn queues(&self) -> bool {
+        self.queues
     }
 
     pub fn listener(&self) -> &str {
