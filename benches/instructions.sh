@@ -14,12 +14,15 @@
 #   - the top functions by their own instructions.
 # Kernel work (syscalls, loopback TCP: about 60 % of the CPU time, see benches/profile.sh) is
 # not counted. Under callgrind everything runs ~50 times slower; a run takes about a minute.
-# Usage: benches/instructions.sh [-n N] [-c C] [--h2] [--nginx] [-o FILE]   (N requests,
-# default 10000, over C connections, default 8; --h2: h2c with 10 streams per connection, as
-# load.sh; --nginx: measures nginx instead, configured as in load.sh but as one process
-# (`master_process off`), for the same count on the reference proxy; -o keeps the raw
-# callgrind profile in FILE for callgrind_annotate, e.g. `--tree=caller` to see who calls a
-# function)
+# Usage: benches/instructions.sh [-n N] [-c C] [--h2] [--nginx] [--cache] [-o FILE]   (N
+# requests, default 10000, over C connections, default 8; --h2: h2c with 10 streams per
+# connection, as load.sh; --nginx: measures nginx instead, configured as in load.sh but as one
+# process (`master_process off`), for the same count on the reference proxy; --cache: also
+# simulates this VM's per-core caches (L1d 32 KiB, L2 512 KiB as the last level) and prints
+# the misses per request, to compare how much memory a request touches that is not in the
+# cache, e.g. at -c 256 against -c 8; -o keeps the raw callgrind profile in FILE for
+# callgrind_annotate, e.g. `--tree=caller` to see who calls a function, or
+# `--sort=DLmr` with --cache to see where the misses are)
 # Needs valgrind and h2load (Debian: valgrind, nghttp2-client; installed when missing), and
 # nginx for --nginx.
 set -euo pipefail
@@ -28,6 +31,7 @@ cd "$(dirname "$0")/.."
 requests=10000
 conns=8
 keep=
+cache=()
 proto=(--h1)
 target=callmeter
 while [ $# -gt 0 ]; do
@@ -37,7 +41,8 @@ while [ $# -gt 0 ]; do
     -o) keep=$2 && shift 2 ;;
     --h2) proto=(-m 10) && shift ;;
     --nginx) target=nginx && shift ;;
-    *) echo "usage: benches/instructions.sh [-n N] [-c C] [--h2] [--nginx] [-o FILE]" >&2 && exit 2 ;;
+    --cache) cache=(--cache-sim=yes --D1=32768,8,64 --LL=524288,8,64) && shift ;;
+    *) echo "usage: benches/instructions.sh [-n N] [-c C] [--h2] [--nginx] [--cache] [-o FILE]" >&2 && exit 2 ;;
   esac
 done
 
@@ -64,7 +69,7 @@ pids+=($!)
 path=/salesloft/services/data/v62.0/query?q=SELECT+Id+FROM+Account
 if [ "$target" = callmeter ]; then
   callmeter_config "$work/callmeter.toml" "$port" "$admin" 0 1
-  valgrind --tool=callgrind --callgrind-out-file="$work/callgrind.out" \
+  valgrind --tool=callgrind "${cache[@]}" --callgrind-out-file="$work/callgrind.out" \
     "$callmeter_bin" serve --config "$work/callmeter.toml" >"$work/callmeter.log" 2>&1 &
   proxy_pid=$!
   pids+=("$proxy_pid")
@@ -74,7 +79,7 @@ if [ "$target" = callmeter ]; then
 else
   # load.sh's nginx, in one process so that callgrind sees all of it.
   nginx_config "$work/nginx" "$port" "$h2port" 256
-  valgrind --tool=callgrind --callgrind-out-file="$work/callgrind.out" \
+  valgrind --tool=callgrind "${cache[@]}" --callgrind-out-file="$work/callgrind.out" \
     nginx -p "$work/nginx" -c "$work/nginx/nginx.conf" -e "$work/nginx/error.log" \
     -g 'daemon off; master_process off;' >"$work/nginx.log" 2>&1 &
   proxy_pid=$!
@@ -95,7 +100,7 @@ ok=$(awk '/^status codes:/ { print $3 }' "$work/h2load.out")
 }
 
 [ -z "$keep" ] || cp "$work/callgrind.out.1" "$keep"
-callgrind_annotate --threshold=100 --inclusive=no --auto=no "$work/callgrind.out.1" 2>/dev/null |
+callgrind_annotate --threshold=100 --inclusive=no --auto=no --show=Ir "$work/callgrind.out.1" 2>/dev/null |
   python3 -c '
 import collections, re, sys
 n = int(sys.argv[1])
@@ -137,3 +142,21 @@ for ir, what in sorted(rows, reverse=True)[:25]:
     what = re.sub(r" \[/[^]]*\]$", "", what)
     print(f"  {ir / n:7,.0f}  {what[:150]}")
 ' "$requests" "$conns" "$([ "${proto[0]}" = --h1 ] && echo HTTP/1.1 || echo h2c)" "$label"
+[ ${#cache[@]} -eq 0 ] || callgrind_annotate --threshold=100 --auto=no "$work/callgrind.out.1" 2>/dev/null |
+  python3 -c '
+import re, sys
+n = int(sys.argv[1])
+events, totals = [], []
+for line in sys.stdin:
+    if line.startswith("Events shown:"):
+        events = line.split()[2:]
+    elif "PROGRAM TOTALS" in line:
+        # "1,234 (100.0%)" per event, "." where it is zero.
+        cells = re.sub(r"\([^)]*\)", " ", line.split("PROGRAM TOTALS")[0]).split()
+        totals = [0 if c == "." else int(c.replace(",", "")) for c in cells]
+t = dict(zip(events, (v / n for v in totals)))
+d1r, d1w, i1, llr, llw, lli = (t[e] for e in ("D1mr", "D1mw", "I1mr", "DLmr", "DLmw", "ILmr"))
+print("\nsimulated cache misses per request (L1 32 KiB, L2 512 KiB as the last level):")
+print(f"  L1d: {d1r:7,.1f} read {d1w:7,.1f} write    L1i: {i1:7,.1f}")
+print(f"  L2:  {llr:7,.1f} read {llw:7,.1f} write    (data; instructions {lli:,.1f})")
+' "$requests"
