@@ -238,9 +238,10 @@ impl Host {
         if sender.ready().await.is_err() {
             return Err(Attempt::Unsent(Box::new(req)));
         }
-        // HTTP/1.1 wants origin form and a Host header.
-        if let Some(pq) = req.uri().path_and_query().cloned() {
-            *req.uri_mut() = Uri::from(pq);
+        // HTTP/1.1 wants origin form, which the proxy's requests already have (forward.rs),
+        // and a Host header.
+        if req.uri().scheme().is_some() {
+            *req.uri_mut() = Uri::from(take_path_and_query(&mut req));
         }
         *req.version_mut() = Version::HTTP_11;
         req.headers_mut()
@@ -295,11 +296,7 @@ impl Host {
             return Err(Attempt::Unsent(Box::new(req)));
         }
         // HTTP/2 takes scheme and authority from the URI (`:scheme`, `:authority`).
-        let pq = req
-            .uri()
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let pq = take_path_and_query(&mut req);
         let mut parts = http::uri::Parts::default();
         parts.scheme = Some(self.scheme.clone());
         parts.authority = Some(self.authority.clone());
@@ -401,6 +398,15 @@ impl Host {
     }
 }
 
+/// The request's path and query, moved out of its URI: a path the proxy built (less an
+/// integration's prefix) is not yet shared, and cloning it would allocate to share it.
+fn take_path_and_query(req: &mut Request<RequestBody>) -> PathAndQuery {
+    std::mem::take(req.uri_mut())
+        .into_parts()
+        .path_and_query
+        .unwrap_or_else(|| PathAndQuery::from_static("/"))
+}
+
 enum Fresh {
     H1(H1),
     H2(Arc<Shared>),
@@ -491,7 +497,9 @@ mod tests {
     use super::*;
 
     /// A test origin: counts the connections it accepted, and records the HTTP version and
-    /// host (`Host` header, else the URI's authority) of each request. `/big` answers 256 KiB, `/slow` answers after 100 ms, anything else a few bytes.
+    /// host (`Host` header, else the URI's authority) of each request. `/big` answers 256 KiB,
+    /// `/slow` answers after 100 ms, `/echo` the request target as it came, anything else a
+    /// few bytes.
     struct Origin {
         addr: SocketAddr,
         connections: Arc<AtomicUsize>,
@@ -530,6 +538,7 @@ mod tests {
                                     tokio::time::sleep(Duration::from_millis(100)).await;
                                     Bytes::from_static(b"slow")
                                 }
+                                "/echo" => Bytes::from(req.uri().to_string()),
                                 _ => Bytes::from_static(b"ok"),
                             };
                             Ok::<_, Infallible>(Response::new(Full::new(body)))
@@ -602,6 +611,21 @@ mod tests {
         assert_eq!(versions, vec![Version::HTTP_11; 5]);
         let hosts = origin.hosts.lock().expect("hosts").clone();
         assert_eq!(hosts, vec![origin.addr.to_string(); 5]);
+    }
+
+    /// HTTP/1.1 goes out in origin form with the host's `Host`, also for a request given an
+    /// absolute URI.
+    #[tokio::test]
+    async fn http1_request_goes_out_in_origin_form() {
+        let origin = origin(None).await;
+        let host = plain_host(origin.addr, Duration::from_secs(50));
+        assert_eq!(fetch(&host, "/echo?q=1").await, "/echo?q=1");
+        assert_eq!(
+            fetch(&host, "http://elsewhere.example/echo?q=2").await,
+            "/echo?q=2"
+        );
+        let hosts = origin.hosts.lock().expect("hosts").clone();
+        assert_eq!(hosts, vec![origin.addr.to_string(); 2]);
     }
 
     #[tokio::test]
