@@ -94,7 +94,7 @@ pub struct ConnOptions {
     /// client that hangs up: a call waiting in a queue for budget then leaves it instead of
     /// being sent for nobody. Only listeners whose integrations queue need it: hyper's read
     /// ahead takes a new read buffer for every request, as the last one is still referenced
-    /// by the request's headers (README "Performance": 2.7 % of the instructions per
+    /// by the request's headers (README "Performance": 2.5 % of the instructions per
     /// request). Without it a call whose client left is sent and its answer dropped, as for
     /// a client that half-closes (HTTP/2 notices resets either way).
     pub watch_hangups: bool,
