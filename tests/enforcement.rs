@@ -211,7 +211,7 @@ async fn a_queued_call_whose_client_hangs_up_is_not_forwarded() {
         SimOptions::default(),
         "",
         "[[integration]]\nid = \"q\"\norg = \"acme\"\nmatch = { path_prefix = \"/q\" }\n\
-         rate = { per_second = 2, burst = 1 }\non_limit = \"queue\"\nqueue = { max_depth = 3, max_wait = \"5s\" }\n",
+         rate = { per_second = 1, burst = 1 }\non_limit = \"queue\"\nqueue = { max_depth = 3, max_wait = \"5s\" }\n",
     )
     .await;
     let url = format!("{}/q/services/data/v62.0/sobjects", env.proxy);
@@ -221,7 +221,7 @@ async fn a_queued_call_whose_client_hangs_up_is_not_forwarded() {
         "the burst token"
     );
 
-    // The next call waits for the token due in 500 ms; its client leaves before that.
+    // The next call waits for the token due in 1 s; its client leaves before that.
     let addr = env.proxy.trim_start_matches("http://");
     let mut client = tokio::net::TcpStream::connect(addr).await.expect("connect");
     client
@@ -240,7 +240,7 @@ async fn a_queued_call_whose_client_hangs_up_is_not_forwarded() {
     drop(client);
 
     // Well past the token's arrival: the abandoned call was dropped, not sent.
-    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    tokio::time::sleep(std::time::Duration::from_millis(1800)).await;
     assert_eq!(
         env.sim_count().await["used"],
         1,
