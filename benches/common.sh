@@ -89,6 +89,20 @@ wait_up() {
   exit 1
 }
 
+# A scratch directory in $work and a `pids` list: when the script exits (Ctrl-C included) every
+# process in `pids` is stopped by its PID and the directory removed.
+start_work() {
+  work=$(mktemp -d "${TMPDIR:-/tmp}/callmeter-$1.XXXXXX")
+  pids=()
+  trap stop_work EXIT
+  trap 'exit 130' INT TERM
+}
+stop_work() {
+  local pid
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  rm -rf "$work"
+}
+
 free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
 }

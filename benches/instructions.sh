@@ -54,15 +54,7 @@ ensure_tools valgrind:valgrind h2load:nghttp2-client curl:curl python3:python3
 [ "$target" = callmeter ] || ensure_tools nginx:nginx
 build_bins
 
-work=$(mktemp -d "${TMPDIR:-/tmp}/callmeter-instructions.XXXXXX")
-pids=()
-cleanup() {
-  local pid
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  rm -rf "$work"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+start_work instructions
 origin_port=$(free_port) port=$(free_port) admin=$(free_port) h2port=$(free_port)
 "$origin_bin" --listen "127.0.0.1:$origin_port" >"$work/origin.log" 2>&1 &
 pids+=($!)
