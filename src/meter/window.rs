@@ -34,9 +34,9 @@ fn unpack(word: u64) -> (Minute, u32) {
 /// and its arithmetic is tested with plain numbers.
 #[derive(Debug)]
 pub struct Window {
-    len: u32,
-    /// `len` prepared for `minute % len` by multiplication: a hardware division costs more
-    /// than the rest of finding a call's slot, twice per counted call (integration and org).
+    /// The window's length in minutes (`slots.get()`), prepared for `minute % len` by
+    /// multiplication: a hardware division costs more than the rest of finding a call's slot,
+    /// twice per counted call (integration and org).
     slots: StrengthReducedU32,
     /// The ring of buckets, allocated by the first call counted.
     ring: OnceLock<Box<[AtomicU64]>>,
@@ -49,10 +49,8 @@ pub struct Window {
 impl Window {
     /// A window of `minutes` buckets (at least one).
     pub fn new(minutes: u32) -> Self {
-        let len = minutes.max(1);
         Window {
-            len,
-            slots: StrengthReducedU32::new(len),
+            slots: StrengthReducedU32::new(minutes.max(1)),
             ring: OnceLock::new(),
             total: AtomicU64::new(0),
             swept: AtomicU64::new(0),
@@ -60,8 +58,9 @@ impl Window {
     }
 
     /// Length of the window in minutes.
+    #[inline]
     pub fn minutes(&self) -> u32 {
-        self.len
+        self.slots.get()
     }
 
     /// The slot of `minute`, if the ring exists (before the first call nothing is in it).
@@ -77,7 +76,7 @@ impl Window {
     fn slot_mut(&self, minute: Minute) -> &AtomicU64 {
         let ring = self
             .ring
-            .get_or_init(|| (0..self.len).map(|_| AtomicU64::new(0)).collect());
+            .get_or_init(|| (0..self.minutes()).map(|_| AtomicU64::new(0)).collect());
         &ring[(minute % self.slots) as usize]
     }
 
@@ -103,7 +102,7 @@ impl Window {
             return; // nothing was ever counted
         }
         // At most one full turn of the ring needs clearing, however long we were idle.
-        let from = (swept + 1).max(u64::from(now).saturating_sub(u64::from(self.len) - 1));
+        let from = (swept + 1).max(u64::from(now).saturating_sub(u64::from(self.minutes()) - 1));
         for minute in from..=u64::from(now) {
             self.expire_slot(minute as Minute);
         }
@@ -241,7 +240,7 @@ impl Window {
     /// the ring, so it is for the limited path, not for every call.
     pub fn minutes_until_freed(&self, now: Minute, needed: u64) -> Option<u32> {
         self.advance(now);
-        let len = self.len;
+        let len = self.minutes();
         let oldest = now.saturating_sub(len - 1);
         let mut freed = 0u64;
         for minute in oldest..=now {
@@ -261,7 +260,7 @@ impl Window {
     /// are skipped. Meant for a window that has counted nothing yet.
     pub fn restore(&self, now: Minute, buckets: &[(Minute, u32)]) {
         self.advance(now);
-        let len = self.len;
+        let len = self.minutes();
         for &(minute, count) in buckets {
             if minute <= now && minute + len > now && count > 0 {
                 self.total.fetch_add(u64::from(count), Ordering::AcqRel);
@@ -273,7 +272,7 @@ impl Window {
     /// Per-minute counts still in the window, oldest first, for snapshots.
     pub fn buckets(&self, now: Minute) -> Vec<(Minute, u32)> {
         self.advance(now);
-        let len = self.len;
+        let len = self.minutes();
         (now.saturating_sub(len - 1)..=now)
             .filter_map(|minute| {
                 let (stamp, count) = unpack(self.slot(minute)?.load(Ordering::Acquire));
