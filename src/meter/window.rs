@@ -5,9 +5,16 @@
 //! buckets; each bucket packs the minute it belongs to and the calls counted in it into one
 //! `AtomicU64`, so a rollover (the slot now belongs to a newer minute) is a single
 //! compare-and-swap that exactly one thread wins, and the winner alone takes the old calls off the
-//! running total. The running total makes reading the window O(1) on the hot path. The ring
-//! (11 KiB for 24 hours) is allocated with the first call, so idle integrations cost only the
-//! few words of the struct.
+//! running total. The running total makes reading the window O(1) on the hot path.
+//!
+//! The newest minute's bucket (the head) sits beside the total instead of in the ring, so that
+//! counting a call touches only the window's own few words: with thousands of integrations
+//! the ring's slot was a cache miss of its own on every call. When a newer minute begins, the
+//! thread that rolls the head over files the old minute's count into the ring. A call whose
+//! minute was read a moment before another thread rolled the head over counts in the newer
+//! minute: it leaves the window at most a minute late, never early. The ring
+//! (11 KiB for 24 hours) is allocated when a minute is first filed, so idle integrations cost
+//! only the few words of the struct.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -34,26 +41,29 @@ fn unpack(word: u64) -> (Minute, u32) {
 /// and its arithmetic is tested with plain numbers.
 #[derive(Debug)]
 pub struct Window {
-    /// The window's length in minutes (`slots.get()`), prepared for `minute % len` by
-    /// multiplication: a hardware division costs more than the rest of finding a call's slot,
-    /// twice per counted call (integration and org).
-    slots: StrengthReducedU32,
-    /// The ring of buckets, allocated by the first call counted.
-    ring: OnceLock<Box<[AtomicU64]>>,
-    /// Sum of the counts of the buckets still inside the window (see `advance`).
+    /// The newest minute counted and its calls, packed (see the module docs). Its minute only
+    /// moves forward.
+    head: AtomicU64,
+    /// Sum of the counts still inside the window, head and ring (see `advance`).
     total: AtomicU64,
     /// The newest minute whose expired slot has been swept. Only moves forward.
     swept: AtomicU64,
+    /// The window's length in minutes (`slots.get()`), prepared for `minute % len` by
+    /// multiplication, cheaper than a hardware division.
+    slots: StrengthReducedU32,
+    /// The ring of buckets of the minutes before the head's, allocated by the first one filed.
+    ring: OnceLock<Box<[AtomicU64]>>,
 }
 
 impl Window {
     /// A window of `minutes` buckets (at least one).
     pub fn new(minutes: u32) -> Self {
         Window {
-            slots: StrengthReducedU32::new(minutes.max(1)),
-            ring: OnceLock::new(),
+            head: AtomicU64::new(0),
             total: AtomicU64::new(0),
             swept: AtomicU64::new(0),
+            slots: StrengthReducedU32::new(minutes.max(1)),
+            ring: OnceLock::new(),
         }
     }
 
@@ -63,7 +73,7 @@ impl Window {
         self.slots.get()
     }
 
-    /// The slot of `minute`, if the ring exists (before the first call nothing is in it).
+    /// The slot of `minute`, if the ring exists (before a minute is filed nothing is in it).
     #[inline]
     fn slot(&self, minute: Minute) -> Option<&AtomicU64> {
         self.ring
@@ -71,8 +81,7 @@ impl Window {
             .map(|ring| &ring[(minute % self.slots) as usize])
     }
 
-    /// The slot of `minute`, allocating the ring if this is the first call.
-    #[inline]
+    /// The slot of `minute`, allocating the ring if this is the first minute filed.
     fn slot_mut(&self, minute: Minute) -> &AtomicU64 {
         let ring = self
             .ring
@@ -80,11 +89,40 @@ impl Window {
         &ring[(minute % self.slots) as usize]
     }
 
+    /// Whether calls of `minute` are still inside the window ending at `now`.
+    #[inline]
+    fn inside(&self, minute: Minute, now: Minute) -> bool {
+        minute <= now && u64::from(minute) + u64::from(self.minutes()) > u64::from(now)
+    }
+
+    /// Calls the head holds for `minute` (0 if it holds another minute).
+    fn head_count(&self, minute: Minute) -> u32 {
+        let (stamp, count) = unpack(self.head.load(Ordering::Acquire));
+        if stamp == minute {
+            count
+        } else {
+            0
+        }
+    }
+
+    /// Calls the ring holds for `minute`.
+    fn ring_count(&self, minute: Minute) -> u32 {
+        self.slot(minute).map_or(0, |slot| {
+            let (stamp, count) = unpack(slot.load(Ordering::Acquire));
+            if stamp == minute {
+                count
+            } else {
+                0
+            }
+        })
+    }
+
     /// Takes the calls of minutes that left the window off the total.
     ///
     /// Cheap when nothing changed (one load). When the minute moved on, the thread that moves
-    /// `swept` forward clears the slots of the minutes in between; a slot is cleared by a CAS, so
-    /// a concurrent `add` that rolls the same slot over cannot make the old count vanish twice.
+    /// `swept` forward clears the head if its minute left the window and the ring slots of the
+    /// minutes in between; each is cleared by a CAS, so a concurrent `add` that rolls the same
+    /// bucket over cannot make the old count vanish twice.
     #[inline]
     pub fn advance(&self, now: Minute) {
         let swept = self.swept.load(Ordering::Acquire);
@@ -98,13 +136,47 @@ impl Window {
         {
             return; // another thread sweeps
         }
+        self.expire_head(now);
         if self.ring.get().is_none() {
-            return; // nothing was ever counted
+            return; // nothing was ever filed
         }
         // At most one full turn of the ring needs clearing, however long we were idle.
-        let from = (swept + 1).max(u64::from(now).saturating_sub(u64::from(self.minutes()) - 1));
+        let len = u64::from(self.minutes());
+        let from = (swept + 1).max(u64::from(now).saturating_sub(len - 1));
         for minute in from..=u64::from(now) {
             self.expire_slot(minute as Minute);
+        }
+    }
+
+    /// Empties the head if its minute left the window ending at `now` (an idle window: a busy
+    /// one rolls its head over first).
+    fn expire_head(&self, now: Minute) {
+        self.take(&self.head, |stamp, count| {
+            (count > 0 && stamp <= now && !self.inside(stamp, now)).then_some(count)
+        });
+    }
+
+    /// Lowers the count of `bucket` by what `amount(minute, count)` says (`None`: nothing) in
+    /// one CAS that keeps the bucket's minute, and the total with it. Returns what it took.
+    fn take(&self, bucket: &AtomicU64, amount: impl Fn(Minute, u32) -> Option<u32>) -> u32 {
+        let mut word = bucket.load(Ordering::Acquire);
+        loop {
+            let (stamp, count) = unpack(word);
+            let Some(give) = amount(stamp, count) else {
+                return 0;
+            };
+            match bucket.compare_exchange_weak(
+                word,
+                pack(stamp, count - give),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => {
+                    self.total.fetch_sub(u64::from(give), Ordering::AcqRel);
+                    return give;
+                }
+                Err(actual) => word = actual,
+            }
         }
     }
 
@@ -144,7 +216,7 @@ impl Window {
         }
         self.advance(now);
         self.total.fetch_add(u64::from(units), Ordering::AcqRel);
-        self.add_to_bucket(now, units);
+        self.add_to_head(now, units);
     }
 
     /// Counts `units` calls at minute `now` only if the window total stays within `cap`.
@@ -170,13 +242,17 @@ impl Window {
                 Err(actual) => total = actual,
             }
         }
-        self.add_to_bucket(now, units);
+        if units > 0 {
+            self.add_to_head(now, units);
+        }
         Ok(total + units64)
     }
 
-    fn add_to_bucket(&self, now: Minute, units: u32) {
-        let slot = self.slot_mut(now);
-        let mut word = slot.load(Ordering::Acquire);
+    /// Puts `units` (already in the total) into the head, rolling it over to `now` if it holds
+    /// an older minute; the thread whose CAS rolls it files the old minute into the ring.
+    #[inline]
+    fn add_to_head(&self, now: Minute, units: u32) {
+        let mut word = self.head.load(Ordering::Acquire);
         loop {
             let (stamp, count) = unpack(word);
             let next = if stamp >= now {
@@ -186,11 +262,42 @@ impl Window {
             } else {
                 pack(now, units)
             };
-            match slot.compare_exchange_weak(word, next, Ordering::AcqRel, Ordering::Acquire) {
+            match self
+                .head
+                .compare_exchange_weak(word, next, Ordering::AcqRel, Ordering::Acquire)
+            {
                 Ok(_) => {
                     if stamp < now && count > 0 {
-                        // We rolled an expired slot over before the sweeper reached it.
-                        self.total.fetch_sub(u64::from(count), Ordering::AcqRel);
+                        self.file(stamp, count);
+                    }
+                    return;
+                }
+                Err(actual) => word = actual,
+            }
+        }
+    }
+
+    /// Adds `count` calls of `minute` (already in the total) to the ring: an old head's, or
+    /// restored ones. If the minute's slot already belongs to a newer minute, `minute` has
+    /// left the window and its calls come off the total instead.
+    fn file(&self, minute: Minute, count: u32) {
+        let slot = self.slot_mut(minute);
+        let mut word = slot.load(Ordering::Acquire);
+        loop {
+            let (stamp, old) = unpack(word);
+            let next = match stamp.cmp(&minute) {
+                std::cmp::Ordering::Greater => {
+                    self.total.fetch_sub(u64::from(count), Ordering::AcqRel);
+                    return;
+                }
+                std::cmp::Ordering::Equal => pack(minute, old.saturating_add(count)),
+                // The slot's minute is a whole window older than `minute`: it has expired.
+                std::cmp::Ordering::Less => pack(minute, count),
+            };
+            match slot.compare_exchange_weak(word, next, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => {
+                    if stamp < minute && old > 0 {
+                        self.total.fetch_sub(u64::from(old), Ordering::AcqRel);
                     }
                     return;
                 }
@@ -200,30 +307,19 @@ impl Window {
     }
 
     /// Gives back `units` counted at minute `at` (the call never reached Salesforce).
-    /// Nothing happens if that minute has already left the window.
+    /// Nothing happens if that minute has already left the window. A refund that meets the
+    /// head in the instant between its roll-over and the filing of its old minute finds the
+    /// calls in neither place and is dropped: the window then over-counts, it never
+    /// under-counts.
     pub fn refund(&self, at: Minute, units: u32) {
-        if units == 0 {
-            return;
-        }
-        let Some(slot) = self.slot(at) else { return };
-        let mut word = slot.load(Ordering::Acquire);
-        loop {
-            let (stamp, count) = unpack(word);
-            if stamp != at || count == 0 {
-                return;
-            }
-            let give = count.min(units);
-            match slot.compare_exchange_weak(
-                word,
-                pack(stamp, count - give),
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
-                Ok(_) => {
-                    self.total.fetch_sub(u64::from(give), Ordering::AcqRel);
-                    return;
-                }
-                Err(actual) => word = actual,
+        // The head first: it holds the newest minute, the one most refunds are for.
+        let of_at = |left: u32| {
+            move |stamp: Minute, count: u32| (stamp == at && count > 0).then(|| count.min(left))
+        };
+        let left = units - self.take(&self.head, of_at(units));
+        if left > 0 {
+            if let Some(slot) = self.slot(at) {
+                self.take(slot, of_at(left));
             }
         }
     }
@@ -244,10 +340,7 @@ impl Window {
         let oldest = now.saturating_sub(len - 1);
         let mut freed = 0u64;
         for minute in oldest..=now {
-            let (stamp, count) = unpack(self.slot(minute)?.load(Ordering::Acquire));
-            if stamp == minute {
-                freed += u64::from(count);
-            }
+            freed += u64::from(self.ring_count(minute)) + u64::from(self.head_count(minute));
             if freed >= needed && needed > 0 {
                 // The calls of `minute` leave the window when `minute + len` begins.
                 return Some(minute + len - now);
@@ -260,11 +353,10 @@ impl Window {
     /// are skipped. Meant for a window that has counted nothing yet.
     pub fn restore(&self, now: Minute, buckets: &[(Minute, u32)]) {
         self.advance(now);
-        let len = self.minutes();
         for &(minute, count) in buckets {
-            if minute <= now && minute + len > now && count > 0 {
+            if self.inside(minute, now) && count > 0 {
                 self.total.fetch_add(u64::from(count), Ordering::AcqRel);
-                self.add_to_bucket(minute, count);
+                self.file(minute, count);
             }
         }
     }
@@ -273,12 +365,20 @@ impl Window {
     pub fn buckets(&self, now: Minute) -> Vec<(Minute, u32)> {
         self.advance(now);
         let len = self.minutes();
-        (now.saturating_sub(len - 1)..=now)
+        let mut buckets: Vec<(Minute, u32)> = (now.saturating_sub(len - 1)..=now)
             .filter_map(|minute| {
-                let (stamp, count) = unpack(self.slot(minute)?.load(Ordering::Acquire));
-                (stamp == minute && count > 0).then_some((minute, count))
+                let count = self.ring_count(minute);
+                (count > 0).then_some((minute, count))
             })
-            .collect()
+            .collect();
+        let (stamp, count) = unpack(self.head.load(Ordering::Acquire));
+        if count > 0 && self.inside(stamp, now) {
+            match buckets.binary_search_by_key(&stamp, |&(minute, _)| minute) {
+                Ok(i) => buckets[i].1 = buckets[i].1.saturating_add(count),
+                Err(i) => buckets.insert(i, (stamp, count)),
+            }
+        }
+        buckets
     }
 }
 
@@ -371,16 +471,15 @@ mod tests {
         assert_eq!(w.minutes_until_freed(T0 + 20, 3), None);
     }
 
-    #[test]
-    fn concurrent_adds_are_exact() {
-        let w = std::sync::Arc::new(Window::new(3));
+    /// Runs `op(window, minute, i)` for `i` in `0..iterations` on 4 threads whose minutes
+    /// straddle minute boundaries, to race sweeps and roll-overs against counting.
+    fn race(w: &std::sync::Arc<Window>, iterations: u32, op: fn(&Window, Minute, u32)) {
         let threads: Vec<_> = (0..4)
             .map(|t| {
                 let w = w.clone();
                 std::thread::spawn(move || {
-                    for i in 0..10_000u32 {
-                        // Threads straddle minute boundaries to race sweeps against adds.
-                        w.add(T0 + (i / 2_500) + t % 2, 1);
+                    for i in 0..iterations {
+                        op(&w, T0 + (i / 2_500) + t % 2, i);
                     }
                 })
             })
@@ -388,8 +487,18 @@ mod tests {
         for t in threads {
             t.join().expect("thread");
         }
+    }
+
+    #[test]
+    fn concurrent_adds_are_exact() {
+        let w = std::sync::Arc::new(Window::new(3));
+        race(&w, 10_000, |w, minute, _| w.add(minute, 1));
         let expected: u64 = w.buckets(T0 + 4).iter().map(|&(_, c)| u64::from(c)).sum();
         assert_eq!(w.total(T0 + 4), expected);
+        // At T0 + 4 the window holds T0 + 2 ..= T0 + 4: 2 of the 4 minutes of two threads
+        // (2 x 5,000 calls), 3 of the 4 of the other two (2 x 7,500). A thread a minute behind
+        // the head counts into the head's newer minute, so calls may leave late, never early.
+        assert!((25_000..=40_000).contains(&expected), "{expected}");
     }
 
     #[test]
@@ -413,6 +522,70 @@ mod tests {
         }
         assert_eq!(ok.load(Ordering::Relaxed), 1_000);
         assert_eq!(w.total(T0), 1_000);
+    }
+
+    #[test]
+    fn an_idle_head_ages_out() {
+        // One minute counted and nothing since: the calls live in the head alone, with no ring.
+        let w = Window::new(60);
+        w.add(T0, 4);
+        assert!(w.ring.get().is_none());
+        assert_eq!(w.total(T0 + 59), 4);
+        assert_eq!(w.buckets(T0 + 59), vec![(T0, 4)]);
+        assert_eq!(w.total(T0 + 60), 0);
+        assert_eq!(w.buckets(T0 + 60), vec![]);
+        // The next call rolls the emptied head over without counting the old minute again.
+        w.add(T0 + 200, 1);
+        assert_eq!(w.total(T0 + 200), 1);
+    }
+
+    #[test]
+    fn a_head_filed_after_its_minute_left_comes_off_the_total() {
+        // The race this stands for: one thread sweeps minute T0 + 3 (the head's T0 is still
+        // inside at that moment, or another thread has emptied it), while a second thread,
+        // already past its own sweep check, rolls over a head that still holds T0.
+        let w = Window::new(3);
+        w.add(T0, 2);
+        w.slot_mut(T0 + 3).store(pack(T0 + 3, 0), Ordering::Release);
+        w.swept.store(u64::from(T0 + 3), Ordering::Release);
+        w.add(T0 + 3, 1);
+        assert_eq!(w.total(T0 + 3), 1);
+        assert_eq!(w.buckets(T0 + 3), vec![(T0 + 3, 1)]);
+    }
+
+    #[test]
+    fn restored_and_new_calls_of_one_minute_add_up() {
+        let w = Window::new(60);
+        w.restore(T0, &[(T0 - 1, 3), (T0, 5)]);
+        w.add(T0, 2); // the head now holds T0 too, beside the restored slot
+        assert_eq!(w.buckets(T0), vec![(T0 - 1, 3), (T0, 7)]);
+        assert_eq!(w.minutes_until_freed(T0, 4), Some(60));
+        // A refund takes from the head first, then from the ring.
+        w.refund(T0, 4);
+        assert_eq!(w.total(T0), 6);
+        assert_eq!(w.buckets(T0), vec![(T0 - 1, 3), (T0, 3)]);
+        // Rolling the head over files its minute into the slot that already holds it.
+        w.add(T0 + 1, 1);
+        assert_eq!(w.buckets(T0 + 1), vec![(T0 - 1, 3), (T0, 3), (T0 + 1, 1)]);
+        assert_eq!(w.total(T0 + 58), 7);
+        assert_eq!(w.total(T0 + 59), 4); // T0 - 1 has left
+        assert_eq!(w.total(T0 + 60), 1);
+    }
+
+    #[test]
+    fn concurrent_adds_and_refunds_keep_total_and_buckets_equal() {
+        let w = std::sync::Arc::new(Window::new(3));
+        race(&w, 20_000, |w, minute, i| {
+            w.add(minute, 2);
+            if i % 2 == 0 {
+                w.refund(minute, 1);
+            }
+        });
+        let now = T0 + 9;
+        let expected: u64 = w.buckets(now).iter().map(|&(_, c)| u64::from(c)).sum();
+        assert_eq!(w.total(now), expected);
+        assert!(expected > 0);
+        assert_eq!(w.total(now + 3), 0);
     }
 
     proptest! {
