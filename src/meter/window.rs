@@ -19,8 +19,6 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
-use strength_reduce::StrengthReducedU32;
-
 /// Minutes since the Unix epoch. 32 bits last until the year 10136.
 pub type Minute = u32;
 
@@ -33,6 +31,16 @@ fn pack(minute: Minute, count: u32) -> u64 {
 #[inline]
 fn unpack(word: u64) -> (Minute, u32) {
     ((word >> 32) as Minute, word as u32)
+}
+
+/// The calls a bucket word holds for `minute` (0 if it holds another minute).
+fn count_of(word: u64, minute: Minute) -> u32 {
+    let (stamp, count) = unpack(word);
+    if stamp == minute {
+        count
+    } else {
+        0
+    }
 }
 
 /// Exact count of calls over the last `len` minutes (the current minute included).
@@ -48,9 +56,8 @@ pub struct Window {
     total: AtomicU64,
     /// The newest minute whose expired slot has been swept. Only moves forward.
     swept: AtomicU64,
-    /// The window's length in minutes (`slots.get()`), prepared for `minute % len` by
-    /// multiplication, cheaper than a hardware division.
-    slots: StrengthReducedU32,
+    /// The window's length in minutes.
+    len: u32,
     /// The ring of buckets of the minutes before the head's, allocated by the first one filed.
     ring: OnceLock<Box<[AtomicU64]>>,
 }
@@ -62,7 +69,7 @@ impl Window {
             head: AtomicU64::new(0),
             total: AtomicU64::new(0),
             swept: AtomicU64::new(0),
-            slots: StrengthReducedU32::new(minutes.max(1)),
+            len: minutes.max(1),
             ring: OnceLock::new(),
         }
     }
@@ -70,7 +77,7 @@ impl Window {
     /// Length of the window in minutes.
     #[inline]
     pub fn minutes(&self) -> u32 {
-        self.slots.get()
+        self.len
     }
 
     /// The slot of `minute`, if the ring exists (before a minute is filed nothing is in it).
@@ -78,7 +85,7 @@ impl Window {
     fn slot(&self, minute: Minute) -> Option<&AtomicU64> {
         self.ring
             .get()
-            .map(|ring| &ring[(minute % self.slots) as usize])
+            .map(|ring| &ring[(minute % self.len) as usize])
     }
 
     /// The slot of `minute`, allocating the ring if this is the first minute filed.
@@ -86,7 +93,7 @@ impl Window {
         let ring = self
             .ring
             .get_or_init(|| (0..self.minutes()).map(|_| AtomicU64::new(0)).collect());
-        &ring[(minute % self.slots) as usize]
+        &ring[(minute % self.len) as usize]
     }
 
     /// Whether calls of `minute` are still inside the window ending at `now`.
@@ -95,26 +102,10 @@ impl Window {
         minute <= now && u64::from(minute) + u64::from(self.minutes()) > u64::from(now)
     }
 
-    /// Calls the head holds for `minute` (0 if it holds another minute).
-    fn head_count(&self, minute: Minute) -> u32 {
-        let (stamp, count) = unpack(self.head.load(Ordering::Acquire));
-        if stamp == minute {
-            count
-        } else {
-            0
-        }
-    }
-
     /// Calls the ring holds for `minute`.
     fn ring_count(&self, minute: Minute) -> u32 {
-        self.slot(minute).map_or(0, |slot| {
-            let (stamp, count) = unpack(slot.load(Ordering::Acquire));
-            if stamp == minute {
-                count
-            } else {
-                0
-            }
-        })
+        self.slot(minute)
+            .map_or(0, |slot| count_of(slot.load(Ordering::Acquire), minute))
     }
 
     /// Takes the calls of minutes that left the window off the total.
@@ -340,7 +331,8 @@ impl Window {
         let oldest = now.saturating_sub(len - 1);
         let mut freed = 0u64;
         for minute in oldest..=now {
-            freed += u64::from(self.ring_count(minute)) + u64::from(self.head_count(minute));
+            let head = count_of(self.head.load(Ordering::Acquire), minute);
+            freed += u64::from(self.ring_count(minute)) + u64::from(head);
             if freed >= needed && needed > 0 {
                 // The calls of `minute` leave the window when `minute + len` begins.
                 return Some(minute + len - now);
