@@ -404,6 +404,19 @@ async fn slow_request_heads_and_idle_connections_are_closed_after_the_header_tim
         "{answer}"
     );
 
+    // A connection that sends nothing at all: closed after the timeout too.
+    let mut silent = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    let started = Instant::now();
+    let (answer, closed) = read_to_close(&mut silent).await;
+    let waited = closed - started;
+    assert!(
+        waited >= Duration::from_millis(1500),
+        "closed after {waited:?}"
+    );
+    assert!(answer.is_empty(), "{}", String::from_utf8_lossy(&answer));
+
     // A connection that sends a request every 600 ms lives well past the 2 s timeout, since
     // each request head restarts it; once idle it is closed after the timeout. (600 ms leaves
     // a wide margin for a loaded CI machine.)

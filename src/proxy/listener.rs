@@ -5,6 +5,7 @@
 //! it logs, backs off and retries. On shutdown it stops accepting, asks every connection to
 //! finish its in-flight requests, and waits for them up to the grace period.
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -13,14 +14,14 @@ use std::time::Duration;
 
 use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use thiserror::Error;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
 use super::timer::ConnTimer;
@@ -121,6 +122,109 @@ impl Peer {
     }
 }
 
+/// HTTP/2 with prior knowledge opens with this preface (RFC 9113 §3.4); anything else on a
+/// plaintext listener is HTTP/1.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// The protocol a connection speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    Http1,
+    Http2,
+}
+
+/// Tells an h2c (prior knowledge) connection from an HTTP/1 one by peeking at its first bytes,
+/// which stay in the socket for the protocol's own reader. An HTTP/1 request line differs from
+/// the preface within its first two bytes; only a preface split across packets makes it look
+/// again (after a millisecond: a peek returns at once while any byte is waiting).
+async fn sniff(stream: &TcpStream) -> std::io::Result<Protocol> {
+    let mut buf = [0u8; H2_PREFACE.len()];
+    let mut seen = 0;
+    loop {
+        let n = stream.peek(&mut buf).await?;
+        if n == 0 || buf[..n] != H2_PREFACE[..n] {
+            return Ok(Protocol::Http1);
+        }
+        if n == H2_PREFACE.len() {
+            return Ok(Protocol::Http2);
+        }
+        if n == seen {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        seen = n;
+    }
+}
+
+/// The HTTP/1.1 and HTTP/2 settings every connection of a listener is served with.
+#[derive(Clone)]
+struct Builders {
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
+}
+
+impl Builders {
+    fn new(options: &ConnOptions) -> Self {
+        let mut http1 = http1::Builder::new();
+        http1
+            // Head and body copied into one buffer and written with one `write`: for
+            // Salesforce's mostly small responses cheaper than hyper's queue of buffers for
+            // `writev` (README "Performance"); a large body streams through that buffer,
+            // bounded by its size.
+            .writev(false)
+            .half_close(!options.watch_hangups)
+            .header_read_timeout(Some(options.header_timeout))
+            // hyper's floor for the read buffer is 8 KiB.
+            .max_buf_size(options.max_header_bytes.max(8192));
+        let mut http2 = http2::Builder::new(TokioExecutor::new());
+        http2
+            .timer(TokioTimer::new())
+            .max_header_list_size(options.max_header_bytes as u32);
+        Builders { http1, http2 }
+    }
+
+    /// Serves one connection until it closes (or is drained by `watcher`).
+    async fn serve<I, H, F>(
+        &self,
+        io: I,
+        protocol: Protocol,
+        handler: H,
+        client: Peer,
+        watcher: Watcher,
+    ) -> Result<(), hyper::Error>
+    where
+        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+        H: Fn(Peer, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+        F: Future<Output = Response<super::ResponseBody>> + Send + 'static,
+    {
+        match protocol {
+            Protocol::Http1 => {
+                // Each connection gets its own header-read timer (`timer.rs`), so the builder
+                // is copied per connection (once per connection, against a timer registration
+                // saved on every request).
+                let mut http1 = self.http1.clone();
+                http1.timer(ConnTimer::new());
+                let service = service_fn(move |req| {
+                    let (handler, client) = (handler.clone(), client.clone());
+                    async move { Ok::<_, Infallible>(handler(client, req).await) }
+                });
+                watcher.watch(http1.serve_connection(io, service)).await
+            }
+            Protocol::Http2 => {
+                // The HTTP/2 server spawns a task per stream and moves the request's future
+                // into it, through several layers of tokio, each a copy of the whole future
+                // (some KiB, README "Performance"); boxed, only a pointer moves.
+                let service = service_fn(move |req| {
+                    let (handler, client) = (handler.clone(), client.clone());
+                    Box::pin(async move { Ok::<_, Infallible>(handler(client, req).await) })
+                });
+                watcher
+                    .watch(self.http2.serve_connection(io, service))
+                    .await
+            }
+        }
+    }
+}
+
 /// Serves `listener` with `handler` until `shutdown` resolves, then drains connections for at
 /// most `grace`.
 pub async fn serve_listener<H, F>(
@@ -134,21 +238,7 @@ pub async fn serve_listener<H, F>(
     H: Fn(Peer, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<super::ResponseBody>> + Send + 'static,
 {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        // Head and body copied into one buffer and written with one `write`: for Salesforce's
-        // mostly small responses cheaper than hyper's queue of buffers for `writev`
-        // (README "Performance"); a large body streams through that buffer, bounded by its size.
-        .writev(false)
-        .half_close(!options.watch_hangups)
-        .header_read_timeout(Some(options.header_timeout))
-        // hyper's floor for the read buffer is 8 KiB.
-        .max_buf_size(options.max_header_bytes.max(8192));
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(options.max_header_bytes as u32);
+    let builders = Arc::new(Builders::new(&options));
     let graceful = GracefulShutdown::new();
     let mut backoff = Duration::from_millis(5);
     tokio::pin!(shutdown);
@@ -171,33 +261,26 @@ pub async fn serve_listener<H, F>(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        // Each connection gets its own header-read timer (`timer.rs`), so the builder is
-        // copied per connection (once per connection, against a timer registration saved on
-        // every request).
-        let mut builder = builder.clone();
-        builder.http1().timer(ConnTimer::new());
-        let handler = handler.clone();
+        let (builders, handler, tls) = (builders.clone(), handler.clone(), tls.clone());
         let client = Peer::new(peer);
-        let service = service_fn(move |req| {
-            let (handler, client) = (handler.clone(), client.clone());
-            async move { Ok::<_, std::convert::Infallible>(handler(client, req).await) }
-        });
-        match &tls {
-            None => {
-                let conn = builder
-                    .serve_connection(TokioIo::new(stream), service)
-                    .into_owned();
-                let conn = graceful.watch(conn);
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(%peer, error = %e, "connection ended with an error");
-                    }
-                });
-            }
-            Some(TlsSetup(acceptor)) => {
-                let acceptor = acceptor.clone();
-                let watcher = graceful.watcher();
-                tokio::spawn(async move {
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            // Both the TLS handshake and the first bytes of a plaintext connection come within
+            // the header timeout, or the connection is closed.
+            let served = match tls {
+                None => {
+                    let protocol =
+                        match tokio::time::timeout(options.header_timeout, sniff(&stream)).await {
+                            Ok(Ok(protocol)) => protocol,
+                            Ok(Err(e)) => {
+                                return tracing::debug!(%peer, error = %e, "connection failed")
+                            }
+                            Err(_) => return tracing::debug!(%peer, "no request came in time"),
+                        };
+                    let io = TokioIo::new(stream);
+                    builders.serve(io, protocol, handler, client, watcher).await
+                }
+                Some(TlsSetup(acceptor)) => {
                     let stream =
                         match tokio::time::timeout(options.header_timeout, acceptor.accept(stream))
                             .await
@@ -208,20 +291,90 @@ pub async fn serve_listener<H, F>(
                             }
                             Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
                         };
-                    let conn = builder
-                        .serve_connection(TokioIo::new(stream), service)
-                        .into_owned();
-                    if let Err(e) = watcher.watch(conn).await {
-                        tracing::debug!(%peer, error = %e, "connection ended with an error");
-                    }
-                });
+                    let protocol = match stream.get_ref().1.alpn_protocol() {
+                        Some(b"h2") => Protocol::Http2,
+                        _ => Protocol::Http1,
+                    };
+                    let io = TokioIo::new(stream);
+                    builders.serve(io, protocol, handler, client, watcher).await
+                }
+            };
+            if let Err(e) = served {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
-        }
+        });
     }
 
     drop(listener);
     tokio::select! {
         () = graceful.shutdown() => tracing::debug!("all connections drained"),
         () = tokio::time::sleep(grace) => tracing::warn!(?grace, "grace period over; closing connections with requests in flight"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// A connected pair: what the client writes, the server side sniffs.
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let client = TcpStream::connect(addr).await.expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        (client, server)
+    }
+
+    async fn sniffed(chunks: &[&[u8]]) -> (Protocol, Vec<u8>) {
+        let (mut client, mut server) = pair().await;
+        let sent: Vec<u8> = chunks.concat();
+        let chunks: Vec<Vec<u8>> = chunks.iter().map(|c| c.to_vec()).collect();
+        let writer = tokio::spawn(async move {
+            for chunk in chunks {
+                client.write_all(&chunk).await.expect("write");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            client
+        });
+        let protocol = sniff(&server).await.expect("sniff");
+        let client = writer.await.expect("writer");
+        drop(client);
+        // Whatever was sniffed is still there for the protocol's reader.
+        let mut left = Vec::new();
+        server.read_to_end(&mut left).await.expect("read");
+        assert_eq!(left, sent, "sniffing consumed bytes");
+        (protocol, left)
+    }
+
+    #[tokio::test]
+    async fn a_request_line_is_http1() {
+        let (protocol, _) = sniffed(&[b"GET /services/data/ HTTP/1.1\r\nHost: x\r\n\r\n"]).await;
+        assert_eq!(protocol, Protocol::Http1);
+        let (protocol, _) = sniffed(&[b"P", b"OST / HTTP/1.1\r\n\r\n"]).await;
+        assert_eq!(protocol, Protocol::Http1);
+    }
+
+    #[tokio::test]
+    async fn the_preface_is_http2_even_split_across_packets() {
+        let (protocol, _) = sniffed(&[H2_PREFACE]).await;
+        assert_eq!(protocol, Protocol::Http2);
+        let (protocol, _) =
+            sniffed(&[&H2_PREFACE[..3], &H2_PREFACE[3..10], &H2_PREFACE[10..]]).await;
+        assert_eq!(protocol, Protocol::Http2);
+    }
+
+    #[tokio::test]
+    async fn a_near_preface_is_http1() {
+        let (protocol, _) = sniffed(&[b"PRI * HTTP/1.1\r\n\r\n"]).await;
+        assert_eq!(protocol, Protocol::Http1);
+    }
+
+    #[tokio::test]
+    async fn a_client_that_leaves_at_once_is_http1() {
+        let (client, server) = pair().await;
+        drop(client);
+        assert_eq!(sniff(&server).await.expect("sniff"), Protocol::Http1);
     }
 }
