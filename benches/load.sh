@@ -16,11 +16,13 @@
 #                   share a core), so it says how much room there is above nginx.
 #   callmeter meters the call (route, classify, decide + count against a quota and the org's
 #   limit, read Sforce-Limit-Info, RateLimit headers); nginx and HAProxy only strip the
-#   /salesloft prefix and forward. wrk drives HTTP/1.1 (-t1, -c32 then -c256), h2load drives
+#   /salesloft prefix and forward. wrk drives HTTP/1.1 (-t1, -c1, -c32 then -c256), h2load drives
 #   HTTP/2 with prior knowledge (h2c, -c32 -m10). Targets alternate A B C D A B C D ... so that
 #   slow drifts of the machine (other tenants, thermal, page cache) spread over all of them.
 #   Each run records req/s, p50 and p99 latency, and the proxy's CPU time (utime + stime from
 #   /proc/PID/stat; nginx master + worker) per request. Tables show the median of the rounds.
+#   At one connection (one call at a time, as an integration makes them) the table adds how
+#   much each proxy adds to a call's median latency over `direct`: what an integration notices.
 #   Then (unless --skip-rss): idle memory of callmeter with 10,000 integrations and the time
 #   to render /metrics for them after one call to each of 1,000, then to each of all 10,000.
 #
@@ -44,7 +46,7 @@
 #     --quick     3 s runs, 1 round, 1 s warm-up (a smoke test: don't quote its numbers)
 #     --skip-rss  skip the 10,000-integration memory and /metrics section
 #     --rss-only  only that section
-#   A full run takes 9 to 11 minutes. Results go to stdout, progress to stderr; keep them with
+#   A full run takes 12 to 16 minutes. Results go to stdout, progress to stderr; keep them with
 #     benches/load.sh | tee "benches/results/load-$(date +%F).txt"
 #   Builds callmeter (release) and the origin (bench profile); installs nginx, haproxy, wrk and
 #   nghttp2-client (h2load) with apt-get when missing (installing the packages may start the
@@ -434,6 +436,20 @@ table() {
   [ -z "$noisy" ] || printf 'runs kept although other programs were busy: %s\n' "$noisy"
 }
 
+# What each proxy adds to the median latency of a call made one at a time.
+added_latency() {
+  local direct t
+  direct=$(column h1 1 direct 6 | median)
+  [ "$direct" != - ] || return 0
+  printf 'added to the p50 of one call at a time, over direct (%.3f ms):' "$direct"
+  for t in "${TARGETS[@]}"; do
+    [ "$t" != direct ] || continue
+    awk -v t="$t" -v p="$(column h1 1 "$t" 6 | median)" -v d="$direct" \
+      'BEGIN { if (p != "-") printf "  %s %+.0f us", t, (p - d) * 1000 }'
+  done
+  printf '\n'
+}
+
 # The issue's HTTP/1.1 targets, for each callmeter variant against nginx.
 verdicts() {
   local conc t
@@ -537,7 +553,7 @@ if [ "$run_load" = 1 ]; then
   printf 'to no process and is not in it. CPU %%: of one core over the run (100 = a whole core).\n'
   log "warming up each target for ${warmup} s..."
   for t in "${TARGETS[@]}"; do warm "$t"; done
-  for conc in 32 256; do
+  for conc in 1 32 256; do
     for ((round = 1; round <= rounds; round++)); do
       for t in "${TARGETS[@]}"; do measure h1 "$conc" "$round" "$t"; done
     done
@@ -548,6 +564,8 @@ if [ "$run_load" = 1 ]; then
     done
   done
 
+  table h1 1
+  added_latency
   table h1 32
   table h1 256
   table h2 32
