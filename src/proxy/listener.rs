@@ -1,5 +1,7 @@
 //! Listening: TCP accept, optional TLS (rustls, ALPN h2 + http/1.1), HTTP/1.1 and HTTP/2 on
-//! every connection (prior-knowledge h2c on plaintext), graceful shutdown.
+//! every listener, graceful shutdown. A TLS connection speaks what ALPN chose (HTTP/1.1 when
+//! the client offered nothing); a plaintext one is HTTP/2 when it opens with the h2c preface
+//! (prior knowledge), else HTTP/1.1.
 //!
 //! The accept loop never ends on an accept error (e.g. EMFILE when file descriptors run out):
 //! it logs, backs off and retries. On shutdown it stops accepting, asks every connection to
