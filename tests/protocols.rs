@@ -75,8 +75,26 @@ async fn http2_over_tls_with_alpn() {
         assert_eq!(resp.version(), version);
         assert_eq!(resp.status(), StatusCode::OK);
     }
-    assert_eq!(env.window("a").await, 2);
-    assert_eq!(env.usage().await["orgs"][0]["used"], 2);
+    // A client that offers no ALPN at all speaks HTTP/1.1.
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
+    let mut stream = connector.connect(name, tcp).await.expect("TLS handshake");
+    assert_eq!(stream.get_ref().1.alpn_protocol(), None);
+    stream
+        .write_all(b"GET /a/services/data/v62.0/sobjects HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut answer = Vec::new();
+    // A TLS peer that closes without close_notify is an error here, after the answer.
+    let _ = stream.read_to_end(&mut answer).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+    assert_eq!(env.window("a").await, 3);
+    assert_eq!(env.usage().await["orgs"][0]["used"], 3);
 }
 
 /// Salesforce is reached over TLS, where ALPN picks HTTP/2: an "edge" proxy sends to a
