@@ -3,10 +3,15 @@
 #
 # Starts the simulated org and `callmeter serve` (release build) on free loopback ports, sends
 # 1 GiB with curl (chunked, from /dev/zero) to a Bulk API 1.0 batch URL, and prints the proxy's
-# peak resident set size (VmHWM) before and after. Stops everything it started.
-# Usage: benches/upload_rss.sh [SIZE_MIB]   (default 1024)
+# peak resident set size (VmHWM) before and after. Stops everything it started. With --h2 the
+# upload reaches the proxy over HTTP/2 (h2c, prior knowledge), where hyper's flow-control
+# windows (1 MiB per stream and per connection, its defaults) bound what the proxy accepts
+# ahead of the upstream.
+# Usage: benches/upload_rss.sh [--h2] [SIZE_MIB]   (default 1024)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+proto=()
+if [ "${1:-}" = --h2 ]; then proto=(--http2-prior-knowledge) && shift; fi
 size_mib=${1:-1024}
 command -v curl >/dev/null || { echo "needs curl" >&2; exit 1; }
 cargo build --release --quiet
@@ -44,7 +49,7 @@ hwm() { awk '/VmHWM/ {print $2 " " $3}' "/proc/$proxy_pid/status"; }
 echo "proxy peak RSS before upload: $(hwm)"
 start=$(date +%s.%N)
 head -c "$((size_mib * 1024 * 1024))" /dev/zero |
-  curl -sS -o /dev/null -w 'upload: HTTP %{http_code}, %{size_upload} bytes sent\n' \
+  curl -sS "${proto[@]}" -o /dev/null -w 'upload: HTTP/%{http_version} %{http_code}, %{size_upload} bytes sent\n' \
     -X POST -H 'Content-Type: text/csv' -T - \
     "http://127.0.0.1:$proxy_port/bulk/services/async/62.0/job/750000000000001AAA/batch"
 end=$(date +%s.%N)
