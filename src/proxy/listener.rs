@@ -136,9 +136,10 @@ enum Protocol {
 }
 
 /// Tells an h2c (prior knowledge) connection from an HTTP/1 one by peeking at its first bytes,
-/// which stay in the socket for the protocol's own reader. An HTTP/1 request line differs from
-/// the preface within its first two bytes; only a preface split across packets makes it look
-/// again (after a millisecond: a peek returns at once while any byte is waiting).
+/// which stay in the socket for the protocol's own reader. The request line of every method the
+/// Salesforce API takes differs from the preface within its first two bytes; only a preface
+/// split across packets makes it look again (after a millisecond: a peek returns at once
+/// while any byte is waiting).
 async fn sniff(stream: &TcpStream) -> std::io::Result<Protocol> {
     let mut buf = [0u8; H2_PREFACE.len()];
     let mut seen = 0;
@@ -158,7 +159,6 @@ async fn sniff(stream: &TcpStream) -> std::io::Result<Protocol> {
 }
 
 /// The HTTP/1.1 and HTTP/2 settings every connection of a listener is served with.
-#[derive(Clone)]
 struct Builders {
     http1: http1::Builder,
     http2: http2::Builder<TokioExecutor>,
