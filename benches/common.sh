@@ -6,7 +6,7 @@
 # that are missing.
 #
 # build_bins: builds callmeter (release) and the fake origin (bench profile); sets
-# $callmeter_bin and $origin_bin.
+# $callmeter_bin (or takes $CALLMETER_BIN) and $origin_bin.
 #
 # cargo_exe NAME CARGO-ARGS...: builds with cargo and prints the executable of target NAME.
 #
@@ -22,7 +22,8 @@
 #
 # callmeter_config FILE PORT ADMIN_PORT [N [THREADS]]: one org at the fake origin on
 # $origin_port, three path-prefix integrations (the benchmark's one with a quota far from
-# reached), plus N generated ones (i00000, i00001, ...) for the memory section; THREADS sets
+# reached: 40 million of a 50 million daily limit, as one callmeter process of a full load.sh run counts several million
+# calls; at 4 million, a faster build ran into it during the h2c rounds), plus N generated ones (i00000, i00001, ...) for the memory section; THREADS sets
 # `[proxy] worker_threads` (default: one per core). The store sits next to FILE.
 callmeter_config() {
   local file=$1 port=$2 admin=$3 extra=${4:-0} threads=${5:-} db
@@ -44,12 +45,12 @@ listen = "127.0.0.1:$port"
 id = "acme"
 instance_url = "http://127.0.0.1:$origin_port"
 allow_plain_http = true
-daily_limit = 5000000
+daily_limit = 50000000
 [[integration]]
 id = "salesloft"
 org = "acme"
 match = { path_prefix = "/salesloft" }
-quota = 4000000
+quota = 40000000
 [[integration]]
 id = "etl"
 org = "acme"
@@ -109,7 +110,8 @@ free_port() {
 
 build_bins() {
   echo "building callmeter (release) and the origin (bench profile)..." >&2
-  callmeter_bin=$(cargo_exe callmeter build --release --quiet --bin callmeter)
+  # CALLMETER_BIN measures a binary built otherwise (another commit, a PGO build).
+  callmeter_bin=${CALLMETER_BIN:-$(cargo_exe callmeter build --release --quiet --bin callmeter)}
   origin_bin=$(cargo_exe origin bench --bench origin --no-run --quiet)
   if [ ! -x "$callmeter_bin" ] || [ ! -x "$origin_bin" ]; then
     echo "no callmeter or origin executable found after the build" >&2
