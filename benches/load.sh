@@ -42,8 +42,10 @@
 #   two cores nothing is pinned.
 #
 # Usage
-#   benches/load.sh [--quick] [--skip-rss | --rss-only]
+#   benches/load.sh [--quick] [--pgo] [--skip-rss | --rss-only]
 #     --quick     3 s runs, 1 round, 1 s warm-up (a smoke test: don't quote its numbers)
+#     --pgo       measure the profile-guided build: runs scripts/pgo-build.sh first (about
+#                 10 minutes more) and measures target/pgo/release/callmeter
 #     --skip-rss  skip the 10,000-integration memory and /metrics section
 #     --rss-only  only that section
 #   A full run takes 12 to 16 minutes. Results go to stdout, progress to stderr; keep them with
@@ -63,11 +65,13 @@ rounds=3
 warmup=2 # seconds per target before the first round, not recorded
 run_load=1
 run_rss=1
+pgo=0
 for arg in "$@"; do
   case $arg in
     --quick) duration=3 rounds=1 warmup=1 ;;
     --skip-rss) run_rss=0 ;;
     --rss-only) run_load=0 ;;
+    --pgo) pgo=1 ;;
     -h | --help)
       sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
       exit 0
@@ -85,6 +89,11 @@ done
 # connections all the time at 256 client connections, which costs it throughput and makes
 # the comparison flatter callmeter.
 nginx_keepalive=${NGINX_KEEPALIVE:-256}
+if [ "$pgo" = 1 ]; then
+  [ -z "${CALLMETER_BIN:-}" ] || { echo "--pgo and CALLMETER_BIN both name a binary" >&2 && exit 2; }
+  bash scripts/pgo-build.sh >&2
+  export CALLMETER_BIN=$PWD/target/pgo/release/callmeter
+fi
 readonly QUERY_PATH="/salesloft/services/data/v62.0/query?q=SELECT+Id+FROM+Account"
 readonly TARGETS=(callmeter callmeter-1w nginx haproxy direct)
 
@@ -530,6 +539,7 @@ rss_section() {
 printf 'callmeter load benchmark, %s\n' "$(date -u '+%F %T UTC')"
 printf 'commit %s%s\n' "$(git rev-parse --short HEAD 2>/dev/null || echo '?')" \
   "$(git diff --quiet HEAD 2>/dev/null || echo ' (uncommitted changes)')"
+printf 'callmeter binary: %s\n' "${CALLMETER_BIN:-the release build (cargo build --release)}"
 printf 'machine: %s cores (%s), %s, kernel %s\n' "$cores" \
   "$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)" \
   "$(awk '/^MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo)" "$(uname -r)"
