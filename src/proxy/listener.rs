@@ -97,7 +97,7 @@ pub struct ConnOptions {
     /// client that hangs up: a call waiting in a queue for budget then leaves it instead of
     /// being sent for nobody. Only listeners whose integrations queue need it: hyper's read
     /// ahead takes a new read buffer for every request, as the last one is still referenced
-    /// by the request's headers (README "Performance": 2.5 % of the instructions per
+    /// by the request's headers (benches/README.md: 2.5 % of the instructions per
     /// request). Without it a call whose client left is sent and its answer dropped, as for
     /// a client that half-closes (HTTP/2 notices resets either way).
     pub watch_hangups: bool,
@@ -170,7 +170,7 @@ impl Builders {
         http1
             // Head and body copied into one buffer and written with one `write`: for
             // Salesforce's mostly small responses cheaper than hyper's queue of buffers for
-            // `writev` (README "Performance"); a large body streams through that buffer,
+            // `writev` (benches/README.md); a large body streams through that buffer,
             // bounded by its size.
             .writev(false)
             .half_close(!options.watch_hangups)
@@ -214,7 +214,7 @@ impl Builders {
             Protocol::Http2 => {
                 // The HTTP/2 server spawns a task per stream and moves the request's future
                 // into it, through several layers of tokio, each a copy of the whole future
-                // (some KiB, README "Performance"); boxed, only a pointer moves.
+                // (some KiB, benches/README.md); boxed, only a pointer moves.
                 let service = service_fn(move |req| {
                     let (handler, client) = (handler.clone(), client.clone());
                     Box::pin(async move { Ok::<_, Infallible>(handler(client, req).await) })

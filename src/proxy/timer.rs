@@ -3,7 +3,7 @@
 //! hyper arms that timeout for every request head it waits for and drops it once the head is
 //! in. With hyper-util's `TokioTimer` each arming creates a tokio timer, registers it in the
 //! runtime's timer wheel (under the wheel's lock) and removes it again: ~1,360 instructions
-//! per request, 3.5 % of the proxy's (README "Performance"). A `ConnTimer` belongs to one
+//! per request, 3.5 % of the proxy's (benches/README.md). A `ConnTimer` belongs to one
 //! connection and keeps one tokio timer for its whole life: arming it again moves the deadline
 //! later, which tokio does with one atomic operation while the timer is registered. The wheel
 //! then sees the timer once per timeout period instead of twice per request; what is left per
