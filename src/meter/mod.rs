@@ -239,14 +239,7 @@ impl OrgMeter {
     }
 
     fn forwarded_since(&self, at: u32) -> u64 {
-        // Wrapping on 32 bits: only the difference matters, and it stays far below 2^31.
-        let now = self.forwarded.load(Ordering::Acquire) as u32;
-        let since = now.wrapping_sub(at);
-        if since > u32::MAX / 2 {
-            0 // refunds took the counter below the report's mark
-        } else {
-            u64::from(since)
-        }
+        calls_since(self.forwarded.load(Ordering::Acquire), at)
     }
 
     /// Takes in a usage figure Salesforce reported on a response.
@@ -332,9 +325,7 @@ impl OrgMeter {
         let mut forwarded = self.forwarded.load(Ordering::Acquire);
         loop {
             let (reported, mark) = unpack_report(self.report.load(Ordering::Acquire));
-            let since =
-                u64::from((forwarded as u32).wrapping_sub(mark)).min(u64::from(u32::MAX / 2));
-            let used = reported + since;
+            let used = reported + calls_since(forwarded, mark);
             if used + units64 > cap {
                 return Err(self.limited(used, units64, cap, limit, minute));
             }
@@ -469,6 +460,18 @@ impl OrgMeter {
             reported,
             exhausted: self.is_exhausted(),
         }
+    }
+}
+
+/// Calls forwarded since a report, from the calls ever forwarded now and at the
+/// report (`mark`, its low 32 bits).
+fn calls_since(forwarded: u64, mark: u32) -> u64 {
+    // Wrapping on 32 bits: only the difference matters, and it stays far below 2^31.
+    let since = (forwarded as u32).wrapping_sub(mark);
+    if since > u32::MAX / 2 {
+        0 // refunds of calls counted before the report took the counter below its mark
+    } else {
+        u64::from(since)
     }
 }
 
@@ -1125,6 +1128,25 @@ mod tests {
         assert_eq!(l.budget, Budget::OrgLimit);
         // The proxy's own calls age out in 24 h; the probe interval (5 m) is sooner.
         assert_eq!(l.retry_after, Duration::from_secs(300));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refund_of_a_call_counted_before_a_report_does_not_block_the_org() {
+        let (org, m) = setup("daily_limit = \"auto\"", &integration("a", ""));
+        let in_flight = forwarded(m[0].decide(1));
+        // Another call's response reports usage while this one is still on its way...
+        org.observe_report(report(100, 1_000));
+        // ...and then it fails to reach Salesforce: its count goes back below the report's mark.
+        m[0].refund(in_flight);
+        assert_eq!(org.used(), 100);
+        let _ = forwarded(m[0].decide(1));
+        assert_eq!(
+            org.used(),
+            100,
+            "at the mark again: nothing since the report"
+        );
+        let _ = forwarded(m[0].decide(1));
+        assert_eq!(org.used(), 101);
     }
 
     #[tokio::test(start_paused = true)]
