@@ -126,10 +126,9 @@ pub struct OrgMeter {
     id: OrgId,
     budget: LiveOrgBudget,
     in_flight: Arc<AtomicU32>,
-    /// Counted calls the proxy forwarded within the window.
+    /// Counted calls the proxy forwarded within the window. Its `added()`, the calls ever
+    /// forwarded less refunds, is what the estimate adds to a report.
     window: Window,
-    /// Counted calls ever forwarded (less refunds); the estimate adds what came after a report.
-    forwarded: AtomicU64,
     /// Latest accepted report: `used` in the high half, `forwarded` (low 32 bits) at the time
     /// it arrived in the low half. One word, so readers never see half an update.
     report: AtomicU64,
@@ -193,7 +192,6 @@ impl OrgMeter {
             budget: LiveOrgBudget::new(OrgBudget::from_config(cfg)),
             in_flight: Default::default(),
             window: Window::new(minutes),
-            forwarded: AtomicU64::new(0),
             report: AtomicU64::new(0),
             reported_limit: AtomicU64::new(0),
             report_at_ms: AtomicU64::new(0),
@@ -239,7 +237,7 @@ impl OrgMeter {
     }
 
     fn forwarded_since(&self, at: u32) -> u64 {
-        calls_since(self.forwarded.load(Ordering::Acquire), at)
+        calls_since(self.window.added(), at)
     }
 
     /// Takes in a usage figure Salesforce reported on a response.
@@ -263,7 +261,7 @@ impl OrgMeter {
                     return;
                 }
             }
-            let mark = self.forwarded.load(Ordering::Acquire) as u32;
+            let mark = self.window.added() as u32;
             match self.report.compare_exchange_weak(
                 current,
                 pack_report(used, mark),
@@ -300,8 +298,9 @@ impl OrgMeter {
 
     /// Counts `units` against the org's budget, or says why not.
     ///
-    /// The check and the count are one CAS (on the calls forwarded since the last report, or on
-    /// the proxy's own window before any report), so concurrent calls cannot overshoot together.
+    /// The check and the count are one CAS on the org window's calls ever forwarded (against the
+    /// last report plus the calls since, or before any report the window's own total), so
+    /// concurrent calls cannot overshoot together.
     fn try_count(&self, units: u32, minute: Minute, critical: bool) -> Result<(), Limited> {
         if self.is_exhausted() {
             return self.probe(units, minute);
@@ -313,39 +312,25 @@ impl OrgMeter {
         let reserve = self.budget.load().reserve.resolve(limit).min(limit);
         let cap = if critical { limit } else { limit - reserve };
         let units64 = u64::from(units);
-        if self.report_at_ms.load(Ordering::Acquire) == 0 {
-            return match self.window.try_add(minute, units, cap) {
-                Ok(_) => {
-                    self.forwarded.fetch_add(units64, Ordering::AcqRel);
-                    Ok(())
-                }
-                Err(used) => Err(self.limited(used, units64, cap, limit, minute)),
+        let reported = self.report_at_ms.load(Ordering::Acquire) != 0;
+        let fits = self.window.try_add_with(minute, units, |sums| {
+            let used = if reported {
+                let (used, mark) = unpack_report(self.report.load(Ordering::Acquire));
+                used + calls_since(sums.added, mark)
+            } else {
+                sums.total()
             };
-        }
-        let mut forwarded = self.forwarded.load(Ordering::Acquire);
-        loop {
-            let (reported, mark) = unpack_report(self.report.load(Ordering::Acquire));
-            let used = reported + calls_since(forwarded, mark);
             if used + units64 > cap {
-                return Err(self.limited(used, units64, cap, limit, minute));
+                Err(used)
+            } else {
+                Ok(())
             }
-            match self.forwarded.compare_exchange_weak(
-                forwarded,
-                forwarded + units64,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
-                Ok(_) => break,
-                Err(actual) => forwarded = actual,
-            }
-        }
-        self.window.add(minute, units);
-        Ok(())
+        });
+        fits.map_err(|used| self.limited(used, units64, cap, limit, minute))
     }
 
     fn count(&self, units: u32, minute: Minute) {
         self.window.add(minute, units);
-        self.forwarded.fetch_add(u64::from(units), Ordering::AcqRel);
     }
 
     /// While exhausted: one call per probe interval goes through; the rest wait for it.
@@ -463,7 +448,7 @@ impl OrgMeter {
     }
 }
 
-/// Calls forwarded since a report, from the calls ever forwarded now and at the
+/// Calls forwarded since a report, from the org window's calls ever forwarded now and at the
 /// report (`mark`, its low 32 bits).
 fn calls_since(forwarded: u64, mark: u32) -> u64 {
     // Wrapping on 32 bits: only the difference matters, and it stays far below 2^31.
@@ -666,9 +651,6 @@ impl IntegrationMeter {
         }
         self.window.refund(ticket.minute, ticket.units);
         self.org.window.refund(ticket.minute, ticket.units);
-        self.org
-            .forwarded
-            .fetch_sub(u64::from(ticket.units), Ordering::AcqRel);
         self.org.signal_freed();
     }
 
@@ -837,8 +819,6 @@ impl Meter {
         match integration {
             None => {
                 entry.meter.window.restore(now, buckets);
-                let total: u64 = buckets.iter().map(|&(_, c)| u64::from(c)).sum();
-                entry.meter.forwarded.fetch_add(total, Ordering::AcqRel);
             }
             Some(id) => match entry.integrations.iter().find(|m| m.id.as_str() == id) {
                 Some(m) => m.window.restore(now, buckets),

@@ -4,10 +4,12 @@
 //! count must age out the minute Salesforce's would. A window of `N` minutes is a ring of `N`
 //! buckets; each bucket packs the minute it belongs to and the calls counted in it into one
 //! `AtomicU64`, so a rollover (the slot now belongs to a newer minute) is a single
-//! compare-and-swap that exactly one thread wins, and the winner alone takes the old calls off the
-//! running total. The running total makes reading the window O(1) on the hot path.
+//! compare-and-swap that exactly one thread wins, and the winner alone counts the old calls as
+//! expired. The window's total is two running sums, the calls ever added (less refunds) and the
+//! calls ever expired: reading it is O(1), and counting a call moves only the first, which
+//! doubles as the count of calls ever made that the org's usage estimate needs.
 //!
-//! The newest minute's bucket (the head) sits beside the total instead of in the ring, so that
+//! The newest minute's bucket (the head) sits beside the sums instead of in the ring, so that
 //! counting a call touches only the window's own few words: with thousands of integrations
 //! the ring's slot was a cache miss of its own on every call. When a newer minute begins, the
 //! thread that rolls the head over files the old minute's count into the ring. A call whose
@@ -43,6 +45,30 @@ fn count_of(word: u64, minute: Minute) -> u32 {
     }
 }
 
+/// Where the calls a bucket gives up go: out of the window by age, or back to the caller.
+#[derive(Clone, Copy)]
+enum Taken {
+    Expired,
+    Refunded,
+}
+
+/// A window's two running sums, read together (see `Window::try_add_with`).
+#[derive(Clone, Copy, Debug)]
+pub struct Sums {
+    /// Calls ever counted, less refunds.
+    pub added: u64,
+    /// Calls ever expired.
+    pub expired: u64,
+}
+
+impl Sums {
+    /// Calls inside the window.
+    #[inline]
+    pub fn total(self) -> u64 {
+        self.added.saturating_sub(self.expired)
+    }
+}
+
 /// Exact count of calls over the last `len` minutes (the current minute included).
 ///
 /// All operations take the current minute from the caller, so the window itself has no clock
@@ -52,8 +78,11 @@ pub struct Window {
     /// The newest minute counted and its calls, packed (see the module docs). Its minute only
     /// moves forward.
     head: AtomicU64,
-    /// Sum of the counts still inside the window, head and ring (see `advance`).
-    total: AtomicU64,
+    /// Calls ever counted, less refunds. `added - expired` is the window's total: the sum of
+    /// the head and the ring.
+    added: AtomicU64,
+    /// Calls ever taken off as their minute left the window (see `advance`).
+    expired: AtomicU64,
     /// The newest minute whose expired slot has been swept. Only moves forward.
     swept: AtomicU64,
     /// The window's length in minutes.
@@ -67,7 +96,8 @@ impl Window {
     pub fn new(minutes: u32) -> Self {
         Window {
             head: AtomicU64::new(0),
-            total: AtomicU64::new(0),
+            added: AtomicU64::new(0),
+            expired: AtomicU64::new(0),
             swept: AtomicU64::new(0),
             len: minutes.max(1),
             ring: OnceLock::new(),
@@ -108,7 +138,7 @@ impl Window {
             .map_or(0, |slot| count_of(slot.load(Ordering::Acquire), minute))
     }
 
-    /// Takes the calls of minutes that left the window off the total.
+    /// Counts the calls of minutes that left the window as expired.
     ///
     /// Cheap when nothing changed (one load). When the minute moved on, the thread that moves
     /// `swept` forward clears the head if its minute left the window and the ring slots of the
@@ -142,14 +172,19 @@ impl Window {
     /// Empties the head if its minute left the window ending at `now` (an idle window: a busy
     /// one rolls its head over first).
     fn expire_head(&self, now: Minute) {
-        self.take(&self.head, |stamp, count| {
+        self.take(&self.head, Taken::Expired, |stamp, count| {
             (count > 0 && stamp <= now && !self.inside(stamp, now)).then_some(count)
         });
     }
 
     /// Lowers the count of `bucket` by what `amount(minute, count)` says (`None`: nothing) in
     /// one CAS that keeps the bucket's minute, and the total with it. Returns what it took.
-    fn take(&self, bucket: &AtomicU64, amount: impl Fn(Minute, u32) -> Option<u32>) -> u32 {
+    fn take(
+        &self,
+        bucket: &AtomicU64,
+        why: Taken,
+        amount: impl Fn(Minute, u32) -> Option<u32>,
+    ) -> u32 {
         let mut word = bucket.load(Ordering::Acquire);
         loop {
             let (stamp, count) = unpack(word);
@@ -163,7 +198,12 @@ impl Window {
                 Ordering::Acquire,
             ) {
                 Ok(_) => {
-                    self.total.fetch_sub(u64::from(give), Ordering::AcqRel);
+                    match why {
+                        Taken::Expired => self.expire(give),
+                        Taken::Refunded => {
+                            self.added.fetch_sub(u64::from(give), Ordering::AcqRel);
+                        }
+                    }
                     return give;
                 }
                 Err(actual) => word = actual,
@@ -189,9 +229,7 @@ impl Window {
                 Ordering::Acquire,
             ) {
                 Ok(_) => {
-                    if count > 0 {
-                        self.total.fetch_sub(u64::from(count), Ordering::AcqRel);
-                    }
+                    self.expire(count);
                     return;
                 }
                 Err(actual) => word = actual,
@@ -206,37 +244,65 @@ impl Window {
             return;
         }
         self.advance(now);
-        self.total.fetch_add(u64::from(units), Ordering::AcqRel);
+        self.added.fetch_add(u64::from(units), Ordering::AcqRel);
         self.add_to_head(now, units);
     }
 
     /// Counts `units` calls at minute `now` only if the window total stays within `cap`.
-    ///
-    /// The check and the increment are one CAS on the total, so concurrent callers can never
-    /// overshoot the cap together. Returns the total after counting, or `Err(total)` when the
-    /// call does not fit.
+    /// Returns the total after counting, or `Err(total)` when the call does not fit.
     #[inline]
     pub fn try_add(&self, now: Minute, units: u32, cap: u64) -> Result<u64, u64> {
-        self.advance(now);
         let units64 = u64::from(units);
-        let mut total = self.total.load(Ordering::Acquire);
-        loop {
-            let next = total.saturating_add(units64);
-            if next > cap {
-                return Err(total);
+        self.try_add_with(now, units, |sums| {
+            let total = sums.total();
+            if total.saturating_add(units64) > cap {
+                Err(total)
+            } else {
+                Ok(total + units64)
             }
-            match self
-                .total
-                .compare_exchange_weak(total, next, Ordering::AcqRel, Ordering::Acquire)
-            {
-                Ok(_) => break,
-                Err(actual) => total = actual,
+        })
+    }
+
+    /// Counts `units` calls at minute `now` if `check` accepts the window's sums as they are
+    /// before the call; returns what `check` says.
+    ///
+    /// The check and the increment are one CAS on `added`, so concurrent callers can never
+    /// overshoot a cap together. `expired` is read once, before: a minute that expires during
+    /// the check only makes the total seen larger than it is (a call may be refused that just
+    /// fitted, none is let through that did not).
+    #[inline]
+    pub fn try_add_with<T, E>(
+        &self,
+        now: Minute,
+        units: u32,
+        check: impl Fn(Sums) -> Result<T, E>,
+    ) -> Result<T, E> {
+        self.advance(now);
+        let expired = self.expired.load(Ordering::Acquire);
+        let mut added = self.added.load(Ordering::Acquire);
+        let fits = loop {
+            let fits = check(Sums { added, expired })?;
+            match self.added.compare_exchange_weak(
+                added,
+                added + u64::from(units),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => break fits,
+                Err(actual) => added = actual,
             }
-        }
+        };
         if units > 0 {
             self.add_to_head(now, units);
         }
-        Ok(total + units64)
+        Ok(fits)
+    }
+
+    /// Counts `calls` that left the window.
+    fn expire(&self, calls: u32) {
+        if calls > 0 {
+            self.expired.fetch_add(u64::from(calls), Ordering::AcqRel);
+        }
     }
 
     /// Puts `units` (already in the total) into the head, rolling it over to `now` if it holds
@@ -278,7 +344,7 @@ impl Window {
             let (stamp, old) = unpack(word);
             let next = match stamp.cmp(&minute) {
                 std::cmp::Ordering::Greater => {
-                    self.total.fetch_sub(u64::from(count), Ordering::AcqRel);
+                    self.expire(count);
                     return;
                 }
                 std::cmp::Ordering::Equal => pack(minute, old.saturating_add(count)),
@@ -287,8 +353,8 @@ impl Window {
             };
             match slot.compare_exchange_weak(word, next, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => {
-                    if stamp < minute && old > 0 {
-                        self.total.fetch_sub(u64::from(old), Ordering::AcqRel);
+                    if stamp < minute {
+                        self.expire(old);
                     }
                     return;
                 }
@@ -307,10 +373,10 @@ impl Window {
         let of_at = |left: u32| {
             move |stamp: Minute, count: u32| (stamp == at && count > 0).then(|| count.min(left))
         };
-        let left = units - self.take(&self.head, of_at(units));
+        let left = units - self.take(&self.head, Taken::Refunded, of_at(units));
         if left > 0 {
             if let Some(slot) = self.slot(at) {
-                self.take(slot, of_at(left));
+                self.take(slot, Taken::Refunded, of_at(left));
             }
         }
     }
@@ -319,7 +385,25 @@ impl Window {
     #[inline]
     pub fn total(&self, now: Minute) -> u64 {
         self.advance(now);
-        self.total.load(Ordering::Acquire)
+        self.sums().total()
+    }
+
+    /// Calls ever counted in this window, less refunds: it only grows but by a refund, so the
+    /// difference of two readings is the calls counted in between.
+    #[inline]
+    pub fn added(&self) -> u64 {
+        self.added.load(Ordering::Acquire)
+    }
+
+    /// Both running sums; `expired` is read first, so a minute expiring in between makes the
+    /// total larger than it is, never smaller.
+    #[inline]
+    fn sums(&self) -> Sums {
+        let expired = self.expired.load(Ordering::Acquire);
+        Sums {
+            added: self.added.load(Ordering::Acquire),
+            expired,
+        }
     }
 
     /// How many minutes until at least `needed` calls have aged out of the window, seen from
@@ -347,7 +431,7 @@ impl Window {
         self.advance(now);
         for &(minute, count) in buckets {
             if self.inside(minute, now) && count > 0 {
-                self.total.fetch_add(u64::from(count), Ordering::AcqRel);
+                self.added.fetch_add(u64::from(count), Ordering::AcqRel);
                 self.file(minute, count);
             }
         }
@@ -580,26 +664,55 @@ mod tests {
         assert_eq!(w.total(now + 3), 0);
     }
 
+    #[test]
+    fn try_add_with_counts_only_what_its_check_accepts() {
+        let w = Window::new(2);
+        w.add(T0, 5);
+        w.add(T0 + 1, 2);
+        // T0's 5 calls have left the window at T0 + 2: the check sees them as expired.
+        let seen = w.try_add_with(T0 + 2, 1, |sums| Ok::<_, ()>((sums.added, sums.total())));
+        assert_eq!(seen, Ok((7, 2)));
+        assert_eq!((w.added(), w.total(T0 + 2)), (8, 3));
+        let refused = w.try_add_with(T0 + 2, 4, |sums| Err::<(), _>(sums.total()));
+        assert_eq!(refused, Err(3));
+        assert_eq!(
+            (w.added(), w.total(T0 + 2)),
+            (8, 3),
+            "a refused call is not counted"
+        );
+        assert_eq!(w.try_add(T0 + 2, 2, 4), Err(3));
+        assert_eq!(w.try_add(T0 + 2, 1, 4), Ok(4));
+    }
+
     proptest! {
         /// The window agrees with a naive list of (minute, units) for any sequence of calls.
         #[test]
         fn matches_a_naive_model(len in 1u32..30, steps in proptest::collection::vec((0u32..5, 0u32..4, any::<bool>()), 1..200)) {
             let w = Window::new(len);
             let mut model: Vec<(Minute, u32)> = Vec::new();
+            let mut ever = 0u64; // calls added, less the refunds that found their minute
             let mut now = T0;
             for (dt, units, refund) in steps {
+                // The last step's `total(now)` swept the window up to here; a refund finds its
+                // calls while their minute is not swept out, a moment longer than it counts.
+                let swept = now;
                 now += dt;
                 if refund {
                     if let Some(&(at, u)) = model.last() {
                         w.refund(at, u);
-                        if at + len > now { model.pop(); }
+                        if at + len > swept {
+                            model.pop();
+                            ever -= u64::from(u);
+                        }
                     }
                 } else {
                     w.add(now, units);
+                    ever += u64::from(units);
                     if units > 0 { model.push((now, units)); }
                 }
                 let expected: u64 = model.iter().filter(|&&(m, _)| m + len > now).map(|&(_, u)| u64::from(u)).sum();
                 prop_assert_eq!(w.total(now), expected);
+                prop_assert_eq!(w.added(), ever, "aging out does not lower the calls ever added");
             }
         }
     }
