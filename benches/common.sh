@@ -22,8 +22,9 @@
 #
 # callmeter_config FILE PORT ADMIN_PORT [N [THREADS]]: one org at the fake origin on
 # $origin_port, three path-prefix integrations (the benchmark's one with a quota far from
-# reached: 40 million of a 50 million daily limit, as one callmeter process of a full load.sh run counts several million
-# calls; at 4 million, a faster build ran into it during the h2c rounds), plus N generated ones (i00000, i00001, ...) for the memory section; THREADS sets
+# reached: 40 million of a 50 million daily limit, as one callmeter process of a full load.sh
+# run counts several million calls; at 4 million, a faster build ran into it during the h2c
+# rounds), plus N generated ones (i00000, i00001, ...) for the memory section; THREADS sets
 # `[proxy] worker_threads` (default: one per core). The store sits next to FILE.
 callmeter_config() {
   local file=$1 port=$2 admin=$3 extra=${4:-0} threads=${5:-} db
