@@ -63,6 +63,16 @@ pub enum Budget {
 }
 
 impl Budget {
+    /// Whether the integration's own budget refused the call (its rate, quota, share of the
+    /// org's limit below the reserve, or slots in flight), not the org's limit: other
+    /// integrations may still have budget.
+    pub fn is_integrations(self) -> bool {
+        match self {
+            Budget::Rate | Budget::Quota | Budget::Reserve | Budget::InFlight => true,
+            Budget::OrgLimit | Budget::Exhausted => false,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Budget::Rate => "rate",
@@ -326,7 +336,41 @@ impl OrgMeter {
                 Ok(())
             }
         });
-        fits.map_err(|used| self.limited(used, units64, cap, limit, minute))
+        fits.or_else(|used| {
+            let limited = self.limited(used, units64, cap, limit, minute);
+            // An estimate built on a report never falls by itself: the calls in the report age
+            // out of Salesforce's window unseen, and only a response brings a new figure. So
+            // one call per probe interval goes out to fetch it, as while exhausted; without it
+            // an org stopped by its estimate would stay stopped until a restart.
+            if reported && limited.budget == Budget::OrgLimit && self.estimate_probe_due() {
+                self.count(units, minute);
+                return Ok(());
+            }
+            Err(limited)
+        })
+    }
+
+    /// Whether a call refused on a report-based estimate may go out as a probe: one per probe
+    /// interval, the first an interval after the refusals began.
+    fn estimate_probe_due(&self) -> bool {
+        let now = self.clock.micros();
+        let interval = self.budget.load().probe_interval.as_micros() as u64;
+        let next = self.next_probe_us.load(Ordering::Acquire);
+        if next == 0 || next.saturating_add(interval) < now {
+            // No probe was due within the last interval: the count starts now.
+            let _ = self.next_probe_us.compare_exchange(
+                next,
+                now + interval,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            );
+            return false;
+        }
+        now >= next
+            && self
+                .next_probe_us
+                .compare_exchange(next, now + interval, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
     }
 
     fn count(&self, units: u32, minute: Minute) {
@@ -996,6 +1040,59 @@ mod tests {
         tokio::time::advance(REPORT_AUTHORITY).await;
         org.observe_report(report(14_990, 15_000));
         assert!(!org.is_exhausted());
+    }
+
+    /// Stopped by its estimate (last report + calls since), an org has no response to learn
+    /// that usage fell: one call per probe interval goes out for a fresh report.
+    #[tokio::test(start_paused = true)]
+    async fn an_org_stopped_by_its_estimate_probes_for_a_fresh_report() {
+        let (org, m) = setup(
+            "daily_limit = \"auto\"\nprobe_interval = \"5m\"",
+            &integration("a", ""),
+        );
+        org.observe_report(report(990, 1_000));
+        for _ in 0..10 {
+            let _ = forwarded(m[0].decide(1));
+        }
+        let Verdict::Limited(l) = m[0].decide(1) else {
+            panic!("at the limit")
+        };
+        assert_eq!(l.budget, Budget::OrgLimit);
+        assert!(l.retry_after <= Duration::from_secs(300), "{l:?}");
+        // Until the probe interval is over, every call is refused.
+        tokio::time::advance(Duration::from_secs(299)).await;
+        assert!(matches!(m[0].decide(1), Verdict::Limited(_)));
+        // Then one goes out, and only one.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let _ = forwarded(m[0].decide(1));
+        assert!(matches!(m[0].decide(1), Verdict::Limited(_)));
+        // Its response reports what Salesforce counts now: usage fell, calls flow again.
+        org.observe_report(report(400, 1_000));
+        let _ = forwarded(m[0].decide(1));
+        // Still at the limit in the report: the next probe an interval later.
+        org.observe_report(report(1_000, 1_000));
+        assert!(matches!(m[0].decide(1), Verdict::Limited(_)));
+        tokio::time::advance(Duration::from_secs(299)).await;
+        assert!(matches!(m[0].decide(1), Verdict::Limited(_)));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let _ = forwarded(m[0].decide(1));
+    }
+
+    /// A composite batch of 25 under a rate with a burst of 5 goes once the bucket is full,
+    /// as its Retry-After says.
+    #[tokio::test(start_paused = true)]
+    async fn a_call_larger_than_the_rate_burst_goes_after_its_retry_after() {
+        let (_, m) = setup(
+            "",
+            &integration("a", "rate = { per_second = 10, burst = 5 }"),
+        );
+        let _ = forwarded(m[0].decide(3));
+        let Verdict::Limited(l) = m[0].decide(25) else {
+            panic!("the bucket is not full")
+        };
+        assert_eq!(l.budget, Budget::Rate);
+        tokio::time::advance(l.retry_after).await;
+        let _ = forwarded(m[0].decide(25));
     }
 
     /// An org and its integrations from TOML snippets (paused time: the clock starts now).

@@ -4,6 +4,10 @@
 //! "theoretical arrival time" (TAT) at which the bucket would be full again. A call of `n` units
 //! at time `t` moves it to `max(TAT, t) + n·T` (T = time per token) and is allowed if that stays
 //! within `burst·T` of `t`. One CAS per call, exact under concurrency, no timer.
+//!
+//! A call of more units than the burst (a composite batch of 25 under a burst of 5) could
+//! never stay within it: such a call goes once the bucket is full, and the calls after it wait
+//! for the tokens it took beyond the burst, so the rate holds over time.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -27,7 +31,13 @@ impl TokenBucket {
             let next = tat.max(now_us).saturating_add(cost);
             let ahead = next - now_us;
             if ahead > rate.tolerance_us {
-                return Err(Duration::from_micros(ahead - rate.tolerance_us));
+                if cost <= rate.tolerance_us {
+                    return Err(Duration::from_micros(ahead - rate.tolerance_us));
+                }
+                if tat > now_us {
+                    // Larger than the burst: it waits for the bucket to be full.
+                    return Err(Duration::from_micros(tat - now_us));
+                }
             }
             match self
                 .tat_us
@@ -75,8 +85,19 @@ mod tests {
     #[test]
     fn a_call_larger_than_the_burst_waits_for_its_tokens() {
         let (b, r) = (TokenBucket::default(), RateParams::new(10.0, 5));
-        // 25 units (a composite batch) at once: 20 tokens short, 2 s of refill.
-        assert_eq!(b.take(r, 25, 1_000_000), Err(Duration::from_secs(2)));
+        let t0 = 10_000_000;
+        // One call in the last 100 ms: 25 units (a composite batch, more than the burst of
+        // 5) go once the bucket is full again.
+        assert_eq!(b.take(r, 1, t0), Ok(()));
+        assert_eq!(b.take(r, 25, t0), Err(Duration::from_millis(100)));
+        assert_eq!(b.take(r, 25, t0 + 100_000), Ok(()));
+        // It took 20 tokens beyond the burst: the next call waits for those and one more.
+        let t1 = t0 + 100_000;
+        assert_eq!(b.take(r, 1, t1), Err(Duration::from_millis(2_100)));
+        assert_eq!(b.take(r, 1, t1 + 2_100_000), Ok(()));
+        // A full bucket lets it through at once.
+        let t2 = t1 + 60_000_000;
+        assert_eq!(b.take(r, 25, t2), Ok(()));
     }
 
     #[test]
