@@ -807,15 +807,18 @@ impl Store {
     }
 
     /// The oldest pending calls of `org` due at `now_ms` (`next_attempt_ms <= now_ms`), in id
-    /// order, at most `limit`; marks them in flight in the same transaction, so a second
-    /// replayer (or process) cannot take them. A row that cannot be decoded is marked failed
-    /// (with the reason in `last_error`) and skipped, so it cannot block the queue.
-    /// Cost: the pending rows of `org` scanned in id order until `limit` due ones are found.
+    /// order, at most `limit`, leaving out the integrations in `skip` (those out of budget for
+    /// now, whose calls must not hold back the others'); marks them in flight in the same
+    /// transaction, so a second replayer (or process) cannot take them. A row that cannot be
+    /// decoded is marked failed (with the reason in `last_error`) and skipped, so it cannot
+    /// block the queue. Cost: the pending rows of `org` scanned in id order until `limit` due
+    /// ones are found.
     pub fn claim_due(
         &self,
         org: &str,
         now_ms: u64,
         limit: usize,
+        skip: &[&str],
     ) -> Result<Vec<DeferredCall>, StoreError> {
         if limit == 0 {
             return Ok(Vec::new());
@@ -830,9 +833,9 @@ impl Store {
                 "SELECT ",
                 call_columns!(),
                 " FROM deferred WHERE org = ?1 AND state = 'pending' AND next_attempt_ms <= ?2 \
-                 ORDER BY id LIMIT ?3"
+                 AND integration NOT IN (SELECT value FROM json_each(?4)) ORDER BY id LIMIT ?3"
             ))?;
-            let mut rows = select.query(params![org, now, sql_count(limit)])?;
+            let mut rows = select.query(params![org, now, sql_count(limit), json_list(skip)])?;
             while let Some(row) = rows.next()? {
                 let id: i64 = row.get(0)?;
                 match call_from_row(row) {
@@ -1097,15 +1100,17 @@ impl Store {
         Ok(out)
     }
 
-    /// The earliest `next_attempt_ms` of the pending calls of `org`, or `None` if it has none:
-    /// when its replayer next has work. Cost: the pending rows of `org`.
-    pub fn next_due(&self, org: &str) -> Result<Option<u64>, StoreError> {
+    /// The earliest `next_attempt_ms` of the pending calls of `org`, leaving out the
+    /// integrations in `skip`, or `None` if it has none: when its replayer next has work.
+    /// Cost: the pending rows of `org`.
+    pub fn next_due(&self, org: &str, skip: &[&str]) -> Result<Option<u64>, StoreError> {
         let next: Option<i64> = self
             .lock()
             .prepare_cached(
-                "SELECT MIN(next_attempt_ms) FROM deferred WHERE org = ?1 AND state = 'pending'",
+                "SELECT MIN(next_attempt_ms) FROM deferred WHERE org = ?1 AND state = 'pending' \
+                 AND integration NOT IN (SELECT value FROM json_each(?2))",
             )?
-            .query_row([org], |row| row.get(0))?;
+            .query_row(params![org, json_list(skip)], |row| row.get(0))?;
         Ok(next.map(|ms| u64::try_from(ms).unwrap_or(0)))
     }
 
@@ -1345,6 +1350,11 @@ fn secure_files(path: &Path) -> Result<(), StoreError> {
 /// years) saturate.
 fn sql_ms(ms: u64) -> i64 {
     i64::try_from(ms).unwrap_or(i64::MAX)
+}
+
+/// A list of names as the JSON array SQLite's `json_each` reads (one statement for any length).
+fn json_list(names: &[&str]) -> String {
+    serde_json::to_string(names).unwrap_or_else(|_| "[]".to_owned())
 }
 
 fn sql_count(n: usize) -> i64 {
@@ -1761,7 +1771,7 @@ mod tests {
         let store = Store::open_in_memory().unwrap();
         let new = call("acme", 1);
         let id = store.defer(&new).unwrap();
-        assert_eq!(store.next_due("acme").unwrap(), Some(new.created_ms));
+        assert_eq!(store.next_due("acme", &[]).unwrap(), Some(new.created_ms));
 
         let stored = store.get_deferred(id).unwrap().unwrap();
         assert_eq!(stored.headers, new.headers);
@@ -1772,12 +1782,12 @@ mod tests {
             "Debug hides header values"
         );
 
-        let claimed = store.claim_due("acme", 5_000, 10).unwrap();
+        let claimed = store.claim_due("acme", 5_000, 10, &[]).unwrap();
         assert_eq!(claimed.len(), 1);
         assert_eq!(claimed[0].id, id);
         assert_eq!(claimed[0].state, DeferredState::InFlight);
         assert!(
-            store.claim_due("acme", 5_000, 10).unwrap().is_empty(),
+            store.claim_due("acme", 5_000, 10, &[]).unwrap().is_empty(),
             "claimed once"
         );
         assert_eq!(
@@ -1822,7 +1832,7 @@ mod tests {
 
         // Retry → failed → admin retry → pending.
         let id2 = store.defer(&call("acme", 2)).unwrap();
-        assert_eq!(store.claim_due("acme", 7_000, 10).unwrap()[0].id, id2);
+        assert_eq!(store.claim_due("acme", 7_000, 10, &[]).unwrap()[0].id, id2);
         store
             .mark_retry(id2, "502 from upstream", 9_000, 7_000)
             .unwrap();
@@ -1831,11 +1841,11 @@ mod tests {
         assert_eq!(waiting.attempts, 1);
         assert_eq!(waiting.last_error.as_deref(), Some("502 from upstream"));
         assert!(
-            store.claim_due("acme", 8_999, 10).unwrap().is_empty(),
+            store.claim_due("acme", 8_999, 10, &[]).unwrap().is_empty(),
             "not yet due"
         );
-        assert_eq!(store.next_due("acme").unwrap(), Some(9_000));
-        assert_eq!(store.claim_due("acme", 9_000, 10).unwrap()[0].id, id2);
+        assert_eq!(store.next_due("acme", &[]).unwrap(), Some(9_000));
+        assert_eq!(store.claim_due("acme", 9_000, 10, &[]).unwrap()[0].id, id2);
         store
             .mark_failed(id2, "400 INVALID_FIELD", Some(400), Some(b"[]"), 9_500)
             .unwrap();
@@ -1843,7 +1853,7 @@ mod tests {
         assert_eq!(failed.state, DeferredState::Failed);
         assert_eq!(failed.attempts, 2);
         assert_eq!(failed.upstream_status, Some(400));
-        assert!(store.claim_due("acme", 99_999, 10).unwrap().is_empty());
+        assert!(store.claim_due("acme", 99_999, 10, &[]).unwrap().is_empty());
         assert!(
             !store.retry_deferred(id, 10_000).unwrap(),
             "delivered is not retried"
@@ -1859,7 +1869,7 @@ mod tests {
         // Discard.
         assert!(store.discard_deferred(id2, 11_000).unwrap());
         assert!(!store.discard_deferred(id2, 11_000).unwrap());
-        assert!(store.claim_due("acme", 99_999, 10).unwrap().is_empty());
+        assert!(store.claim_due("acme", 99_999, 10, &[]).unwrap().is_empty());
 
         // Lists and counts.
         let id3 = store.defer(&call("acme", 3)).unwrap();
@@ -1924,19 +1934,50 @@ mod tests {
         let b = store.defer(&call("b", 9)).unwrap();
         let ids = |calls: Vec<DeferredCall>| calls.into_iter().map(|c| c.id).collect::<Vec<_>>();
         assert!(
-            store.claim_due("a", 0, 10).unwrap().is_empty(),
+            store.claim_due("a", 0, 10, &[]).unwrap().is_empty(),
             "none due before created"
         );
-        assert!(store.claim_due("a", 99_999, 0).unwrap().is_empty());
-        assert_eq!(ids(store.claim_due("a", 99_999, 2).unwrap()), a[0..2]);
+        assert!(store.claim_due("a", 99_999, 0, &[]).unwrap().is_empty());
+        assert_eq!(ids(store.claim_due("a", 99_999, 2, &[]).unwrap()), a[0..2]);
         // A retried call waits; later ones overtake it while it is not due.
         store.mark_retry(a[0], "e", 50_000, 2_000).unwrap();
-        assert_eq!(ids(store.claim_due("a", 10_000, 2).unwrap()), a[2..4]);
+        assert_eq!(ids(store.claim_due("a", 10_000, 2, &[]).unwrap()), a[2..4]);
         assert_eq!(
-            ids(store.claim_due("a", 60_000, 10).unwrap()),
+            ids(store.claim_due("a", 60_000, 10, &[]).unwrap()),
             vec![a[0], a[4]]
         );
-        assert_eq!(ids(store.claim_due("b", 60_000, 10).unwrap()), vec![b]);
+        assert_eq!(ids(store.claim_due("b", 60_000, 10, &[]).unwrap()), vec![b]);
+    }
+
+    /// Calls of an integration out of budget are left where they are; the next integration's
+    /// calls are taken past them.
+    #[test]
+    fn claim_due_passes_over_skipped_integrations() {
+        let store = Store::open_in_memory().unwrap();
+        let held: Vec<_> = (0..3)
+            .map(|n| store.defer(&call("acme", n)).unwrap())
+            .collect();
+        let other = store
+            .defer(&NewDeferred {
+                integration: "billing".to_owned(),
+                ..call("acme", 9)
+            })
+            .unwrap();
+        assert_eq!(store.next_due("acme", &["etl"]).unwrap(), Some(1_009));
+        let claimed = store.claim_due("acme", 99_999, 1, &["etl"]).unwrap();
+        assert_eq!(claimed.iter().map(|c| c.id).collect::<Vec<_>>(), [other]);
+        assert!(store
+            .claim_due("acme", 99_999, 10, &["etl"])
+            .unwrap()
+            .is_empty());
+        assert_eq!(store.next_due("acme", &["etl", "billing"]).unwrap(), None);
+        let ids: Vec<_> = store
+            .claim_due("acme", 99_999, 10, &[])
+            .unwrap()
+            .into_iter()
+            .map(|c| c.id)
+            .collect();
+        assert_eq!(ids, held);
     }
 
     #[test]
@@ -1947,7 +1988,7 @@ mod tests {
             let store = Store::open(&path).unwrap();
             let claimed = store.defer(&call("acme", 1)).unwrap();
             let waiting = store.defer(&call("acme", 2)).unwrap();
-            assert_eq!(store.claim_due("acme", 10_000, 1).unwrap().len(), 1);
+            assert_eq!(store.claim_due("acme", 10_000, 1, &[]).unwrap().len(), 1);
             (claimed, waiting)
             // Dropped without marking: the "crash".
         };
@@ -1959,7 +2000,7 @@ mod tests {
         assert_eq!(store.requeue_in_flight().unwrap(), 1);
         assert_eq!(store.requeue_in_flight().unwrap(), 0);
         let ids: Vec<_> = store
-            .claim_due("acme", 10_000, 10)
+            .claim_due("acme", 10_000, 10, &[])
             .unwrap()
             .into_iter()
             .map(|c| c.id)
@@ -1981,8 +2022,11 @@ mod tests {
             reader.get_deferred(id).unwrap().unwrap().body,
             call("acme", 1).body
         );
-        assert_eq!(reader.claim_due("acme", 10_000, 10).unwrap().len(), 1);
-        assert!(writer.claim_due("acme", 10_000, 10).unwrap().is_empty());
+        assert_eq!(reader.claim_due("acme", 10_000, 10, &[]).unwrap().len(), 1);
+        assert!(writer
+            .claim_due("acme", 10_000, 10, &[])
+            .unwrap()
+            .is_empty());
     }
 
     const CHILD_ENV: &str = "CALLMETER_STORE_TEST_CHILD_DB";
@@ -1995,7 +2039,7 @@ mod tests {
         };
         let store = Store::open(Path::new(&path)).unwrap();
         store.defer(&call("acme", 1)).unwrap();
-        store.claim_due("acme", 10_000, 1).unwrap();
+        store.claim_due("acme", 10_000, 1, &[]).unwrap();
         store.defer(&call("acme", 2)).unwrap();
         // Like `kill -9`: no destructor, no checkpoint, no close.
         std::process::abort();
@@ -2023,7 +2067,7 @@ mod tests {
         assert_eq!(calls[1].state, DeferredState::InFlight);
         assert_eq!(calls[0].state, DeferredState::Pending);
         assert_eq!(store.requeue_in_flight().unwrap(), 1);
-        let replay = store.claim_due("acme", 10_000, 10).unwrap();
+        let replay = store.claim_due("acme", 10_000, 10, &[]).unwrap();
         assert_eq!(replay.len(), 2);
         assert_eq!(replay[0].headers, call("acme", 1).headers);
     }
@@ -2109,7 +2153,7 @@ mod tests {
         let error = store.get_deferred(bad).unwrap_err();
         assert!(matches!(error, StoreError::Corrupt(_)), "{error:?}");
         // The replayer is not blocked by it: the row is failed and skipped.
-        let claimed = store.claim_due("acme", 10_000, 10).unwrap();
+        let claimed = store.claim_due("acme", 10_000, 10, &[]).unwrap();
         assert_eq!(claimed.iter().map(|c| c.id).collect::<Vec<_>>(), vec![good]);
         let summary = store
             .list_deferred(DeferredFilter {

@@ -118,6 +118,45 @@ async fn limited_calls_are_stored_answered_202_and_replayed() {
     );
 }
 
+/// Integration `a` has spent its quota (its deferred call waits for a day), `b` only its rate
+/// (back within a second): b's deferred call must not wait behind a's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_integrations_spent_quota_does_not_hold_back_anothers_deferred_calls() {
+    let integrations =
+        "[[integration]]\nid = \"a\"\norg = \"acme\"\nmatch = { path_prefix = \"/a\" }\n\
+        quota = 1\non_limit = \"defer\"\n\
+        [[integration]]\nid = \"b\"\norg = \"acme\"\nmatch = { path_prefix = \"/b\" }\n\
+        rate = { per_second = 1, burst = 1 }\non_limit = \"defer\"\n";
+    let env = start(SimOptions::default(), "", integrations).await;
+    let auth = [
+        ("authorization", "Bearer 00Dsession"),
+        ("content-type", "application/json"),
+    ];
+    let post = |who: &str| format!("{}/{who}/services/data/v62.0/sobjects/Contact", env.proxy);
+    for (who, expected) in [
+        ("a", StatusCode::CREATED),
+        ("a", StatusCode::ACCEPTED),
+        ("b", StatusCode::CREATED),
+        ("b", StatusCode::ACCEPTED),
+    ] {
+        let (status, _, body) = env
+            .http
+            .send(Method::POST, &post(who), &auth, r#"{"LastName":"x"}"#)
+            .await;
+        assert_eq!(
+            status,
+            expected,
+            "{who}: {}",
+            String::from_utf8_lossy(&body)
+        );
+    }
+    eventually(10, "b's deferred call replayed while a's waits", || async {
+        let count = env.sim_count().await;
+        count["by_client"]["b"] == 2 && count["by_client"]["a"] == 1
+    })
+    .await;
+}
+
 /// A simulated org on a fixed port that can be stopped and started again.
 async fn sim_on(addr: std::net::SocketAddr) -> tokio::sync::oneshot::Sender<()> {
     let listener = tokio::net::TcpListener::bind(addr)

@@ -20,7 +20,7 @@ use http::{HeaderName, HeaderValue, Method, Request, StatusCode};
 use tokio::sync::{watch, Notify, Semaphore};
 
 use crate::meter::{IntegrationMeter, OrgMeter, Ticket, Verdict};
-use crate::proxy::{ProxyError, RequestBody, ResponseBody, Upstream};
+use crate::proxy::{RequestBody, ResponseBody, Upstream};
 use crate::salesforce::{self, BodyScanner, LimitExceeded};
 use crate::store::{DeferredCall, DeferredId, NewDeferred, Store, StoreError};
 
@@ -226,9 +226,13 @@ fn backoff(attempt: u32) -> Duration {
 }
 
 /// The replayer of one org: takes due calls in order, one budget decision each, and sends up
-/// to `REPLAY_CONCURRENCY` at once.
+/// to `REPLAY_CONCURRENCY` at once. A call refused by its integration's own budget (rate,
+/// quota, reserve, in flight) keeps its place, and that integration is passed over until its
+/// budget is due back, so that it does not hold back the other integrations' calls; a call
+/// refused by the org's limit stops the replayer until budget frees, as it stops them all.
 async fn replay(r: Arc<OrgReplayer>, store: Arc<Store>, mut stop: watch::Receiver<bool>) {
     r.meter.watch();
+    let mut held = Held::default();
     loop {
         if *stop.borrow() {
             break;
@@ -241,8 +245,9 @@ async fn replay(r: Arc<OrgReplayer>, store: Arc<Store>, mut stop: watch::Receive
             _ = stop.wait_for(|s| *s) => break,
         };
         let now = now_ms();
-        let (s, org) = (store.clone(), r.org.clone());
-        let claimed = match blocking(move || s.claim_due(&org, now, 1)).await {
+        let skip = held.current(tokio::time::Instant::now());
+        let (s, org, skip2) = (store.clone(), r.org.clone(), skip.clone());
+        let claimed = match blocking(move || s.claim_due(&org, now, 1, &names(&skip2))).await {
             Ok(mut calls) => calls.pop(),
             Err(e) => {
                 tracing::warn!(org = %r.org, error = %e, "reading deferred calls failed; retrying");
@@ -254,11 +259,23 @@ async fn replay(r: Arc<OrgReplayer>, store: Arc<Store>, mut stop: watch::Receive
         let Some(call) = claimed else {
             drop(slot);
             let (s, org) = (store.clone(), r.org.clone());
-            let next = blocking(move || s.next_due(&org)).await.ok().flatten();
-            let wait = next.map_or(IDLE_RECHECK, |due| {
+            let next = blocking(move || s.next_due(&org, &names(&skip)))
+                .await
+                .ok()
+                .flatten();
+            let due = next.map_or(IDLE_RECHECK, |due| {
                 Duration::from_millis(due.saturating_sub(now_ms()))
             });
-            pause(&r, &mut stop, wait.min(IDLE_RECHECK)).await;
+            // A held integration's budget may come back sooner than its retry-after says (a
+            // refund, a lower report): then the freed signal wakes the replayer.
+            let wait = held
+                .next_release(tokio::time::Instant::now())
+                .map_or(due, |release| release.min(due));
+            let freed = r.meter.budget_freed();
+            tokio::select! {
+                () = pause(&r, &mut stop, wait.min(IDLE_RECHECK)) => {}
+                () = freed, if !held.is_empty() => held.clear(),
+            }
             continue;
         };
         let Some(target) = r.targets.get(&call.integration) else {
@@ -272,12 +289,17 @@ async fn replay(r: Arc<OrgReplayer>, store: Arc<Store>, mut stop: watch::Receive
         };
         match target.meter.decide(call.units) {
             Verdict::Limited(limited) => {
-                // Not an attempt: the call keeps its place (still due, first in line) and the
-                // replayer waits for budget. Budget can come back sooner than the meter says
-                // (a refund, a lower report, a restart with a larger quota).
+                // Not an attempt: the call keeps its place (still due, first in line).
                 let s = store.clone();
-                let _ = blocking(move || s.release(call.id, now_ms(), now_ms())).await;
+                let id = call.id;
+                let _ = blocking(move || s.release(id, now_ms(), now_ms())).await;
                 drop(slot);
+                if limited.budget.is_integrations() {
+                    held.hold(call.integration, limited.retry_after);
+                    continue;
+                }
+                // The org's budget: every call waits. It can come back sooner than the meter
+                // says (a refund, a lower report, a restart with a larger quota).
                 let freed = r.meter.budget_freed();
                 tokio::select! {
                     () = tokio::time::sleep(limited.retry_after) => {}
@@ -301,6 +323,43 @@ async fn replay(r: Arc<OrgReplayer>, store: Arc<Store>, mut stop: watch::Receive
         }
     }
     r.meter.unwatch();
+}
+
+/// Integrations the replayer passes over until their own budget is due back.
+#[derive(Default)]
+struct Held(HashMap<String, tokio::time::Instant>);
+
+impl Held {
+    fn hold(&mut self, integration: String, retry_after: Duration) {
+        self.0
+            .insert(integration, tokio::time::Instant::now() + retry_after);
+    }
+
+    /// Those still held at `now` (the others are released).
+    fn current(&mut self, now: tokio::time::Instant) -> Vec<String> {
+        self.0.retain(|_, until| *until > now);
+        self.0.keys().cloned().collect()
+    }
+
+    /// How long until the first is released.
+    fn next_release(&self, now: tokio::time::Instant) -> Option<Duration> {
+        self.0
+            .values()
+            .min()
+            .map(|until| until.saturating_duration_since(now))
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn clear(&mut self) {
+        self.0.clear();
+    }
+}
+
+fn names(list: &[String]) -> Vec<&str> {
+    list.iter().map(String::as_str).collect()
 }
 
 async fn pause(r: &OrgReplayer, stop: &mut watch::Receiver<bool>, wait: Duration) {
@@ -330,7 +389,7 @@ async fn send(
         Ok(req) => match r.upstream.send(false, req).await {
             Ok(resp) => answer(r, resp).await,
             Err(err) => {
-                if matches!(err, ProxyError::UpstreamConnect { .. }) {
+                if err.not_sent() {
                     meter.refund(ticket);
                 }
                 Sent::Retry(err.to_string(), None, None)
