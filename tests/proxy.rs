@@ -7,6 +7,8 @@ use std::time::Duration;
 use callmeter::sim::SimOptions;
 use common::*;
 use http::{Method, StatusCode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 const THREE_INTEGRATIONS: &str = r#"
 [[integration]]
@@ -372,6 +374,214 @@ async fn slow_upstream_is_a_504_after_the_response_timeout() {
     );
     let err: serde_json::Value = serde_json::from_slice(&body).expect("JSON body");
     assert_eq!(err[0]["errorCode"], "CALLMETER_UPSTREAM_TIMEOUT");
+}
+
+const ONE_INTEGRATION: &str =
+    "[[integration]]\nid = \"a\"\norg = \"acme\"\nmatch = { path_prefix = \"/a\" }\n";
+
+/// Reads one HTTP/1.1 response (head and a Content-Length body) from a raw connection.
+async fn read_response(tcp: &mut TcpStream) -> String {
+    let mut out = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = match tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => n,
+            _ => break,
+        };
+        out.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&out);
+        if let Some(end) = text.find("\r\n\r\n") {
+            let length: usize = text[..end]
+                .to_ascii_lowercase()
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:").map(str::to_owned))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            if out.len() >= end + 4 + length {
+                break;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// An upload that takes longer than the response timeout but keeps moving is not timed out:
+/// the timeout runs from the request's last byte.
+#[tokio::test]
+async fn a_slow_upload_is_not_cut_off_by_the_response_timeout() {
+    let env = start(
+        SimOptions::default(),
+        r#"response_timeout = "1s""#,
+        ONE_INTEGRATION,
+    )
+    .await;
+    let addr = env.proxy.trim_start_matches("http://").to_owned();
+    let mut tcp = TcpStream::connect(&addr).await.expect("connect");
+    let body = br#"{"LastName":"Slow","Title":"uploaded over 2.4 s"}"#;
+    let head = format!(
+        "POST /a/services/data/v62.0/sobjects/Contact HTTP/1.1\r\nhost: x\r\n\
+         authorization: Bearer 00Dsession\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\n\r\n",
+        body.len()
+    );
+    tcp.write_all(head.as_bytes()).await.expect("head");
+    for part in body.chunks(body.len() / 6 + 1) {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        tcp.write_all(part).await.expect("body");
+    }
+    let resp = read_response(&mut tcp).await;
+    assert!(resp.starts_with("HTTP/1.1 201"), "{resp}");
+    assert_eq!(env.window("a").await, 1);
+}
+
+/// A client that sends part of its body and stops is answered 408 once the body made no
+/// progress for the response timeout, and the call is not counted (Salesforce never had it).
+#[tokio::test]
+async fn a_stalled_upload_is_a_408_and_not_counted() {
+    let env = start(
+        SimOptions::default(),
+        r#"response_timeout = "500ms""#,
+        ONE_INTEGRATION,
+    )
+    .await;
+    let addr = env.proxy.trim_start_matches("http://").to_owned();
+    let mut tcp = TcpStream::connect(&addr).await.expect("connect");
+    tcp.write_all(
+        b"POST /a/services/data/v62.0/sobjects/Contact HTTP/1.1\r\nhost: x\r\n\
+          authorization: Bearer 00Dsession\r\ncontent-length: 100\r\n\r\n{\"LastName\"",
+    )
+    .await
+    .expect("write");
+    let resp = read_response(&mut tcp).await;
+    assert!(resp.starts_with("HTTP/1.1 408"), "{resp}");
+    assert!(resp.contains("CALLMETER_REQUEST_TIMEOUT"), "{resp}");
+    assert_eq!(env.window("a").await, 0);
+    assert_eq!(
+        env.sim_count().await["by_client"]["a"],
+        serde_json::Value::Null
+    );
+}
+
+/// A client that hangs up halfway through its upload gets a 400 (its fault, not Salesforce's:
+/// no upstream_error) and the call is not counted.
+#[tokio::test]
+async fn an_upload_the_client_breaks_off_is_a_client_error_and_not_counted() {
+    let env = start(SimOptions::default(), "", ONE_INTEGRATION).await;
+    let addr = env.proxy.trim_start_matches("http://").to_owned();
+    let mut tcp = TcpStream::connect(&addr).await.expect("connect");
+    tcp.write_all(
+        b"POST /a/services/data/v62.0/sobjects/Contact HTTP/1.1\r\nhost: x\r\n\
+          authorization: Bearer 00Dsession\r\ncontent-length: 100\r\n\r\n{\"LastName\"",
+    )
+    .await
+    .expect("write");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    tcp.shutdown().await.expect("half-close");
+    let resp = read_response(&mut tcp).await;
+    assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
+    assert!(resp.contains("not counted"), "{resp}");
+    assert_eq!(env.window("a").await, 0);
+    let metrics = env.metrics().await;
+    assert!(
+        metrics.contains(r#"outcome="client_error"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains(r#"outcome="upstream_error""#),
+        "{metrics}"
+    );
+}
+
+/// An upstream that accepts TCP but never completes the TLS handshake: the connect timeout
+/// covers the handshake, the answer is a 504 that says the call was not sent, and it is not
+/// counted.
+#[tokio::test]
+async fn a_stalled_tls_handshake_is_a_connect_timeout_and_not_counted() {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = silent.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((tcp, _)) = silent.accept().await {
+            held.push(tcp); // never answers the ClientHello
+        }
+    });
+    let sim = callmeter::sim::spawn(SimOptions::default())
+        .await
+        .expect("sim");
+    let toml = config_text(
+        &format!("https://127.0.0.1:{port}"),
+        "connect_timeout = \"500ms\"\nresponse_timeout = \"30s\"",
+        ONE_INTEGRATION,
+    );
+    let env = start_with(sim, &toml).await;
+    let started = std::time::Instant::now();
+    let (status, _, body) = env
+        .http
+        .get(
+            &format!("{}/a/services/data/v62.0/sobjects", env.proxy),
+            &[],
+        )
+        .await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "answered at the connect timeout"
+    );
+    let err: serde_json::Value = serde_json::from_slice(&body).expect("JSON body");
+    assert_eq!(err[0]["errorCode"], "CALLMETER_UPSTREAM_UNREACHABLE");
+    assert!(
+        err[0]["message"]
+            .as_str()
+            .expect("message")
+            .contains("not counted"),
+        "{err}"
+    );
+    assert_eq!(env.window("a").await, 0);
+}
+
+/// An upstream response framed by Transfer-Encoding that also carries a Content-Length reaches
+/// the client whole, without the stale length (RFC 9112 §6.3).
+#[tokio::test]
+async fn a_chunked_response_with_a_content_length_reaches_the_client_whole() {
+    let origin = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = origin.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = origin.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = tcp.read(&mut buf).await;
+                let _ = tcp
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 5\r\n\
+                          content-type: text/plain\r\n\r\na\r\n0123456789\r\n0\r\n\r\n",
+                    )
+                    .await;
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            });
+        }
+    });
+    let sim = callmeter::sim::spawn(SimOptions::default())
+        .await
+        .expect("sim");
+    let toml = config_text(&format!("http://127.0.0.1:{port}"), "", ONE_INTEGRATION);
+    let env = start_with(sim, &toml).await;
+    let (status, headers, body) = env
+        .http
+        .get(
+            &format!("{}/a/services/data/v62.0/sobjects", env.proxy),
+            &[],
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(&body[..], b"0123456789");
+    assert!(
+        headers.get("content-length").is_none_or(|v| v == "10"),
+        "{headers:?}"
+    );
 }
 
 #[tokio::test]

@@ -26,15 +26,19 @@ pub enum Outcome {
     Queued,
     Deferred,
     UpstreamError,
+    /// The client's request failed before Salesforce had all of it (its body broke off or
+    /// stalled): nothing counted, and not Salesforce's fault.
+    ClientError,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 5] = [
+    pub const ALL: [Outcome; 6] = [
         Outcome::Forwarded,
         Outcome::Rejected,
         Outcome::Queued,
         Outcome::Deferred,
         Outcome::UpstreamError,
+        Outcome::ClientError,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -44,6 +48,7 @@ impl Outcome {
             Outcome::Queued => "queued",
             Outcome::Deferred => "deferred",
             Outcome::UpstreamError => "upstream_error",
+            Outcome::ClientError => "client_error",
         }
     }
 

@@ -8,7 +8,10 @@
 //! case (a plain streamed body) costs no allocation.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -29,6 +32,64 @@ pub enum RequestBody {
     },
     /// No body.
     Empty,
+    /// A body whose progress upstream is watched (`Upload`): boxed, as only uploads take it.
+    Tracked(Box<RequestBody>, Arc<Upload>),
+}
+
+/// How far a request body has gone upstream. The upstream connection's task polls the body;
+/// the request's task, waiting for the response, reads this to tell a slow upload (still
+/// moving, however long it takes) from a stalled one, and to start the response timeout only
+/// once the last byte went out.
+#[derive(Debug)]
+pub struct Upload {
+    start: tokio::time::Instant,
+    /// Milliseconds after `start` at which the body last handed a frame on.
+    moved_ms: AtomicU64,
+    done: AtomicBool,
+}
+
+/// Why the wait for a response ended without one.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Stall {
+    /// The body made no progress for the timeout: Salesforce does not have all of it.
+    Upload,
+    /// The body went out whole and no response came within the timeout of its last byte.
+    Response,
+}
+
+impl Upload {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Upload {
+            start: tokio::time::Instant::now(),
+            moved_ms: AtomicU64::new(0),
+            done: AtomicBool::new(false),
+        })
+    }
+
+    fn moved(&self, done: bool) {
+        let ms = self.start.elapsed().as_millis() as u64;
+        // Relaxed: the waiter only needs to see some recent value; a stale one makes it sleep
+        // once more, never fire early.
+        self.moved_ms.store(ms, Ordering::Relaxed);
+        if done {
+            self.done.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Resolves once the body has not moved for `timeout`.
+    pub async fn stalled(&self, timeout: Duration) -> Stall {
+        loop {
+            let moved = self.moved_ms.load(Ordering::Relaxed);
+            tokio::time::sleep_until(self.start + Duration::from_millis(moved) + timeout).await;
+            if self.moved_ms.load(Ordering::Relaxed) == moved {
+                return if self.done.load(Ordering::Relaxed) {
+                    Stall::Response
+                } else {
+                    Stall::Upload
+                };
+            }
+        }
+    }
 }
 
 impl RequestBody {
@@ -113,6 +174,15 @@ impl Body for RequestBody {
                 }
             }
             RequestBody::Empty => Poll::Ready(None),
+            RequestBody::Tracked(inner, upload) => {
+                let polled = Pin::new(inner.as_mut()).poll_frame(cx);
+                match &polled {
+                    Poll::Ready(Some(Ok(_))) => upload.moved(inner.is_end_stream()),
+                    Poll::Ready(None) => upload.moved(true),
+                    Poll::Ready(Some(Err(_))) | Poll::Pending => {}
+                }
+                polled
+            }
         }
     }
 
@@ -124,6 +194,7 @@ impl Body for RequestBody {
                     && rest.as_ref().is_none_or(Body::is_end_stream)
             }
             RequestBody::Empty => true,
+            RequestBody::Tracked(inner, _) => inner.is_end_stream(),
         }
     }
 
@@ -137,6 +208,7 @@ impl Body for RequestBody {
                 plus_prefix(rest, prefix.as_ref())
             }
             RequestBody::Empty => SizeHint::with_exact(0),
+            RequestBody::Tracked(inner, _) => inner.size_hint(),
         }
     }
 }

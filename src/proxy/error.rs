@@ -29,8 +29,11 @@ pub enum ProxyError {
     #[error("the request path cannot be forwarded: it does not form a valid URL upstream")]
     BadPath,
 
-    #[error("the request body could not be read: {0}")]
+    #[error("the request body could not be read: {0}; the call did not reach Salesforce whole and was not counted")]
     ClientBody(#[source] hyper::Error),
+
+    #[error("the request body made no progress for {}; the call did not reach Salesforce whole and was not counted", humantime::format_duration(*.after))]
+    UploadStalled { after: Duration },
 
     #[error("could not connect to Salesforce at {upstream}: {source}; the call was not sent and not counted")]
     UpstreamConnect {
@@ -55,10 +58,17 @@ impl ProxyError {
         match self {
             ProxyError::Unmatched { .. } | ProxyError::UnknownKey => StatusCode::FORBIDDEN,
             ProxyError::ClientBody(_) | ProxyError::BadPath => StatusCode::BAD_REQUEST,
+            ProxyError::UploadStalled { .. } => StatusCode::REQUEST_TIMEOUT,
+            // A server that took its connection but never finished the handshakes timed out,
+            // as gateways report it (nginx too); one that refused or failed it is a bad gateway.
+            ProxyError::UpstreamConnect {
+                source: super::pool::SendError::ConnectTimeout(_),
+                ..
+            }
+            | ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::UpstreamConnect { .. } | ProxyError::Upstream { .. } => {
                 StatusCode::BAD_GATEWAY
             }
-            ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
         }
     }
 
@@ -68,10 +78,23 @@ impl ProxyError {
             ProxyError::Unmatched { .. } => "CALLMETER_UNMATCHED",
             ProxyError::UnknownKey => "CALLMETER_UNKNOWN_KEY",
             ProxyError::ClientBody(_) | ProxyError::BadPath => "CALLMETER_BAD_REQUEST",
+            ProxyError::UploadStalled { .. } => "CALLMETER_REQUEST_TIMEOUT",
             ProxyError::UpstreamConnect { .. } => "CALLMETER_UPSTREAM_UNREACHABLE",
             ProxyError::UpstreamTimeout { .. } => "CALLMETER_UPSTREAM_TIMEOUT",
             ProxyError::Upstream { .. } => "CALLMETER_UPSTREAM_ERROR",
         }
+    }
+
+    /// Whether the call failed before Salesforce could have processed it, so that the meter
+    /// gives its units back: no connection, or a request body that broke off or stalled on
+    /// the client's side (Salesforce never had all of it).
+    pub fn not_sent(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::UpstreamConnect { .. }
+                | ProxyError::ClientBody(_)
+                | ProxyError::UploadStalled { .. }
+        )
     }
 
     /// Whether this is the upstream's fault (logged at warn) or the client's (debug).

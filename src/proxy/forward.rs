@@ -16,9 +16,9 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
 use thiserror::Error;
 
-use super::body::RequestBody;
+use super::body::{RequestBody, Stall, Upload};
 use super::error::ProxyError;
-use super::pool::{Host, UpstreamBody};
+use super::pool::{Host, SendError, UpstreamBody};
 use crate::config::OrgConfig;
 
 /// How long an idle upstream connection is kept for reuse. Salesforce closes idle keep-alive
@@ -162,6 +162,7 @@ impl Upstream {
                 base.authority.clone(),
                 connector.clone(),
                 POOL_IDLE,
+                cfg.connect_timeout,
             )
             .map_err(|source| UpstreamSetupError::Url {
                 org: org.clone(),
@@ -198,11 +199,13 @@ impl Upstream {
         }
     }
 
-    /// Sends a request and waits for the response headers, within the response timeout.
+    /// Sends a request and waits for the response headers: within the response timeout, or,
+    /// for a request with a body, within the response timeout of the body's last byte (an
+    /// upload may take longer than the timeout as long as it keeps moving).
     pub async fn send(
         &self,
         login: bool,
-        req: Request<RequestBody>,
+        mut req: Request<RequestBody>,
     ) -> Result<Response<UpstreamBody>, ProxyError> {
         let upstream = || self.base(login).display.clone();
         let host = if login {
@@ -210,10 +213,30 @@ impl Upstream {
         } else {
             &self.instance_host
         };
+        let upload = if http_body::Body::is_end_stream(req.body()) {
+            None
+        } else {
+            let upload = Upload::new();
+            let body = std::mem::replace(req.body_mut(), RequestBody::Empty);
+            *req.body_mut() = RequestBody::Tracked(Box::new(body), upload.clone());
+            Some(upload)
+        };
         // Pinned where it is: the timeout then holds a pointer to it instead of a copy.
-        let sending = std::pin::pin!(host.send(req));
-        match tokio::time::timeout(self.response_timeout, sending).await {
+        let mut sending = std::pin::pin!(host.send(req));
+        let sent = match upload {
+            None => tokio::time::timeout(self.response_timeout, sending)
+                .await
+                .map_err(|_| Stall::Response),
+            Some(upload) => tokio::select! {
+                sent = &mut sending => Ok(sent),
+                stall = upload.stalled(self.response_timeout) => Err(stall),
+            },
+        };
+        match sent {
             Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(SendError::Exchange(e))) if is_client_body_error(&e) => {
+                Err(ProxyError::ClientBody(e))
+            }
             Ok(Err(source)) if !source.maybe_sent() => Err(ProxyError::UpstreamConnect {
                 upstream: upstream(),
                 source,
@@ -222,10 +245,19 @@ impl Upstream {
                 upstream: upstream(),
                 source,
             }),
-            Err(_) => Err(ProxyError::UpstreamTimeout {
+            Err(Stall::Upload) => Err(ProxyError::UploadStalled {
+                after: self.response_timeout,
+            }),
+            Err(Stall::Response) => Err(ProxyError::UpstreamTimeout {
                 upstream: upstream(),
                 after: self.response_timeout,
             }),
         }
     }
+}
+
+/// Whether hyper gave up on an exchange because the request body failed: the client's body
+/// (the only source of `RequestBody` errors) broke off, e.g. the client hung up mid-upload.
+fn is_client_body_error(e: &hyper::Error) -> bool {
+    e.is_user() && std::error::Error::source(e).is_some_and(|cause| cause.is::<hyper::Error>())
 }

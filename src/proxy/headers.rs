@@ -27,20 +27,14 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::TRANSFER_ENCODING,
 ];
 
-/// Removes hop-by-hop headers, including any the `Connection` header names. `Upgrade` goes
-/// too: the proxy does not tunnel protocol upgrades (Salesforce APIs need none).
-pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    // Most messages carry none of them: one pass over the names (comparing standard names is
-    // comparing small integers) is cheaper than nine hashed removals that find nothing.
-    if headers.keys().any(is_hop_by_hop) {
-        remove_hop_by_hop_present(headers);
-    }
-}
-
 fn is_hop_by_hop(name: &HeaderName) -> bool {
     name == header::UPGRADE || HOP_BY_HOP.contains(name)
 }
 
+/// Removes hop-by-hop headers, including any the `Connection` header names. `Upgrade` goes
+/// too: the proxy does not tunnel protocol upgrades (Salesforce APIs need none). Called when a
+/// pass over the names found one: most messages carry none, and comparing standard names is
+/// comparing small integers, cheaper than nine hashed removals that find nothing.
 fn remove_hop_by_hop_present(headers: &mut HeaderMap) {
     if headers.contains_key(header::CONNECTION) {
         let named: Vec<HeaderName> = headers
@@ -87,20 +81,17 @@ pub fn to_upstream(
         headers.remove(KEY_HEADER);
     }
 
-    let prior = if present.forwarded_for && client.trust_forwarded {
-        headers.get(&X_FORWARDED_FOR)
-    } else {
-        None
-    };
-    let forwarded_for = match prior {
-        Some(prior) => {
-            let mut joined = Vec::with_capacity(prior.len() + 2 + client.ip.len());
+    let forwarded_for = if present.forwarded_for && client.trust_forwarded {
+        // Every line of it, in order: a chain of proxies may have sent more than one.
+        let mut joined = Vec::new();
+        for prior in headers.get_all(&X_FORWARDED_FOR) {
             joined.extend_from_slice(prior.as_bytes());
             joined.extend_from_slice(b", ");
-            joined.extend_from_slice(client.ip.as_bytes());
-            HeaderValue::from_bytes(&joined).ok()
         }
-        None => Some(client.ip.clone()),
+        joined.extend_from_slice(client.ip.as_bytes());
+        HeaderValue::from_bytes(&joined).ok()
+    } else {
+        Some(client.ip.clone())
     };
     if let Some(v) = forwarded_for {
         headers.insert(X_FORWARDED_FOR, v);
@@ -112,6 +103,27 @@ pub fn to_upstream(
 
     if let Some(client_option) = call_options_client {
         set_call_options_client(headers, client_option);
+    }
+}
+
+/// Joins the `Cookie` fields of an HTTP/2 request into one: HTTP/2 lets a client send its
+/// cookies as separate fields, and a request going on over HTTP/1.1 must carry them as one
+/// header joined with "; " (RFC 9113 §8.2.3). The upstream's protocol is only known once a
+/// connection is chosen; the joined form is valid over HTTP/2 as well.
+pub fn join_cookies(headers: &mut HeaderMap) {
+    let crumbs = headers.get_all(header::COOKIE);
+    if crumbs.iter().nth(1).is_none() {
+        return;
+    }
+    let mut joined = Vec::new();
+    for crumb in crumbs {
+        if !joined.is_empty() {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(crumb.as_bytes());
+    }
+    if let Ok(v) = HeaderValue::from_bytes(&joined) {
+        headers.insert(header::COOKIE, v);
     }
 }
 
@@ -190,7 +202,15 @@ impl std::fmt::Display for Redacted<'_> {
 
 /// Prepares the upstream response's headers for the client.
 pub fn to_client(headers: &mut HeaderMap) {
-    remove_hop_by_hop(headers);
+    if headers.keys().any(is_hop_by_hop) {
+        // A response framed by Transfer-Encoding ignores any Content-Length beside it, and a
+        // proxy forwarding it must drop that (RFC 9112 §6.3): the client gets the decoded body,
+        // which the stale length would cut short or run past.
+        if headers.contains_key(header::TRANSFER_ENCODING) {
+            headers.remove(header::CONTENT_LENGTH);
+        }
+        remove_hop_by_hop_present(headers);
+    }
 }
 
 #[cfg(test)]
@@ -243,7 +263,7 @@ mod tests {
             let mut h = HeaderMap::new();
             h.insert(name.clone(), HeaderValue::from_static("x"));
             h.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
-            remove_hop_by_hop(&mut h);
+            to_client(&mut h);
             assert!(!h.contains_key(name), "{name} kept");
             assert!(h.contains_key(header::ACCEPT));
         }
@@ -274,6 +294,59 @@ mod tests {
         assert_eq!(replaced[X_FORWARDED_FOR], "10.1.2.3");
         to_upstream(&mut h, &client(true), None);
         assert_eq!(h[X_FORWARDED_FOR], "1.1.1.1, 10.1.2.3");
+    }
+
+    #[test]
+    fn trusted_forwarded_for_on_several_lines_keeps_every_address() {
+        let mut h = HeaderMap::new();
+        h.append(X_FORWARDED_FOR, HeaderValue::from_static("1.1.1.1"));
+        h.append(
+            X_FORWARDED_FOR,
+            HeaderValue::from_static("2.2.2.2, 3.3.3.3"),
+        );
+        to_upstream(&mut h, &client(true), None);
+        let lines: Vec<_> = h.get_all(X_FORWARDED_FOR).iter().collect();
+        assert_eq!(lines, ["1.1.1.1, 2.2.2.2, 3.3.3.3, 10.1.2.3"]);
+    }
+
+    /// RFC 9112 §6.3: Transfer-Encoding overrides Content-Length, and the body the client gets
+    /// is the decoded one, so the length must not reach it.
+    #[test]
+    fn a_response_with_transfer_encoding_loses_its_content_length() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        to_client(&mut h);
+        assert!(!h.contains_key(header::CONTENT_LENGTH), "{h:?}");
+        assert!(!h.contains_key(header::TRANSFER_ENCODING), "{h:?}");
+        assert!(h.contains_key(header::CONTENT_TYPE));
+
+        let mut plain = HeaderMap::new();
+        plain.insert(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
+        to_client(&mut plain);
+        assert_eq!(plain[header::CONTENT_LENGTH], "5");
+    }
+
+    #[test]
+    fn cookie_fields_are_joined_into_one() {
+        let mut h = HeaderMap::new();
+        h.append(header::COOKIE, HeaderValue::from_static("a=1"));
+        h.append(header::COOKIE, HeaderValue::from_static("b=2; c=3"));
+        join_cookies(&mut h);
+        let lines: Vec<_> = h.get_all(header::COOKIE).iter().collect();
+        assert_eq!(lines, ["a=1; b=2; c=3"]);
+
+        let mut one = HeaderMap::new();
+        one.append(header::COOKIE, HeaderValue::from_static("a=1"));
+        join_cookies(&mut one);
+        assert_eq!(one[header::COOKIE], "a=1");
+        let mut none = HeaderMap::new();
+        join_cookies(&mut none);
+        assert!(none.is_empty());
     }
 
     /// A trusted `X-Forwarded-Proto` that `Connection` names is hop-by-hop: it goes, and the

@@ -122,6 +122,9 @@ async fn proxy(
         trust_forwarded: ctx.trust_forwarded,
     };
     headers::to_upstream(&mut parts.headers, &client, route.call_options.as_ref());
+    if parts.version == http::Version::HTTP_2 {
+        headers::join_cookies(&mut parts.headers);
+    }
     if kind.is_login() || kind == CallKind::Soap {
         // The proxy reads these bodies (login URLs, SOAP usage headers): ask for them plain.
         parts.headers.remove(header::ACCEPT_ENCODING);
@@ -187,12 +190,15 @@ async fn proxy(
     {
         Ok(resp) => resp,
         Err(err) => {
-            if matches!(err, ProxyError::UpstreamConnect { .. }) {
+            if err.not_sent() {
                 route.meter.refund(ticket);
             }
-            route
-                .metrics
-                .record(api, Outcome::UpstreamError, started.elapsed());
+            let outcome = if err.is_upstream() {
+                Outcome::UpstreamError
+            } else {
+                Outcome::ClientError
+            };
+            route.metrics.record(api, outcome, started.elapsed());
             return Err(err);
         }
     };

@@ -57,6 +57,8 @@ const H2_PING_TIMEOUT: Duration = Duration::from_secs(10);
 pub enum SendError {
     #[error("{}", error_chain(.0.as_ref()))]
     Connect(Box<dyn StdError + Send + Sync>),
+    #[error("no connection within {} (TCP connect, TLS and HTTP handshakes)", humantime::format_duration(*.0))]
+    ConnectTimeout(Duration),
     #[error("HTTP handshake failed: {}", error_chain(.0))]
     Handshake(hyper::Error),
     #[error("the new connection closed before the request could be sent")]
@@ -90,6 +92,10 @@ pub struct Host {
     h2_connecting: tokio::sync::Mutex<()>,
     clock: Clock,
     idle_timeout_ms: u64,
+    /// For the whole of making a connection: TCP, TLS and the HTTP handshake. A server that
+    /// accepts TCP and then stalls must not hold the request for its response timeout, which
+    /// would also count a call that never went out.
+    connect_timeout: Duration,
 }
 
 struct Idle {
@@ -145,6 +151,7 @@ impl Host {
         authority: Authority,
         connector: Connector,
         idle_timeout: Duration,
+        connect_timeout: Duration,
     ) -> Result<Arc<Host>, http::Error> {
         let dial = Uri::builder()
             .scheme(scheme.clone())
@@ -173,6 +180,7 @@ impl Host {
             h2_connecting: tokio::sync::Mutex::new(()),
             clock: Clock::new(),
             idle_timeout_ms: idle_timeout.as_millis() as u64,
+            connect_timeout,
         }))
     }
 
@@ -316,7 +324,11 @@ impl Host {
     /// Boxed, it is allocated when a request connects instead of making every request's future
     /// that large (the HTTP/2 server copies that future into a task per stream).
     fn connect_boxed(&self) -> Pin<Box<dyn Future<Output = Result<Fresh, SendError>> + Send + '_>> {
-        Box::pin(self.connect())
+        Box::pin(async move {
+            tokio::time::timeout(self.connect_timeout, self.connect())
+                .await
+                .unwrap_or(Err(SendError::ConnectTimeout(self.connect_timeout)))
+        })
     }
 
     async fn connect(&self) -> Result<Fresh, SendError> {
@@ -580,6 +592,7 @@ mod tests {
             Authority::try_from(addr.to_string()).expect("authority"),
             connector,
             idle_timeout,
+            Duration::from_secs(5),
         )
         .expect("host")
     }
@@ -819,6 +832,7 @@ mod tests {
             Authority::try_from(authority).expect("authority"),
             connector,
             idle_timeout,
+            Duration::from_secs(5),
         )
         .expect("host");
         (origin, host, to_http1)

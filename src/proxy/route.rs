@@ -104,7 +104,8 @@ impl<'a> RequestFacts<'a> {
         }
     }
 
-    /// The request's host name, lowercase, without the port.
+    /// The request's host name, lowercase, without the port or a trailing dot (config
+    /// normalises rules the same way: `crm.example.com.` is the same host).
     fn host(parts: &'a Parts) -> Option<std::borrow::Cow<'a, str>> {
         let raw = parts.uri.host().or_else(|| {
             parts
@@ -113,6 +114,7 @@ impl<'a> RequestFacts<'a> {
                 .and_then(|v| v.to_str().ok())
         })?;
         let h = strip_port(raw);
+        let h = h.strip_suffix('.').unwrap_or(h);
         Some(if h.bytes().any(|b| b.is_ascii_uppercase()) {
             std::borrow::Cow::Owned(h.to_ascii_lowercase())
         } else {
@@ -277,5 +279,22 @@ mod tests {
         assert_eq!(strip_port("crm.example.com:8443"), "crm.example.com");
         assert_eq!(strip_port("crm.example.com"), "crm.example.com");
         assert_eq!(strip_port("[::1]:8080"), "[::1]");
+    }
+
+    #[test]
+    fn a_fully_qualified_host_matches_its_rule() {
+        for host in [
+            "CRM.example.com.",
+            "crm.example.com.:8443",
+            "crm.example.com",
+        ] {
+            let req = http::Request::get("/services/data/")
+                .header(http::header::HOST, host)
+                .body(())
+                .expect("request");
+            let (parts, ()) = req.into_parts();
+            let facts = RequestFacts::of(&parts, true);
+            assert_eq!(facts.host.as_deref(), Some("crm.example.com"), "{host}");
+        }
     }
 }
