@@ -356,10 +356,19 @@ impl Window {
                     if stamp < minute {
                         self.expire(old);
                     }
-                    return;
+                    break;
                 }
                 Err(actual) => word = actual,
             }
+        }
+        // A sweep may have passed this minute while its calls were on their way here: one
+        // that ran before the ring existed had no slot to clear. Calls of a minute that left
+        // the window come back out as expired.
+        let newest = self.swept.load(Ordering::Acquire) as Minute;
+        if !self.inside(minute, newest.max(minute)) {
+            self.take(slot, Taken::Expired, |stamp, count| {
+                (stamp == minute && count > 0).then_some(count)
+            });
         }
     }
 
@@ -715,5 +724,21 @@ mod tests {
                 prop_assert_eq!(w.added(), ever, "aging out does not lower the calls ever added");
             }
         }
+    }
+
+    /// A sweep that ran before the window had a ring cleared nothing; the head it did not see
+    /// rolling over then files a minute that left the window long ago: its calls must come
+    /// out as expired, not count for another turn of the window.
+    #[test]
+    fn a_head_filed_after_a_sweep_passed_its_minute_is_expired() {
+        let w = Window::new(1440);
+        let t0: Minute = 29_000_000;
+        w.add(t0, 2);
+        let now = t0 + 2_000;
+        // The sweeper's step: `swept` moves on; there is no ring, so nothing else happens.
+        w.swept.store(u64::from(now), Ordering::Release);
+        // The adder skips its own sweep (swept is current), rolls the head over, files t0.
+        w.add(now, 1);
+        assert_eq!(w.total(now), 1);
     }
 }
