@@ -470,3 +470,61 @@ async fn slow_request_heads_and_idle_connections_are_closed_after_the_header_tim
         "the slow head was not forwarded"
     );
 }
+
+/// HTTP/2 has no request-head timer in hyper: the proxy closes an h2c connection that has had
+/// no request in flight for `header_timeout` (a GOAWAY, then the close), while one whose
+/// request takes longer than that is left to finish it.
+#[tokio::test]
+async fn idle_http2_connections_are_closed_after_the_header_timeout() {
+    use std::time::{Duration, Instant};
+    let sim = sim::spawn(SimOptions::default()).await.expect("sim");
+    let toml = config_text(&sim.url.clone(), "", ONE).replace(
+        "shutdown_grace = \"2s\"",
+        "shutdown_grace = \"2s\"\nheader_timeout = \"1s\"",
+    );
+    let env = start_with(sim, &toml).await;
+    let addr = env.proxy.trim_start_matches("http://").to_owned();
+
+    // The preface and then nothing: closed after the timeout.
+    let mut silent = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    let started = Instant::now();
+    silent
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .expect("preface");
+    let (_, closed) = read_to_close(&mut silent).await;
+    let waited = closed - started;
+    assert!(
+        waited >= Duration::from_millis(800) && waited < Duration::from_secs(8),
+        "closed after {waited:?}"
+    );
+
+    // A request that takes twice the timeout is answered; the connection closes once idle.
+    let tcp = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    let (mut send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .handshake::<_, Empty<Bytes>>(hyper_util::rt::TokioIo::new(tcp))
+        .await
+        .expect("h2c handshake");
+    let driver = tokio::spawn(conn);
+    let req = Request::get(format!("http://{addr}/a/services/data/v62.0/limits"))
+        .header("x-sim-delay-ms", "2000")
+        .body(Empty::new())
+        .expect("request");
+    let resp = send.send_request(req).await.expect("slow response");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let idle_since = Instant::now();
+    tokio::time::timeout(Duration::from_secs(10), driver)
+        .await
+        .expect("the idle connection is closed")
+        .expect("driver task")
+        .ok();
+    let idle = idle_since.elapsed();
+    assert!(
+        idle >= Duration::from_millis(800),
+        "closed after {idle:?} idle"
+    );
+}

@@ -244,6 +244,9 @@ pub enum ResponseBody {
     Full(Option<Bytes>),
     /// A body whose call holds `max_in_flight` slots until the body is done (or dropped).
     Held(Box<ResponseBody>, crate::meter::InFlight),
+    /// A body that keeps something alive until it is done (or dropped): an HTTP/2 stream's
+    /// mark that its connection is in use (`listener.rs`).
+    Kept(Box<ResponseBody>, Box<dyn std::any::Any + Send + Sync>),
 }
 
 impl ResponseBody {
@@ -262,6 +265,11 @@ impl ResponseBody {
         } else {
             ResponseBody::Held(Box::new(self), in_flight)
         }
+    }
+
+    /// Keeps `guard` until this body is sent (or dropped).
+    pub fn keep(self, guard: impl std::any::Any + Send + Sync) -> Self {
+        ResponseBody::Kept(Box::new(self), Box::new(guard))
     }
 
     pub fn observed(inner: UpstreamBody, observer: Box<dyn Observer>) -> Self {
@@ -343,7 +351,9 @@ impl Body for ResponseBody {
                 polled
             }
             ResponseBody::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
-            ResponseBody::Held(inner, _) => Pin::new(inner.as_mut()).poll_frame(cx),
+            ResponseBody::Held(inner, _) | ResponseBody::Kept(inner, _) => {
+                Pin::new(inner.as_mut()).poll_frame(cx)
+            }
         }
     }
 
@@ -356,7 +366,7 @@ impl Body for ResponseBody {
                 prefix.as_ref().is_none_or(Bytes::is_empty) && inner.is_end_stream()
             }
             ResponseBody::Full(data) => data.is_none(),
-            ResponseBody::Held(inner, _) => inner.is_end_stream(),
+            ResponseBody::Held(inner, _) | ResponseBody::Kept(inner, _) => inner.is_end_stream(),
         }
     }
 
@@ -371,7 +381,7 @@ impl Body for ResponseBody {
             ResponseBody::Full(data) => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
-            ResponseBody::Held(inner, _) => inner.size_hint(),
+            ResponseBody::Held(inner, _) | ResponseBody::Kept(inner, _) => inner.size_hint(),
         }
     }
 }

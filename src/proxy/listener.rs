@@ -6,11 +6,18 @@
 //! The accept loop never ends on an accept error (e.g. EMFILE when file descriptors run out):
 //! it logs, backs off and retries. On shutdown it stops accepting, asks every connection to
 //! finish its in-flight requests, and waits for them up to the grace period.
+//!
+//! No connection stays open doing nothing: an HTTP/1.1 one is closed after `header_timeout`
+//! without a request head (hyper's timer), an HTTP/2 one after `header_timeout` with no
+//! request in flight (a GOAWAY, so a response still streaming finishes first). Otherwise any
+//! client could hold file descriptors until the proxy has none left for the others.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::pin::{pin, Pin};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,11 +26,11 @@ use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use thiserror::Error;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
 use super::timer::ConnTimer;
@@ -162,6 +169,8 @@ async fn sniff(stream: &TcpStream) -> std::io::Result<Protocol> {
 struct Builders {
     http1: http1::Builder,
     http2: http2::Builder<TokioExecutor>,
+    /// How long an HTTP/2 connection may stay open with no request in flight.
+    idle_timeout: Duration,
 }
 
 impl Builders {
@@ -181,17 +190,21 @@ impl Builders {
         http2
             .timer(TokioTimer::new())
             .max_header_list_size(options.max_header_bytes as u32);
-        Builders { http1, http2 }
+        Builders {
+            http1,
+            http2,
+            idle_timeout: options.header_timeout,
+        }
     }
 
-    /// Serves one connection until it closes (or is drained by `watcher`).
+    /// Serves one connection until it closes, or until `drain` asks it to finish.
     async fn serve<I, H, F>(
         &self,
         io: I,
         protocol: Protocol,
         handler: H,
         client: Peer,
-        watcher: Watcher,
+        drain: watch::Receiver<bool>,
     ) -> Result<(), hyper::Error>
     where
         I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
@@ -209,19 +222,27 @@ impl Builders {
                     let (handler, client) = (handler.clone(), client.clone());
                     async move { Ok::<_, Infallible>(handler(client, req).await) }
                 });
-                watcher.watch(http1.serve_connection(io, service)).await
+                // hyper's header-read timer closes an idle HTTP/1.1 connection.
+                let idle = std::future::pending;
+                until_drained(http1.serve_connection(io, service), drain, idle).await
             }
             Protocol::Http2 => {
                 // The HTTP/2 server spawns a task per stream and moves the request's future
                 // into it, through several layers of tokio, each a copy of the whole future
                 // (some KiB, benches/README.md); boxed, only a pointer moves.
+                let streams = Arc::new(Streams::new());
+                let counted = streams.clone();
                 let service = service_fn(move |req| {
                     let (handler, client) = (handler.clone(), client.clone());
-                    Box::pin(async move { Ok::<_, Infallible>(handler(client, req).await) })
+                    let stream = Stream::begin(&counted);
+                    Box::pin(async move {
+                        let response = handler(client, req).await;
+                        Ok::<_, Infallible>(response.map(|body| body.keep(stream)))
+                    })
                 });
-                watcher
-                    .watch(self.http2.serve_connection(io, service))
-                    .await
+                let idle = || streams.idle_for(self.idle_timeout);
+                let conn = self.http2.serve_connection(io, service);
+                until_drained(conn, drain, idle).await
             }
         }
     }
@@ -241,7 +262,7 @@ pub async fn serve_listener<H, F>(
     F: Future<Output = Response<super::ResponseBody>> + Send + 'static,
 {
     let builders = Arc::new(Builders::new(&options));
-    let graceful = GracefulShutdown::new();
+    let (drain, _) = watch::channel(false);
     let mut backoff = Duration::from_millis(5);
     tokio::pin!(shutdown);
 
@@ -265,7 +286,7 @@ pub async fn serve_listener<H, F>(
         let _ = stream.set_nodelay(true);
         let (builders, handler, tls) = (builders.clone(), handler.clone(), tls.clone());
         let client = Peer::new(peer);
-        let watcher = graceful.watcher();
+        let watcher = drain.subscribe();
         tokio::spawn(async move {
             // Both the TLS handshake and the first bytes of a plaintext connection come within
             // the header timeout, or the connection is closed.
@@ -308,9 +329,122 @@ pub async fn serve_listener<H, F>(
     }
 
     drop(listener);
+    // Every connection holds a receiver until it has ended.
+    drain.send_replace(true);
     tokio::select! {
-        () = graceful.shutdown() => tracing::debug!("all connections drained"),
+        () = drain.closed() => tracing::debug!("all connections drained"),
         () = tokio::time::sleep(grace) => tracing::warn!(?grace, "grace period over; closing connections with requests in flight"),
+    }
+}
+
+/// A served connection that can be asked to finish its requests and close.
+trait Graceful: Future<Output = Result<(), hyper::Error>> {
+    fn finish(self: Pin<&mut Self>);
+}
+
+impl<I, S, B> Graceful for http1::Connection<I, S>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + 'static,
+    S: hyper::service::HttpService<Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: http_body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn finish(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+impl<I, S, B, E> Graceful for http2::Connection<I, S, E>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + 'static,
+    S: hyper::service::HttpService<Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: http_body::Body + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
+{
+    fn finish(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+/// Runs `conn` to its end. When the listener drains or the connection has been `idle` too
+/// long, asks it to finish its requests in flight and close; if it is idle as long again
+/// without closing (an HTTP/2 client that never completes its handshake or never answers the
+/// GOAWAY), drops it.
+async fn until_drained<C: Graceful, F: Future<Output = ()>>(
+    conn: C,
+    mut drain: watch::Receiver<bool>,
+    idle: impl Fn() -> F,
+) -> Result<(), hyper::Error> {
+    let mut conn = pin!(conn);
+    tokio::select! {
+        done = conn.as_mut() => return done,
+        // Err: the listener is gone, which drains too.
+        _ = drain.wait_for(|draining| *draining) => {}
+        () = idle() => {}
+    }
+    conn.as_mut().finish();
+    tokio::select! {
+        done = conn => done,
+        () = idle() => Ok(()),
+    }
+}
+
+/// The requests in flight on an HTTP/2 connection (from the request until its response body
+/// is sent), and since when it has had none.
+struct Streams {
+    start: tokio::time::Instant,
+    active: AtomicUsize,
+    /// Milliseconds after `start` at which the last request in flight ended.
+    idle_since_ms: AtomicU64,
+}
+
+/// One request in flight on an HTTP/2 connection, until dropped (with its response body).
+struct Stream(Arc<Streams>);
+
+impl Stream {
+    fn begin(streams: &Arc<Streams>) -> Self {
+        streams.active.fetch_add(1, Ordering::Relaxed);
+        Stream(streams.clone())
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        let streams = &self.0;
+        let ms = streams.start.elapsed().as_millis() as u64;
+        streams.idle_since_ms.store(ms, Ordering::Relaxed);
+        streams.active.fetch_sub(1, Ordering::Release);
+    }
+}
+
+impl Streams {
+    fn new() -> Self {
+        Streams {
+            start: tokio::time::Instant::now(),
+            active: AtomicUsize::new(0),
+            idle_since_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// Resolves once no request has been in flight for `timeout`.
+    async fn idle_for(&self, timeout: Duration) {
+        loop {
+            let since = self.idle_since_ms.load(Ordering::Relaxed);
+            tokio::time::sleep_until(self.start + Duration::from_millis(since) + timeout).await;
+            let idle = self.active.load(Ordering::Acquire) == 0
+                && self.idle_since_ms.load(Ordering::Relaxed) == since;
+            if idle {
+                return;
+            }
+            if self.active.load(Ordering::Acquire) > 0 {
+                // Busy: look again a timeout from now (the last request to end moves the
+                // start of the idle time).
+                tokio::time::sleep(timeout).await;
+            }
+        }
     }
 }
 
