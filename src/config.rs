@@ -2445,12 +2445,8 @@ impl Ctx<'_> {
             "from = \"callmeter <callmeter@example.com>\"",
         )?;
         let from = from_value.get_ref().trim();
-        // "Name <addr>" or a bare address.
-        let address = match (from.rfind('<'), from.strip_suffix('>')) {
-            (Some(open), Some(inner)) => inner.get(open + 1..).unwrap_or(""),
-            _ => from,
-        };
-        if !is_email(address) {
+        // "Name <addr>" or a bare address, as the mailer will read it.
+        if from.parse::<lettre::message::Mailbox>().is_err() {
             return Err(self.err_on(
                 "smtp.from",
                 from_value,
@@ -2652,20 +2648,10 @@ fn normalize_path_prefix(raw: &str) -> Result<String, &'static str> {
     Ok(prefix.to_owned())
 }
 
-/// Deliberately basic: one '@', something on each side, no spaces or angle brackets. The mail
-/// server is the real judge; this only catches typos such as a missing '@'.
+/// An address the mailer can send to: lettre's own parser decides, so that no address the
+/// config accepts makes a threshold email impossible to build for all its recipients.
 fn is_email(text: &str) -> bool {
-    let Some((local, domain)) = text.split_once('@') else {
-        return false;
-    };
-    !local.is_empty()
-        && !domain.is_empty()
-        && !domain.contains('@')
-        && !domain.starts_with('.')
-        && !domain.ends_with('.')
-        && !text
-            .chars()
-            .any(|c| c.is_whitespace() || c.is_control() || matches!(c, '<' | '>' | ',' | ';'))
+    text.parse::<lettre::Address>().is_ok()
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -570,4 +570,51 @@ mod tests {
         assert_eq!(thousands(82_013), "82,013");
         assert_eq!(thousands(1_234_567), "1,234,567");
     }
+
+    /// Every address the config accepts can be mailed: one the mailer refuses would make the
+    /// email impossible to build, for its other recipients too.
+    #[test]
+    fn every_address_the_config_accepts_can_be_mailed() {
+        let from: Mailbox = "callmeter <cm@example.com>".parse().expect("from");
+        for address in [
+            "john..doe@example.com",
+            "admin.@example.com",
+            ".admin@example.com",
+            "admin@example..com",
+            "admin@exam_ple.com",
+            "ad\"min@example.com",
+            "ops+sf@example.com",
+        ] {
+            let toml = format!(
+                "[threshold]\nlevels = [\"80%\"]\nnotify = [\"{}\"]\n",
+                address.replace('"', "\\\"")
+            );
+            let accepted =
+                crate::config::parse_threshold(&toml, std::path::Path::new("t.toml")).is_ok();
+            let alert = Alert {
+                recipients: vec!["ops@example.com".into(), address.into()],
+                ..alert()
+            };
+            let built = alert.message(&from).is_ok();
+            assert!(
+                !accepted || built,
+                "{address:?} is accepted but cannot be mailed"
+            );
+        }
+    }
+
+    #[test]
+    fn an_smtp_from_the_mailer_refuses_is_a_config_error() {
+        let toml = "[[listener]]\nname = \"main\"\nlisten = \"127.0.0.1:0\"\n[[org]]\nid = \"acme\"\n\
+                    instance_url = \"https://acme.my.salesforce.com\"\n[smtp]\nhost = \"127.0.0.1\"\n\
+                    security = \"none\"\nfrom = \"callmeter <call..meter@example.com>\"\n";
+        // `callmeter check` must refuse what `callmeter serve` would fail on, naming the key.
+        let err = crate::config::parse(toml, std::path::Path::new("t.toml"))
+            .expect_err("an address the mailer refuses")
+            .to_string();
+        assert!(err.contains("smtp.from"), "{err}");
+        let good = toml.replace("call..meter", "callmeter");
+        let cfg = crate::config::parse(&good, std::path::Path::new("t.toml")).expect("config");
+        assert!(Mailer::new(cfg.smtp.as_ref().expect("smtp")).is_ok());
+    }
 }

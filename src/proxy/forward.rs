@@ -222,15 +222,14 @@ impl Upstream {
             Some(upload)
         };
         // Pinned where it is: the timeout then holds a pointer to it instead of a copy.
-        let mut sending = std::pin::pin!(host.send(req));
+        let sending = std::pin::pin!(host.send(req));
         let sent = match upload {
             None => tokio::time::timeout(self.response_timeout, sending)
                 .await
                 .map_err(|_| Stall::Response),
-            Some(upload) => tokio::select! {
-                sent = &mut sending => Ok(sent),
-                stall = upload.stalled(self.response_timeout) => Err(stall),
-            },
+            // Boxed: the watch on an upload is the rarer path, and would make every request's
+            // future larger.
+            Some(upload) => Box::pin(unless_stalled(sending, upload, self.response_timeout)).await,
         };
         match sent {
             Ok(Ok(resp)) => Ok(resp),
@@ -253,6 +252,19 @@ impl Upstream {
                 after: self.response_timeout,
             }),
         }
+    }
+}
+
+/// `sending`'s outcome, unless the upload stalls first (see `Upload::stalled`).
+async fn unless_stalled<F: std::future::Future>(
+    sending: std::pin::Pin<&mut F>,
+    upload: std::sync::Arc<Upload>,
+    timeout: Duration,
+) -> Result<F::Output, Stall> {
+    tokio::select! {
+        biased;
+        sent = sending => Ok(sent),
+        stall = upload.stalled(timeout) => Err(stall),
     }
 }
 

@@ -380,6 +380,9 @@ async fn until_drained<C: Graceful, F: Future<Output = ()>>(
 ) -> Result<(), hyper::Error> {
     let mut conn = pin!(conn);
     tokio::select! {
+        // Polled on every wake of the connection: in this order, without select!'s random
+        // start (the connection is the one that has work).
+        biased;
         done = conn.as_mut() => return done,
         // Err: the listener is gone, which drains too.
         _ = drain.wait_for(|draining| *draining) => {}
