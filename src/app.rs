@@ -354,8 +354,9 @@ impl Server {
     }
 
     /// Applies the budgets of a changed config — limits, reserves, probe intervals, quotas,
-    /// rates, priorities, in-flight caps — without losing counts. Listeners, routes, upstreams
-    /// and `on_limit` need a restart; what does is logged.
+    /// rates, priorities, in-flight caps — and the orgs' `[org.threshold]`, without losing
+    /// counts. Listeners, routes, upstreams, `on_limit` and `[smtp]` need a restart (the log
+    /// line says so); new orgs and integrations are logged.
     pub fn reload(&self, config: &Config) {
         let mut applied = 0;
         for org in &config.orgs {
@@ -378,9 +379,15 @@ impl Server {
                 }
             }
         }
+        for org in self.admin.console.thresholds.reload(config, &self.meter) {
+            tracing::info!(%org, "config reloaded: the org's threshold applied");
+            // The watcher looks at once: a lowered level may already be crossed.
+            self.admin.console.poke.notify_one();
+        }
         tracing::info!(
             budgets = applied,
-            "config reloaded: budgets applied, counts kept"
+            "config reloaded: budgets and thresholds applied, counts kept; listeners, routes, \
+             upstreams, on_limit and [smtp] take changes at the next restart"
         );
     }
 }

@@ -322,3 +322,53 @@ async fn starttls_with_a_private_ca_and_auth_with_the_password_from_the_environm
     assert!(subjects(&messages)[0].starts_with("[callmeter] acme: 95% of daily"));
     server.shutdown().await;
 }
+
+/// A reload (SIGHUP) takes a changed `[org.threshold]`: the API, the metric and the watcher
+/// all use the new levels.
+#[tokio::test]
+async fn a_reload_applies_a_changed_org_threshold() {
+    let sim = sim::spawn(SimOptions::default()).await.expect("sim");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = |levels: &str| {
+        let org = format!("daily_limit = 1000\n[org.threshold]\nlevels = [{levels}]\n");
+        let toml = config_text(
+            &sim.url,
+            &org,
+            "[[integration]]\nid = \"a\"\norg = \"acme\"\nmatch = { path_prefix = \"/a\" }\n",
+        )
+        .replace(
+            "STORE_PATH",
+            &dir.path().join("callmeter.db").display().to_string(),
+        );
+        config::parse(&toml, Path::new("test.toml")).expect("valid config")
+    };
+    let server = app::start(&cfg("\"80%\"")).await.expect("start");
+    let admin = format!("http://{}", server.admin_addr);
+    let http = Http::new();
+    let threshold = || async {
+        let (_, _, body) = http
+            .get(&format!("{admin}/api/v1/orgs/acme/threshold"), &[])
+            .await;
+        serde_json::from_slice::<serde_json::Value>(&body).expect("JSON")
+    };
+    assert_eq!(
+        threshold().await["threshold"]["levels"],
+        serde_json::json!(["80%"])
+    );
+
+    server.reload(&cfg("\"50%\""));
+    let view = threshold().await;
+    assert_eq!(view["source"], "config");
+    assert_eq!(
+        view["threshold"]["levels"],
+        serde_json::json!(["50%"]),
+        "{view}"
+    );
+    let (_, _, metrics) = http.get(&format!("{admin}/metrics"), &[]).await;
+    let metrics = String::from_utf8_lossy(&metrics);
+    assert!(
+        metrics.contains("callmeter_org_api_calls_threshold{org=\"acme\"} 500"),
+        "{metrics}"
+    );
+    server.shutdown().await;
+}

@@ -55,7 +55,8 @@ pub struct InvalidThreshold {
 
 struct OrgThreshold {
     org: OrgId,
-    configured: Option<ThresholdConfig>,
+    /// `[org.threshold]`; a reload (SIGHUP) replaces it.
+    configured: RwLock<Option<ThresholdConfig>>,
     runtime: RwLock<Option<ThresholdConfig>>,
 }
 
@@ -72,7 +73,7 @@ impl Thresholds {
                 .iter()
                 .map(|o| OrgThreshold {
                     org: o.id.clone(),
-                    configured: o.threshold.clone(),
+                    configured: RwLock::new(o.threshold.clone()),
                     runtime: RwLock::new(None),
                 })
                 .collect(),
@@ -112,16 +113,35 @@ impl Thresholds {
     /// The threshold in force for `org` and where it comes from; `None` for an unknown org.
     pub fn get(&self, org: &str) -> Option<(Option<ThresholdConfig>, Source)> {
         let entry = self.orgs.iter().find(|o| o.org.as_str() == org)?;
-        let runtime = entry
-            .runtime
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone();
-        Some(match (runtime, &entry.configured) {
+        let runtime = read(&entry.runtime).clone();
+        Some(match (runtime, read(&entry.configured).clone()) {
             (Some(t), _) => (Some(t), Source::Runtime),
-            (None, Some(t)) => (Some(t.clone()), Source::Config),
+            (None, Some(t)) => (Some(t), Source::Config),
             (None, None) => (None, Source::None),
         })
+    }
+
+    /// Takes the `[org.threshold]` of a reloaded config. Where no threshold was set through
+    /// the admin API, the new one is in force at once and the meter's levels follow. Returns
+    /// the orgs whose configured threshold changed.
+    pub fn reload(&self, config: &Config, meter: &Meter) -> Vec<OrgId> {
+        let mut changed = Vec::new();
+        for org in &config.orgs {
+            let Some(entry) = self.orgs.iter().find(|o| o.org == org.id) else {
+                continue; // a new org needs a restart (logged by the caller)
+            };
+            let mut configured = write(&entry.configured);
+            if *configured == org.threshold {
+                continue;
+            }
+            configured.clone_from(&org.threshold);
+            if read(&entry.runtime).is_none() {
+                let levels = org.threshold.as_ref().map(|t| t.levels.clone());
+                meter.set_thresholds(org.id.as_str(), levels.unwrap_or_default());
+            }
+            changed.push(org.id.clone());
+        }
+        changed
     }
 
     /// Sets (`Some`) or forgets (`None`: the configured one applies again) the run-time
@@ -146,14 +166,19 @@ impl Thresholds {
         .await
         .map_err(|e| StoreError::Corrupt(format!("saving the threshold: {e}")))??;
         let levels = threshold
-            .as_ref()
-            .or(entry.configured.as_ref())
-            .map(|t| t.levels.clone())
+            .clone()
+            .or_else(|| read(&entry.configured).clone())
+            .map(|t| t.levels)
             .unwrap_or_default();
         *write(&entry.runtime) = threshold;
         meter.set_thresholds(org, levels);
         Ok(true)
     }
+}
+
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
