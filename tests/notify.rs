@@ -372,3 +372,49 @@ async fn a_reload_applies_a_changed_org_threshold() {
     );
     server.shutdown().await;
 }
+
+/// The SMTP server is down when the org crosses 80 %; callmeter restarts (e.g. to apply a
+/// fixed `[smtp]`) before the email went out. The crossing's email was kept with the state:
+/// it is sent after the restart, once, without a new crossing.
+#[tokio::test]
+async fn an_email_not_sent_before_a_restart_is_sent_after_it() {
+    let port = free_port(); // nothing listens here yet
+    let sim = sim::spawn(SimOptions {
+        limit: 1_000,
+        used: 850,
+        ..SimOptions::default()
+    })
+    .await
+    .expect("sim");
+    let org = "[org.threshold]\nlevels = [\"80%\"]\nnotify = [\"admin@example.com\"]\n";
+    let toml = config_text(&sim.url, org, &integration("a", "")) + &smtp_section(port, "");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let http = Http::new();
+
+    let (server, proxy, admin) = start_proxy(&toml, dir.path()).await;
+    call(&http, &proxy, REST).await; // 851 of 1000: past 80 %
+    let failed = "callmeter_notifications_total{org=\"acme\",result=\"failed\"}";
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while metric(&http, &admin, failed).await == 0 {
+        assert!(Instant::now() < deadline, "no failed attempt");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    server.shutdown().await;
+
+    let smtp = SmtpServer::start(port, SmtpOptions::default());
+    let (server, _proxy, admin) = start_proxy(&toml, dir.path()).await;
+    let messages = smtp.wait_for(1, EMAIL_WAIT).await;
+    let subject = &subjects(&messages)[0];
+    assert!(subject.starts_with("[callmeter] acme: 8"), "{messages:#?}");
+    let sent = "callmeter_notifications_total{org=\"acme\",result=\"sent\"}";
+    assert_eq!(metric(&http, &admin, sent).await, 1);
+    tokio::time::sleep(QUIET).await;
+    assert_eq!(smtp.messages().len(), 1, "sent once");
+    server.shutdown().await;
+
+    // Sent, it left the outbox: another restart sends nothing.
+    let (server, _proxy, _admin) = start_proxy(&toml, dir.path()).await;
+    tokio::time::sleep(QUIET).await;
+    assert_eq!(smtp.messages().len(), 1, "not sent again");
+    server.shutdown().await;
+}

@@ -5,11 +5,14 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
+use base64::Engine as _;
+use lettre::address::Envelope;
 use lettre::message::header::{ContentType, HeaderName, HeaderValue};
 use lettre::message::{Mailbox, MultiPart, SinglePart};
 use lettre::transport::smtp::authentication::Credentials;
 use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
-use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+use lettre::{Address, AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::config::{SmtpConfig, SmtpSecurity};
@@ -93,37 +96,98 @@ impl Mailer {
     }
 
     /// One attempt.
-    pub async fn send(&self, message: Message) -> Result<(), lettre::transport::smtp::Error> {
-        self.transport.send(message).await.map(|_| ())
+    pub async fn send(&self, email: &Outgoing) -> Result<(), SendMailError> {
+        let envelope = email.envelope()?;
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(&email.raw)
+            .unwrap_or_default();
+        self.transport.send_raw(&envelope, &raw).await?;
+        Ok(())
     }
 }
 
-/// Sends `message`, retrying with backoff until it is delivered, [`GIVE_UP_AFTER`] has passed,
+/// Why one attempt to send an email failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SendMailError {
+    #[error("the saved email has no usable sender or recipient: {0}")]
+    Envelope(#[from] lettre::error::Error),
+    #[error(transparent)]
+    Smtp(#[from] lettre::transport::smtp::Error),
+}
+
+/// A threshold email as it waits to be sent: kept in the org's saved notification state from
+/// the moment its crossing is recorded until the SMTP server took it, so that neither a
+/// restart nor an SMTP server that is down for a while loses it (a crash just after the
+/// server took it sends it again: a warning twice rather than never).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Outgoing {
+    /// Tells the org's waiting emails apart.
+    pub key: u64,
+    pub subject: String,
+    pub from: String,
+    pub to: Vec<String>,
+    /// The whole message (RFC 5322), base64.
+    pub raw: String,
+    /// When the crossing was recorded (Unix ms).
+    pub created_ms: u64,
+}
+
+impl Outgoing {
+    pub fn new(key: u64, subject: String, message: &Message, created_ms: u64) -> Self {
+        let envelope = message.envelope();
+        Outgoing {
+            key,
+            subject,
+            from: envelope.from().map(Address::to_string).unwrap_or_default(),
+            to: envelope.to().iter().map(Address::to_string).collect(),
+            raw: base64::engine::general_purpose::STANDARD.encode(message.formatted()),
+            created_ms,
+        }
+    }
+
+    fn envelope(&self) -> Result<Envelope, lettre::error::Error> {
+        let from = self.from.parse::<Address>().ok();
+        let to = self.to.iter().filter_map(|a| a.parse::<Address>().ok());
+        Envelope::new(from, to.collect())
+    }
+}
+
+/// How a delivery ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    Sent,
+    /// Retried for [`GIVE_UP_AFTER`]; it stays waiting for the next start.
+    GaveUp,
+    /// The proxy stops; it stays waiting for the next start.
+    Stopped,
+}
+
+/// Sends `email`, retrying with backoff until it is delivered, [`GIVE_UP_AFTER`] has passed,
 /// or the proxy stops. Every attempt is counted in `callmeter_notifications_total` and failures
 /// are logged; nothing here touches the request path.
 pub async fn deliver(
     mailer: Arc<Mailer>,
-    message: Message,
-    org: String,
-    subject: String,
+    email: &Outgoing,
+    org: &str,
     metrics: Arc<Metrics>,
     mut stop: watch::Receiver<bool>,
-) {
+) -> Delivery {
+    let subject = &email.subject;
     let started = tokio::time::Instant::now();
     let mut delay = FIRST_RETRY;
     for attempt in 1u32.. {
-        match mailer.send(message.clone()).await {
+        match mailer.send(email).await {
             Ok(()) => {
-                metrics.notification(&org, true);
+                metrics.notification(org, true);
                 tracing::info!(%org, %subject, attempt, "threshold email sent");
-                return;
+                return Delivery::Sent;
             }
             Err(error) => {
-                metrics.notification(&org, false);
+                metrics.notification(org, false);
                 if started.elapsed() + delay > GIVE_UP_AFTER {
                     tracing::error!(%org, %subject, attempt, %error,
-                        "threshold email not sent; giving up (check [smtp] and the SMTP server)");
-                    return;
+                        "threshold email not sent; giving up until the next start (check [smtp] and the SMTP server)");
+                    return Delivery::GaveUp;
                 }
                 tracing::warn!(%org, %subject, attempt, %error, retry_in = ?delay,
                     "threshold email not sent; will retry");
@@ -132,12 +196,13 @@ pub async fn deliver(
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = stop.wait_for(|s| *s) => {
-                tracing::warn!(%org, %subject, "shutting down: threshold email not sent");
-                return;
+                tracing::warn!(%org, %subject, "shutting down: threshold email not sent yet; it is sent at the next start");
+                return Delivery::Stopped;
             }
         }
         delay = (delay * 2).min(MAX_RETRY);
     }
+    Delivery::GaveUp
 }
 
 /// What an email is about.

@@ -6,8 +6,10 @@
 //! - [`Watcher`]: a task that reads the meter's usage every [`CHECK_INTERVAL`] (and at once when
 //!   a threshold changes), runs each subject's [`crossing`] state machine — the org against its
 //!   limit, and each integration with a quota against that quota, at the org's percentage levels
-//!   — saves the state, then hands emails to [`mail::deliver`] tasks. None of it is on the
-//!   request path, and an SMTP failure only delays or loses an email.
+//!   — saves the state with the emails it makes, then hands them to [`mail::deliver`] tasks.
+//!   An email stays in the saved state until the SMTP server took it: one that could not be
+//!   sent (the server down for an hour, a restart meanwhile) goes out at the next start, if
+//!   its crossing is less than a day old. None of it is on the request path.
 
 pub mod crossing;
 pub mod mail;
@@ -18,7 +20,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::{watch, Notify};
+use tokio::sync::{mpsc, watch, Notify};
 
 use crate::config::{Amount, Config, ConfigError, OnLimit, OrgId, ThresholdConfig};
 use crate::meter::{Meter, OrgReport};
@@ -26,12 +28,15 @@ use crate::metrics::Metrics;
 use crate::store::{Store, StoreError};
 
 use self::crossing::{Decision, Level, Reading, SubjectState};
-use self::mail::{Alert, Mailer, QuotaAlert};
+use self::mail::{Alert, Delivery, Mailer, Outgoing, QuotaAlert};
 
 /// How often the watcher reads the usage.
 pub const CHECK_INTERVAL: Duration = Duration::from_secs(2);
 /// Integrations listed in an org's email.
 const TOP_INTEGRATIONS: usize = 5;
+/// An email still waiting at start-up is sent if its crossing is younger than this; an older
+/// one would only confuse (the usage it reports has moved on).
+const OUTBOX_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
 
 /// Where an org's threshold comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -247,7 +252,13 @@ struct OrgState {
     /// Integrations with a quota, by id.
     #[serde(default)]
     integrations: BTreeMap<String, SubjectState>,
+    /// Emails of recorded crossings the SMTP server has not taken yet.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    outbox: Vec<Outgoing>,
 }
+
+/// A delivery task's report: org, the email's key, how it ended.
+type Done = (String, u64, Delivery);
 
 /// The threshold watcher.
 pub struct Watcher {
@@ -267,16 +278,70 @@ impl Watcher {
     /// Checks every [`CHECK_INTERVAL`], or when poked, until `stop`.
     pub async fn run(self, stop: watch::Receiver<bool>) {
         let mut states = self.load_states().await;
+        let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
+        self.resume(&mut states, &done_tx, &stop).await;
         let mut tick = tokio::time::interval(CHECK_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut stopped = stop.clone();
         loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = self.poke.notified() => {}
+            let delivered = tokio::select! {
+                _ = tick.tick() => None,
+                _ = self.poke.notified() => None,
+                Some(done) = done_rx.recv() => Some(done),
                 _ = stopped.wait_for(|s| *s) => break,
+            };
+            match delivered {
+                // Sent: out of the outbox. Not sent: it waits there for the next start.
+                Some((org, key, Delivery::Sent)) => {
+                    if let Some(state) = states.get_mut(&org) {
+                        state.outbox.retain(|e| e.key != key);
+                        self.save(&org, state).await;
+                    }
+                }
+                Some(_) => {}
+                None => self.check(&mut states, &done_tx, &stop).await,
             }
-            self.check(&mut states, &stop).await;
+        }
+    }
+
+    /// Sends the emails a previous run recorded and could not send; drops those older than
+    /// [`OUTBOX_MAX_AGE`].
+    async fn resume(
+        &self,
+        states: &mut HashMap<String, OrgState>,
+        done: &mpsc::UnboundedSender<Done>,
+        stop: &watch::Receiver<bool>,
+    ) {
+        let now_ms = self.meter.orgs().next().map_or(0, |o| o.clock().unix_ms());
+        let max_age = OUTBOX_MAX_AGE.as_millis() as u64;
+        for (org, state) in states.iter_mut() {
+            let waiting = state.outbox.len();
+            state
+                .outbox
+                .retain(|e| now_ms.saturating_sub(e.created_ms) < max_age);
+            if state.outbox.len() < waiting {
+                tracing::warn!(%org, dropped = waiting - state.outbox.len(),
+                    "threshold emails older than a day that were never sent are dropped");
+                self.save(org, state).await;
+            }
+            for email in &state.outbox {
+                tracing::info!(%org, subject = %email.subject, "sending a threshold email a previous run could not send");
+                self.spawn_delivery(org, email.clone(), done, stop);
+            }
+        }
+    }
+
+    /// Saves `state` for `org`; on failure an email may be sent twice after a restart.
+    async fn save(&self, org: &str, state: &OrgState) {
+        let (s, id) = (self.store.clone(), org.to_owned());
+        let json = serde_json::to_string(state).unwrap_or_default();
+        let saved = tokio::task::spawn_blocking(move || s.put_notify_state(&id, &json))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()));
+        if let Err(error) = saved {
+            tracing::error!(%org, %error,
+                "cannot save the notification state; after a restart an email may be sent again");
         }
     }
 
@@ -304,7 +369,12 @@ impl Watcher {
     }
 
     /// One look at every org's usage.
-    async fn check(&self, states: &mut HashMap<String, OrgState>, stop: &watch::Receiver<bool>) {
+    async fn check(
+        &self,
+        states: &mut HashMap<String, OrgState>,
+        done: &mpsc::UnboundedSender<Done>,
+        stop: &watch::Receiver<bool>,
+    ) {
         let usage = self.meter.usage();
         let now_ms = self.meter.orgs().next().map_or(0, |o| o.clock().unix_ms());
         for org in &usage.orgs {
@@ -314,57 +384,78 @@ impl Watcher {
             let alerts = match &threshold {
                 Some(t) => evaluate(org, t, state, now_ms, &self.on_limit),
                 None => {
-                    *state = OrgState::default();
+                    // No threshold: nothing to track, but emails already due still go out.
+                    let outbox = std::mem::take(&mut state.outbox);
+                    *state = OrgState {
+                        outbox,
+                        ..OrgState::default()
+                    };
                     Vec::new()
                 }
             };
-            if *state != before {
-                // Saved before any email leaves: a restart must not tell the same crossing twice.
-                let (s, id) = (self.store.clone(), org.id.clone());
-                let json = serde_json::to_string(&*state).unwrap_or_default();
-                let saved = tokio::task::spawn_blocking(move || s.put_notify_state(&id, &json))
-                    .await
-                    .map_err(|e| e.to_string())
-                    .and_then(|r| r.map_err(|e| e.to_string()));
-                if let Err(error) = saved {
-                    tracing::error!(org = %org.id, %error,
-                        "cannot save the notification state; after a restart an email may be sent again");
+            let mut new = Vec::new();
+            for alert in alerts {
+                let key = state.outbox.iter().map(|e| e.key + 1).max().unwrap_or(0);
+                if let Some(email) = self.email(&alert, key, now_ms) {
+                    state.outbox.push(email.clone());
+                    new.push(email);
                 }
             }
-            for alert in alerts {
-                self.send(alert, stop);
+            if *state != before {
+                // Saved with its emails before any leaves: a restart neither tells the same
+                // crossing twice nor forgets an email not yet sent.
+                self.save(&org.id, state).await;
+            }
+            for email in new {
+                self.spawn_delivery(&org.id, email, done, stop);
             }
         }
     }
 
-    fn send(&self, alert: Alert, stop: &watch::Receiver<bool>) {
+    /// The email for `alert`, or `None` (with the reason logged) when there is nobody to send
+    /// it to or no way to send it.
+    fn email(&self, alert: &Alert, key: u64, now_ms: u64) -> Option<Outgoing> {
         let subject = alert.subject();
         let Some(mailer) = &self.mailer else {
             if !alert.recipients.is_empty() {
                 tracing::warn!(org = %alert.org, %subject, "threshold crossed; no email: there is no [smtp] section");
             }
-            return;
+            return None;
         };
         if alert.recipients.is_empty() {
             tracing::info!(org = %alert.org, %subject, "threshold crossed; no email: the threshold has no notify addresses");
-            return;
+            return None;
         }
         match alert.message(mailer.from()) {
-            Ok(message) => {
-                tokio::spawn(mail::deliver(
-                    mailer.clone(),
-                    message,
-                    alert.org.clone(),
-                    subject,
-                    self.metrics.clone(),
-                    stop.clone(),
-                ));
-            }
+            Ok(message) => Some(Outgoing::new(key, subject, &message, now_ms)),
             Err(error) => {
                 self.metrics.notification(&alert.org, false);
                 tracing::error!(org = %alert.org, %subject, %error, "cannot build the threshold email");
+                None
             }
         }
+    }
+
+    fn spawn_delivery(
+        &self,
+        org: &str,
+        email: Outgoing,
+        done: &mpsc::UnboundedSender<Done>,
+        stop: &watch::Receiver<bool>,
+    ) {
+        let Some(mailer) = self.mailer.clone() else {
+            return;
+        };
+        let (org, metrics, stop, done) = (
+            org.to_owned(),
+            self.metrics.clone(),
+            stop.clone(),
+            done.clone(),
+        );
+        tokio::spawn(async move {
+            let delivery = mail::deliver(mailer, &email, &org, metrics, stop).await;
+            let _ = done.send((org, email.key, delivery));
+        });
     }
 }
 
