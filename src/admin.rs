@@ -33,6 +33,14 @@ pub struct Admin {
     pub console: Arc<crate::console::Console>,
 }
 
+/// The token of an `Authorization: Bearer <token>` header (the scheme's case does not matter,
+/// RFC 9110 §11.1), for every admin endpoint that changes something.
+pub(crate) fn bearer(headers: &http::HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
 impl Admin {
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<ResponseBody> {
         if crate::console::Console::serves(req.uri().path()) {
@@ -94,12 +102,7 @@ impl Admin {
                 &format!("changes through the admin API are off: set the environment variable {} to a token and restart", self.token_env),
             ));
         };
-        let given = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        match given {
+        match bearer(req.headers()) {
             Some(given) if constant_time_eq(given.as_bytes(), token.as_bytes()) => None,
             Some(_) => Some(error(StatusCode::UNAUTHORIZED, "the bearer token is wrong")),
             None => Some(error(
@@ -225,5 +228,26 @@ fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<ResponseBody> {
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("cannot encode JSON: {e}\n"),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bearer_scheme_is_read_in_any_case() {
+        let mut headers = http::HeaderMap::new();
+        assert_eq!(bearer(&headers), None);
+        for (value, token) in [
+            ("Bearer s3cret", Some("s3cret")),
+            ("bearer s3cret", Some("s3cret")),
+            ("BEARER  s3cret ", Some("s3cret")),
+            ("Basic czNjcmV0", None),
+            ("Bearer", None),
+        ] {
+            headers.insert(header::AUTHORIZATION, http::HeaderValue::from_static(value));
+            assert_eq!(bearer(&headers), token, "{value}");
+        }
     }
 }

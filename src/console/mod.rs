@@ -372,14 +372,7 @@ impl Console {
                 None,
             ));
         };
-        let given = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| {
-                let (scheme, rest) = v.split_once(' ')?;
-                scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
-            });
+        let given = crate::admin::bearer(req.headers());
         match given {
             Some(given) if constant_time_eq(given.as_bytes(), token.as_bytes()) => Ok(()),
             _ => {
