@@ -176,25 +176,52 @@ async fn crossing_80_then_90_percent_sends_two_emails_and_a_restart_none_twice()
     server.shutdown().await;
 }
 
+/// An org at `used` of 1,000 calls with a threshold at `level` and an `[smtp]` server on
+/// `port`, where nothing listens yet (`smtp_extra`: more `[smtp]` keys).
+struct SmtpDown {
+    port: u16,
+    _sim: sim::SimHandle,
+    toml: String,
+    dir: tempfile::TempDir,
+    http: Http,
+}
+
+impl SmtpDown {
+    async fn at_850_of_1000() -> SmtpDown {
+        SmtpDown::at(free_port(), 850, "80%", "").await
+    }
+
+    async fn at(port: u16, used: u64, level: &str, smtp_extra: &str) -> SmtpDown {
+        let sim = sim::spawn(SimOptions {
+            limit: 1_000,
+            used,
+            ..SimOptions::default()
+        })
+        .await
+        .expect("sim");
+        let org =
+            format!("[org.threshold]\nlevels = [\"{level}\"]\nnotify = [\"admin@example.com\"]\n");
+        let toml =
+            config_text(&sim.url, &org, &integration("a", "")) + &smtp_section(port, smtp_extra);
+        SmtpDown {
+            port,
+            _sim: sim,
+            toml,
+            dir: tempfile::tempdir().expect("tempdir"),
+            http: Http::new(),
+        }
+    }
+}
+
 #[tokio::test]
 async fn smtp_down_is_retried_and_counted_and_proxying_goes_on() {
-    let port = free_port(); // nothing listens here yet
-    let sim = sim::spawn(SimOptions {
-        limit: 1_000,
-        used: 850,
-        ..SimOptions::default()
-    })
-    .await
-    .expect("sim");
-    let org = "[org.threshold]\nlevels = [\"80%\"]\nnotify = [\"admin@example.com\"]\n";
-    let toml = config_text(&sim.url, org, &integration("a", "")) + &smtp_section(port, "");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let http = Http::new();
-    let (server, proxy, admin) = start_proxy(&toml, dir.path()).await;
+    let down = SmtpDown::at_850_of_1000().await;
+    let (port, toml, dir, http) = (down.port, &down.toml, &down.dir, &down.http);
+    let (server, proxy, admin) = start_proxy(toml, dir.path()).await;
     let failed = "callmeter_notifications_total{org=\"acme\",result=\"failed\"}";
     let sent = "callmeter_notifications_total{org=\"acme\",result=\"sent\"}";
     assert_eq!(
-        metric(&http, &admin, failed).await,
+        metric(http, &admin, failed).await,
         0,
         "the series exists at 0"
     );
@@ -203,20 +230,20 @@ async fn smtp_down_is_retried_and_counted_and_proxying_goes_on() {
             .contains(failed)
     );
 
-    call(&http, &proxy, REST).await; // 851 of 1000: past 80 %
-                                     // Proxying is not held up while the email fails: every call is answered at once.
+    call(http, &proxy, REST).await; // 851 of 1000: past 80 %
+                                    // Proxying is not held up while the email fails: every call is answered at once.
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let started = Instant::now();
-        call(&http, &proxy, REST).await;
+        call(http, &proxy, REST).await;
         assert!(started.elapsed() < Duration::from_secs(1));
-        if metric(&http, &admin, failed).await >= 2 {
+        if metric(http, &admin, failed).await >= 2 {
             break; // the first attempt and a retry
         }
         assert!(Instant::now() < deadline, "no failed attempts counted");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert_eq!(metric(&http, &admin, sent).await, 0);
+    assert_eq!(metric(http, &admin, sent).await, 0);
 
     // The server comes up: a later retry delivers the email, once.
     let smtp = SmtpServer::start(port, SmtpOptions::default());
@@ -228,7 +255,7 @@ async fn smtp_down_is_retried_and_counted_and_proxying_goes_on() {
             && subject.contains("% of daily Salesforce API calls used ("),
         "{messages:#?}"
     );
-    assert_eq!(metric(&http, &admin, sent).await, 1);
+    assert_eq!(metric(http, &admin, sent).await, 1);
     tokio::time::sleep(QUIET).await;
     assert_eq!(smtp.messages().len(), 1);
     server.shutdown().await;
@@ -291,25 +318,14 @@ async fn starttls_with_a_private_ca_and_auth_with_the_password_from_the_environm
             starttls: Some((cert_path.clone(), key_path)),
         },
     );
-    let sim = sim::spawn(SimOptions {
-        limit: 1_000,
-        used: 950,
-        ..SimOptions::default()
-    })
-    .await
-    .expect("sim");
-    let org = "[org.threshold]\nlevels = [\"90%\"]\nnotify = [\"admin@example.com\"]\n";
     let extra = format!(
         "security = \"starttls\"\nusername = \"callmeter\"\npassword_env = \"TEST_SMTP_PASSWORD\"\nca = \"{}\"",
         cert_path.display()
     );
-    let toml = (config_text(&sim.url, org, &integration("a", ""))
-        + &smtp_section(smtp.port, &extra))
-        .replace("security = \"none\"\n", "");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let toml = toml.replace(
+    let org = SmtpDown::at(smtp.port, 950, "90%", &extra).await;
+    let toml = org.toml.replace("security = \"none\"\n", "").replace(
         "STORE_PATH",
-        &dir.path().join("callmeter.db").display().to_string(),
+        &org.dir.path().join("callmeter.db").display().to_string(),
     );
     let env = |name: &str| (name == "TEST_SMTP_PASSWORD").then(|| "s3cret-pw".to_owned());
     let cfg = config::parse_with_env(&toml, Path::new("test.toml"), &env).expect("valid");
@@ -378,42 +394,32 @@ async fn a_reload_applies_a_changed_org_threshold() {
 /// it is sent after the restart, once, without a new crossing.
 #[tokio::test]
 async fn an_email_not_sent_before_a_restart_is_sent_after_it() {
-    let port = free_port(); // nothing listens here yet
-    let sim = sim::spawn(SimOptions {
-        limit: 1_000,
-        used: 850,
-        ..SimOptions::default()
-    })
-    .await
-    .expect("sim");
-    let org = "[org.threshold]\nlevels = [\"80%\"]\nnotify = [\"admin@example.com\"]\n";
-    let toml = config_text(&sim.url, org, &integration("a", "")) + &smtp_section(port, "");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let http = Http::new();
+    let down = SmtpDown::at_850_of_1000().await;
+    let (port, toml, dir, http) = (down.port, &down.toml, &down.dir, &down.http);
 
-    let (server, proxy, admin) = start_proxy(&toml, dir.path()).await;
-    call(&http, &proxy, REST).await; // 851 of 1000: past 80 %
+    let (server, proxy, admin) = start_proxy(toml, dir.path()).await;
+    call(http, &proxy, REST).await; // 851 of 1000: past 80 %
     let failed = "callmeter_notifications_total{org=\"acme\",result=\"failed\"}";
     let deadline = Instant::now() + Duration::from_secs(15);
-    while metric(&http, &admin, failed).await == 0 {
+    while metric(http, &admin, failed).await == 0 {
         assert!(Instant::now() < deadline, "no failed attempt");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     server.shutdown().await;
 
     let smtp = SmtpServer::start(port, SmtpOptions::default());
-    let (server, _proxy, admin) = start_proxy(&toml, dir.path()).await;
+    let (server, _proxy, admin) = start_proxy(toml, dir.path()).await;
     let messages = smtp.wait_for(1, EMAIL_WAIT).await;
     let subject = &subjects(&messages)[0];
     assert!(subject.starts_with("[callmeter] acme: 8"), "{messages:#?}");
     let sent = "callmeter_notifications_total{org=\"acme\",result=\"sent\"}";
-    assert_eq!(metric(&http, &admin, sent).await, 1);
+    assert_eq!(metric(http, &admin, sent).await, 1);
     tokio::time::sleep(QUIET).await;
     assert_eq!(smtp.messages().len(), 1, "sent once");
     server.shutdown().await;
 
     // Sent, it left the outbox: another restart sends nothing.
-    let (server, _proxy, _admin) = start_proxy(&toml, dir.path()).await;
+    let (server, _proxy, _admin) = start_proxy(toml, dir.path()).await;
     tokio::time::sleep(QUIET).await;
     assert_eq!(smtp.messages().len(), 1, "not sent again");
     server.shutdown().await;

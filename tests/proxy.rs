@@ -4,9 +4,10 @@ mod common;
 
 use std::time::Duration;
 
+use bytes::Bytes;
 use callmeter::sim::SimOptions;
 use common::*;
-use http::{Method, StatusCode};
+use http::{HeaderMap, Method, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -308,43 +309,69 @@ async fn soap_login_keeps_the_client_on_the_proxy() {
     assert_eq!(env.usage().await["orgs"][0]["reported_used"], sim["used"]);
 }
 
-#[tokio::test]
-async fn upstream_down_is_a_502_with_a_salesforce_shaped_body_and_not_counted() {
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        l.local_addr().expect("addr").port()
-    }; // closed again: nothing listens there
+/// GET of integration `a`'s sObject list through the proxy, with `headers`.
+async fn get_sobjects(env: &Env, headers: &[(&str, &str)]) -> (StatusCode, HeaderMap, Bytes) {
+    let url = format!("{}/a/services/data/v62.0/sobjects", env.proxy);
+    env.http.get(&url, headers).await
+}
+
+/// A raw TCP origin on a free port: each connection it accepts goes to `serve`, in a task.
+async fn raw_origin<F, Fut>(serve: F) -> u16
+where
+    F: Fn(TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(serve(tcp));
+        }
+    });
+    port
+}
+
+/// The proxy with integration `a` in front of `upstream` instead of the simulated org (which
+/// runs only for the helpers that expect one).
+async fn in_front_of(upstream: &str, org_extra: &str) -> Env {
     let sim = callmeter::sim::spawn(SimOptions::default())
         .await
         .expect("sim");
-    let toml = config_text(
-        &format!("http://127.0.0.1:{port}"),
-        r#"connect_timeout = "1s""#,
-        "[[integration]]\nid = \"a\"\norg = \"acme\"\nmatch = { path_prefix = \"/a\" }\n",
-    );
-    let env = start_with(sim, &toml).await;
-    let (status, headers, body) = env
-        .http
-        .get(
-            &format!("{}/a/services/data/v62.0/sobjects", env.proxy),
-            &[],
-        )
-        .await;
-    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    start_with(sim, &config_text(upstream, org_extra, ONE_INTEGRATION)).await
+}
+
+/// Sends a call of integration `a` that cannot reach Salesforce; checks the answer is a
+/// Salesforce-shaped CALLMETER_UPSTREAM_UNREACHABLE that says the call was not counted, and
+/// that it was not; returns the status.
+async fn unreachable_and_not_counted(env: &Env) -> StatusCode {
+    let (status, headers, body) = get_sobjects(env, &[]).await;
     assert!(headers["content-type"]
         .to_str()
         .expect("ct")
         .starts_with("application/json"));
     let err: serde_json::Value = serde_json::from_slice(&body).expect("JSON body");
     assert_eq!(err[0]["errorCode"], "CALLMETER_UPSTREAM_UNREACHABLE");
-    assert!(
-        err[0]["message"]
-            .as_str()
-            .expect("message")
-            .contains("not counted"),
-        "{err}"
-    );
+    let message = err[0]["message"].as_str().expect("message");
+    assert!(message.contains("not counted"), "{err}");
     assert_eq!(env.window("a").await, 0);
+    status
+}
+
+#[tokio::test]
+async fn upstream_down_is_a_502_with_a_salesforce_shaped_body_and_not_counted() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    }; // closed again: nothing listens there
+    let env = in_front_of(
+        &format!("http://127.0.0.1:{port}"),
+        r#"connect_timeout = "1s""#,
+    )
+    .await;
+    let status = unreachable_and_not_counted(&env).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
     assert!(env
         .metrics()
         .await
@@ -360,13 +387,7 @@ async fn slow_upstream_is_a_504_after_the_response_timeout() {
     )
     .await;
     let started = std::time::Instant::now();
-    let (status, _, body) = env
-        .http
-        .get(
-            &format!("{}/a/services/data/v62.0/sobjects", env.proxy),
-            &[("x-sim-delay-ms", "3000")],
-        )
-        .await;
+    let (status, _, body) = get_sobjects(&env, &[("x-sim-delay-ms", "3000")]).await;
     assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
     assert!(
         started.elapsed() < Duration::from_millis(2500),
@@ -405,26 +426,27 @@ async fn read_response(tcp: &mut TcpStream) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// The proxy in front of the simulated org with `org_extra`, and a raw connection to it on
+/// which a POST's head for `length` bytes of body went out.
+async fn upload_started(org_extra: &str, length: usize) -> (Env, TcpStream) {
+    let env = start(SimOptions::default(), org_extra, ONE_INTEGRATION).await;
+    let addr = env.proxy.trim_start_matches("http://").to_owned();
+    let mut tcp = TcpStream::connect(&addr).await.expect("connect");
+    let head = format!(
+        "POST /a/services/data/v62.0/sobjects/Contact HTTP/1.1\r\nhost: x\r\n\
+         authorization: Bearer 00Dsession\r\ncontent-type: application/json\r\n\
+         content-length: {length}\r\n\r\n"
+    );
+    tcp.write_all(head.as_bytes()).await.expect("head");
+    (env, tcp)
+}
+
 /// An upload that takes longer than the response timeout but keeps moving is not timed out:
 /// the timeout runs from the request's last byte.
 #[tokio::test]
 async fn a_slow_upload_is_not_cut_off_by_the_response_timeout() {
-    let env = start(
-        SimOptions::default(),
-        r#"response_timeout = "1s""#,
-        ONE_INTEGRATION,
-    )
-    .await;
-    let addr = env.proxy.trim_start_matches("http://").to_owned();
-    let mut tcp = TcpStream::connect(&addr).await.expect("connect");
     let body = br#"{"LastName":"Slow","Title":"uploaded over 2.4 s"}"#;
-    let head = format!(
-        "POST /a/services/data/v62.0/sobjects/Contact HTTP/1.1\r\nhost: x\r\n\
-         authorization: Bearer 00Dsession\r\ncontent-type: application/json\r\n\
-         content-length: {}\r\n\r\n",
-        body.len()
-    );
-    tcp.write_all(head.as_bytes()).await.expect("head");
+    let (env, mut tcp) = upload_started(r#"response_timeout = "1s""#, body.len()).await;
     for part in body.chunks(body.len() / 6 + 1) {
         tokio::time::sleep(Duration::from_millis(400)).await;
         tcp.write_all(part).await.expect("body");
@@ -438,20 +460,8 @@ async fn a_slow_upload_is_not_cut_off_by_the_response_timeout() {
 /// progress for the response timeout, and the call is not counted (Salesforce never had it).
 #[tokio::test]
 async fn a_stalled_upload_is_a_408_and_not_counted() {
-    let env = start(
-        SimOptions::default(),
-        r#"response_timeout = "500ms""#,
-        ONE_INTEGRATION,
-    )
-    .await;
-    let addr = env.proxy.trim_start_matches("http://").to_owned();
-    let mut tcp = TcpStream::connect(&addr).await.expect("connect");
-    tcp.write_all(
-        b"POST /a/services/data/v62.0/sobjects/Contact HTTP/1.1\r\nhost: x\r\n\
-          authorization: Bearer 00Dsession\r\ncontent-length: 100\r\n\r\n{\"LastName\"",
-    )
-    .await
-    .expect("write");
+    let (env, mut tcp) = upload_started(r#"response_timeout = "500ms""#, 100).await;
+    tcp.write_all(br#"{"LastName""#).await.expect("write");
     let resp = read_response(&mut tcp).await;
     assert!(resp.starts_with("HTTP/1.1 408"), "{resp}");
     assert!(resp.contains("CALLMETER_REQUEST_TIMEOUT"), "{resp}");
@@ -466,15 +476,8 @@ async fn a_stalled_upload_is_a_408_and_not_counted() {
 /// no upstream_error) and the call is not counted.
 #[tokio::test]
 async fn an_upload_the_client_breaks_off_is_a_client_error_and_not_counted() {
-    let env = start(SimOptions::default(), "", ONE_INTEGRATION).await;
-    let addr = env.proxy.trim_start_matches("http://").to_owned();
-    let mut tcp = TcpStream::connect(&addr).await.expect("connect");
-    tcp.write_all(
-        b"POST /a/services/data/v62.0/sobjects/Contact HTTP/1.1\r\nhost: x\r\n\
-          authorization: Bearer 00Dsession\r\ncontent-length: 100\r\n\r\n{\"LastName\"",
-    )
-    .await
-    .expect("write");
+    let (env, mut tcp) = upload_started("", 100).await;
+    tcp.write_all(br#"{"LastName""#).await.expect("write");
     tokio::time::sleep(Duration::from_millis(200)).await;
     tcp.shutdown().await.expect("half-close");
     let resp = read_response(&mut tcp).await;
@@ -497,85 +500,41 @@ async fn an_upload_the_client_breaks_off_is_a_client_error_and_not_counted() {
 /// counted.
 #[tokio::test]
 async fn a_stalled_tls_handshake_is_a_connect_timeout_and_not_counted() {
-    let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let port = silent.local_addr().expect("addr").port();
-    tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((tcp, _)) = silent.accept().await {
-            held.push(tcp); // never answers the ClientHello
-        }
-    });
-    let sim = callmeter::sim::spawn(SimOptions::default())
-        .await
-        .expect("sim");
-    let toml = config_text(
-        &format!("https://127.0.0.1:{port}"),
-        "connect_timeout = \"500ms\"\nresponse_timeout = \"30s\"",
-        ONE_INTEGRATION,
-    );
-    let env = start_with(sim, &toml).await;
+    // Never answers the ClientHello.
+    let port = raw_origin(|tcp| async move {
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        drop(tcp);
+    })
+    .await;
+    let timeouts = "connect_timeout = \"500ms\"\nresponse_timeout = \"30s\"";
+    let env = in_front_of(&format!("https://127.0.0.1:{port}"), timeouts).await;
     let started = std::time::Instant::now();
-    let (status, _, body) = env
-        .http
-        .get(
-            &format!("{}/a/services/data/v62.0/sobjects", env.proxy),
-            &[],
-        )
-        .await;
+    let status = unreachable_and_not_counted(&env).await;
     assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
     assert!(
         started.elapsed() < Duration::from_secs(10),
         "answered at the connect timeout"
     );
-    let err: serde_json::Value = serde_json::from_slice(&body).expect("JSON body");
-    assert_eq!(err[0]["errorCode"], "CALLMETER_UPSTREAM_UNREACHABLE");
-    assert!(
-        err[0]["message"]
-            .as_str()
-            .expect("message")
-            .contains("not counted"),
-        "{err}"
-    );
-    assert_eq!(env.window("a").await, 0);
 }
 
 /// An upstream response framed by Transfer-Encoding that also carries a Content-Length reaches
 /// the client whole, without the stale length (RFC 9112 §6.3).
 #[tokio::test]
 async fn a_chunked_response_with_a_content_length_reaches_the_client_whole() {
-    let origin = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let port = origin.local_addr().expect("addr").port();
-    tokio::spawn(async move {
-        while let Ok((mut tcp, _)) = origin.accept().await {
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                let _ = tcp.read(&mut buf).await;
-                let _ = tcp
-                    .write_all(
-                        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 5\r\n\
-                          content-type: text/plain\r\n\r\na\r\n0123456789\r\n0\r\n\r\n",
-                    )
-                    .await;
-                tokio::time::sleep(Duration::from_secs(5)).await;
-            });
-        }
-    });
-    let sim = callmeter::sim::spawn(SimOptions::default())
-        .await
-        .expect("sim");
-    let toml = config_text(&format!("http://127.0.0.1:{port}"), "", ONE_INTEGRATION);
-    let env = start_with(sim, &toml).await;
-    let (status, headers, body) = env
-        .http
-        .get(
-            &format!("{}/a/services/data/v62.0/sobjects", env.proxy),
-            &[],
-        )
-        .await;
+    let port = raw_origin(|mut tcp| async move {
+        let mut buf = [0u8; 4096];
+        let _ = tcp.read(&mut buf).await;
+        let _ = tcp
+            .write_all(
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 5\r\n\
+                  content-type: text/plain\r\n\r\na\r\n0123456789\r\n0\r\n\r\n",
+            )
+            .await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    })
+    .await;
+    let env = in_front_of(&format!("http://127.0.0.1:{port}"), "").await;
+    let (status, headers, body) = get_sobjects(&env, &[]).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(&body[..], b"0123456789");
     assert!(
@@ -595,13 +554,7 @@ async fn unmatched_traffic_is_refused_or_attributed_as_configured() {
     assert_eq!(status, StatusCode::FORBIDDEN);
     let err: serde_json::Value = serde_json::from_slice(&body).expect("JSON body");
     assert_eq!(err[0]["errorCode"], "CALLMETER_UNMATCHED");
-    let (status, _, _) = env
-        .http
-        .get(
-            &format!("{}/a/services/data/v62.0/sobjects", env.proxy),
-            &[("x-callmeter-key", "nope")],
-        )
-        .await;
+    let (status, _, _) = get_sobjects(&env, &[("x-callmeter-key", "nope")]).await;
     assert_eq!(
         status,
         StatusCode::FORBIDDEN,
