@@ -528,3 +528,45 @@ async fn idle_http2_connections_are_closed_after_the_header_timeout() {
         "closed after {idle:?} idle"
     );
 }
+
+/// A client that breaks off its upload to a proxy whose upstream speaks HTTP/2 (TLS, ALPN, as
+/// Salesforce does) gets a 400, and the call is not counted: HTTP/2 reports only a reset
+/// stream upstream, yet Salesforce never had the whole request.
+#[tokio::test]
+async fn an_upload_broken_off_towards_an_http2_upstream_is_not_counted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tls = TestTls::new(dir.path());
+    let sim = sim::spawn(SimOptions::default()).await.expect("sim");
+    let whole_listener =
+        "[[integration]]\nid = \"a\"\norg = \"acme\"\nmatch = { listener = \"main\" }\n";
+    let front_toml = tls.on_listener(&config_text(&sim.url, "", whole_listener));
+    let front = start_with(sim, &front_toml).await;
+    let front_port = front.server.listener("main").expect("listener").port();
+    let edge_sim = sim::spawn(SimOptions::default()).await.expect("sim");
+    let edge_toml = config_text(
+        &format!("https://localhost:{front_port}"),
+        &format!("upstream_ca = \"{}\"", tls.cert_path.display()),
+        "[[integration]]\nid = \"e\"\norg = \"acme\"\nmatch = { path_prefix = \"/e\" }\n",
+    );
+    let edge = start_with(edge_sim, &edge_toml).await;
+    // One call first, so that the edge holds its HTTP/2 connection to the front.
+    let url = format!("{}/e/services/data/v62.0/sobjects", edge.proxy);
+    assert_eq!(edge.http.get(&url, &[]).await.0, StatusCode::OK);
+
+    let addr = edge.proxy.trim_start_matches("http://").to_owned();
+    let mut tcp = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    tcp.write_all(
+        b"POST /e/services/data/v62.0/sobjects/Contact HTTP/1.1\r\nhost: x\r\n\
+          content-type: application/json\r\ncontent-length: 100\r\n\r\n{\"LastName\"",
+    )
+    .await
+    .expect("write");
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    tcp.shutdown().await.expect("half-close");
+    let (answer, _) = read_to_close(&mut tcp).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert_eq!(edge.window("e").await, 1, "only the first call counts");
+}

@@ -46,6 +46,9 @@ pub struct Upload {
     /// Milliseconds after `start` at which the body last handed a frame on.
     moved_ms: AtomicU64,
     done: AtomicBool,
+    /// The client's body broke off (it hung up mid-upload): whatever the upstream connection
+    /// then reports, Salesforce never had the whole request.
+    broken: AtomicBool,
 }
 
 /// Why the wait for a response ended without one.
@@ -63,7 +66,13 @@ impl Upload {
             start: tokio::time::Instant::now(),
             moved_ms: AtomicU64::new(0),
             done: AtomicBool::new(false),
+            broken: AtomicBool::new(false),
         })
+    }
+
+    /// Whether the client's body broke off.
+    pub fn broken(&self) -> bool {
+        self.broken.load(Ordering::Relaxed)
     }
 
     fn moved(&self, done: bool) {
@@ -179,7 +188,8 @@ impl Body for RequestBody {
                 match &polled {
                     Poll::Ready(Some(Ok(_))) => upload.moved(inner.is_end_stream()),
                     Poll::Ready(None) => upload.moved(true),
-                    Poll::Ready(Some(Err(_))) | Poll::Pending => {}
+                    Poll::Ready(Some(Err(_))) => upload.broken.store(true, Ordering::Relaxed),
+                    Poll::Pending => {}
                 }
                 polled
             }

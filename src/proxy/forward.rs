@@ -229,13 +229,21 @@ impl Upstream {
                 .map_err(|_| Stall::Response),
             // Boxed: the watch on an upload is the rarer path, and would make every request's
             // future larger.
-            Some(upload) => Box::pin(unless_stalled(sending, upload, self.response_timeout)).await,
+            Some(upload) => {
+                let watched = unless_stalled(sending, upload.clone(), self.response_timeout);
+                let sent = Box::pin(watched).await;
+                // The client broke off its upload (hyper reports the body's error over
+                // HTTP/1.1, only a reset stream over HTTP/2): not sent whole, not counted.
+                match sent {
+                    Ok(Err(SendError::Exchange(e))) if upload.broken() => {
+                        return Err(ProxyError::ClientBody(e));
+                    }
+                    other => other,
+                }
+            }
         };
         match sent {
             Ok(Ok(resp)) => Ok(resp),
-            Ok(Err(SendError::Exchange(e))) if is_client_body_error(&e) => {
-                Err(ProxyError::ClientBody(e))
-            }
             Ok(Err(source)) if !source.maybe_sent() => Err(ProxyError::UpstreamConnect {
                 upstream: upstream(),
                 source,
@@ -266,10 +274,4 @@ async fn unless_stalled<F: std::future::Future>(
         sent = sending => Ok(sent),
         stall = upload.stalled(timeout) => Err(stall),
     }
-}
-
-/// Whether hyper gave up on an exchange because the request body failed: the client's body
-/// (the only source of `RequestBody` errors) broke off, e.g. the client hung up mid-upload.
-fn is_client_body_error(e: &hyper::Error) -> bool {
-    e.is_user() && std::error::Error::source(e).is_some_and(|cause| cause.is::<hyper::Error>())
 }
