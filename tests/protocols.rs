@@ -103,21 +103,7 @@ async fn http2_over_tls_with_alpn() {
 #[tokio::test]
 async fn tls_upstream_with_a_private_ca() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let tls = TestTls::new(dir.path());
-    let sim = sim::spawn(SimOptions::default()).await.expect("sim");
-    let whole_listener =
-        "[[integration]]\nid = \"a\"\norg = \"acme\"\nmatch = { listener = \"main\" }\n";
-    let front_toml = tls.on_listener(&config_text(&sim.url, "", whole_listener));
-    let front = start_with(sim, &front_toml).await;
-    let front_port = front.server.listener("main").expect("listener").port();
-
-    let edge_sim = sim::spawn(SimOptions::default()).await.expect("sim");
-    let edge_toml = config_text(
-        &format!("https://localhost:{front_port}"),
-        &format!("upstream_ca = \"{}\"", tls.cert_path.display()),
-        "[[integration]]\nid = \"e\"\norg = \"acme\"\nmatch = { path_prefix = \"/e\" }\n",
-    );
-    let edge = start_with(edge_sim, &edge_toml).await;
+    let (front, edge) = edge_and_front(dir.path()).await;
 
     let url = format!("{}/e/services/data/v62.0/sobjects", edge.proxy);
     let (status, headers, _) = edge.http.get(&url, &[]).await;
@@ -145,6 +131,26 @@ async fn tls_upstream_with_a_private_ca() {
     assert_eq!(front.sim_count().await["used"], 12);
     let usage = edge.usage().await;
     assert_eq!(usage["orgs"][0]["used"], 12, "{usage}");
+}
+
+/// A "front" proxy with a TLS listener (ALPN h2) for all of its traffic, in front of a
+/// simulated org, and an "edge" proxy whose integration `e` (prefix `/e`) has the front as
+/// its Salesforce: the edge reaches its upstream over TLS and HTTP/2, as it reaches Salesforce.
+async fn edge_and_front(dir: &std::path::Path) -> (Env, Env) {
+    let tls = TestTls::new(dir);
+    let sim = sim::spawn(SimOptions::default()).await.expect("sim");
+    let whole_listener =
+        "[[integration]]\nid = \"a\"\norg = \"acme\"\nmatch = { listener = \"main\" }\n";
+    let front_toml = tls.on_listener(&config_text(&sim.url, "", whole_listener));
+    let front = start_with(sim, &front_toml).await;
+    let front_port = front.server.listener("main").expect("listener").port();
+    let edge_sim = sim::spawn(SimOptions::default()).await.expect("sim");
+    let edge_toml = config_text(
+        &format!("https://localhost:{front_port}"),
+        &format!("upstream_ca = \"{}\"", tls.cert_path.display()),
+        "[[integration]]\nid = \"e\"\norg = \"acme\"\nmatch = { path_prefix = \"/e\" }\n",
+    );
+    (front, start_with(edge_sim, &edge_toml).await)
 }
 
 /// A self-signed certificate for "localhost", written as PEM files for a listener's `tls`.
@@ -535,20 +541,7 @@ async fn idle_http2_connections_are_closed_after_the_header_timeout() {
 #[tokio::test]
 async fn an_upload_broken_off_towards_an_http2_upstream_is_not_counted() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let tls = TestTls::new(dir.path());
-    let sim = sim::spawn(SimOptions::default()).await.expect("sim");
-    let whole_listener =
-        "[[integration]]\nid = \"a\"\norg = \"acme\"\nmatch = { listener = \"main\" }\n";
-    let front_toml = tls.on_listener(&config_text(&sim.url, "", whole_listener));
-    let front = start_with(sim, &front_toml).await;
-    let front_port = front.server.listener("main").expect("listener").port();
-    let edge_sim = sim::spawn(SimOptions::default()).await.expect("sim");
-    let edge_toml = config_text(
-        &format!("https://localhost:{front_port}"),
-        &format!("upstream_ca = \"{}\"", tls.cert_path.display()),
-        "[[integration]]\nid = \"e\"\norg = \"acme\"\nmatch = { path_prefix = \"/e\" }\n",
-    );
-    let edge = start_with(edge_sim, &edge_toml).await;
+    let (_front, edge) = edge_and_front(dir.path()).await;
     // One call first, so that the edge holds its HTTP/2 connection to the front.
     let url = format!("{}/e/services/data/v62.0/sobjects", edge.proxy);
     assert_eq!(edge.http.get(&url, &[]).await.0, StatusCode::OK);
