@@ -366,6 +366,13 @@ impl OrgMeter {
             );
             return false;
         }
+        self.claim_probe(now, interval)
+    }
+
+    /// Takes the probe due at `next_probe_us` if it is due at `now`: of concurrent callers,
+    /// one wins, and the next probe is due an `interval` later.
+    fn claim_probe(&self, now: u64, interval: u64) -> bool {
+        let next = self.next_probe_us.load(Ordering::Acquire);
         now >= next
             && self
                 .next_probe_us
@@ -380,14 +387,8 @@ impl OrgMeter {
     /// While exhausted: one call per probe interval goes through; the rest wait for it.
     fn probe(&self, units: u32, minute: Minute) -> Result<(), Limited> {
         let now = self.clock.micros();
-        let next = self.next_probe_us.load(Ordering::Acquire);
         let interval = self.budget.load().probe_interval.as_micros() as u64;
-        if now >= next
-            && self
-                .next_probe_us
-                .compare_exchange(next, now + interval, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
-        {
+        if self.claim_probe(now, interval) {
             self.count(units, minute);
             return Ok(());
         }

@@ -665,6 +665,9 @@ mod tests {
                 !accepted || built,
                 "{address:?} is accepted but cannot be mailed"
             );
+            if ["admin@exam_ple.com", "ops+sf@example.com"].contains(&address) {
+                assert!(accepted && built, "{address:?} is a usable address");
+            }
         }
     }
 

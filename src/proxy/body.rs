@@ -252,10 +252,8 @@ pub enum ResponseBody {
     Observed(Observed),
     /// A body the proxy made or rewrote.
     Full(Option<Bytes>),
-    /// A body whose call holds `max_in_flight` slots until the body is done (or dropped).
-    Held(Box<ResponseBody>, crate::meter::InFlight),
-    /// A body that keeps something alive until it is done (or dropped): an HTTP/2 stream's
-    /// mark that its connection is in use (`listener.rs`).
+    /// A body that keeps something until it is done (or dropped): the `max_in_flight` slots
+    /// its call holds, an HTTP/2 stream's mark that its connection is in use (`listener.rs`).
     Kept(Box<ResponseBody>, Box<dyn std::any::Any + Send + Sync>),
 }
 
@@ -273,7 +271,7 @@ impl ResponseBody {
         if in_flight.is_empty() {
             self
         } else {
-            ResponseBody::Held(Box::new(self), in_flight)
+            self.keep(in_flight)
         }
     }
 
@@ -361,9 +359,7 @@ impl Body for ResponseBody {
                 polled
             }
             ResponseBody::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
-            ResponseBody::Held(inner, _) | ResponseBody::Kept(inner, _) => {
-                Pin::new(inner.as_mut()).poll_frame(cx)
-            }
+            ResponseBody::Kept(inner, _) => Pin::new(inner.as_mut()).poll_frame(cx),
         }
     }
 
@@ -376,7 +372,7 @@ impl Body for ResponseBody {
                 prefix.as_ref().is_none_or(Bytes::is_empty) && inner.is_end_stream()
             }
             ResponseBody::Full(data) => data.is_none(),
-            ResponseBody::Held(inner, _) | ResponseBody::Kept(inner, _) => inner.is_end_stream(),
+            ResponseBody::Kept(inner, _) => inner.is_end_stream(),
         }
     }
 
@@ -391,7 +387,7 @@ impl Body for ResponseBody {
             ResponseBody::Full(data) => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
-            ResponseBody::Held(inner, _) | ResponseBody::Kept(inner, _) => inner.size_hint(),
+            ResponseBody::Kept(inner, _) => inner.size_hint(),
         }
     }
 }

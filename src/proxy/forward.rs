@@ -223,27 +223,20 @@ impl Upstream {
         };
         // Pinned where it is: the timeout then holds a pointer to it instead of a copy.
         let sending = std::pin::pin!(host.send(req));
-        let sent = match upload {
+        let sent = match &upload {
             None => tokio::time::timeout(self.response_timeout, sending)
                 .await
                 .map_err(|_| Stall::Response),
             // Boxed: the watch on an upload is the rarer path, and would make every request's
             // future larger.
-            Some(upload) => {
-                let watched = unless_stalled(sending, upload.clone(), self.response_timeout);
-                let sent = Box::pin(watched).await;
-                // The client broke off its upload (hyper reports the body's error over
-                // HTTP/1.1, only a reset stream over HTTP/2): not sent whole, not counted.
-                match sent {
-                    Ok(Err(SendError::Exchange(e))) if upload.broken() => {
-                        return Err(ProxyError::ClientBody(e));
-                    }
-                    other => other,
-                }
-            }
+            Some(upload) => Box::pin(unless_stalled(sending, upload, self.response_timeout)).await,
         };
+        let broken = upload.as_deref().is_some_and(Upload::broken);
         match sent {
             Ok(Ok(resp)) => Ok(resp),
+            // The client broke off its upload (hyper reports the body's error over HTTP/1.1,
+            // only a reset stream over HTTP/2): not sent whole, not counted.
+            Ok(Err(SendError::Exchange(e))) if broken => Err(ProxyError::ClientBody(e)),
             Ok(Err(source)) if !source.maybe_sent() => Err(ProxyError::UpstreamConnect {
                 upstream: upstream(),
                 source,
@@ -266,7 +259,7 @@ impl Upstream {
 /// `sending`'s outcome, unless the upload stalls first (see `Upload::stalled`).
 async fn unless_stalled<F: std::future::Future>(
     sending: std::pin::Pin<&mut F>,
-    upload: std::sync::Arc<Upload>,
+    upload: &Upload,
     timeout: Duration,
 ) -> Result<F::Output, Stall> {
     tokio::select! {
