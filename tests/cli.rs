@@ -1,5 +1,7 @@
 //! The real binary: `callmeter check` on good and broken configs, `--help`, the demo.
 
+mod common;
+
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -121,12 +123,7 @@ fn help_explains_every_command() {
 #[test]
 fn demo_runs_on_a_fresh_clone() {
     // Free ports for the demo's listeners.
-    let port = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .expect("bind")
-            .local_addr()
-            .expect("addr")
-    };
+    let port = || std::net::SocketAddr::from(([127, 0, 0, 1], common::free_port()));
     let (listen, admin) = (port(), port());
     let out = callmeter(&[
         "demo",

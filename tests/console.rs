@@ -482,7 +482,7 @@ impl Drop for Driver {
 
 impl Driver {
     async fn start() -> Driver {
-        let port = common::smtp::free_port();
+        let port = common::free_port();
         let child = Command::new("chromedriver")
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())

@@ -172,10 +172,7 @@ async fn sim_on(addr: std::net::SocketAddr) -> tokio::sync::oneshot::Sender<()> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_replays_wait_in_the_admin_list_and_a_retry_delivers_them() {
     set_admin_token();
-    let addr = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr");
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
     let org = sim_on(addr).await;
     let toml = config_text(
         &format!("http://{addr}"),

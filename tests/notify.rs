@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use callmeter::sim::{self, SimOptions};
 use callmeter::{app, config};
-use common::smtp::{free_port, SmtpOptions, SmtpServer};
+use common::free_port;
+use common::smtp::{SmtpOptions, SmtpServer};
 use common::*;
 use http::{Method, StatusCode};
 

@@ -361,10 +361,7 @@ async fn unreachable_and_not_counted(env: &Env) -> StatusCode {
 
 #[tokio::test]
 async fn upstream_down_is_a_502_with_a_salesforce_shaped_body_and_not_counted() {
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        l.local_addr().expect("addr").port()
-    }; // closed again: nothing listens there
+    let port = free_port(); // nothing listens there, and no other test is given it
     let env = in_front_of(
         &format!("http://127.0.0.1:{port}"),
         r#"connect_timeout = "1s""#,

@@ -206,13 +206,40 @@ impl Drop for Proc {
     }
 }
 
-/// A port that was free a moment ago, for processes that cannot be told to bind port 0.
+/// A free port of 127.0.0.1 for a process that cannot be told to bind port 0, or for a server a
+/// test stops and starts again on the same port.
+///
+/// A port the OS picked (bind port 0) and that is then closed can be handed out again at once,
+/// as the local port of any outgoing connection of a test running beside it; the server that
+/// binds it a moment later then fails with "address in use". So the ports come from below the
+/// kernel's ephemeral range, which neither outgoing connections nor port 0 draw from, each one
+/// once per test process (a counter), starting at an offset of the process id so that two test
+/// processes side by side start apart; each is checked free by binding it.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const LOW: u32 = 10_000;
+    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    let span = ephemeral_start.saturating_sub(LOW);
+    if span < 1_000 {
+        // No room below the ephemeral range: let the OS pick.
+        return std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("bind 127.0.0.1:0")
+            .port();
+    }
+    let start = std::process::id().wrapping_mul(7_919) % span;
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = u16::try_from(LOW + (start + n) % span).expect("below the ephemeral range");
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port between {LOW} and {ephemeral_start}");
 }
 
 impl Env {

@@ -7,15 +7,6 @@ use std::time::{Duration, Instant};
 
 const SCRIPT: &str = include_str!("smtp_server.py");
 
-/// A port of 127.0.0.1 that was free a moment ago.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
 /// A Python that has aiosmtpd: Debian's (`/usr/bin/python3`) first, since a `python3` earlier on
 /// PATH (pyenv, a virtualenv) may not see Debian's packages.
 fn python() -> String {
