@@ -4,7 +4,7 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use callmeter::sim::{self, SimOptions};
 use common::*;
@@ -14,19 +14,6 @@ const TOKEN: &str = "test-admin-token";
 
 fn set_admin_token() {
     std::env::set_var("CALLMETER_TEST_ADMIN_TOKEN", TOKEN);
-}
-
-/// Polls `check` every 50 ms until it holds or `secs` pass.
-async fn eventually<F, Fut>(secs: u64, what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 const DEFER: &str = "[[integration]]\nid = \"d\"\norg = \"acme\"\nmatch = { path_prefix = \"/d\" }\n\

@@ -563,3 +563,63 @@ async fn an_upload_broken_off_towards_an_http2_upstream_is_not_counted() {
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     assert_eq!(edge.window("e").await, 1, "only the first call counts");
 }
+
+/// An HTTP/2 client that resets its stream while the proxy is still connecting upstream (here a
+/// TLS handshake that never finishes): the call never left the proxy, so it is refunded.
+#[tokio::test]
+async fn a_call_cancelled_while_connecting_upstream_is_not_counted() {
+    let stalling = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let upstream = format!("https://{}", stalling.local_addr().expect("addr"));
+    tokio::spawn(async move {
+        let mut held = Vec::new(); // accepted and never answered
+        while let Ok((tcp, _)) = stalling.accept().await {
+            held.push(tcp);
+        }
+    });
+    let sim = sim::spawn(SimOptions::default()).await.expect("sim");
+    let toml = config_text(&upstream, "connect_timeout = \"30s\"", ONE);
+    let env = start_with(sim, &toml).await;
+    cancel_once_counted(&env, Request::get("/a/services/data/v62.0/limits")).await;
+    eventually(10, "the cancelled call refunded", || async {
+        env.window("a").await == 0
+    })
+    .await;
+}
+
+/// A call cancelled once Salesforce has it (the simulated org answers after 2 s) stays counted:
+/// only a call that never reached an upstream connection is refunded.
+#[tokio::test]
+async fn a_call_cancelled_after_it_went_upstream_stays_counted() {
+    let env = start(SimOptions::default(), "", ONE).await;
+    let req = Request::get("/a/services/data/v62.0/limits").header("x-sim-delay-ms", "2000");
+    cancel_once_counted(&env, req).await;
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(env.window("a").await, 1);
+}
+
+/// Sends `req` (its URI a path) to the proxy over h2c and resets the stream once the proxy has
+/// counted the call.
+async fn cancel_once_counted(env: &Env, req: http::request::Builder) {
+    let addr = env.proxy.trim_start_matches("http://").to_owned();
+    let tcp = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    let (mut send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .handshake::<_, Empty<Bytes>>(hyper_util::rt::TokioIo::new(tcp))
+        .await
+        .expect("h2c handshake");
+    tokio::spawn(conn);
+    let path = req.uri_ref().expect("path").to_string();
+    let req = req
+        .uri(format!("http://{addr}{path}"))
+        .body(Empty::new())
+        .expect("request");
+    let waiting = tokio::spawn(send.send_request(req));
+    eventually(10, "the call counted while it waits", || async {
+        env.window("a").await == 1
+    })
+    .await;
+    waiting.abort(); // the client resets the stream
+}

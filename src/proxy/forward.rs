@@ -18,7 +18,7 @@ use thiserror::Error;
 
 use super::body::{RequestBody, Stall, Upload};
 use super::error::ProxyError;
-use super::pool::{Host, SendError, UpstreamBody};
+use super::pool::{Handover, Host, SendError, UpstreamBody};
 use crate::config::OrgConfig;
 
 /// How long an idle upstream connection is kept for reuse. Salesforce closes idle keep-alive
@@ -201,11 +201,13 @@ impl Upstream {
 
     /// Sends a request and waits for the response headers: within the response timeout, or,
     /// for a request with a body, within the response timeout of the body's last byte (an
-    /// upload may take longer than the timeout as long as it keeps moving).
+    /// upload may take longer than the timeout as long as it keeps moving). `handover` tells,
+    /// should this future be dropped, whether the request reached an upstream connection.
     pub async fn send(
         &self,
         login: bool,
         mut req: Request<RequestBody>,
+        handover: &Handover,
     ) -> Result<Response<UpstreamBody>, ProxyError> {
         let upstream = || self.base(login).display.clone();
         let host = if login {
@@ -222,7 +224,7 @@ impl Upstream {
             Some(upload)
         };
         // Pinned where it is: the timeout then holds a pointer to it instead of a copy.
-        let sending = std::pin::pin!(host.send(req));
+        let sending = std::pin::pin!(host.send(req, handover));
         let sent = match &upload {
             None => tokio::time::timeout(self.response_timeout, sending)
                 .await

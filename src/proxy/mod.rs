@@ -36,7 +36,7 @@ pub use deferred::{constant_time_eq, DeferRoute};
 pub use error::ProxyError;
 pub use forward::{Upstream, UpstreamSetupError};
 pub use listener::{serve_listener, ConnOptions, ListenerSetupError, Peer, TlsSetup};
-pub use pool::UpstreamBody;
+pub use pool::{Handover, UpstreamBody};
 pub use reject::RateLimitHeaders;
 pub use route::{Route, RouteTable};
 
@@ -182,12 +182,18 @@ async fn proxy(
         .uri(login, upstream_pq)
         .map_err(|_| ProxyError::BadPath)?;
     parts.version = http::Version::HTTP_11;
-    let response = match route
+    let mut unsent = Unsent {
+        route: &route,
+        ticket: Some(ticket),
+        handover: Handover::default(),
+    };
+    let sent = route
         .org
         .upstream
-        .send(login, Request::from_parts(parts, body))
-        .await
-    {
+        .send(login, Request::from_parts(parts, body), &unsent.handover)
+        .await;
+    let ticket = unsent.ticket.take().expect("taken only here");
+    let response = match sent {
         Ok(resp) => resp,
         Err(err) => {
             if err.not_sent() {
@@ -230,6 +236,25 @@ async fn proxy(
         parts,
         body.hold(ticket.into_in_flight()),
     ))
+}
+
+/// A counted call on its way to an upstream connection. Should the request's future be dropped
+/// before a connection took the request (the client reset its HTTP/2 stream, or hung up on a
+/// queueing listener, while the proxy was connecting), the call never left: it is refunded.
+struct Unsent<'a> {
+    route: &'a Route,
+    ticket: Option<Ticket>,
+    handover: Handover,
+}
+
+impl Drop for Unsent<'_> {
+    fn drop(&mut self) {
+        if let Some(ticket) = self.ticket.take() {
+            if !self.handover.happened() {
+                self.route.meter.refund(ticket);
+            }
+        }
+    }
 }
 
 /// Step 2: what the call is and how many calls Salesforce counts for it. Composite batches

@@ -125,6 +125,23 @@ impl Shared {
     }
 }
 
+/// Whether a request has been handed to an upstream connection. Until it has, a request that
+/// is dropped (its client went away while the proxy was still connecting) never left the proxy;
+/// once it has, it may have reached Salesforce even if nobody waits for the answer.
+#[derive(Debug, Default)]
+pub struct Handover(AtomicBool);
+
+impl Handover {
+    pub fn happened(&self) -> bool {
+        // Read by the request's own future, which also wrote it: no other memory to order.
+        self.0.load(Ordering::Relaxed)
+    }
+
+    fn mark(&self, handed: bool) {
+        self.0.store(handed, Ordering::Relaxed);
+    }
+}
+
 /// How one attempt on one connection ended.
 enum Attempt {
     /// The connection was closed before the request went out: the request comes back (boxed:
@@ -184,14 +201,16 @@ impl Host {
         }))
     }
 
-    /// Sends `req` (whose URI's path and query are used) and waits for the response head.
+    /// Sends `req` (whose URI's path and query are used) and waits for the response head;
+    /// `handover` tells, should this future be dropped, whether a connection took the request.
     pub async fn send(
         self: &Arc<Self>,
         mut req: Request<RequestBody>,
+        handover: &Handover,
     ) -> Result<Response<UpstreamBody>, SendError> {
         let now = self.clock.unix_ms();
         match self.shared_h2(now).await? {
-            Some(Fresh::H2(shared)) => match self.send_h2(&shared, req).await {
+            Some(Fresh::H2(shared)) => match self.send_h2(&shared, req, handover).await {
                 Ok(resp) => return Ok(resp),
                 Err(Attempt::Failed(e)) => return Err(e),
                 Err(Attempt::Unsent(back)) => {
@@ -201,7 +220,9 @@ impl Host {
                 }
             },
             // The host answered HTTP/1.1 this time: this request takes that connection.
-            Some(Fresh::H1(sender)) => return self.send_fresh(Fresh::H1(sender), req).await,
+            Some(Fresh::H1(sender)) => {
+                return self.send_fresh(Fresh::H1(sender), req, handover).await
+            }
             None => {}
         }
         while let Some(idle) = self.idle.pop() {
@@ -210,14 +231,14 @@ impl Host {
             if !idle.sender.is_ready() || now.saturating_sub(idle.since_ms) > self.idle_timeout_ms {
                 continue; // dropping the sender closes the connection
             }
-            match self.send_h1(idle.sender, req).await {
+            match self.send_h1(idle.sender, req, handover).await {
                 Ok(resp) => return Ok(resp),
                 Err(Attempt::Failed(e)) => return Err(e),
                 Err(Attempt::Unsent(back)) => req = *back,
             }
         }
         let fresh = self.connect_boxed().await?;
-        self.send_fresh(fresh, req).await
+        self.send_fresh(fresh, req, handover).await
     }
 
     /// Sends on a connection made for this request.
@@ -225,10 +246,11 @@ impl Host {
         self: &Arc<Self>,
         fresh: Fresh,
         req: Request<RequestBody>,
+        handover: &Handover,
     ) -> Result<Response<UpstreamBody>, SendError> {
         let attempt = match fresh {
-            Fresh::H1(sender) => self.send_h1(sender, req).await,
-            Fresh::H2(shared) => self.send_h2(&shared, req).await,
+            Fresh::H1(sender) => self.send_h1(sender, req, handover).await,
+            Fresh::H2(shared) => self.send_h2(&shared, req, handover).await,
         };
         attempt.map_err(|e| match e {
             Attempt::Unsent(_) => SendError::ClosedEarly,
@@ -240,6 +262,7 @@ impl Host {
         self: &Arc<Self>,
         mut sender: H1,
         mut req: Request<RequestBody>,
+        handover: &Handover,
     ) -> Result<Response<UpstreamBody>, Attempt> {
         // A pooled connection is ready, a new one as soon as its task runs; an error: it
         // closed meanwhile.
@@ -254,16 +277,12 @@ impl Host {
         *req.version_mut() = Version::HTTP_11;
         req.headers_mut()
             .insert(header::HOST, self.host_header.clone());
-        match sender.try_send_request(req).await {
-            Ok(resp) => {
-                let lease = Lease {
-                    sender,
-                    host: self.clone(),
-                };
-                Ok(resp.map(|body| UpstreamBody::new(body, Some(lease))))
-            }
-            Err(e) => Err(Attempt::from(e)),
-        }
+        let resp = handed_over(sender.try_send_request(req), handover).await?;
+        let lease = Lease {
+            sender,
+            host: self.clone(),
+        };
+        Ok(resp.map(|body| UpstreamBody::new(body, Some(lease))))
     }
 
     /// The shared HTTP/2 connection if the host has one in use. Once the host is known to speak
@@ -299,6 +318,7 @@ impl Host {
         &self,
         shared: &Shared,
         mut req: Request<RequestBody>,
+        handover: &Handover,
     ) -> Result<Response<UpstreamBody>, Attempt> {
         if shared.sender.is_closed() {
             return Err(Attempt::Unsent(Box::new(req)));
@@ -314,10 +334,9 @@ impl Host {
         }
         *req.version_mut() = Version::HTTP_2;
         req.headers_mut().remove(header::HOST);
-        match shared.sender.clone().try_send_request(req).await {
-            Ok(resp) => Ok(resp.map(|body| UpstreamBody::new(body, None))),
-            Err(e) => Err(Attempt::from(e)),
-        }
+        let sending = shared.sender.clone().try_send_request(req);
+        let resp = handed_over(sending, handover).await?;
+        Ok(resp.map(|body| UpstreamBody::new(body, None)))
     }
 
     /// Connecting takes a TLS handshake and an HTTP/2 handshake: a future of several KiB.
@@ -412,6 +431,22 @@ impl Host {
 
 /// The request's path and query, moved out of its URI: a path the proxy built (less an
 /// integration's prefix) is not yet shared, and cloning it would allocate to share it.
+/// Awaits the response to a request a connection has just taken (`sending`), the request marked
+/// as handed over unless the connection gives it back unsent.
+async fn handed_over(
+    sending: impl Future<Output = Result<Response<Incoming>, TrySendError<Request<RequestBody>>>>,
+    handover: &Handover,
+) -> Result<Response<Incoming>, Attempt> {
+    handover.mark(true);
+    sending.await.map_err(|e| {
+        let attempt = Attempt::from(e);
+        if matches!(attempt, Attempt::Unsent(_)) {
+            handover.mark(false);
+        }
+        attempt
+    })
+}
+
 fn take_path_and_query(req: &mut Request<RequestBody>) -> PathAndQuery {
     std::mem::take(req.uri_mut())
         .into_parts()
@@ -606,7 +641,9 @@ mod tests {
     }
 
     async fn fetch(host: &Arc<Host>, path: &str) -> Bytes {
-        let resp = host.send(get(path)).await.expect("response");
+        let handover = Handover::default();
+        let resp = host.send(get(path), &handover).await.expect("response");
+        assert!(handover.happened());
         assert_eq!(resp.status(), 200);
         resp.into_body().collect().await.expect("body").to_bytes()
     }
@@ -645,7 +682,10 @@ mod tests {
     async fn half_read_response_closes_its_connection() {
         let origin = origin(None).await;
         let host = plain_host(origin.addr, Duration::from_secs(50));
-        let resp = host.send(get("/big")).await.expect("response");
+        let resp = host
+            .send(get("/big"), &Handover::default())
+            .await
+            .expect("response");
         drop(resp);
         assert_eq!(host.idle_count(), 0, "a half-read connection is not reused");
         assert_eq!(fetch(&host, "/big").await.len(), 256 * 1024);
@@ -726,7 +766,10 @@ mod tests {
             .header(header::CONTENT_LENGTH, UPLOAD)
             .body(RequestBody::full(Bytes::from(vec![b'u'; UPLOAD])))
             .expect("request");
-        let resp = host.send(upload).await.expect("early answer");
+        let resp = host
+            .send(upload, &Handover::default())
+            .await
+            .expect("early answer");
         assert_eq!(
             resp.into_body().collect().await.expect("body").to_bytes(),
             "ok"
@@ -783,8 +826,12 @@ mod tests {
         let addr = listener.local_addr().expect("addr");
         drop(listener);
         let host = plain_host(addr, Duration::from_secs(50));
-        let err = host.send(get("/")).await.expect_err("nothing listens");
-        assert!(!err.maybe_sent());
+        let handover = Handover::default();
+        let err = host
+            .send(get("/"), &handover)
+            .await
+            .expect_err("nothing listens");
+        assert!(!err.maybe_sent() && !handover.happened());
         assert!(err.to_string().contains("refused"), "{err}");
     }
 

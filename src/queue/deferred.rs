@@ -20,7 +20,7 @@ use http::{HeaderName, HeaderValue, Method, Request, StatusCode};
 use tokio::sync::{watch, Notify, Semaphore};
 
 use crate::meter::{IntegrationMeter, OrgMeter, Ticket, Verdict};
-use crate::proxy::{RequestBody, ResponseBody, Upstream};
+use crate::proxy::{Handover, RequestBody, ResponseBody, Upstream};
 use crate::salesforce::{self, BodyScanner, LimitExceeded};
 use crate::store::{DeferredCall, DeferredId, NewDeferred, Store, StoreError};
 
@@ -386,7 +386,8 @@ async fn send(
     ticket: Ticket,
 ) {
     let outcome = match build_request(r, &call) {
-        Ok(req) => match r.upstream.send(false, req).await {
+        // Only a shutdown drops a replay midway, and the call stays stored: nothing to watch.
+        Ok(req) => match r.upstream.send(false, req, &Handover::default()).await {
             Ok(resp) => answer(r, resp).await,
             Err(err) => {
                 if err.not_sent() {
