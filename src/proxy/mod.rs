@@ -281,7 +281,7 @@ async fn classify(
         complete,
     };
     // The body tells a SOAP login() apart from an ordinary call on the same path.
-    let kind = salesforce::refine(kind, prefix);
+    let kind = salesforce::refine(kind, path, prefix);
     Ok((
         kind,
         salesforce::counted_units(kind, &route.org.counting, Some(prefix)),

@@ -258,14 +258,14 @@ fn classify_data<'a>(mut segs: impl Iterator<Item = &'a str>) -> CallKind {
         // `GET /services/data/vXX.X`: the resource list of one version, an ordinary call.
         return CallKind::Rest;
     };
-    if is(resource, "limits") {
+    if is_resource(resource, "limits") {
         // `limits/recordCount` is a different resource and an ordinary call.
         return match segs.next() {
             None => CallKind::Limits,
             Some(_) => CallKind::Rest,
         };
     }
-    if is(resource, "composite") {
+    if is_resource(resource, "composite") {
         return classify_composite(segs);
     }
     if is(resource, "tooling") {
@@ -278,7 +278,9 @@ fn classify_data<'a>(mut segs: impl Iterator<Item = &'a str>) -> CallKind {
     }
     if is(resource, "jobs") {
         return match segs.next() {
-            Some(job) if is(job, "ingest") || is(job, "query") => CallKind::BulkV2,
+            Some(job) if is_resource(job, "ingest") || is_resource(job, "query") => {
+                CallKind::BulkV2
+            }
             _ => CallKind::Rest,
         };
     }
@@ -288,7 +290,7 @@ fn classify_data<'a>(mut segs: impl Iterator<Item = &'a str>) -> CallKind {
 /// `…/composite/…`, after `composite`.
 fn classify_composite<'a>(mut segs: impl Iterator<Item = &'a str>) -> CallKind {
     match (segs.next(), segs.next()) {
-        (Some(sub), None) if is(sub, "batch") => CallKind::CompositeBatch,
+        (Some(sub), None) if is_resource(sub, "batch") => CallKind::CompositeBatch,
         // composite, composite/tree/…, composite/sobjects…, composite/graph: one unit each.
         _ => CallKind::Composite,
     }
@@ -341,6 +343,30 @@ fn is(segment: &str, name: &str) -> bool {
     segment.eq_ignore_ascii_case(name)
 }
 
+/// A REST resource's segment: its name, or its name with the `.json` / `.xml` suffix that picks
+/// the format on any resource (`limits.json`, `composite/batch.xml`).
+fn is_resource(segment: &str, name: &str) -> bool {
+    is(segment, name)
+        || segment
+            .split_at_checked(name.len())
+            .is_some_and(|(head, suffix)| {
+                is(head, name) && (is(suffix, ".json") || is(suffix, ".xml"))
+            })
+}
+
+/// Whether `path` is a SOAP endpoint that has `login()`: the partner (`u`) and enterprise (`c`)
+/// APIs. An Apex web service (`/services/Soap/class/…`) may have a method named `login` of its
+/// own, an ordinary call.
+fn has_soap_login(path: &str) -> bool {
+    let mut segs = Segments::of(path);
+    match (segs.next(), segs.next(), segs.next()) {
+        (Some(services), Some(soap), Some(flavor)) => {
+            is(services, "services") && is(soap, "Soap") && (is(flavor, "u") || is(flavor, "c"))
+        }
+        _ => false,
+    }
+}
+
 /// `60.0`-style: digits, a dot, digits.
 fn is_dotted_version(s: &[u8]) -> bool {
     let Some(dot) = memchr::memchr(b'.', s) else {
@@ -353,14 +379,15 @@ fn is_dotted_version(s: &[u8]) -> bool {
         && minor.iter().all(u8::is_ascii_digit)
 }
 
-/// Refines a path-based kind with the request body: a SOAP request whose first body element is
-/// `login` is a `SoapLogin` whatever its path, and one whose first body element is anything else
-/// is a plain `Soap` call even on a login path. Other kinds, and bodies whose first body element
-/// is not in the prefix, keep the path's answer.
-pub fn refine(kind: CallKind, body: BodyPrefix<'_>) -> CallKind {
+/// Refines a path-based kind with the request body: a SOAP request to the partner or enterprise
+/// API whose first body element is `login` is a `SoapLogin` whatever the rest of its path (the
+/// org id may be there), and one whose first body element is anything else is a plain `Soap`
+/// call even on a login path. Other kinds, and bodies whose first body element is not in the
+/// prefix, keep the path's answer.
+pub fn refine(kind: CallKind, path: &str, body: BodyPrefix<'_>) -> CallKind {
     match kind {
         CallKind::Soap | CallKind::SoapLogin => match inspect_soap(body.bytes).first_body_element {
-            Some(b"login") => CallKind::SoapLogin,
+            Some(b"login") if has_soap_login(path) => CallKind::SoapLogin,
             Some(_) => CallKind::Soap,
             None => kind,
         },
@@ -376,9 +403,8 @@ pub fn refine(kind: CallKind, body: BodyPrefix<'_>) -> CallKind {
 ///   [`COMPOSITE_BATCH_MAX`], the most Salesforce will run: over-counting a rare huge batch is
 ///   cheaper than letting the org overshoot. A complete body that is not a JSON object with a
 ///   `batchRequests` array (or has an empty one) counts 1: Salesforce rejects it as one request.
-/// - SOAP: 0 for a `login()` (separate login rate limit) and for a request whose header
-///   carries `DebuggingHeader` (separate allocation); else 1. Without a body the path decides:
-///   `Soap` 1, `SoapLogin` 0.
+/// - SOAP: 0 for a `login()` (separate login rate limit; `kind` as [`refine`] found it) and for
+///   a request whose header carries `DebuggingHeader` (separate allocation); else 1.
 pub fn counted_units(
     kind: CallKind,
     rules: &CountingRules,
@@ -401,28 +427,77 @@ pub fn counted_units(
             }) => batch_size(bytes).map_or(1, |n| n.clamp(1, COMPOSITE_BATCH_MAX)),
             _ => COMPOSITE_BATCH_MAX,
         },
-        CallKind::Soap | CallKind::SoapLogin => {
-            let Some(body) = body_prefix else {
-                return u32::from(kind == CallKind::Soap);
-            };
-            let info = inspect_soap(body.bytes);
-            let kind = match info.first_body_element {
-                Some(b"login") => CallKind::SoapLogin,
-                Some(_) => CallKind::Soap,
-                None => kind,
-            };
-            if kind == CallKind::SoapLogin || info.debugging_header {
-                0
-            } else {
-                1
-            }
+        CallKind::SoapLogin => 0,
+        CallKind::Soap => {
+            let debugging =
+                body_prefix.is_some_and(|body| inspect_soap(body.bytes).debugging_header);
+            u32::from(!debugging)
         }
     }
 }
 
-/// The number of entries in a Composite Batch body's `batchRequests` array, saturating at
-/// `u32::MAX`; `None` unless the body is a JSON object with such an array.
+/// The number of subrequests in a Composite Batch body, in any of the forms Salesforce takes:
+/// JSON, XML, or multipart with the JSON as its first part (subrequests with binary parts).
 fn batch_size(body: &[u8]) -> Option<u32> {
+    let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
+    match body.get(super::json::skip_ws(body, 0))? {
+        b'{' => json_batch_size(body),
+        b'<' => xml_batch_size(body),
+        b'-' => multipart_batch_size(body),
+        _ => None,
+    }
+}
+
+/// `<batch><batchRequests><batchRequest>…</batchRequest>…`: the `batchRequest` elements
+/// under the root's `batchRequests`; `None` unless the root element is `batch`.
+fn xml_batch_size(body: &[u8]) -> Option<u32> {
+    let (mut depth, mut in_requests, mut count, mut at) = (0usize, false, None, 0);
+    while let Step::Tag(tag) = xml::next_tag(body, at) {
+        at = tag.end;
+        match tag.kind {
+            TagKind::Other => continue,
+            TagKind::End => {
+                depth = depth.saturating_sub(1);
+                in_requests &= depth > 1;
+                continue;
+            }
+            TagKind::Start | TagKind::SelfClosing => {}
+        }
+        let name = tag.local_name();
+        match depth {
+            0 if name != b"batch" => return None,
+            0 => count = Some(0u32),
+            1 => in_requests = name == b"batchRequests",
+            2 if in_requests && name == b"batchRequest" => {
+                count = count.map(|n| n.saturating_add(1))
+            }
+            _ => {}
+        }
+        depth += usize::from(tag.kind == TagKind::Start);
+    }
+    count
+}
+
+/// A `multipart/form-data` batch: the first line is the delimiter, the first part (after its
+/// headers) the JSON body.
+fn multipart_batch_size(body: &[u8]) -> Option<u32> {
+    let delimiter_end = memchr::memmem::find(body, b"\r\n")?;
+    let delimiter = &body[..delimiter_end];
+    if !delimiter.starts_with(b"--") || delimiter.len() < 3 {
+        return None;
+    }
+    let headers_end =
+        delimiter_end + memchr::memmem::find(&body[delimiter_end..], b"\r\n\r\n")? + 4;
+    let part = &body[headers_end..];
+    let part_end = memchr::memmem::find_iter(part, delimiter)
+        .find(|&at| part[..at].ends_with(b"\r\n"))
+        .map_or(part.len(), |at| at - 2);
+    json_batch_size(&part[..part_end])
+}
+
+/// The number of entries in a JSON Composite Batch body's `batchRequests` array, saturating at
+/// `u32::MAX`; `None` unless the body is a JSON object with such an array.
+fn json_batch_size(body: &[u8]) -> Option<u32> {
     #[derive(Deserialize)]
     struct Batch {
         #[serde(rename = "batchRequests")]
@@ -518,12 +593,22 @@ mod tests {
         })
     }
 
-    fn soap_units(body: &str) -> u32 {
-        counted_units(
-            post("/services/Soap/u/60.0/00D000000000001"),
-            &CountingRules::default(),
-            complete(body.as_bytes()),
+    /// What the proxy finds for a whole POST body: the path's kind refined by the body, and its
+    /// units.
+    fn cost(path: &str, body: &[u8]) -> (CallKind, u32) {
+        let prefix = BodyPrefix {
+            bytes: body,
+            complete: true,
+        };
+        let kind = refine(post(path), path, prefix);
+        (
+            kind,
+            counted_units(kind, &CountingRules::default(), Some(prefix)),
         )
+    }
+
+    fn soap_units(body: &str) -> u32 {
+        cost("/services/Soap/u/60.0/00D000000000001", body.as_bytes()).1
     }
 
     const SOAP_QUERY: &str = r#"<?xml version="1.0" encoding="utf-8"?>
@@ -876,29 +961,83 @@ mod tests {
         );
     }
 
+    /// Composite Batch in XML and as multipart (the JSON first, then binary parts) costs one
+    /// unit per subrequest too; a nested element of the same name is not a subrequest.
+    #[test]
+    fn xml_and_multipart_composite_batches_count_each_subrequest() {
+        let path = "/services/data/v60.0/composite/batch";
+        let xml = br#"<?xml version="1.0" encoding="UTF-8"?>
+<batch><haltOnError>false</haltOnError><batchRequests>
+  <batchRequest><method>GET</method><url>v60.0/sobjects/Account/001</url></batchRequest>
+  <batchRequest><method>PATCH</method><url>v60.0/sobjects/Account/002</url>
+    <richInput><batchRequest>not one</batchRequest></richInput></batchRequest>
+  <batchRequest><method>GET</method><url>v60.0/limits</url></batchRequest>
+</batchRequests></batch>"#;
+        assert_eq!(cost(path, xml), (CallKind::CompositeBatch, 3));
+        let multipart = b"--bnd\r\nContent-Disposition: form-data; name=\"json\"\r\n\
+            Content-Type: application/json\r\n\r\n{\"batchRequests\":[{\"method\":\"POST\",\
+            \"url\":\"v60.0/sobjects/ContentVersion\",\"binaryPartName\":\"f1\"},\
+            {\"method\":\"GET\",\"url\":\"v60.0/limits\"}]}\r\n--bnd\r\n\
+            Content-Disposition: form-data; name=\"f1\"; filename=\"a.txt\"\r\n\r\nhello\r\n--bnd--\r\n";
+        assert_eq!(cost(path, multipart), (CallKind::CompositeBatch, 2));
+        // Not a batch in any form: Salesforce refuses it as one request.
+        assert_eq!(cost(path, b"<other><batchRequests/></other>").1, 1);
+        assert_eq!(cost(path, b"--bnd\r\n\r\nnot json\r\n--bnd--").1, 1);
+    }
+
+    /// `.json` / `.xml` after a resource picks the format, not another resource.
+    #[test]
+    fn a_format_suffix_keeps_the_resource() {
+        assert_eq!(
+            post("/services/data/v60.0/composite/batch.json"),
+            CallKind::CompositeBatch
+        );
+        assert_eq!(
+            post("/services/data/v60.0/composite/batch.XML"),
+            CallKind::CompositeBatch
+        );
+        assert_eq!(get("/services/data/v60.0/limits.json"), CallKind::Limits);
+        assert_eq!(
+            post("/services/data/v60.0/jobs/ingest.json"),
+            CallKind::BulkV2
+        );
+        assert_eq!(
+            post("/services/data/v60.0/composite.json"),
+            CallKind::Composite
+        );
+        assert_eq!(get("/services/data/v60.0/limits.jsonx"), CallKind::Rest);
+        assert_eq!(get("/services/data/v60.0/limitsé"), CallKind::Rest);
+    }
+
     #[test]
     fn soap_login_body_on_org_path_is_a_login() {
-        let kind = post("/services/Soap/u/60.0/00D000000000001");
-        assert_eq!(kind, CallKind::Soap);
-        let body = BodyPrefix {
-            bytes: SOAP_LOGIN.as_bytes(),
-            complete: true,
-        };
-        assert_eq!(refine(kind, body), CallKind::SoapLogin);
-        assert_eq!(soap_units(SOAP_LOGIN), 0);
+        let path = "/services/Soap/u/60.0/00D000000000001";
+        assert_eq!(post(path), CallKind::Soap);
+        assert_eq!(cost(path, SOAP_LOGIN.as_bytes()), (CallKind::SoapLogin, 0));
     }
 
     #[test]
     fn non_login_body_on_login_path_counts() {
-        let kind = post("/services/Soap/u/60.0");
-        let body = BodyPrefix {
-            bytes: SOAP_QUERY.as_bytes(),
-            complete: true,
-        };
-        assert_eq!(refine(kind, body), CallKind::Soap);
         assert_eq!(
-            counted_units(kind, &CountingRules::default(), Some(body)),
-            1
+            cost("/services/Soap/u/60.0", SOAP_QUERY.as_bytes()),
+            (CallKind::Soap, 1)
+        );
+    }
+
+    /// An Apex web service may have a method named `login`: an ordinary call to the instance.
+    #[test]
+    fn an_apex_soap_method_named_login_is_not_a_login() {
+        let body = SOAP_LOGIN.replace(
+            "urn:partner.soap.sforce.com",
+            "http://soap.sforce.com/schemas/class/Acc",
+        );
+        assert_eq!(
+            cost("/services/Soap/class/Acc", body.as_bytes()),
+            (CallKind::Soap, 1)
+        );
+        assert_eq!(
+            cost("/services/Soap/c/60.0", SOAP_LOGIN.as_bytes()),
+            (CallKind::SoapLogin, 0)
         );
     }
 
@@ -913,10 +1052,11 @@ mod tests {
             complete: false,
         };
         for body in [empty, cut] {
-            assert_eq!(refine(CallKind::SoapLogin, body), CallKind::SoapLogin);
-            assert_eq!(refine(CallKind::Soap, body), CallKind::Soap);
+            let path = "/services/Soap/u/60.0";
+            assert_eq!(refine(CallKind::SoapLogin, path, body), CallKind::SoapLogin);
+            assert_eq!(refine(CallKind::Soap, path, body), CallKind::Soap);
         }
-        assert_eq!(refine(CallKind::Rest, empty), CallKind::Rest);
+        assert_eq!(refine(CallKind::Rest, "/", empty), CallKind::Rest);
     }
 
     #[test]
@@ -942,7 +1082,7 @@ mod tests {
             let prefix = BodyPrefix { bytes: &body, complete };
             let units = counted_units(kind, &CountingRules::default(), Some(prefix));
             prop_assert!(units <= COMPOSITE_BATCH_MAX);
-            let _ = refine(kind, prefix);
+            let _ = refine(kind, &path, prefix);
         }
 
         #[test]
