@@ -61,6 +61,9 @@ pub struct Server {
     admin: Arc<Admin>,
     stop: watch::Sender<bool>,
     tasks: JoinSet<()>,
+    /// The meter's snapshots, stopped only after every other task: calls counted (and refunds)
+    /// while the listeners drain are in its last save.
+    persist: (watch::Sender<bool>, JoinSet<()>),
 }
 
 /// Builds everything from `config`, binds all sockets and starts serving.
@@ -272,7 +275,13 @@ pub async fn start(config: &Config) -> Result<Server, StartError> {
         grace,
     ));
     tracing::info!(addr = %admin_addr, "admin listening (status page /, /metrics, /healthz, /readyz, /api/v1/usage)");
-    tasks.spawn(persist::run(meter.clone(), store.clone(), stop.subscribe()));
+    let (persist_stop, _) = watch::channel(false);
+    let mut persist = JoinSet::new();
+    persist.spawn(persist::run(
+        meter.clone(),
+        store.clone(),
+        persist_stop.subscribe(),
+    ));
     admin.ready.store(true, Ordering::Relaxed);
 
     Ok(Server {
@@ -282,6 +291,7 @@ pub async fn start(config: &Config) -> Result<Server, StartError> {
         admin,
         stop,
         tasks,
+        persist: (persist_stop, persist),
     })
 }
 
@@ -322,6 +332,9 @@ impl Server {
         self.admin.ready.store(false, Ordering::Relaxed);
         let _ = self.stop.send(true);
         while self.tasks.join_next().await.is_some() {}
+        let (persist_stop, mut persist) = self.persist;
+        let _ = persist_stop.send(true);
+        while persist.join_next().await.is_some() {}
         tracing::info!("stopped");
     }
 

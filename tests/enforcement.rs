@@ -5,6 +5,7 @@ mod common;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use callmeter::sim::SimOptions;
 use common::*;
@@ -263,9 +264,7 @@ async fn a_restart_keeps_the_window_and_the_budget_decisions() {
         .await
         .expect("sim");
     let dir = tempfile::tempdir().expect("tempdir");
-    let toml = config_text(&sim.url, "", "[[integration]]\nid = \"a\"\norg = \"acme\"\nmatch = { path_prefix = \"/a\" }\nquota = 5\n")
-        .replace("STORE_PATH", &dir.path().join("callmeter.db").display().to_string());
-    let cfg = callmeter::config::parse(&toml, std::path::Path::new("test.toml")).expect("config");
+    let cfg = on_disk(&sim.url, dir.path(), "quota = 5\n");
     let http = Http::new();
 
     let server = callmeter::app::start(&cfg).await.expect("start");
@@ -294,4 +293,58 @@ async fn a_restart_keeps_the_window_and_the_budget_decisions() {
     }
     assert_eq!(http.get(&url, &[]).await.0, StatusCode::FORBIDDEN);
     server.shutdown().await;
+}
+
+/// A call counted while the proxy drains (its body still arriving at the stop signal: a SOAP
+/// call is counted once its body's start is read) is in the windows saved at shutdown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_counted_while_draining_is_saved_for_the_restart() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let sim = callmeter::sim::spawn(SimOptions::default())
+        .await
+        .expect("sim");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = on_disk(&sim.url, dir.path(), "");
+    let server = callmeter::app::start(&cfg).await.expect("start");
+    let body = SOAP_QUERY.as_bytes();
+    let mut tcp = tokio::net::TcpStream::connect(server.listener("main").expect("main"))
+        .await
+        .expect("connect");
+    let head = format!(
+        "POST /a/services/Soap/u/62.0/00D000000000001AAA HTTP/1.1\r\nhost: x\r\n\
+         content-type: text/xml; charset=utf-8\r\nsoapaction: query\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    tcp.write_all(head.as_bytes()).await.expect("head");
+    tcp.write_all(&body[..20]).await.expect("body start");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let shutdown = tokio::spawn(server.shutdown());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    tcp.write_all(&body[20..]).await.expect("body rest");
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 200"),
+        "served while draining: {answer}"
+    );
+    shutdown.await.expect("shutdown");
+
+    let server = callmeter::app::start(&cfg).await.expect("restart");
+    let window = server.meter.usage().orgs[0].integrations[0].window;
+    server.shutdown().await;
+    assert_eq!(window, 1);
+}
+
+/// The config of integration `a` (with `extra` keys) in front of `sim`, its store in `dir`.
+fn on_disk(sim: &str, dir: &std::path::Path, extra: &str) -> callmeter::config::Config {
+    let integration = format!(
+        "[[integration]]\nid = \"a\"\norg = \"acme\"\nmatch = {{ path_prefix = \"/a\" }}\n{extra}"
+    );
+    let toml = config_text(sim, "", &integration).replace(
+        "STORE_PATH",
+        &dir.join("callmeter.db").display().to_string(),
+    );
+    callmeter::config::parse(&toml, std::path::Path::new("test.toml")).expect("config")
 }
