@@ -125,6 +125,11 @@ async fn serve(cfg: config::Config, path: &std::path::Path) -> ExitCode {
     callmeter::logging::init(&cfg.log.level, cfg.log.format == LogFormat::Json);
     cfg.log_warnings();
     let worker_threads = tokio::runtime::Handle::current().metrics().num_workers();
+    // SIGHUP's default action ends the process: taken over before the start (restoring windows,
+    // binding sockets) so that a reload sent meanwhile does not kill the proxy. The config was
+    // read just before; reloads from here on are `run_until_signal`'s.
+    #[cfg(unix)]
+    let _hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
     tracing::info!(worker_threads, "starting");
     match app::start(&cfg).await {
         Ok(server) => {

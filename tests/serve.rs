@@ -83,6 +83,18 @@ async fn serve_with(
     env: &[(&str, &str)],
     extra: &str,
 ) -> (Proc, String, String) {
+    let (proc, proxy, admin) = spawn_serve(upstream, dir, env, extra);
+    wait_ready(&admin).await;
+    (proc, proxy, admin)
+}
+
+/// Starts `callmeter serve` (logs on a pipe) without waiting; its proxy and admin URLs.
+fn spawn_serve(
+    upstream: &str,
+    dir: &std::path::Path,
+    env: &[(&str, &str)],
+    extra: &str,
+) -> (Proc, String, String) {
     let (proxy_port, admin_port) = (free_port(), free_port());
     let path = write_config(upstream, dir, (proxy_port, admin_port), extra);
     let child = Command::new(env!("CARGO_BIN_EXE_callmeter"))
@@ -91,10 +103,20 @@ async fn serve_with(
         .stderr(Stdio::piped())
         .spawn()
         .expect("start callmeter serve");
-    let (proxy, admin) = (
+    (
+        Proc(child),
         format!("http://127.0.0.1:{proxy_port}"),
         format!("http://127.0.0.1:{admin_port}"),
-    );
+    )
+}
+
+/// Waits until the admin listener's `/readyz` answers 200.
+async fn wait_ready(admin: &str) {
+    let admin_port = admin
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse::<u16>().ok())
+        .expect("port");
     let http = Http::new();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -113,7 +135,6 @@ async fn serve_with(
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    (Proc(child), proxy, admin)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -290,4 +311,31 @@ async fn sighup_reloads_budgets_and_keeps_counts() {
         "4 in all: the first 2 still count"
     );
     assert_eq!(org.count().by_client.get("a"), Some(&4));
+}
+
+/// SIGHUP's default action ends a process: one sent while `serve` is still starting (a
+/// config-management reload right after a restart) must not kill it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sighup_while_starting_does_not_end_the_process() {
+    use std::io::BufRead;
+    let org = sim::spawn(SimOptions::default()).await.expect("sim");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut proc, _, admin) = spawn_serve(&org.url, dir.path(), &[], "");
+    let stderr = proc.0.stderr.take().expect("stderr");
+    // The "starting" line comes before the windows are restored and the sockets bound.
+    let mut lines = std::io::BufReader::new(stderr).lines();
+    assert!(
+        lines.any(|l| l.is_ok_and(|l| l.contains("starting"))),
+        "no start line"
+    );
+    for _ in 0..3 {
+        let hup = Command::new("kill")
+            .args(["-HUP", &proc.0.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(hup.success());
+    }
+    std::thread::spawn(move || lines.for_each(drop)); // keeps the pipe drained
+    wait_ready(&admin).await;
+    assert!(proc.0.try_wait().expect("wait").is_none(), "still running");
 }
