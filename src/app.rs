@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::admin::Admin;
-use crate::config::{Config, MatchRule, OnLimit, OrgId};
+use crate::config::{Config, ListenerConfig, MatchRule, OnLimit, OrgId};
 use crate::meter::{
     persist, Clock, IntegrationBudget, IntegrationMeter, Meter, OrgBudget, OrgMeter,
 };
@@ -48,7 +48,7 @@ pub enum StartError {
     Tls {
         name: String,
         #[source]
-        source: proxy::ListenerSetupError,
+        source: Box<proxy::ListenerSetupError>,
     },
 }
 
@@ -191,15 +191,7 @@ pub async fn start(config: &Config) -> Result<Server, StartError> {
                 table.add(route.clone(), rule);
             }
         }
-        let tls = match &l.tls {
-            Some(files) => Some(TlsSetup::from_pem_files(&files.cert, &files.key).map_err(
-                |source| StartError::Tls {
-                    name: l.name.clone(),
-                    source,
-                },
-            )?),
-            None => None,
-        };
+        let tls = listener_tls(l)?;
         let socket = TcpListener::bind(l.listen)
             .await
             .map_err(|source| StartError::Bind {
@@ -293,6 +285,33 @@ pub async fn start(config: &Config) -> Result<Server, StartError> {
         tasks,
         persist: (persist_stop, persist),
     })
+}
+
+/// What `callmeter check` adds to the config's validation: the files `start` reads are read the
+/// same way (upstream CAs, listener certificates and keys, and that each key fits its
+/// certificate), so that a config `check` accepts does not fail `serve` for a file. Binds and
+/// opens nothing.
+pub fn check_files(config: &Config) -> Result<(), StartError> {
+    for org in &config.orgs {
+        Upstream::new(org)?;
+    }
+    for l in &config.listeners {
+        listener_tls(l)?;
+    }
+    Ok(())
+}
+
+/// A listener's TLS set-up from its certificate and key files, if it has them.
+fn listener_tls(l: &ListenerConfig) -> Result<Option<TlsSetup>, StartError> {
+    let Some(files) = &l.tls else {
+        return Ok(None);
+    };
+    TlsSetup::from_pem_files(&files.cert, &files.key)
+        .map(Some)
+        .map_err(|source| StartError::Tls {
+            name: l.name.clone(),
+            source: Box::new(source),
+        })
 }
 
 /// Opens the embedded database (`":memory:"`: nothing is kept across restarts).

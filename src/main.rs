@@ -147,6 +147,10 @@ async fn serve(cfg: config::Config, path: &std::path::Path) -> ExitCode {
 async fn run(command: Command) -> ExitCode {
     match command {
         Command::Check { config } => match config::load(&config) {
+            Ok(cfg) if let Err(e) = app::check_files(&cfg) => {
+                eprintln!("callmeter: {}: {e}", config.display());
+                ExitCode::from(2)
+            }
             Ok(cfg) => {
                 println!(
                     "{}: ok ({} listener(s), {} org(s), {} integration(s))",

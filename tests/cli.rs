@@ -104,6 +104,51 @@ fn config_mistakes_exit_2_and_name_the_key() {
     }
 }
 
+/// Files that exist but are not what their key needs (not PEM, a key that does not fit its
+/// certificate) fail `check` as they would fail `serve`, naming the file.
+#[test]
+fn check_reads_the_tls_files_as_serve_does() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).expect("write");
+        path.display().to_string()
+    };
+    let garbage = write("garbage.pem", "garbage\n");
+    let one = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("cert");
+    let other = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("cert");
+    let cert = write("cert.pem", &one.cert.pem());
+    let key = write("key.pem", &one.signing_key.serialize_pem());
+    let other_key = write("other-key.pem", &other.signing_key.serialize_pem());
+    let tls = |cert: &str, key: &str| {
+        BASE.replace(
+            "listen = \"127.0.0.1:0\"",
+            &format!("listen = \"127.0.0.1:0\"\ntls = {{ cert = \"{cert}\", key = \"{key}\" }}"),
+        )
+    };
+    let ca = |file: &str| format!("{BASE}upstream_ca = \"{file}\"\n");
+    assert_eq!(
+        check(&tls(&cert, &key)).0,
+        0,
+        "{}",
+        check(&tls(&cert, &key)).1
+    );
+    assert_eq!(check(&ca(&cert)).0, 0);
+    for (toml, needle) in [
+        (tls(&garbage, &key), &garbage),
+        (tls(&cert, &garbage), &garbage),
+        (tls(&cert, &other_key), &other_key),
+        (ca(&garbage), &garbage),
+    ] {
+        let (code, stderr) = check(&toml);
+        assert_eq!(code, 2, "{toml}\n{stderr}");
+        assert!(
+            stderr.contains(needle.as_str()),
+            "{stderr:?} names {needle}"
+        );
+    }
+}
+
 #[test]
 fn errors_carry_the_line_where_the_parser_knows_it() {
     let (code, stderr) = check(&format!("{BASE}\n[[integration]]\nid = \"a\"\norg = \"acme\"\nmatch = {{ path_prefix = \"/a\" }}\nquota = true\n"));
