@@ -712,3 +712,34 @@ async fn login_urls_use_the_public_url_but_host_matched_integrations_keep_their_
         "https://middleware.internal:8443"
     );
 }
+
+/// Salesforce takes gzip-compressed request bodies: the proxy decodes the start of one to cost
+/// it, so a compressed batch of 3 counts 3, and a compressed SOAP query on the login() path is
+/// an ordinary call (not a free login).
+#[tokio::test]
+async fn compressed_request_bodies_are_costed_by_what_they_hold() {
+    use std::io::Write;
+    let gzip = |body: &str| {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(body.as_bytes()).expect("compress");
+        e.finish().expect("compress")
+    };
+    let env = start(SimOptions::default(), "", ONE_INTEGRATION).await;
+    let batch = r#"{"batchRequests":[{"method":"GET","url":"v62.0/limits"},{"method":"GET","url":"v62.0/limits"},{"method":"GET","url":"v62.0/limits"}]}"#;
+    let headers = [
+        ("content-type", "application/json"),
+        ("content-encoding", "gzip"),
+    ];
+    let url = format!("{}/a/services/data/v62.0/composite/batch", env.proxy);
+    env.http
+        .send(Method::POST, &url, &headers, gzip(batch))
+        .await;
+    assert_eq!(env.window("a").await, 3);
+    let mut soap = soap_headers("query").to_vec();
+    soap.push(("content-encoding", "gzip"));
+    let url = format!("{}/a/services/Soap/u/62.0", env.proxy);
+    env.http
+        .send(Method::POST, &url, &soap, gzip(SOAP_QUERY))
+        .await;
+    assert_eq!(env.window("a").await, 4);
+}

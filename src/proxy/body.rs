@@ -7,6 +7,8 @@
 //! without holding the body back. Both are enums rather than boxed trait objects, so the common
 //! case (a plain streamed body) costs no allocation.
 
+use std::borrow::Cow;
+use std::io::Read;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -34,6 +36,43 @@ pub enum RequestBody {
     Empty,
     /// A body whose progress upstream is watched (`Upload`): boxed, as only uploads take it.
     Tracked(Box<RequestBody>, Arc<Upload>),
+}
+
+/// A request body prefix as the proxy must read it: decoded when the request says it is
+/// compressed (`Content-Encoding: gzip` or `deflate`, which Salesforce accepts on requests), to
+/// at most `limit` bytes. Returns the bytes and whether they are the whole body. A coding the
+/// proxy cannot read gives nothing known: no bytes, not complete.
+pub fn decoded_prefix<'a>(
+    coding: Option<&http::HeaderValue>,
+    prefix: &'a [u8],
+    complete: bool,
+    limit: usize,
+) -> (Cow<'a, [u8]>, bool) {
+    use flate2::bufread::{DeflateDecoder, MultiGzDecoder, ZlibDecoder};
+    let coding = coding.map(|v| v.as_bytes().trim_ascii());
+    let decoder: Box<dyn Read + '_> = match coding {
+        None => return (Cow::Borrowed(prefix), complete),
+        Some(c) if c.eq_ignore_ascii_case(b"identity") => return (Cow::Borrowed(prefix), complete),
+        Some(c) if c.eq_ignore_ascii_case(b"gzip") || c.eq_ignore_ascii_case(b"x-gzip") => {
+            Box::new(MultiGzDecoder::new(prefix))
+        }
+        // HTTP's deflate is zlib-wrapped; some clients send it raw.
+        Some(c)
+            if c.eq_ignore_ascii_case(b"deflate")
+                && prefix.first().is_some_and(|b| b & 0x0f == 8) =>
+        {
+            Box::new(ZlibDecoder::new(prefix))
+        }
+        Some(c) if c.eq_ignore_ascii_case(b"deflate") => Box::new(DeflateDecoder::new(prefix)),
+        Some(_) => return (Cow::Borrowed(&[]), false),
+    };
+    let mut plain = Vec::new();
+    // A read error (the prefix ends mid-stream, or is not what it says) keeps what was decoded
+    // before it, which is then not the whole body.
+    let read = decoder.take(limit as u64 + 1).read_to_end(&mut plain);
+    let whole = complete && read.is_ok() && plain.len() <= limit;
+    plain.truncate(limit);
+    (Cow::Owned(plain), whole)
 }
 
 /// How far a request body has gone upstream. The upstream connection's task polls the body;
@@ -389,5 +428,70 @@ impl Body for ResponseBody {
             }
             ResponseBody::Kept(inner, _) => inner.size_hint(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use flate2::write::{DeflateEncoder, GzEncoder, ZlibEncoder};
+    use flate2::Compression;
+    use http::HeaderValue;
+
+    use super::*;
+
+    const PLAIN: &[u8] = br#"{"batchRequests":[{"method":"GET","url":"v62.0/limits"}]}"#;
+
+    fn gzip(bytes: &[u8]) -> Vec<u8> {
+        let mut e = GzEncoder::new(Vec::new(), Compression::default());
+        e.write_all(bytes).expect("compress");
+        e.finish().expect("compress")
+    }
+
+    fn decode(coding: &str, bytes: &[u8], complete: bool, limit: usize) -> (Vec<u8>, bool) {
+        let coding = HeaderValue::from_str(coding).expect("header");
+        let (plain, whole) = decoded_prefix(Some(&coding), bytes, complete, limit);
+        (plain.into_owned(), whole)
+    }
+
+    #[test]
+    fn gzip_and_both_deflates_are_decoded() {
+        assert_eq!(
+            decode("gzip", &gzip(PLAIN), true, 1024),
+            (PLAIN.to_vec(), true)
+        );
+        assert_eq!(decode(" GZIP ", &gzip(PLAIN), true, 1024).0, PLAIN);
+        let mut zlib = ZlibEncoder::new(Vec::new(), Compression::default());
+        zlib.write_all(PLAIN).expect("compress");
+        let zlib = zlib.finish().expect("compress");
+        assert_eq!(decode("deflate", &zlib, true, 1024), (PLAIN.to_vec(), true));
+        let mut raw = DeflateEncoder::new(Vec::new(), Compression::default());
+        raw.write_all(PLAIN).expect("compress");
+        let raw = raw.finish().expect("compress");
+        assert_eq!(decode("deflate", &raw, true, 1024), (PLAIN.to_vec(), true));
+    }
+
+    #[test]
+    fn plain_bodies_are_borrowed_as_they_are() {
+        for coding in [None, Some(HeaderValue::from_static("identity"))] {
+            let (bytes, whole) = decoded_prefix(coding.as_ref(), PLAIN, false, 1024);
+            assert!(matches!(bytes, Cow::Borrowed(b) if b == PLAIN) && !whole);
+        }
+    }
+
+    /// A cut prefix, a body that expands past the limit (a compression bomb stops there), a
+    /// body that is not what its coding says, and a coding the proxy cannot read: never the
+    /// whole body.
+    #[test]
+    fn what_cannot_be_decoded_whole_is_not_complete() {
+        let zipped = gzip(PLAIN);
+        let (cut, whole) = decode("gzip", &zipped[..zipped.len() / 2], false, 1024);
+        assert!(!whole && PLAIN.starts_with(&cut));
+        let bomb = gzip(&vec![b'{'; 1 << 20]);
+        let (bytes, whole) = decode("gzip", &bomb, true, 4096);
+        assert_eq!((bytes.len(), whole), (4096, false));
+        assert!(!decode("gzip", PLAIN, true, 1024).1);
+        assert_eq!(decode("br", PLAIN, true, 1024), (Vec::new(), false));
     }
 }

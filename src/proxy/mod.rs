@@ -276,8 +276,11 @@ async fn classify(
     ))
     .await
     .map_err(ProxyError::ClientBody)?;
+    let coding = parts.headers.get(header::CONTENT_ENCODING);
+    let (bytes, complete) =
+        body::decoded_prefix(coding, &prefix, complete, salesforce::BODY_PREFIX_LIMIT);
     let prefix = salesforce::BodyPrefix {
-        bytes: &prefix,
+        bytes: &bytes,
         complete,
     };
     // The body tells a SOAP login() apart from an ordinary call on the same path.
