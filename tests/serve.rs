@@ -242,6 +242,17 @@ async fn trace_logs_redact_credentials() {
         )
         .await;
     assert_eq!(status, StatusCode::OK);
+    // Tokens in a query string: OAuth revoke, frontdoor.jsp.
+    http.get(
+        &format!("{proxy}/a/services/oauth2/revoke?token=revoke-secret"),
+        &[],
+    )
+    .await;
+    http.get(
+        &format!("{proxy}/a/secur/frontdoor.jsp?sid=frontdoor-secret&retURL=/"),
+        &[],
+    )
+    .await;
 
     let stderr = stop_and_read_logs(&mut proc);
     assert!(stderr.contains("[redacted]"), "{stderr}");
@@ -250,6 +261,8 @@ async fn trace_logs_redact_credentials() {
         session.as_str(),
         "00Dsecret!token",
         "cookie-secret",
+        "revoke-secret",
+        "frontdoor-secret",
     ] {
         assert!(
             !stderr.contains(secret),

@@ -104,7 +104,7 @@ async fn proxy(
     // 1. route
     let matched = ctx.routes.route(&parts)?;
     let route = matched.route;
-    tracing::trace!(integration = route.id(), method = %parts.method, uri = %parts.uri, headers = %headers::Redacted(&parts.headers), "request");
+    tracing::trace!(integration = route.id(), method = %parts.method, uri = %salesforce::redact_body(&parts.uri.to_string()), headers = %headers::Redacted(&parts.headers), "request");
     let upstream_pq = upstream_path_and_query(&parts.uri, matched.strip)?;
     let upstream_path = upstream_pq.path();
     if let (Some(defer), Some(id)) = (&route.defer, deferred::status_id(upstream_path)) {

@@ -32,14 +32,20 @@ const JSON_KEYS: [&[u8]; 4] = [
     b"password",
 ];
 
-/// Form fields holding credentials (OAuth token requests).
-const FORM_FIELDS: [&[u8]; 6] = [
+/// Form fields and query parameters holding credentials: OAuth token requests (`assertion`,
+/// `client_assertion`, `code`, `code_verifier`), OAuth revoke (`token`), `frontdoor.jsp`
+/// (`sid`).
+const FORM_FIELDS: [&[u8]; 10] = [
     b"access_token",
     b"refresh_token",
     b"client_secret",
     b"password",
     b"assertion",
+    b"client_assertion",
     b"code",
+    b"code_verifier",
+    b"token",
+    b"sid",
 ];
 
 /// True for headers whose values must never be logged: authorization, proxy-authorization,
@@ -51,8 +57,8 @@ pub fn is_secret_header(name: &HeaderName) -> bool {
 /// Replaces credential values in a text snippet with `[redacted]`: SOAP `<sessionId>` and
 /// `<password>` (any prefix), JSON `"access_token"`, `"refresh_token"`, `"client_secret"` and
 /// `"password"` string values (also when the JSON is itself escaped inside a string), and the
-/// same in form-encoded bodies (plus `assertion` and `code`). Borrows when there is nothing
-/// to redact.
+/// same in form-encoded bodies and query strings (plus OAuth and frontdoor fields). Borrows
+/// when there is nothing to redact.
 pub fn redact_body(text: &str) -> Cow<'_, str> {
     let bytes = text.as_bytes();
     let mut spans = Vec::new();
