@@ -10,6 +10,7 @@
 
 mod series;
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -185,11 +186,28 @@ impl Metrics {
 
     /// Sets the deferred-call gauges from the store's counts (called on each scrape).
     pub fn update_deferred(&self, counts: &[(String, String, crate::store::DeferredState, u64)]) {
-        self.deferred.reset();
+        // Set the counts, then drop the series no longer counted; never reset first: a scrape
+        // rendering beside this one would see no deferred calls at all in between (and an alert
+        // on them would restart its `for`).
+        let mut current = HashSet::new();
         for (org, integration, state, n) in counts {
-            self.deferred
-                .with_label_values(&[org.as_str(), integration.as_str(), state.as_str()])
-                .set(clamp_i64(*n));
+            let labels = [org.as_str(), integration.as_str(), state.as_str()];
+            self.deferred.with_label_values(&labels).set(clamp_i64(*n));
+            current.insert(labels);
+        }
+        for family in prometheus::core::Collector::collect(&self.deferred) {
+            for metric in family.get_metric() {
+                let labels: HashMap<&str, &str> = metric
+                    .get_label()
+                    .iter()
+                    .map(|pair| (pair.name(), pair.value()))
+                    .collect();
+                let key =
+                    ["org", "integration", "state"].map(|l| labels.get(l).copied().unwrap_or(""));
+                if !current.contains(&key) {
+                    let _ = self.deferred.remove(&labels);
+                }
+            }
         }
     }
 
@@ -270,6 +288,39 @@ impl IntegrationMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Each update leaves exactly the counted series: a state no longer counted goes.
+    #[test]
+    fn deferred_gauges_follow_the_counts() {
+        use crate::store::DeferredState::{Failed, Pending};
+        let m = Metrics::new();
+        let row = |state, n| ("acme".to_owned(), "etl".to_owned(), state, n);
+        let series = |m: &Metrics| {
+            let mut lines: Vec<String> = m
+                .render(&Usage { orgs: Vec::new() })
+                .lines()
+                .filter(|l| l.starts_with("callmeter_deferred_calls{"))
+                .map(str::to_owned)
+                .collect();
+            lines.sort();
+            lines
+        };
+        m.update_deferred(&[row(Pending, 3), row(Failed, 1)]);
+        assert_eq!(
+            series(&m),
+            [
+                r#"callmeter_deferred_calls{integration="etl",org="acme",state="failed"} 1"#,
+                r#"callmeter_deferred_calls{integration="etl",org="acme",state="pending"} 3"#,
+            ]
+        );
+        m.update_deferred(&[row(Failed, 2)]);
+        assert_eq!(
+            series(&m),
+            [r#"callmeter_deferred_calls{integration="etl",org="acme",state="failed"} 2"#]
+        );
+        m.update_deferred(&[]);
+        assert!(series(&m).is_empty());
+    }
 
     #[test]
     fn renders_labelled_values() {
