@@ -200,7 +200,8 @@ pub fn classify(method: &Method, path: &str) -> CallKind {
     if method == Method::OPTIONS {
         return CallKind::Other;
     }
-    let mut segs = Segments::of(path);
+    let path = decoded(path);
+    let mut segs = Segments::of(&path);
     let Some(first) = segs.next() else {
         return CallKind::Other;
     };
@@ -339,6 +340,16 @@ impl<'a> Iterator for Segments<'a> {
     }
 }
 
+/// The path as Salesforce's servers read it: percent-decoded, so that `/services/%64ata/…` is
+/// costed as the `/services/data/…` it reaches (else an integration could slip past its quota).
+/// Borrowed, with no work beyond a scan, for the usual path without a `%`.
+fn decoded(path: &str) -> std::borrow::Cow<'_, str> {
+    if memchr::memchr(b'%', path.as_bytes()).is_none() {
+        return std::borrow::Cow::Borrowed(path);
+    }
+    percent_encoding::percent_decode_str(path).decode_utf8_lossy()
+}
+
 fn is(segment: &str, name: &str) -> bool {
     segment.eq_ignore_ascii_case(name)
 }
@@ -358,7 +369,8 @@ fn is_resource(segment: &str, name: &str) -> bool {
 /// APIs. An Apex web service (`/services/Soap/class/…`) may have a method named `login` of its
 /// own, an ordinary call.
 fn has_soap_login(path: &str) -> bool {
-    let mut segs = Segments::of(path);
+    let path = decoded(path);
+    let mut segs = Segments::of(&path);
     match (segs.next(), segs.next(), segs.next()) {
         (Some(services), Some(soap), Some(flavor)) => {
             is(services, "services") && is(soap, "Soap") && (is(flavor, "u") || is(flavor, "c"))
@@ -985,6 +997,25 @@ mod tests {
         assert_eq!(cost(path, b"--bnd\r\n\r\nnot json\r\n--bnd--").1, 1);
     }
 
+    /// A percent-encoded path is costed as the decoded path Salesforce serves.
+    #[test]
+    fn percent_encoded_paths_are_costed_as_decoded() {
+        assert_eq!(get("/services/%64ata/v60.0/query"), CallKind::Rest);
+        assert_eq!(
+            post("/services/data/v60.0/composite/%62atch"),
+            CallKind::CompositeBatch
+        );
+        assert_eq!(post("/services/Soap/%75/60.0"), CallKind::SoapLogin);
+        assert_eq!(
+            cost(
+                "/services/Soap/%75/60.0/00D000000000001",
+                SOAP_LOGIN.as_bytes()
+            ),
+            (CallKind::SoapLogin, 0)
+        );
+        assert_eq!(get("/services/data/v60.0/%ZZ"), CallKind::Rest);
+    }
+
     /// `.json` / `.xml` after a resource picks the format, not another resource.
     #[test]
     fn a_format_suffix_keeps_the_resource() {
@@ -1074,7 +1105,7 @@ mod tests {
     proptest! {
         #[test]
         fn arbitrary_paths_and_bodies_never_panic(
-            path in "(/[a-zA-Z0-9.]{0,6}){0,7}/?",
+            path in "(/[a-zA-Z0-9.%é]{0,6}){0,7}/?",
             body in proptest::collection::vec(any::<u8>(), 0..256),
             complete in any::<bool>(),
         ) {
