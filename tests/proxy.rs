@@ -743,3 +743,36 @@ async fn compressed_request_bodies_are_costed_by_what_they_hold() {
         .await;
     assert_eq!(env.window("a").await, 4);
 }
+
+/// Most HTTP clients ask for gzip, and Salesforce then compresses its 403 REQUEST_LIMIT_EXCEEDED
+/// too: the proxy decodes what it scans, so the org is marked exhausted all the same.
+#[tokio::test]
+async fn a_compressed_limit_error_marks_the_org_exhausted() {
+    use std::io::Write;
+    let body =
+        br#"[{"message":"TotalRequests Limit exceeded.","errorCode":"REQUEST_LIMIT_EXCEEDED"}]"#;
+    let mut gzip = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gzip.write_all(body).expect("compress");
+    let gzip = gzip.finish().expect("compress");
+    let port = raw_origin(move |mut tcp| {
+        let gzip = gzip.clone();
+        async move {
+            let mut buf = [0u8; 4096];
+            let _ = tcp.read(&mut buf).await;
+            let head = format!(
+                "HTTP/1.1 403 Forbidden\r\ncontent-type: application/json\r\n\
+                 content-encoding: gzip\r\ncontent-length: {}\r\n\r\n",
+                gzip.len()
+            );
+            let _ = tcp.write_all(head.as_bytes()).await;
+            let _ = tcp.write_all(&gzip).await;
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+    })
+    .await;
+    let env = in_front_of(&format!("http://127.0.0.1:{port}"), "").await;
+    let (status, _, _) = get_sobjects(&env, &[("accept-encoding", "gzip")]).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let usage = env.usage().await;
+    assert_eq!(usage["orgs"][0]["exhausted"], true, "{usage}");
+}

@@ -2,7 +2,8 @@
 //!
 //! REST responses report usage in the `Sforce-Limit-Info` header, read at once. SOAP responses
 //! report it in the envelope's `LimitInfoHeader`, and limit errors are in bodies too: those
-//! bodies stream to the client through a `BodyScanner` that looks at a bounded prefix only.
+//! bodies stream to the client through a `BodyScanner` that looks at a bounded prefix only
+//! (decoded on the side when the client asked for, and got, a compressed limit error).
 //! Login responses (OAuth token, SOAP `loginResponse`) are small and read whole, so their
 //! instance URLs can be pointed back at the proxy.
 
@@ -47,11 +48,17 @@ pub fn response(
     if status.is_success() && units > 0 {
         org.meter.observe_success();
     }
-    let encoded = parts.headers.contains_key(header::CONTENT_ENCODING);
+    let coding = parts.headers.get(header::CONTENT_ENCODING);
+    let encoded = coding.is_some();
     let mode = if kind == CallKind::Limits && status == StatusCode::OK && !encoded {
         Some(Watch::Limits(Vec::new()))
     } else if !encoded && (kind == CallKind::Soap || is_limit_status(status)) {
         Some(Watch::Scan(BodyScanner::new()))
+    } else if is_limit_status(status) {
+        // A client that asks for gzip (most HTTP libraries do) gets its limit errors compressed.
+        coding
+            .and_then(Inflate::for_coding)
+            .map(|inflate| Watch::ScanEncoded(Box::new(inflate), BodyScanner::new()))
     } else {
         None
     };
@@ -74,7 +81,57 @@ fn is_limit_status(status: StatusCode) -> bool {
 
 enum Watch {
     Scan(BodyScanner),
+    /// A compressed body, decoded for the scanner as it passes.
+    ScanEncoded(Box<Inflate>, BodyScanner),
     Limits(Vec<u8>),
+}
+
+/// A gzip or deflate decoder fed the body's chunks, its output taken after each.
+enum Inflate {
+    Gzip(flate2::write::GzDecoder<Vec<u8>>),
+    Zlib(flate2::write::ZlibDecoder<Vec<u8>>),
+}
+
+impl Inflate {
+    fn for_coding(coding: &HeaderValue) -> Option<Inflate> {
+        let coding = coding.as_bytes().trim_ascii();
+        if coding.eq_ignore_ascii_case(b"gzip") || coding.eq_ignore_ascii_case(b"x-gzip") {
+            Some(Inflate::Gzip(flate2::write::GzDecoder::new(Vec::new())))
+        } else if coding.eq_ignore_ascii_case(b"deflate") {
+            Some(Inflate::Zlib(flate2::write::ZlibDecoder::new(Vec::new())))
+        } else {
+            None
+        }
+    }
+
+    /// Decodes `data` into `scanner`, a few hundred bytes of input at a time so that a
+    /// compression bomb never expands far past what the scanner still wants. False once the
+    /// scanner has seen enough or the stream is broken.
+    fn feed(&mut self, data: &[u8], scanner: &mut BodyScanner) -> bool {
+        use std::io::Write;
+        for piece in data.chunks(256) {
+            let (written, out) = match self {
+                Inflate::Gzip(d) => (d.write_all(piece), d.get_mut()),
+                Inflate::Zlib(d) => (d.write_all(piece), d.get_mut()),
+            };
+            scanner.feed(out);
+            out.clear();
+            if written.is_err() || scanner.is_done() {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Passes on what the decoder still holds once the body has ended.
+    fn finish(&mut self, scanner: &mut BodyScanner) {
+        let (_, out) = match self {
+            Inflate::Gzip(d) => (d.try_finish(), d.get_mut()),
+            Inflate::Zlib(d) => (d.try_finish(), d.get_mut()),
+        };
+        scanner.feed(out);
+        out.clear();
+    }
 }
 
 struct UsageWatcher {
@@ -89,6 +146,7 @@ impl Observer for UsageWatcher {
                 scanner.feed(data);
                 !scanner.is_done()
             }
+            Watch::ScanEncoded(inflate, scanner) => inflate.feed(data, scanner),
             Watch::Limits(buf) => {
                 if buf.len() + data.len() > LIMITS_BODY_LIMIT {
                     buf.clear();
@@ -101,8 +159,11 @@ impl Observer for UsageWatcher {
     }
 
     fn finish(&mut self) {
+        if let Watch::ScanEncoded(inflate, scanner) = &mut self.mode {
+            inflate.finish(scanner);
+        }
         let (report, exceeded) = match &mut self.mode {
-            Watch::Scan(scanner) => {
+            Watch::Scan(scanner) | Watch::ScanEncoded(_, scanner) => {
                 scanner.finish();
                 (scanner.report(), scanner.limit_exceeded())
             }
