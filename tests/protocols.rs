@@ -508,14 +508,7 @@ async fn idle_http2_connections_are_closed_after_the_header_timeout() {
     );
 
     // A request that takes twice the timeout is answered; the connection closes once idle.
-    let tcp = tokio::net::TcpStream::connect(&addr)
-        .await
-        .expect("connect");
-    let (mut send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-        .handshake::<_, Empty<Bytes>>(hyper_util::rt::TokioIo::new(tcp))
-        .await
-        .expect("h2c handshake");
-    let driver = tokio::spawn(conn);
+    let (mut send, driver) = h2c_connect(&addr).await;
     let req = Request::get(format!("http://{addr}/a/services/data/v62.0/limits"))
         .header("x-sim-delay-ms", "2000")
         .body(Empty::new())
@@ -568,16 +561,7 @@ async fn an_upload_broken_off_towards_an_http2_upstream_is_not_counted() {
 /// TLS handshake that never finishes): the call never left the proxy, so it is refunded.
 #[tokio::test]
 async fn a_call_cancelled_while_connecting_upstream_is_not_counted() {
-    let stalling = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let upstream = format!("https://{}", stalling.local_addr().expect("addr"));
-    tokio::spawn(async move {
-        let mut held = Vec::new(); // accepted and never answered
-        while let Ok((tcp, _)) = stalling.accept().await {
-            held.push(tcp);
-        }
-    });
+    let upstream = format!("https://127.0.0.1:{}", silent_origin().await);
     let sim = sim::spawn(SimOptions::default()).await.expect("sim");
     let toml = config_text(&upstream, "connect_timeout = \"30s\"", ONE);
     let env = start_with(sim, &toml).await;
@@ -603,14 +587,7 @@ async fn a_call_cancelled_after_it_went_upstream_stays_counted() {
 /// counted the call.
 async fn cancel_once_counted(env: &Env, req: http::request::Builder) {
     let addr = env.proxy.trim_start_matches("http://").to_owned();
-    let tcp = tokio::net::TcpStream::connect(&addr)
-        .await
-        .expect("connect");
-    let (mut send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-        .handshake::<_, Empty<Bytes>>(hyper_util::rt::TokioIo::new(tcp))
-        .await
-        .expect("h2c handshake");
-    tokio::spawn(conn);
+    let (mut send, _driver) = h2c_connect(&addr).await;
     let path = req.uri_ref().expect("path").to_string();
     let req = req
         .uri(format!("http://{addr}{path}"))
@@ -622,4 +599,19 @@ async fn cancel_once_counted(env: &Env, req: http::request::Builder) {
     })
     .await;
     waiting.abort(); // the client resets the stream
+}
+
+/// An h2c connection (prior knowledge) to `addr`: its sender, and the task driving it.
+async fn h2c_connect(
+    addr: &str,
+) -> (
+    hyper::client::conn::http2::SendRequest<Empty<Bytes>>,
+    tokio::task::JoinHandle<hyper::Result<()>>,
+) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .handshake(hyper_util::rt::TokioIo::new(tcp))
+        .await
+        .expect("h2c handshake");
+    (send, tokio::spawn(conn))
 }

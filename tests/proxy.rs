@@ -315,24 +315,6 @@ async fn get_sobjects(env: &Env, headers: &[(&str, &str)]) -> (StatusCode, Heade
     env.http.get(&url, headers).await
 }
 
-/// A raw TCP origin on a free port: each connection it accepts goes to `serve`, in a task.
-async fn raw_origin<F, Fut>(serve: F) -> u16
-where
-    F: Fn(TcpStream) -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let port = listener.local_addr().expect("addr").port();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            tokio::spawn(serve(tcp));
-        }
-    });
-    port
-}
-
 /// The proxy with integration `a` in front of `upstream` instead of the simulated org (which
 /// runs only for the helpers that expect one).
 async fn in_front_of(upstream: &str, org_extra: &str) -> Env {
@@ -497,12 +479,7 @@ async fn an_upload_the_client_breaks_off_is_a_client_error_and_not_counted() {
 /// counted.
 #[tokio::test]
 async fn a_stalled_tls_handshake_is_a_connect_timeout_and_not_counted() {
-    // Never answers the ClientHello.
-    let port = raw_origin(|tcp| async move {
-        tokio::time::sleep(Duration::from_secs(60)).await;
-        drop(tcp);
-    })
-    .await;
+    let port = silent_origin().await; // never answers the ClientHello
     let timeouts = "connect_timeout = \"500ms\"\nresponse_timeout = \"30s\"";
     let env = in_front_of(&format!("https://127.0.0.1:{port}"), timeouts).await;
     let started = std::time::Instant::now();

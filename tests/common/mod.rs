@@ -212,6 +212,34 @@ where
     }
 }
 
+/// A raw TCP origin on a free port: each connection it accepts goes to `serve`, in a task.
+pub async fn raw_origin<F, Fut>(serve: F) -> u16
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(serve(tcp));
+        }
+    });
+    port
+}
+
+/// An origin that accepts connections and never says a word (a TLS handshake that never
+/// finishes); its port.
+pub async fn silent_origin() -> u16 {
+    raw_origin(|tcp| async move {
+        tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+        drop(tcp);
+    })
+    .await
+}
+
 /// A child process killed on drop, so a failing test leaves nothing behind.
 pub struct Proc(pub std::process::Child);
 
