@@ -340,14 +340,38 @@ impl<'a> Iterator for Segments<'a> {
     }
 }
 
-/// The path as Salesforce's servers read it: percent-decoded, so that `/services/%64ata/…` is
-/// costed as the `/services/data/…` it reaches (else an integration could slip past its quota).
-/// Borrowed, with no work beyond a scan, for the usual path without a `%`.
+/// The path as Salesforce's servers read it, so that a request is costed as the resource it
+/// reaches (else an integration could slip past its quota by spelling a path differently):
+/// each segment's `;parameters` dropped (as Java servlet containers do), percent-decoded, and
+/// `.` and `..` segments resolved. Borrowed, with no work beyond one byte scan (paths are too
+/// short for memchr's set-up to pay), for the usual path with none of `%`, `;` or `/.`.
 fn decoded(path: &str) -> std::borrow::Cow<'_, str> {
-    if memchr::memchr(b'%', path.as_bytes()).is_none() {
+    let mut after_slash = false;
+    let plain = path.bytes().all(|b| {
+        let special = b == b'%' || b == b';' || (b == b'.' && after_slash);
+        after_slash = b == b'/';
+        !special
+    });
+    if plain {
         return std::borrow::Cow::Borrowed(path);
     }
-    percent_encoding::percent_decode_str(path).decode_utf8_lossy()
+    let mut segments: Vec<std::borrow::Cow<'_, str>> = Vec::new();
+    for raw in path.split('/') {
+        let raw = raw.split(';').next().unwrap_or("");
+        match raw {
+            "" | "." => {}
+            ".." => {
+                segments.pop();
+            }
+            _ => segments.push(percent_encoding::percent_decode_str(raw).decode_utf8_lossy()),
+        }
+    }
+    let mut normal = String::with_capacity(path.len());
+    for segment in &segments {
+        normal.push('/');
+        normal.push_str(segment);
+    }
+    std::borrow::Cow::Owned(normal)
 }
 
 fn is(segment: &str, name: &str) -> bool {
@@ -371,12 +395,15 @@ fn is_resource(segment: &str, name: &str) -> bool {
 fn has_soap_login(path: &str) -> bool {
     let path = decoded(path);
     let mut segs = Segments::of(&path);
-    match (segs.next(), segs.next(), segs.next()) {
-        (Some(services), Some(soap), Some(flavor)) => {
-            is(services, "services") && is(soap, "Soap") && (is(flavor, "u") || is(flavor, "c"))
-        }
-        _ => false,
+    // As in `classify`: an Experience Cloud site's name may come first.
+    let Some(first) = segs.next() else {
+        return false;
+    };
+    if !is(first, "services") && !segs.next().is_some_and(|s| is(s, "services")) {
+        return false;
     }
+    matches!((segs.next(), segs.next()),
+        (Some(soap), Some(flavor)) if is(soap, "Soap") && (is(flavor, "u") || is(flavor, "c")))
 }
 
 /// `60.0`-style: digits, a dot, digits.
@@ -452,10 +479,11 @@ pub fn counted_units(
 /// JSON, XML, or multipart with the JSON as its first part (subrequests with binary parts).
 fn batch_size(body: &[u8]) -> Option<u32> {
     let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
-    match body.get(super::json::skip_ws(body, 0))? {
+    let start = super::json::skip_ws(body, 0);
+    match body.get(start)? {
         b'{' => json_batch_size(body),
         b'<' => xml_batch_size(body),
-        b'-' => multipart_batch_size(body),
+        b'-' => multipart_batch_size(&body[start..]),
         _ => None,
     }
 }
@@ -494,7 +522,8 @@ fn xml_batch_size(body: &[u8]) -> Option<u32> {
 /// headers) the JSON body.
 fn multipart_batch_size(body: &[u8]) -> Option<u32> {
     let delimiter_end = memchr::memmem::find(body, b"\r\n")?;
-    let delimiter = &body[..delimiter_end];
+    // RFC 2046 allows white space after the boundary.
+    let delimiter = body[..delimiter_end].trim_ascii_end();
     if !delimiter.starts_with(b"--") || delimiter.len() < 3 {
         return None;
     }
@@ -1014,6 +1043,43 @@ mod tests {
             (CallKind::SoapLogin, 0)
         );
         assert_eq!(get("/services/data/v60.0/%ZZ"), CallKind::Rest);
+    }
+
+    /// A login() through an Experience Cloud site (`/{site}/services/Soap/u/…`) is a login.
+    #[test]
+    fn a_soap_login_through_a_site_is_a_login() {
+        let path = "/partners/services/Soap/u/60.0";
+        assert_eq!(post(path), CallKind::SoapLogin);
+        assert_eq!(cost(path, SOAP_LOGIN.as_bytes()), (CallKind::SoapLogin, 0));
+    }
+
+    /// Path parameters and dot segments are resolved as a servlet container would.
+    #[test]
+    fn paths_are_costed_as_the_server_resolves_them() {
+        assert_eq!(get("/cometd/../services/data/v60.0/query"), CallKind::Rest);
+        assert_eq!(get("/services/data;x=1/v60.0/query"), CallKind::Rest);
+        assert_eq!(get("/services/./data/v60.0/./limits"), CallKind::Limits);
+        assert_eq!(
+            get("/services/data/v60.0/x/../../../../.."),
+            CallKind::Other
+        );
+    }
+
+    /// A multipart batch may start with a blank line, and its boundary line may carry padding.
+    #[test]
+    fn multipart_batch_framing_variants() {
+        let path = "/services/data/v60.0/composite/batch";
+        let json = r#"{"batchRequests":[{"method":"GET","url":"v60.0/limits"},{"method":"GET","url":"v60.0/limits"}]}"#;
+        for (lead, pad) in [("\r\n", ""), ("", " \t")] {
+            let body = format!(
+                "{lead}--bnd{pad}\r\ncontent-type: application/json\r\n\r\n{json}\r\n--bnd--\r\n"
+            );
+            assert_eq!(
+                cost(path, body.as_bytes()),
+                (CallKind::CompositeBatch, 2),
+                "{body:?}"
+            );
+        }
     }
 
     /// `.json` / `.xml` after a resource picks the format, not another resource.
