@@ -287,6 +287,27 @@ pub async fn start(config: &Config) -> Result<Server, StartError> {
     })
 }
 
+/// What SIGHUP reloads: the config file, through a SIGHUP stream taken over before the server
+/// starts. SIGHUP's default action ends a process, so one sent while the proxy starts (restoring
+/// windows, binding sockets) would kill it; taken over, it waits in the stream and is applied
+/// once the server is up.
+pub struct Reload<'a> {
+    path: &'a std::path::Path,
+    #[cfg(unix)]
+    hangup: tokio::signal::unix::Signal,
+}
+
+impl<'a> Reload<'a> {
+    /// Takes SIGHUP over now, for reloads of `path`.
+    pub fn listen(path: &'a std::path::Path) -> std::io::Result<Self> {
+        Ok(Reload {
+            path,
+            #[cfg(unix)]
+            hangup: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?,
+        })
+    }
+}
+
 /// What `callmeter check` adds to the config's validation: the files `start` reads are read the
 /// same way (upstream CAs, listener certificates and keys, and that each key fits its
 /// certificate), so that a config `check` accepts does not fail `serve` for a file. Binds and
@@ -357,29 +378,27 @@ impl Server {
         tracing::info!("stopped");
     }
 
-    /// Serves until SIGINT or SIGTERM, then shuts down gracefully. With a config path, SIGHUP
-    /// reloads the budgets from it (see `reload`).
-    pub async fn run_until_signal(self, config: Option<&std::path::Path>) {
+    /// Serves until SIGINT or SIGTERM, then shuts down gracefully. With `reload`, SIGHUP
+    /// reloads the budgets from its config file (see `reload`).
+    pub async fn run_until_signal(self, reload: Option<Reload<'_>>) {
         #[cfg(unix)]
-        if let Some(path) = config {
-            use tokio::signal::unix::{signal, SignalKind};
-            if let Ok(mut hangup) = signal(SignalKind::hangup()) {
-                let stop = wait_for_signal();
-                tokio::pin!(stop);
-                loop {
-                    tokio::select! {
-                        () = &mut stop => break,
-                        _ = hangup.recv() => match crate::config::load(path) {
-                            Ok(cfg) => self.reload(&cfg),
-                            Err(e) => tracing::error!("reload refused, the running config stays: {e}"),
-                        },
-                    }
+        if let Some(Reload { path, mut hangup }) = reload {
+            let stop = wait_for_signal();
+            tokio::pin!(stop);
+            loop {
+                tokio::select! {
+                    () = &mut stop => break,
+                    _ = hangup.recv() => match crate::config::load(path) {
+                        Ok(cfg) => self.reload(&cfg),
+                        Err(e) => tracing::error!("reload refused, the running config stays: {e}"),
+                    },
                 }
-                tracing::info!("shutting down: no new connections, draining requests in flight");
-                return self.shutdown().await;
             }
+            tracing::info!("shutting down: no new connections, draining requests in flight");
+            return self.shutdown().await;
         }
-        let _ = config;
+        #[cfg(not(unix))]
+        let _ = reload;
         wait_for_signal().await;
         tracing::info!("shutting down: no new connections, draining requests in flight");
         self.shutdown().await;

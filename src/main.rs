@@ -125,15 +125,14 @@ async fn serve(cfg: config::Config, path: &std::path::Path) -> ExitCode {
     callmeter::logging::init(&cfg.log.level, cfg.log.format == LogFormat::Json);
     cfg.log_warnings();
     let worker_threads = tokio::runtime::Handle::current().metrics().num_workers();
-    // SIGHUP's default action ends the process: taken over before the start (restoring windows,
-    // binding sockets) so that a reload sent meanwhile does not kill the proxy. The config was
-    // read just before; reloads from here on are `run_until_signal`'s.
-    #[cfg(unix)]
-    let _hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
+    // Before the start, so that a SIGHUP sent while starting neither kills the proxy nor is lost.
+    let reload = app::Reload::listen(path)
+        .inspect_err(|e| tracing::warn!("SIGHUP will not reload the config: {e}"))
+        .ok();
     tracing::info!(worker_threads, "starting");
     match app::start(&cfg).await {
         Ok(server) => {
-            server.run_until_signal(Some(path)).await;
+            server.run_until_signal(reload).await;
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -147,11 +146,11 @@ async fn serve(cfg: config::Config, path: &std::path::Path) -> ExitCode {
 async fn run(command: Command) -> ExitCode {
     match command {
         Command::Check { config } => match config::load(&config) {
-            Ok(cfg) if let Err(e) = app::check_files(&cfg) => {
-                eprintln!("callmeter: {}: {e}", config.display());
-                ExitCode::from(2)
-            }
             Ok(cfg) => {
+                if let Err(e) = app::check_files(&cfg) {
+                    eprintln!("callmeter: {}: {e}", config.display());
+                    return ExitCode::from(2);
+                }
                 println!(
                     "{}: ok ({} listener(s), {} org(s), {} integration(s))",
                     config.display(),

@@ -110,13 +110,17 @@ fn spawn_serve(
     )
 }
 
-/// Waits until the admin listener's `/readyz` answers 200.
-async fn wait_ready(admin: &str) {
-    let admin_port = admin
-        .rsplit(':')
+/// The port of a `http://127.0.0.1:PORT` URL.
+fn port_of(url: &str) -> u16 {
+    url.rsplit(':')
         .next()
         .and_then(|p| p.parse::<u16>().ok())
-        .expect("port");
+        .expect("port")
+}
+
+/// Waits until the admin listener's `/readyz` answers 200.
+async fn wait_ready(admin: &str) {
+    let admin_port = port_of(admin);
     let http = Http::new();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -288,16 +292,10 @@ async fn sighup_reloads_budgets_and_keeps_counts() {
     assert_eq!(http.get(&url, &[]).await.0, StatusCode::FORBIDDEN);
 
     // The admin raises the quota and sends SIGHUP.
-    let ports = |u: &str| {
-        u.rsplit(':')
-            .next()
-            .and_then(|p| p.parse::<u16>().ok())
-            .expect("port")
-    };
     write_config(
         &org.url,
         dir.path(),
-        (ports(&proxy), ports(&admin)),
+        (port_of(&proxy), port_of(&admin)),
         "quota = 4",
     );
     let hup = Command::new("kill")
@@ -327,13 +325,14 @@ async fn sighup_reloads_budgets_and_keeps_counts() {
 }
 
 /// SIGHUP's default action ends a process: one sent while `serve` is still starting (a
-/// config-management reload right after a restart) must not kill it.
+/// config-management reload right after a restart) must not kill it, and is applied once the
+/// proxy is up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_sighup_while_starting_does_not_end_the_process() {
+async fn a_sighup_while_starting_is_applied_once_started() {
     use std::io::BufRead;
     let org = sim::spawn(SimOptions::default()).await.expect("sim");
     let dir = tempfile::tempdir().expect("tempdir");
-    let (mut proc, _, admin) = spawn_serve(&org.url, dir.path(), &[], "");
+    let (mut proc, proxy, admin) = spawn_serve(&org.url, dir.path(), &[], "");
     let stderr = proc.0.stderr.take().expect("stderr");
     // The "starting" line comes before the windows are restored and the sockets bound.
     let mut lines = std::io::BufReader::new(stderr).lines();
@@ -341,6 +340,8 @@ async fn a_sighup_while_starting_does_not_end_the_process() {
         lines.any(|l| l.is_ok_and(|l| l.contains("starting"))),
         "no start line"
     );
+    let ports = (port_of(&proxy), port_of(&admin));
+    write_config(&org.url, dir.path(), ports, "quota = 7");
     for _ in 0..3 {
         let hup = Command::new("kill")
             .args(["-HUP", &proc.0.id().to_string()])
@@ -351,4 +352,18 @@ async fn a_sighup_while_starting_does_not_end_the_process() {
     std::thread::spawn(move || lines.for_each(drop)); // keeps the pipe drained
     wait_ready(&admin).await;
     assert!(proc.0.try_wait().expect("wait").is_none(), "still running");
+    let http = Http::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let body = http.get(&format!("{admin}/api/v1/usage"), &[]).await.2;
+        let usage: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
+        if usage["orgs"][0]["integrations"][0]["quota"].as_u64() == Some(7) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the reload sent while starting was lost"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
