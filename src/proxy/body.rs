@@ -40,31 +40,40 @@ pub enum RequestBody {
 
 /// A request body prefix as the proxy must read it: decoded when the request says it is
 /// compressed (`Content-Encoding: gzip` or `deflate`, which Salesforce accepts on requests), to
-/// at most `limit` bytes. Returns the bytes and whether they are the whole body. A coding the
-/// proxy cannot read gives nothing known: no bytes, not complete.
+/// at most `limit` bytes. Returns the bytes and whether they are the whole body. Codings the
+/// proxy cannot read (another coding, or several: `gzip, br`) give nothing known: no bytes, not
+/// complete.
 pub fn decoded_prefix<'a>(
-    coding: Option<&http::HeaderValue>,
+    headers: &http::HeaderMap,
     prefix: &'a [u8],
     complete: bool,
     limit: usize,
 ) -> (Cow<'a, [u8]>, bool) {
     use flate2::bufread::{DeflateDecoder, MultiGzDecoder, ZlibDecoder};
-    let coding = coding.map(|v| v.as_bytes().trim_ascii());
-    let decoder: Box<dyn Read + '_> = match coding {
-        None => return (Cow::Borrowed(prefix), complete),
-        Some(c) if c.eq_ignore_ascii_case(b"identity") => return (Cow::Borrowed(prefix), complete),
-        Some(c) if c.eq_ignore_ascii_case(b"gzip") || c.eq_ignore_ascii_case(b"x-gzip") => {
-            Box::new(MultiGzDecoder::new(prefix))
-        }
-        // HTTP's deflate is zlib-wrapped; some clients send it raw.
-        Some(c)
-            if c.eq_ignore_ascii_case(b"deflate")
-                && prefix.first().is_some_and(|b| b & 0x0f == 8) =>
-        {
-            Box::new(ZlibDecoder::new(prefix))
-        }
-        Some(c) if c.eq_ignore_ascii_case(b"deflate") => Box::new(DeflateDecoder::new(prefix)),
-        Some(_) => return (Cow::Borrowed(&[]), false),
+    // Every coding named, over all Content-Encoding lines, less `identity` (which changes
+    // nothing): usually none, so this allocates nothing.
+    let mut codings = headers
+        .get_all(http::header::CONTENT_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|c| !c.is_empty() && !c.eq_ignore_ascii_case(b"identity"));
+    let coding = match (codings.next(), codings.next()) {
+        (None, _) => return (Cow::Borrowed(prefix), complete),
+        (Some(one), None) => one,
+        (Some(_), Some(_)) => return (Cow::Borrowed(&[]), false),
+    };
+    let is = |name: &[u8]| coding.eq_ignore_ascii_case(name);
+    let decoder: Box<dyn Read + '_> = if is(b"gzip") || is(b"x-gzip") {
+        Box::new(MultiGzDecoder::new(prefix))
+    } else if is(b"deflate") && prefix.first().is_some_and(|b| b & 0x0f == 8) {
+        // HTTP's deflate is zlib-wrapped (its first byte names the deflate method, 8)...
+        Box::new(ZlibDecoder::new(prefix))
+    } else if is(b"deflate") {
+        // ...but some clients send it raw.
+        Box::new(DeflateDecoder::new(prefix))
+    } else {
+        return (Cow::Borrowed(&[]), false);
     };
     let mut plain = Vec::new();
     // A read error (the prefix ends mid-stream, or is not what it says) keeps what was decoded
@@ -450,8 +459,12 @@ mod tests {
     }
 
     fn decode(coding: &str, bytes: &[u8], complete: bool, limit: usize) -> (Vec<u8>, bool) {
-        let coding = HeaderValue::from_str(coding).expect("header");
-        let (plain, whole) = decoded_prefix(Some(&coding), bytes, complete, limit);
+        let mut headers = http::HeaderMap::new();
+        for line in coding.split('|') {
+            let value = HeaderValue::from_str(line).expect("header");
+            headers.append(http::header::CONTENT_ENCODING, value);
+        }
+        let (plain, whole) = decoded_prefix(&headers, bytes, complete, limit);
         (plain.into_owned(), whole)
     }
 
@@ -474,9 +487,31 @@ mod tests {
 
     #[test]
     fn plain_bodies_are_borrowed_as_they_are() {
-        for coding in [None, Some(HeaderValue::from_static("identity"))] {
-            let (bytes, whole) = decoded_prefix(coding.as_ref(), PLAIN, false, 1024);
-            assert!(matches!(bytes, Cow::Borrowed(b) if b == PLAIN) && !whole);
+        let (bytes, whole) = decoded_prefix(&http::HeaderMap::new(), PLAIN, false, 1024);
+        assert!(matches!(bytes, Cow::Borrowed(b) if b == PLAIN) && !whole);
+        assert_eq!(
+            decode("identity", PLAIN, true, 1024),
+            (PLAIN.to_vec(), true)
+        );
+    }
+
+    /// `identity` changes nothing wherever it is named; two real codings are not read.
+    #[test]
+    fn codings_are_read_over_every_header_line() {
+        let zipped = gzip(PLAIN);
+        for coding in ["identity|gzip", "gzip, identity", " , gzip"] {
+            assert_eq!(
+                decode(coding, &zipped, true, 1024),
+                (PLAIN.to_vec(), true),
+                "{coding}"
+            );
+        }
+        for coding in ["gzip|gzip", "gzip, br", "br|gzip"] {
+            assert_eq!(
+                decode(coding, &zipped, true, 1024),
+                (Vec::new(), false),
+                "{coding}"
+            );
         }
     }
 

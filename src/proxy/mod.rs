@@ -276,9 +276,12 @@ async fn classify(
     ))
     .await
     .map_err(ProxyError::ClientBody)?;
-    let coding = parts.headers.get(header::CONTENT_ENCODING);
-    let (bytes, complete) =
-        body::decoded_prefix(coding, &prefix, complete, salesforce::BODY_PREFIX_LIMIT);
+    let (bytes, complete) = body::decoded_prefix(
+        &parts.headers,
+        &prefix,
+        complete,
+        salesforce::BODY_PREFIX_LIMIT,
+    );
     let prefix = salesforce::BodyPrefix {
         bytes: &bytes,
         complete,
