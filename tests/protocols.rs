@@ -615,3 +615,66 @@ async fn h2c_connect(
         .expect("h2c handshake");
     (send, tokio::spawn(conn))
 }
+
+/// Trailers pass in both directions: `Trailer` names fields that follow the body, and travels
+/// with the message (RFC 9110 6.6.2); without it hyper's HTTP/1 encoder drops the fields.
+#[tokio::test]
+async fn trailers_pass_both_ways() {
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let port = {
+        let seen = seen.clone();
+        raw_origin(move |mut tcp| {
+            let seen = seen.clone();
+            async move {
+                let mut got = Vec::new();
+                let mut buf = [0u8; 4096];
+                // The request ends with its (chunked) trailer section.
+                while !got.ends_with(b"\r\n\r\n") || !got.windows(5).any(|w| w == b"\r\n0\r\n") {
+                    match tcp.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                seen.lock().expect("lock").push(got);
+                let _ = tcp
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                          transfer-encoding: chunked\r\ntrailer: x-checksum\r\n\r\n\
+                          2\r\n{}\r\n0\r\nx-checksum: abc\r\n\r\n",
+                    )
+                    .await;
+            }
+        })
+        .await
+    };
+    let sim = sim::spawn(SimOptions::default()).await.expect("sim");
+    let env = start_with(
+        sim,
+        &config_text(&format!("http://127.0.0.1:{port}"), "", ONE),
+    )
+    .await;
+    let addr = env.proxy.trim_start_matches("http://").to_owned();
+    let mut tcp = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    tcp.write_all(
+        b"POST /a/services/data/v62.0/sobjects/Contact HTTP/1.1\r\nhost: x\r\n\
+          content-type: application/json\r\ntransfer-encoding: chunked\r\n\
+          trailer: x-request-sum\r\nte: trailers\r\nconnection: close\r\n\r\n\
+          2\r\n{}\r\n0\r\nx-request-sum: def\r\n\r\n",
+    )
+    .await
+    .expect("request");
+    let (answer, _) = read_to_close(&mut tcp).await;
+    let answer = String::from_utf8_lossy(&answer).to_ascii_lowercase();
+    assert!(answer.starts_with("http/1.1 200"), "{answer}");
+    assert!(
+        answer.contains("x-checksum: abc"),
+        "response trailer lost:\n{answer}"
+    );
+    let request = String::from_utf8_lossy(&seen.lock().expect("lock")[0]).to_ascii_lowercase();
+    assert!(
+        request.contains("x-request-sum: def"),
+        "request trailer lost:\n{request}"
+    );
+}

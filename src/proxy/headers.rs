@@ -15,15 +15,15 @@ const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
-/// Headers that belong to one connection only.
-const HOP_BY_HOP: [HeaderName; 8] = [
+/// Headers that belong to one connection only (RFC 9110 7.6.1). Not `Trailer`: it names the
+/// fields that follow the body and travels with the message.
+const HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,
     KEEP_ALIVE,
     PROXY_CONNECTION,
     header::PROXY_AUTHENTICATE,
     header::PROXY_AUTHORIZATION,
     header::TE,
-    header::TRAILER,
     header::TRANSFER_ENCODING,
 ];
 
@@ -34,7 +34,7 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 /// Removes hop-by-hop headers, including any the `Connection` header names. `Upgrade` goes
 /// too: the proxy does not tunnel protocol upgrades (Salesforce APIs need none). Called when a
 /// pass over the names found one: most messages carry none, and comparing standard names is
-/// comparing small integers, cheaper than nine hashed removals that find nothing.
+/// comparing small integers, cheaper than eight hashed removals that find nothing.
 fn remove_hop_by_hop_present(headers: &mut HeaderMap) {
     if headers.contains_key(header::CONNECTION) {
         let named: Vec<HeaderName> = headers
