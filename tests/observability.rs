@@ -749,7 +749,7 @@ instance_url = "http://{sim_addr}"
 allow_plain_http = true
 unmatched = "reject"
 # A request the simulator delays longer than this is an upstream_error.
-response_timeout = "500ms"
+response_timeout = "2s"
 
 [org.threshold]
 levels = ["80%", "90%"]

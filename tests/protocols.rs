@@ -448,6 +448,7 @@ async fn slow_request_heads_and_idle_connections_are_closed_after_the_header_tim
         .await
         .expect("connect");
     let mut buf = vec![0u8; 64 * 1024];
+    let mut answered = Instant::now();
     for _ in 0..7 {
         busy.write_all(request)
             .await
@@ -461,11 +462,12 @@ async fn slow_request_heads_and_idle_connections_are_closed_after_the_header_tim
             "{}",
             String::from_utf8_lossy(&buf[..n])
         );
+        answered = Instant::now();
         tokio::time::sleep(Duration::from_millis(600)).await;
     }
-    let idle_since = Instant::now() - Duration::from_millis(600);
+    // From the last answer: a sleep that overran does not shorten the idle time measured.
     let (_, closed) = read_to_close(&mut busy).await;
-    let idle = closed - idle_since;
+    let idle = closed - answered;
     assert!(
         idle >= Duration::from_millis(1500) && idle < Duration::from_secs(8),
         "idle connection closed after {idle:?}"
@@ -503,7 +505,8 @@ async fn idle_http2_connections_are_closed_after_the_header_timeout() {
     let (_, closed) = read_to_close(&mut silent).await;
     let waited = closed - started;
     assert!(
-        waited >= Duration::from_millis(800) && waited < Duration::from_secs(8),
+        // Not at once (the timeout is 1 s; the lower bound leaves room for a loaded machine).
+        waited >= Duration::from_millis(500) && waited < Duration::from_secs(8),
         "closed after {waited:?}"
     );
 
@@ -523,7 +526,7 @@ async fn idle_http2_connections_are_closed_after_the_header_timeout() {
         .ok();
     let idle = idle_since.elapsed();
     assert!(
-        idle >= Duration::from_millis(800),
+        idle >= Duration::from_millis(500),
         "closed after {idle:?} idle"
     );
 }

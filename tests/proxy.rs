@@ -29,8 +29,10 @@ match = { host = "middleware.internal" }
 "#;
 
 fn set_etl_key() {
-    // Each test process sets the same value, so concurrent tests cannot disagree.
-    std::env::set_var("CALLMETER_TEST_ETL_KEY", "etl-secret-key");
+    // Once per test process: setting the environment while another thread reads it is a
+    // data race in the C library.
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| std::env::set_var("CALLMETER_TEST_ETL_KEY", "etl-secret-key"));
 }
 
 /// One integration's share of the mixed load: every API family, counted and free.
@@ -424,10 +426,12 @@ async fn upload_started(org_extra: &str, length: usize) -> (Env, TcpStream) {
 /// the timeout runs from the request's last byte.
 #[tokio::test]
 async fn a_slow_upload_is_not_cut_off_by_the_response_timeout() {
-    let body = br#"{"LastName":"Slow","Title":"uploaded over 2.4 s"}"#;
-    let (env, mut tcp) = upload_started(r#"response_timeout = "1s""#, body.len()).await;
-    for part in body.chunks(body.len() / 6 + 1) {
-        tokio::time::sleep(Duration::from_millis(400)).await;
+    // About 3 s in all, longer than the 2 s timeout, but never 2 s without progress (a
+    // loaded machine may stretch a 300 ms pause a lot before that).
+    let body = br#"{"LastName":"Slow","Title":"uploaded in ten parts, 300 ms apart"}"#;
+    let (env, mut tcp) = upload_started(r#"response_timeout = "2s""#, body.len()).await;
+    for part in body.chunks(body.len() / 10 + 1) {
+        tokio::time::sleep(Duration::from_millis(300)).await;
         tcp.write_all(part).await.expect("body");
     }
     let resp = read_response(&mut tcp).await;
@@ -580,7 +584,8 @@ async fn salesforce_refusing_for_the_daily_limit_marks_the_org_exhausted() {
             used: 1,
             ..Default::default()
         },
-        r#"probe_interval = "1s""#,
+        // Long enough that the SOAP call below comes before the next probe is due.
+        r#"probe_interval = "3s""#,
         one,
     )
     .await;
@@ -629,7 +634,7 @@ async fn salesforce_refusing_for_the_daily_limit_marks_the_org_exhausted() {
             "",
         )
         .await;
-    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    tokio::time::sleep(Duration::from_millis(3_100)).await;
     let (status, _, _) = env.http.get(&url, &[]).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(env.usage().await["orgs"][0]["exhausted"], false);

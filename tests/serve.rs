@@ -151,7 +151,10 @@ async fn sigterm_drains_requests_in_flight_then_exits() {
     let http = Http::new();
     let url = format!("{proxy}/a/services/data/v62.0/sobjects");
     let slow = tokio::spawn(async move { http.get(&url, &[("x-sim-delay-ms", "1500")]).await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    eventually(10, "the slow call reached the org", || async {
+        org.count().requests == 1
+    })
+    .await;
     let killed = Command::new("kill")
         .args(["-TERM", &proc.0.id().to_string()])
         .status()
