@@ -542,10 +542,7 @@ async fn an_upload_broken_off_towards_an_http2_upstream_is_not_counted() {
     let url = format!("{}/e/services/data/v62.0/sobjects", edge.proxy);
     assert_eq!(edge.http.get(&url, &[]).await.0, StatusCode::OK);
 
-    let addr = edge.proxy.trim_start_matches("http://").to_owned();
-    let mut tcp = tokio::net::TcpStream::connect(&addr)
-        .await
-        .expect("connect");
+    let mut tcp = edge.tcp().await;
     tcp.write_all(
         b"POST /e/services/data/v62.0/sobjects/Contact HTTP/1.1\r\nhost: x\r\n\
           content-type: application/json\r\ncontent-length: 100\r\n\r\n{\"LastName\"",
@@ -656,10 +653,7 @@ async fn trailers_pass_both_ways() {
         &config_text(&format!("http://127.0.0.1:{port}"), "", ONE),
     )
     .await;
-    let addr = env.proxy.trim_start_matches("http://").to_owned();
-    let mut tcp = tokio::net::TcpStream::connect(&addr)
-        .await
-        .expect("connect");
+    let mut tcp = env.tcp().await;
     tcp.write_all(
         b"POST /a/services/data/v62.0/sobjects/Contact HTTP/1.1\r\nhost: x\r\n\
           content-type: application/json\r\ntransfer-encoding: chunked\r\n\

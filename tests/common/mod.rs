@@ -287,6 +287,14 @@ pub fn free_port() -> u16 {
 }
 
 impl Env {
+    /// A raw TCP connection to the proxy listener "main", for requests written by hand.
+    pub async fn tcp(&self) -> tokio::net::TcpStream {
+        let addr = self.proxy.trim_start_matches("http://");
+        tokio::net::TcpStream::connect(addr)
+            .await
+            .expect("connect to the proxy")
+    }
+
     /// Sends the SOAP `query()` call to org `00D000000000001AAA` through `prefix`.
     pub async fn soap_query(&self, prefix: &str) -> (StatusCode, HeaderMap, Bytes) {
         let url = format!(
