@@ -38,6 +38,42 @@ pub enum RequestBody {
     Tracked(Box<RequestBody>, Arc<Upload>),
 }
 
+/// A message's content coding, as far as the proxy reads bodies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Coding {
+    /// No Content-Encoding, or only `identity`.
+    Identity,
+    Gzip,
+    Deflate,
+    /// Another coding, or several (`gzip, br`): the proxy cannot read the body.
+    Other,
+}
+
+/// The coding over every Content-Encoding line and list entry, `identity` (which changes
+/// nothing) left out wherever it is. Allocates nothing.
+pub fn content_coding(headers: &http::HeaderMap) -> Coding {
+    let mut codings = headers
+        .get_all(http::header::CONTENT_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|c| !c.is_empty() && !c.eq_ignore_ascii_case(b"identity"));
+    match (codings.next(), codings.next()) {
+        (None, _) => Coding::Identity,
+        (Some(c), None) if c.eq_ignore_ascii_case(b"gzip") || c.eq_ignore_ascii_case(b"x-gzip") => {
+            Coding::Gzip
+        }
+        (Some(c), None) if c.eq_ignore_ascii_case(b"deflate") => Coding::Deflate,
+        _ => Coding::Other,
+    }
+}
+
+/// Whether a deflate stream is zlib-wrapped, as HTTP's deflate should be (its first byte names
+/// the deflate method, 8), rather than raw, as some senders make it.
+pub fn is_zlib(first: Option<u8>) -> bool {
+    first.is_some_and(|b| b & 0x0f == 8)
+}
+
 /// A request body prefix as the proxy must read it: decoded when the request says it is
 /// compressed (`Content-Encoding: gzip` or `deflate`, which Salesforce accepts on requests), to
 /// at most `limit` bytes. Returns the bytes and whether they are the whole body. Codings the
@@ -50,30 +86,12 @@ pub fn decoded_prefix<'a>(
     limit: usize,
 ) -> (Cow<'a, [u8]>, bool) {
     use flate2::bufread::{DeflateDecoder, MultiGzDecoder, ZlibDecoder};
-    // Every coding named, over all Content-Encoding lines, less `identity` (which changes
-    // nothing): usually none, so this allocates nothing.
-    let mut codings = headers
-        .get_all(http::header::CONTENT_ENCODING)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-        .map(<[u8]>::trim_ascii)
-        .filter(|c| !c.is_empty() && !c.eq_ignore_ascii_case(b"identity"));
-    let coding = match (codings.next(), codings.next()) {
-        (None, _) => return (Cow::Borrowed(prefix), complete),
-        (Some(one), None) => one,
-        (Some(_), Some(_)) => return (Cow::Borrowed(&[]), false),
-    };
-    let is = |name: &[u8]| coding.eq_ignore_ascii_case(name);
-    let decoder: Box<dyn Read + '_> = if is(b"gzip") || is(b"x-gzip") {
-        Box::new(MultiGzDecoder::new(prefix))
-    } else if is(b"deflate") && prefix.first().is_some_and(|b| b & 0x0f == 8) {
-        // HTTP's deflate is zlib-wrapped (its first byte names the deflate method, 8)...
-        Box::new(ZlibDecoder::new(prefix))
-    } else if is(b"deflate") {
-        // ...but some clients send it raw.
-        Box::new(DeflateDecoder::new(prefix))
-    } else {
-        return (Cow::Borrowed(&[]), false);
+    let decoder: Box<dyn Read + '_> = match content_coding(headers) {
+        Coding::Identity => return (Cow::Borrowed(prefix), complete),
+        Coding::Gzip => Box::new(MultiGzDecoder::new(prefix)),
+        Coding::Deflate if is_zlib(prefix.first().copied()) => Box::new(ZlibDecoder::new(prefix)),
+        Coding::Deflate => Box::new(DeflateDecoder::new(prefix)),
+        Coding::Other => return (Cow::Borrowed(&[]), false),
     };
     let mut plain = Vec::new();
     // A read error (the prefix ends mid-stream, or is not what it says) keeps what was decoded

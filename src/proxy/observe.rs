@@ -13,7 +13,7 @@ use bytes::Bytes;
 use http::response::Parts;
 use http::{header, HeaderValue, StatusCode};
 
-use super::body::{Observer, ResponseBody};
+use super::body::{content_coding, is_zlib, Coding, Observer, ResponseBody};
 use super::headers::LIMIT_INFO;
 use super::pool::UpstreamBody;
 use super::OrgRoute;
@@ -48,16 +48,15 @@ pub fn response(
     if status.is_success() && units > 0 {
         org.meter.observe_success();
     }
-    let coding = parts.headers.get(header::CONTENT_ENCODING);
-    let encoded = coding.is_some();
-    let mode = if kind == CallKind::Limits && status == StatusCode::OK && !encoded {
+    let coding = content_coding(&parts.headers);
+    let plain = coding == Coding::Identity;
+    let mode = if kind == CallKind::Limits && status == StatusCode::OK && plain {
         Some(Watch::Limits(Vec::new()))
-    } else if !encoded && (kind == CallKind::Soap || is_limit_status(status)) {
+    } else if plain && (kind == CallKind::Soap || is_limit_status(status)) {
         Some(Watch::Scan(BodyScanner::new()))
     } else if is_limit_status(status) {
         // A client that asks for gzip (most HTTP libraries do) gets its limit errors compressed.
-        coding
-            .and_then(Inflate::for_coding)
+        Inflate::for_coding(coding)
             .map(|inflate| Watch::ScanEncoded(Box::new(inflate), BodyScanner::new()))
     } else {
         None
@@ -86,21 +85,21 @@ enum Watch {
     Limits(Vec<u8>),
 }
 
-/// A gzip or deflate decoder fed the body's chunks, its output taken after each.
+/// A gzip or deflate decoder fed the body's chunks, its output taken after each. Which deflate
+/// (zlib-wrapped or raw) is known from the first byte.
 enum Inflate {
     Gzip(flate2::write::GzDecoder<Vec<u8>>),
+    Deflate,
     Zlib(flate2::write::ZlibDecoder<Vec<u8>>),
+    Raw(flate2::write::DeflateDecoder<Vec<u8>>),
 }
 
 impl Inflate {
-    fn for_coding(coding: &HeaderValue) -> Option<Inflate> {
-        let coding = coding.as_bytes().trim_ascii();
-        if coding.eq_ignore_ascii_case(b"gzip") || coding.eq_ignore_ascii_case(b"x-gzip") {
-            Some(Inflate::Gzip(flate2::write::GzDecoder::new(Vec::new())))
-        } else if coding.eq_ignore_ascii_case(b"deflate") {
-            Some(Inflate::Zlib(flate2::write::ZlibDecoder::new(Vec::new())))
-        } else {
-            None
+    fn for_coding(coding: Coding) -> Option<Inflate> {
+        match coding {
+            Coding::Gzip => Some(Inflate::Gzip(flate2::write::GzDecoder::new(Vec::new()))),
+            Coding::Deflate => Some(Inflate::Deflate),
+            Coding::Identity | Coding::Other => None,
         }
     }
 
@@ -109,10 +108,19 @@ impl Inflate {
     /// scanner has seen enough or the stream is broken.
     fn feed(&mut self, data: &[u8], scanner: &mut BodyScanner) -> bool {
         use std::io::Write;
+        if matches!(self, Inflate::Deflate) && !data.is_empty() {
+            *self = if is_zlib(data.first().copied()) {
+                Inflate::Zlib(flate2::write::ZlibDecoder::new(Vec::new()))
+            } else {
+                Inflate::Raw(flate2::write::DeflateDecoder::new(Vec::new()))
+            };
+        }
         for piece in data.chunks(256) {
             let (written, out) = match self {
                 Inflate::Gzip(d) => (d.write_all(piece), d.get_mut()),
                 Inflate::Zlib(d) => (d.write_all(piece), d.get_mut()),
+                Inflate::Raw(d) => (d.write_all(piece), d.get_mut()),
+                Inflate::Deflate => return true, // no byte yet
             };
             scanner.feed(out);
             out.clear();
@@ -128,6 +136,8 @@ impl Inflate {
         let (_, out) = match self {
             Inflate::Gzip(d) => (d.try_finish(), d.get_mut()),
             Inflate::Zlib(d) => (d.try_finish(), d.get_mut()),
+            Inflate::Raw(d) => (d.try_finish(), d.get_mut()),
+            Inflate::Deflate => return,
         };
         scanner.feed(out);
         out.clear();
@@ -198,7 +208,7 @@ pub async fn rewrite_login(
     let ResponseBody::Stream(inner) = body else {
         return body;
     };
-    if parts.headers.contains_key(header::CONTENT_ENCODING) {
+    if content_coding(&parts.headers) != Coding::Identity {
         tracing::warn!("login response is content-encoded; its URLs cannot be rewritten");
         return ResponseBody::Stream(inner);
     }
@@ -226,4 +236,52 @@ pub async fn rewrite_login(
         .headers
         .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
     ResponseBody::full(body)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    /// Each deflate (zlib-wrapped or raw) and gzip, in pieces of any size, reach the scanner.
+    #[test]
+    fn compressed_limit_errors_reach_the_scanner() {
+        let body = br#"[{"message":"TotalRequests Limit exceeded.","errorCode":"REQUEST_LIMIT_EXCEEDED"}]"#;
+        let level = flate2::Compression::default();
+        let mut gzip = flate2::write::GzEncoder::new(Vec::new(), level);
+        let mut zlib = flate2::write::ZlibEncoder::new(Vec::new(), level);
+        let mut raw = flate2::write::DeflateEncoder::new(Vec::new(), level);
+        let encoded = [
+            (Coding::Gzip, {
+                gzip.write_all(body).ok();
+                gzip.finish().expect("gzip")
+            }),
+            (Coding::Deflate, {
+                zlib.write_all(body).ok();
+                zlib.finish().expect("zlib")
+            }),
+            (Coding::Deflate, {
+                raw.write_all(body).ok();
+                raw.finish().expect("raw")
+            }),
+        ];
+        for (coding, bytes) in encoded {
+            for piece in [1, 7, bytes.len()] {
+                let mut inflate = Inflate::for_coding(coding).expect("decoder");
+                let mut scanner = BodyScanner::new();
+                for chunk in bytes.chunks(piece) {
+                    inflate.feed(chunk, &mut scanner);
+                }
+                inflate.finish(&mut scanner);
+                scanner.finish();
+                assert_eq!(
+                    scanner.limit_exceeded(),
+                    Some(LimitExceeded::Daily),
+                    "{coding:?} in pieces of {piece}"
+                );
+            }
+        }
+        assert!(Inflate::for_coding(Coding::Other).is_none());
+    }
 }

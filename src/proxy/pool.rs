@@ -429,8 +429,6 @@ impl Host {
     }
 }
 
-/// The request's path and query, moved out of its URI: a path the proxy built (less an
-/// integration's prefix) is not yet shared, and cloning it would allocate to share it.
 /// Awaits the response to a request a connection has just taken (`sending`), the request marked
 /// as handed over unless the connection gives it back unsent.
 async fn handed_over(
@@ -447,6 +445,8 @@ async fn handed_over(
     })
 }
 
+/// The request's path and query, moved out of its URI: a path the proxy built (less an
+/// integration's prefix) is not yet shared, and cloning it would allocate to share it.
 fn take_path_and_query(req: &mut Request<RequestBody>) -> PathAndQuery {
     std::mem::take(req.uri_mut())
         .into_parts()
