@@ -211,14 +211,7 @@ pub fn classify(method: &Method, path: &str) -> CallKind {
     if is(first, "id") {
         return CallKind::OAuth;
     }
-    if !is(first, "services") {
-        // Experience Cloud sites serve the same APIs under `/{site}/services/…`.
-        match segs.next() {
-            Some(second) if is(second, "services") => {}
-            _ => return CallKind::Other,
-        }
-    }
-    let Some(area) = segs.next() else {
+    let Some(area) = services_area(first, &mut segs) else {
         return CallKind::Other;
     };
     if is(area, "data") {
@@ -302,9 +295,9 @@ fn classify_soap<'a>(mut segs: impl Iterator<Item = &'a str>) -> CallKind {
     let (Some(flavor), Some(_version)) = (segs.next(), segs.next()) else {
         return CallKind::Other;
     };
-    // login() lives on the partner (u) and enterprise (c) endpoints, which are then used
-    // with the org id appended (the serverUrl of the login response).
-    if (is(flavor, "u") || is(flavor, "c")) && segs.next().is_none() {
+    // login() lives on the partner and enterprise endpoints, which are then used with the org
+    // id appended (the serverUrl of the login response).
+    if has_login(flavor) && segs.next().is_none() {
         CallKind::SoapLogin
     } else {
         CallKind::Soap
@@ -395,15 +388,25 @@ fn is_resource(segment: &str, name: &str) -> bool {
 fn has_soap_login(path: &str) -> bool {
     let path = decoded(path);
     let mut segs = Segments::of(&path);
-    // As in `classify`: an Experience Cloud site's name may come first.
-    let Some(first) = segs.next() else {
-        return false;
-    };
+    let area = segs
+        .next()
+        .and_then(|first| services_area(first, &mut segs));
+    area.is_some_and(|area| is(area, "Soap")) && segs.next().is_some_and(has_login)
+}
+
+/// The SOAP API flavors with `login()`: partner (`u`) and enterprise (`c`).
+fn has_login(flavor: &str) -> bool {
+    is(flavor, "u") || is(flavor, "c")
+}
+
+/// The API area after `/services/` (`data`, `Soap`, `async`, ...), given the path's `first`
+/// segment and the rest; Experience Cloud sites serve the same APIs under
+/// `/{site}/services/…`. `None` for any other path.
+fn services_area<'a>(first: &'a str, segs: &mut Segments<'a>) -> Option<&'a str> {
     if !is(first, "services") && !segs.next().is_some_and(|s| is(s, "services")) {
-        return false;
+        return None;
     }
-    matches!((segs.next(), segs.next()),
-        (Some(soap), Some(flavor)) if is(soap, "Soap") && (is(flavor, "u") || is(flavor, "c")))
+    segs.next()
 }
 
 /// `60.0`-style: digits, a dot, digits.
