@@ -348,3 +348,52 @@ fn on_disk(sim: &str, dir: &std::path::Path, extra: &str) -> callmeter::config::
     );
     callmeter::config::parse(&toml, std::path::Path::new("test.toml")).expect("config")
 }
+
+/// A full wait queue must answer with a Retry-After of when budget frees (as `reject` would),
+/// not a fixed 1 s: here the quota of 1 call is spent for the day.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_says_when_budget_frees_not_one_second() {
+    let env = Arc::new(
+        start(
+            SimOptions::default(),
+            "",
+            "[[integration]]\nid = \"q\"\norg = \"acme\"\nmatch = { path_prefix = \"/q\" }\nquota = 1\n\
+             on_limit = \"queue\"\nqueue = { max_depth = 1, max_wait = \"5s\" }\n",
+        )
+        .await,
+    );
+    let url = format!("{}/q/services/data/v62.0/sobjects", env.proxy);
+    assert_eq!(
+        env.http.get(&url, &[]).await.0,
+        StatusCode::OK,
+        "the quota's one call"
+    );
+    // The next call waits in the queue (its quota frees in about a day).
+    let waiting = {
+        let (env, url) = (env.clone(), url.clone());
+        tokio::spawn(async move { env.http.get(&url, &[]).await })
+    };
+    eventually(5, "the call queued", || async {
+        env.usage().await["orgs"][0]["integrations"][0]["queue_depth"] == 1
+    })
+    .await;
+    // What a plain reject says for the same budget, for comparison.
+    let (status, headers, body) = env.http.get(&url, &[]).await;
+    assert_eq!(
+        status,
+        StatusCode::FORBIDDEN,
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    let retry_after: u64 = headers["retry-after"]
+        .to_str()
+        .expect("text")
+        .parse()
+        .expect("seconds");
+    assert!(
+        retry_after >= 60,
+        "the quota frees in about a day, but the full queue says Retry-After: {retry_after} ({})",
+        String::from_utf8_lossy(&body)
+    );
+    waiting.abort();
+}

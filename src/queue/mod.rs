@@ -7,7 +7,9 @@
 //! the meter (a refund, a lower usage report) — whichever comes first. There is no polling, and
 //! only the head is tried, so calls leave in the order they came. The queue is bounded by
 //! `max_depth` and every call by `max_wait`; at shutdown, waiting calls are answered at once.
-//! The lock is a `std::sync::Mutex` held for a push or a pop: only limited calls take it.
+//! A call whose client hangs up leaves the queue when its request is dropped, so it holds no
+//! place a live call could take. The lock is a `std::sync::Mutex` held for a push, a pop or a
+//! removal: only limited calls take it.
 
 pub mod deferred;
 
@@ -40,6 +42,8 @@ pub enum QueueError {
 }
 
 struct Waiter {
+    /// Tells this call's entry apart when its client leaves before the dispatcher served it.
+    id: u64,
     units: u32,
     deadline: Instant,
     enqueued: Instant,
@@ -52,6 +56,24 @@ struct Waiter {
 struct State {
     waiters: VecDeque<Waiter>,
     dispatching: bool,
+    next_id: u64,
+    /// The meter's latest refusal and when it came: the answer for a call refused before the
+    /// meter was asked about it (a full queue, a timeout before its turn), so that its
+    /// `Retry-After` still says when budget frees.
+    last: Option<(Limited, Instant)>,
+}
+
+impl State {
+    /// The latest refusal as it stands at `now`: its wait less the time since it was given.
+    fn latest(&self, now: Instant) -> Option<Limited> {
+        self.last.map(|(limited, at)| Limited {
+            retry_after: limited
+                .retry_after
+                .saturating_sub(now - at)
+                .max(Duration::from_secs(1)),
+            ..limited
+        })
+    }
 }
 
 /// One integration's wait queue.
@@ -79,6 +101,8 @@ impl WaitQueue {
             state: Mutex::new(State {
                 waiters: VecDeque::new(),
                 dispatching: false,
+                next_id: 0,
+                last: None,
             }),
             depth: AtomicUsize::new(0),
             shutdown,
@@ -115,15 +139,18 @@ impl WaitQueue {
         }
         let (reply, answer) = oneshot::channel();
         let now = Instant::now();
-        {
+        let id = {
             let mut state = self.lock();
             if state.waiters.len() >= self.max_depth {
                 return Err(QueueError::Full {
                     depth: state.waiters.len(),
-                    limited,
+                    limited: limited.or_else(|| state.latest(now)),
                 });
             }
+            let id = state.next_id;
+            state.next_id += 1;
             state.waiters.push_back(Waiter {
+                id,
                 units,
                 deadline: now + self.max_wait,
                 enqueued: now,
@@ -135,9 +162,35 @@ impl WaitQueue {
                 state.dispatching = true;
                 tokio::spawn(self.clone().dispatch());
             }
-        }
+            id
+        };
+        let mut waiting = Waiting {
+            queue: self,
+            id,
+            answer,
+        };
         // A closed channel means the dispatcher stopped for shutdown.
-        answer.await.unwrap_or(Err(QueueError::ShuttingDown))
+        (&mut waiting.answer)
+            .await
+            .unwrap_or(Err(QueueError::ShuttingDown))
+    }
+
+    /// A call's request was dropped (its client hung up) while it waited: its entry leaves the
+    /// queue now rather than when it reaches the head, and a ticket sent to it meanwhile is
+    /// refunded, as that call never leaves the proxy.
+    fn leave(&self, id: u64, answer: &mut oneshot::Receiver<Result<Ticket, QueueError>>) {
+        {
+            let mut state = self.lock();
+            if let Some(at) = state.waiters.iter().position(|w| w.id == id) {
+                state.waiters.remove(at);
+                self.set_depth(state.waiters.len());
+                return;
+            }
+        }
+        answer.close();
+        if let Ok(Ok(ticket)) = answer.try_recv() {
+            self.meter.refund(ticket);
+        }
     }
 
     /// Serves the head of the queue until the queue is empty.
@@ -150,15 +203,10 @@ impl WaitQueue {
                 self.drain();
                 break;
             }
-            let (units, deadline) = {
+            let (id, units, deadline) = {
                 let mut state = self.lock();
-                // Calls whose client went away leave the queue without being counted.
-                while state.waiters.front().is_some_and(|w| w.reply.is_closed()) {
-                    state.waiters.pop_front();
-                }
-                self.set_depth(state.waiters.len());
                 match state.waiters.front() {
-                    Some(head) => (head.units, head.deadline),
+                    Some(head) => (head.id, head.units, head.deadline),
                     None => {
                         state.dispatching = false;
                         break;
@@ -167,11 +215,14 @@ impl WaitQueue {
             };
             let now = Instant::now();
             if now >= deadline {
-                if let Some(w) = self.pop() {
-                    let waited = now - w.enqueued;
+                let (head, latest) = {
+                    let mut state = self.lock();
+                    (self.pop(&mut state, id), state.latest(now))
+                };
+                if let Some(w) = head {
                     let _ = w.reply.send(Err(QueueError::TimedOut {
-                        waited,
-                        limited: w.limited,
+                        waited: now - w.enqueued,
+                        limited: w.limited.or(latest),
                     }));
                 }
                 continue;
@@ -182,7 +233,8 @@ impl WaitQueue {
             freed.as_mut().enable();
             match self.meter.decide(units) {
                 Verdict::Forward(ticket) => {
-                    if let Some(w) = self.pop() {
+                    let head = self.pop(&mut self.lock(), id);
+                    if let Some(w) = head {
                         if let Err(Ok(ticket)) = w.reply.send(Ok(ticket)) {
                             self.meter.refund(ticket); // the client left meanwhile
                         }
@@ -191,8 +243,12 @@ impl WaitQueue {
                     }
                 }
                 Verdict::Limited(limited) => {
-                    if let Some(head) = self.lock().waiters.front_mut() {
-                        head.limited = Some(limited);
+                    {
+                        let mut state = self.lock();
+                        state.last = Some((limited, now));
+                        if let Some(head) = state.waiters.front_mut().filter(|h| h.id == id) {
+                            head.limited = Some(limited);
+                        }
                     }
                     let wake = deadline.min(now + limited.retry_after);
                     tokio::select! {
@@ -206,8 +262,12 @@ impl WaitQueue {
         org.unwatch();
     }
 
-    fn pop(&self) -> Option<Waiter> {
-        let mut state = self.lock();
+    /// Takes the head if it is still call `id`: its client may have left since it was looked
+    /// at, and the next call may be of another size.
+    fn pop(&self, state: &mut State, id: u64) -> Option<Waiter> {
+        if state.waiters.front()?.id != id {
+            return None;
+        }
         let w = state.waiters.pop_front();
         self.set_depth(state.waiters.len());
         w
@@ -226,6 +286,19 @@ impl WaitQueue {
     fn set_depth(&self, depth: usize) {
         self.depth.store(depth, Ordering::Relaxed);
         self.meter.set_queue_depth(depth);
+    }
+}
+
+/// A call in the queue, from its side: dropping it before its answer takes it out.
+struct Waiting<'a> {
+    queue: &'a WaitQueue,
+    id: u64,
+    answer: oneshot::Receiver<Result<Ticket, QueueError>>,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.queue.leave(self.id, &mut self.answer);
     }
 }
 
@@ -353,6 +426,38 @@ mod tests {
             .expect("task")
             .expect("released by the refund");
         assert!(Instant::now() - before < Duration::from_secs(1));
+    }
+
+    /// A call whose client hangs up while it waits (its `wait` future is dropped) must leave
+    /// the queue: not count in the depth, and not take the place of a live call.
+    #[tokio::test(start_paused = true)]
+    async fn a_call_whose_client_left_frees_its_place_in_the_queue() {
+        let (meter, q, _stop) = setup(1, "60m", 1, "10m");
+        assert!(matches!(meter.decide(1), Verdict::Forward(_)));
+        let abandoned = {
+            let (q, l) = (q.clone(), limited_now(&meter));
+            tokio::spawn(async move { q.wait(1, Some(l)).await })
+        };
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(q.depth(), 1);
+        abandoned.abort(); // the client hung up: the proxy drops the request's future
+        let _ = abandoned.await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(
+            q.depth(),
+            0,
+            "nobody waits, yet the queue reports a waiting call"
+        );
+        let live = {
+            let (q, l) = (q.clone(), limited_now(&meter));
+            tokio::spawn(async move { q.wait(1, Some(l)).await })
+        };
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(
+            !live.is_finished(),
+            "a live call was refused by a queue holding only an abandoned call: {:?}",
+            live.await
+        );
     }
 
     #[tokio::test(start_paused = true)]
