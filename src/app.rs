@@ -124,7 +124,9 @@ pub async fn start(config: &Config) -> Result<Server, StartError> {
     let meter = Arc::new(meter);
     let (stop, _) = watch::channel(false);
     let mut tasks = JoinSet::new();
-    let deferrals = deferrals.start(stop.subscribe(), &mut tasks).await?;
+    let deferrals = deferrals
+        .start(stop.subscribe(), config.proxy.shutdown_grace, &mut tasks)
+        .await?;
     tasks.spawn(
         deferrals
             .clone()

@@ -3,12 +3,20 @@
 
 mod common;
 
-use std::sync::Arc;
+use std::convert::Infallible;
+use std::io::Write;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
 use callmeter::sim::{self, SimOptions};
+use callmeter::{app, config};
 use common::*;
-use http::{Method, StatusCode};
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 
 const TOKEN: &str = "test-admin-token";
 
@@ -419,4 +427,414 @@ async fn acknowledged_calls_survive_kill_9_and_are_delivered_once() {
         .await;
     let list: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
     assert_eq!(list["calls"].as_array().map(Vec::len), Some(deferred));
+}
+
+/// An origin that records every request body and answers with `answer(body, n, headers)`,
+/// where `n` is how many requests with that body it has seen before (0 for the first).
+async fn origin<F, Fut>(answer: F) -> (String, Arc<Mutex<Vec<String>>>)
+where
+    F: Fn(String, usize, http::HeaderMap) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = http::Response<Full<Bytes>>> + Send + 'static,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let seen = Arc::new(Mutex::new(Vec::<String>::new()));
+    let seen2 = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (seen, answer) = (seen2.clone(), answer.clone());
+            let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+                let (seen, answer) = (seen.clone(), answer.clone());
+                async move {
+                    let (parts, body) = req.into_parts();
+                    let body = body
+                        .collect()
+                        .await
+                        .map(|b| b.to_bytes())
+                        .unwrap_or_default();
+                    let body = String::from_utf8_lossy(&body).into_owned();
+                    let n = {
+                        let mut seen = seen.lock().expect("lock");
+                        let n = seen.iter().filter(|b| **b == body).count();
+                        seen.push(body.clone());
+                        n
+                    };
+                    Ok::<_, Infallible>(answer(body, n, parts.headers).await)
+                }
+            });
+            tokio::spawn(async move {
+                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                let _ = builder.serve_connection(TokioIo::new(tcp), service).await;
+            });
+        }
+    });
+    (url, seen)
+}
+
+fn created() -> http::Response<Full<Bytes>> {
+    http::Response::builder()
+        .status(201)
+        .header("content-type", "application/json")
+        .header("sforce-limit-info", "api-usage=10/15000")
+        .body(Full::new(Bytes::from_static(
+            br#"{"id":"003000000000001AAA","success":true,"errors":[]}"#,
+        )))
+        .expect("response")
+}
+
+fn count(seen: &Mutex<Vec<String>>, body: &str) -> usize {
+    seen.lock()
+        .expect("lock")
+        .iter()
+        .filter(|b| *b == body)
+        .count()
+}
+
+/// A client that asks for gzip (most HTTP libraries do) has its deferred call replayed
+/// without `Accept-Encoding`, as nobody is there to decompress the answer; a server that
+/// compresses Salesforce's REQUEST_LIMIT_EXCEEDED anyway is read through a decoder. Either
+/// way the replayer sees the org's limit and keeps the call, rather than recording it as
+/// delivered with a garbled body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compressed_limit_error_on_replay_is_not_a_delivery() {
+    let asked_for_gzip = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let asked = asked_for_gzip.clone();
+    let (upstream, seen) = origin(move |body: String, _n, headers: http::HeaderMap| {
+        if body.contains("Deferred") && headers.contains_key("accept-encoding") {
+            asked.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        async move {
+        if body.contains("Deferred") {
+            let mut enc =
+                flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+            enc.write_all(
+                br#"[{"message":"TotalRequests Limit exceeded.","errorCode":"REQUEST_LIMIT_EXCEEDED"}]"#,
+            )
+            .expect("gzip");
+            return http::Response::builder()
+                .status(403)
+                .header("content-type", "application/json;charset=UTF-8")
+                .header("content-encoding", "gzip")
+                .body(Full::new(Bytes::from(enc.finish().expect("gzip"))))
+                .expect("response");
+        }
+        created()
+        }
+    })
+    .await;
+    let sim = sim::spawn(SimOptions::default()).await.expect("sim");
+    let env = start_with(sim, &config_text(&upstream, "", DEFER)).await;
+    let url = format!("{}/d/services/data/v62.0/sobjects/Contact", env.proxy);
+    let headers = [
+        ("authorization", "Bearer 00Dsession"),
+        ("content-type", "application/json"),
+        ("accept-encoding", "gzip"),
+    ];
+    let (status, _, _) = env
+        .http
+        .send(Method::POST, &url, &headers, r#"{"LastName":"Live"}"#)
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "the burst token");
+    let (status, _, body) = env
+        .http
+        .send(Method::POST, &url, &headers, r#"{"LastName":"Deferred"}"#)
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::ACCEPTED,
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    let accepted: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
+    let status_url = accepted["status_url"]
+        .as_str()
+        .expect("status_url")
+        .to_owned();
+
+    eventually(10, "the replay reached the origin", || async {
+        count(&seen, r#"{"LastName":"Deferred"}"#) >= 1
+    })
+    .await;
+    let read = || {
+        let (http, status_url) = (env.http.clone(), status_url.clone());
+        async move {
+            let (_, _, body) = http
+                .get(&status_url, &[("authorization", "Bearer 00Dsession")])
+                .await;
+            serde_json::from_slice::<serde_json::Value>(&body).unwrap_or_default()
+        }
+    };
+    eventually(10, "the replay's outcome recorded", || async {
+        read().await["state"] != "in_flight"
+    })
+    .await;
+    // Salesforce said the org is out of calls: the call waits (the org's probe is minutes
+    // away), its error recorded.
+    let state = read().await;
+    assert_eq!(state["state"], "pending", "{state}");
+    assert_eq!(state["attempts"], 1, "{state}");
+    assert!(
+        state["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("REQUEST_LIMIT_EXCEEDED")),
+        "{state}"
+    );
+    let usage = env.usage().await;
+    assert_eq!(usage["orgs"][0]["exhausted"], true, "{usage}");
+    assert!(
+        !asked_for_gzip.load(std::sync::atomic::Ordering::Relaxed),
+        "the replay asked for a compressed answer"
+    );
+}
+
+/// A graceful shutdown (SIGTERM, a deploy) while a deferred call is being replayed must let
+/// that replay finish and record it (within `shutdown_grace`), so the next start does not send
+/// it to Salesforce a second time. The README promises a second send only after a crash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_shutdown_during_a_replay_does_not_send_the_call_twice() {
+    let (upstream, seen) = origin(|body: String, _n, _headers| async move {
+        if body.contains("Deferred") {
+            // Salesforce takes a moment over this one (well within the 2 s grace).
+            tokio::time::sleep(Duration::from_millis(800)).await;
+        }
+        created()
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("callmeter.db");
+    let toml = config_text(&upstream, "", DEFER).replace("STORE_PATH", &db.display().to_string());
+    let cfg = config::parse(&toml, Path::new("test.toml")).expect("config");
+    let http = Http::new();
+
+    let server = app::start(&cfg).await.expect("start");
+    let url = format!(
+        "http://{}/d/services/data/v62.0/sobjects/Contact",
+        server.listener("main").expect("main")
+    );
+    assert_eq!(
+        http.send(Method::POST, &url, &[], r#"{"LastName":"Live"}"#)
+            .await
+            .0,
+        StatusCode::CREATED
+    );
+    let (status, _, body) = http
+        .send(Method::POST, &url, &[], r#"{"LastName":"Deferred"}"#)
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::ACCEPTED,
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    let accepted: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
+    let id: i64 = accepted["id"]
+        .as_str()
+        .expect("id")
+        .parse()
+        .expect("number");
+
+    // The replay is on its way to Salesforce: now the SRE restarts the proxy.
+    eventually(10, "the replay reached the origin", || async {
+        count(&seen, r#"{"LastName":"Deferred"}"#) == 1
+    })
+    .await;
+    server.shutdown().await;
+    let after_shutdown = callmeter::store::Store::open(&db)
+        .expect("store")
+        .get_deferred(callmeter::store::DeferredId(id))
+        .expect("read")
+        .expect("the call")
+        .state;
+
+    let server = app::start(&cfg).await.expect("restart");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let sends = count(&seen, r#"{"LastName":"Deferred"}"#);
+    server.shutdown().await;
+    assert_eq!(
+        sends, 1,
+        "Salesforce got the deferred call {sends} times; after the graceful shutdown it was \
+         {after_shutdown}"
+    );
+}
+
+/// The store is briefly locked (an SRE's `sqlite3` session in a write transaction, a VACUUM,
+/// a full disk) while a replay's answer comes back. Once the store is writable again the
+/// outcome must still be recorded; instead the delivered call stays `in_flight` for good (its
+/// status URL never says delivered, the admin can neither retry nor discard it) and is sent to
+/// Salesforce again at the next start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_outcome_is_recorded_once_the_store_is_writable_again() {
+    let (upstream, seen) = origin(|body: String, _n, _headers| async move {
+        if body.contains("Deferred") {
+            tokio::time::sleep(Duration::from_millis(800)).await;
+        }
+        created()
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("callmeter.db");
+    let toml = config_text(&upstream, "", DEFER).replace("STORE_PATH", &db.display().to_string());
+    let cfg = config::parse(&toml, Path::new("test.toml")).expect("config");
+    let http = Http::new();
+    let server = app::start(&cfg).await.expect("start");
+    let url = format!(
+        "http://{}/d/services/data/v62.0/sobjects/Contact",
+        server.listener("main").expect("main")
+    );
+    assert_eq!(
+        http.send(Method::POST, &url, &[], r#"{"LastName":"Live"}"#)
+            .await
+            .0,
+        StatusCode::CREATED
+    );
+    let (status, _, body) = http
+        .send(Method::POST, &url, &[], r#"{"LastName":"Deferred"}"#)
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::ACCEPTED,
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    let accepted: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
+    let id = callmeter::store::DeferredId(accepted["id"].as_str().expect("id").parse().expect("n"));
+
+    eventually(10, "the replay reached the origin", || async {
+        count(&seen, r#"{"LastName":"Deferred"}"#) == 1
+    })
+    .await;
+    // While Salesforce answers, someone holds the store's write lock for 6 s.
+    let locker = {
+        let db = db.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = rusqlite::Connection::open(&db).expect("open");
+            conn.execute_batch("BEGIN IMMEDIATE").expect("lock");
+            std::thread::sleep(Duration::from_secs(6));
+            conn.execute_batch("COMMIT").expect("unlock");
+        })
+    };
+    locker.await.expect("locker");
+    let store = callmeter::store::Store::open(&db).expect("store");
+    let mut state = None;
+    for _ in 0..50 {
+        state = Some(
+            store
+                .get_deferred(id)
+                .expect("read")
+                .expect("the call")
+                .state,
+        );
+        if state == Some(callmeter::store::DeferredState::Delivered) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    server.shutdown().await;
+    assert_eq!(
+        state,
+        Some(callmeter::store::DeferredState::Delivered),
+        "Salesforce answered 201 to the one send, the store is writable again, yet the call \
+         is still recorded as {state:?}"
+    );
+}
+
+/// Salesforce answered `201 Created` to a replayed call, then the connection broke while the
+/// body of that answer was being read. The call was done (the status says so); sending it
+/// again creates the record twice. The replayer retries it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_answered_201_is_not_sent_again_when_its_body_breaks_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let sends = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let sends2 = sends.clone();
+    let port = raw_origin(move |mut tcp| {
+        let sends = sends2.clone();
+        async move {
+            let mut buf = Vec::new();
+            loop {
+                // One request: headers, then a Content-Length body.
+                let mut chunk = [0u8; 4096];
+                let Ok(n) = tcp.read(&mut chunk).await else {
+                    return;
+                };
+                if n == 0 {
+                    return;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+                let text = String::from_utf8_lossy(&buf).into_owned();
+                let Some(end) = text.find("\r\n\r\n") else {
+                    continue;
+                };
+                let len = text[..end]
+                    .lines()
+                    .find_map(|l| {
+                        let (k, v) = l.split_once(':')?;
+                        k.eq_ignore_ascii_case("content-length")
+                            .then(|| v.trim().parse::<usize>().ok())?
+                    })
+                    .unwrap_or(0);
+                if buf.len() < end + 4 + len {
+                    continue;
+                }
+                let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).into_owned();
+                buf.drain(..end + 4 + len);
+                let ok = b"{\"id\":\"003000000000001AAA\",\"success\":true,\"errors\":[]}";
+                if body.contains("Deferred") {
+                    sends.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    // Created; the answer's body breaks off half way.
+                    let head = format!(
+                        "HTTP/1.1 201 Created\r\ncontent-type: application/json\r\n\
+                         sforce-limit-info: api-usage=10/15000\r\ncontent-length: {}\r\n\r\n",
+                        ok.len()
+                    );
+                    let _ = tcp.write_all(head.as_bytes()).await;
+                    let _ = tcp.write_all(&ok[..10]).await;
+                    let _ = tcp.flush().await;
+                    return; // connection closed mid-body
+                }
+                let head = format!(
+                    "HTTP/1.1 201 Created\r\ncontent-type: application/json\r\n\
+                     sforce-limit-info: api-usage=10/15000\r\ncontent-length: {}\r\n\r\n",
+                    ok.len()
+                );
+                let _ = tcp.write_all(head.as_bytes()).await;
+                let _ = tcp.write_all(ok).await;
+            }
+        }
+    })
+    .await;
+    let sim = sim::spawn(SimOptions::default()).await.expect("sim");
+    let env = start_with(
+        sim,
+        &config_text(&format!("http://127.0.0.1:{port}"), "", DEFER),
+    )
+    .await;
+    let url = format!("{}/d/services/data/v62.0/sobjects/Contact", env.proxy);
+    let (status, _, _) = env
+        .http
+        .send(Method::POST, &url, &[], r#"{"LastName":"Live"}"#)
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "the burst token");
+    let (status, _, body) = env
+        .http
+        .send(Method::POST, &url, &[], r#"{"LastName":"Deferred"}"#)
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::ACCEPTED,
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    eventually(10, "the replay reached the origin", || async {
+        sends.load(std::sync::atomic::Ordering::SeqCst) >= 1
+    })
+    .await;
+    // The retry backoff after a first attempt is 1 s (plus the rate's 1 s token).
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let n = sends.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(
+        n, 1,
+        "Salesforce answered 201 Created, yet the call was sent {n} times"
+    );
 }

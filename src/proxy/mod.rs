@@ -31,7 +31,7 @@ use http::{header, HeaderValue, Request, Response, Uri};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
-pub use body::{RequestBody, ResponseBody};
+pub use body::{decoded_prefix, RequestBody, ResponseBody};
 pub use deferred::{constant_time_eq, DeferRoute};
 pub use error::ProxyError;
 pub use forward::{Upstream, UpstreamSetupError};

@@ -3,14 +3,18 @@
 //!
 //! Delivery is at-least-once. A call is marked in flight in the store before it is sent and
 //! delivered (or retried, or failed) after the answer, in the same process, so the normal path
-//! sends each call exactly once. A crash between sending and recording leaves the call in
+//! sends each call exactly once: a shutdown waits for the sends under way (up to
+//! `shutdown_grace`), and an outcome the store refuses to record (locked, a full disk) is
+//! written again until it takes. A crash between sending and recording leaves the call in
 //! flight; at the next start it goes back to pending and is sent again: that is the one case
-//! where Salesforce can see a call twice.
+//! where Salesforce can see a call twice. An answer with a success status counts as delivered
+//! even if its body breaks off, as Salesforce has done the work.
 //!
 //! Replay retries upstream 5xx answers, connection errors, timeouts and `REQUEST_LIMIT_EXCEEDED`
 //! with exponential backoff; after `defer.max_attempts` sends the call is `failed` and waits
 //! in the admin's "sync failures" list (`/api/v1/deferred`) to be retried or discarded.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -20,7 +24,7 @@ use http::{HeaderName, HeaderValue, Method, Request, StatusCode};
 use tokio::sync::{watch, Notify, Semaphore};
 
 use crate::meter::{IntegrationMeter, OrgMeter, Ticket, Verdict};
-use crate::proxy::{Handover, RequestBody, ResponseBody, Upstream};
+use crate::proxy::{decoded_prefix, Handover, RequestBody, ResponseBody, Upstream};
 use crate::salesforce::{self, BodyScanner, LimitExceeded};
 use crate::store::{DeferredCall, DeferredId, NewDeferred, Store, StoreError};
 
@@ -34,6 +38,9 @@ const KEPT_RESPONSE_BYTES: usize = 64 * 1024;
 /// Without anything due, the replayer still looks again this often (an admin retry or a new
 /// call wakes it sooner).
 const IDLE_RECHECK: Duration = Duration::from_secs(60);
+/// How soon a store write the store refused is tried again; doubled up to `MAX_RECORD_RETRY`.
+const FIRST_RECORD_RETRY: Duration = Duration::from_millis(100);
+const MAX_RECORD_RETRY: Duration = Duration::from_secs(5);
 /// The path, under an integration's base URL, where it reads a deferred call's outcome.
 pub const STATUS_PATH: &str = "/callmeter/deferred/";
 
@@ -104,10 +111,12 @@ impl DeferralsBuilder {
         );
     }
 
-    /// Puts calls a crash left in flight back in line, and starts a replayer per org.
+    /// Puts calls a crash left in flight back in line, and starts a replayer per org. At `stop`
+    /// a replayer waits up to `grace` for the sends under way.
     pub async fn start(
         self,
         stop: watch::Receiver<bool>,
+        grace: Duration,
         tasks: &mut tokio::task::JoinSet<()>,
     ) -> Result<Arc<Deferrals>, StoreError> {
         let store = self.store.clone();
@@ -131,6 +140,7 @@ impl DeferralsBuilder {
                 replayer.clone(),
                 deferrals.store.clone(),
                 stop.clone(),
+                grace,
             ));
         }
         Ok(deferrals)
@@ -230,10 +240,17 @@ fn backoff(attempt: u32) -> Duration {
 /// quota, reserve, in flight) keeps its place, and that integration is passed over until its
 /// budget is due back, so that it does not hold back the other integrations' calls; a call
 /// refused by the org's limit stops the replayer until budget frees, as it stops them all.
-async fn replay(r: Arc<OrgReplayer>, store: Arc<Store>, mut stop: watch::Receiver<bool>) {
+async fn replay(
+    r: Arc<OrgReplayer>,
+    store: Arc<Store>,
+    mut stop: watch::Receiver<bool>,
+    grace: Duration,
+) {
     r.meter.watch();
     let mut held = Held::default();
+    let mut sends = tokio::task::JoinSet::new();
     loop {
+        while sends.try_join_next().is_some() {}
         if *stop.borrow() {
             break;
         }
@@ -284,7 +301,11 @@ async fn replay(r: Arc<OrgReplayer>, store: Arc<Store>, mut stop: watch::Receive
                 "integration \"{}\" is no longer configured with on_limit = \"defer\"",
                 call.integration
             );
-            let _ = blocking(move || s.mark_failed(call.id, &error, None, None, now_ms())).await;
+            let id = call.id;
+            record(&stop, id, move || {
+                s.mark_failed(id, &error, None, None, now_ms())
+            })
+            .await;
             continue;
         };
         match target.meter.decide(call.units) {
@@ -292,7 +313,7 @@ async fn replay(r: Arc<OrgReplayer>, store: Arc<Store>, mut stop: watch::Receive
                 // Not an attempt: the call keeps its place (still due, first in line).
                 let s = store.clone();
                 let id = call.id;
-                let _ = blocking(move || s.release(id, now_ms(), now_ms())).await;
+                record(&stop, id, move || s.release(id, now_ms(), now_ms())).await;
                 drop(slot);
                 if limited.budget.is_integrations() {
                     held.hold(call.integration, limited.retry_after);
@@ -309,20 +330,63 @@ async fn replay(r: Arc<OrgReplayer>, store: Arc<Store>, mut stop: watch::Receive
                 }
             }
             Verdict::Forward(ticket) => {
-                let (r2, s, meter, max) = (
+                let (r2, s, meter, max, stop) = (
                     r.clone(),
                     store.clone(),
                     target.meter.clone(),
                     target.max_attempts,
+                    stop.clone(),
                 );
-                tokio::spawn(async move {
-                    send(&r2, &s, &meter, max, call, ticket).await;
+                sends.spawn(async move {
+                    send(&r2, &s, &stop, &meter, max, call, ticket).await;
                     drop(slot);
                 });
             }
         }
     }
+    // A send stopped midway would leave its call in flight, to be sent again at the next
+    // start: let the sends under way finish and record their outcome first.
+    let drained =
+        tokio::time::timeout(grace, async { while sends.join_next().await.is_some() {} }).await;
+    if drained.is_err() {
+        tracing::warn!(
+            org = %r.org,
+            calls = sends.len(),
+            "deferred calls were still being sent after shutdown_grace; they will be sent again at the next start"
+        );
+        sends.shutdown().await;
+    }
     r.meter.unwatch();
+}
+
+/// Writes what became of a deferred call. The store can refuse for a while (locked by another
+/// writer past its busy timeout, a full disk); an outcome not written would leave the call in
+/// flight, out of the admin's reach until a restart sends it again, so the write is tried
+/// again until it takes. At shutdown it is given up after one more try: the call is then sent
+/// again at the next start, as after a crash.
+async fn record(
+    stop: &watch::Receiver<bool>,
+    id: DeferredId,
+    write: impl Fn() -> Result<(), StoreError> + Clone + Send + 'static,
+) {
+    let mut stop = stop.clone();
+    let mut wait = FIRST_RECORD_RETRY;
+    loop {
+        let error = match blocking(write.clone()).await {
+            Ok(()) => return,
+            Err(e) => e,
+        };
+        if *stop.borrow() {
+            tracing::error!(id = %id, error = %error, "recording a deferred call's outcome failed at shutdown; the call will be sent again at the next start");
+            return;
+        }
+        tracing::warn!(id = %id, error = %error, "recording a deferred call's outcome failed; trying again");
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            _ = stop.wait_for(|s| *s) => {}
+        }
+        wait = (wait * 2).min(MAX_RECORD_RETRY);
+    }
 }
 
 /// Integrations the replayer passes over until their own budget is due back.
@@ -380,6 +444,7 @@ enum Sent {
 async fn send(
     r: &OrgReplayer,
     store: &Arc<Store>,
+    stop: &watch::Receiver<bool>,
     meter: &IntegrationMeter,
     max_attempts: u32,
     call: DeferredCall,
@@ -399,31 +464,37 @@ async fn send(
         Err(e) => {
             meter.refund(ticket);
             let s = store.clone();
-            let error = format!("the stored call cannot be sent: {e}");
-            let _ = blocking(move || s.mark_failed(call.id, &error, None, None, now_ms())).await;
+            let (id, error) = (call.id, format!("the stored call cannot be sent: {e}"));
+            record(stop, id, move || {
+                s.mark_failed(id, &error, None, None, now_ms())
+            })
+            .await;
             return;
         }
     };
     let id = call.id;
     let attempt = call.attempts + 1;
     let s = store.clone();
-    let result = match outcome {
+    match outcome {
         Sent::Delivered(status, body) => {
             tracing::debug!(id = %id, status, "deferred call delivered");
-            blocking(move || s.mark_delivered(id, status, &body, now_ms())).await
+            record(stop, id, move || {
+                s.mark_delivered(id, status, &body, now_ms())
+            })
+            .await;
         }
         Sent::Retry(error, status, body) if attempt >= max_attempts => {
             tracing::warn!(id = %id, attempts = attempt, error = %error, "deferred call failed for good; it waits in /api/v1/deferred");
-            blocking(move || s.mark_failed(id, &error, status, body.as_deref(), now_ms())).await
+            record(stop, id, move || {
+                s.mark_failed(id, &error, status, body.as_deref(), now_ms())
+            })
+            .await;
         }
         Sent::Retry(error, _, _) => {
             let at = now_ms() + backoff(call.attempts).as_millis() as u64;
             tracing::debug!(id = %id, attempts = attempt, error = %error, "deferred call will be retried");
-            blocking(move || s.mark_retry(id, &error, at, now_ms())).await
+            record(stop, id, move || s.mark_retry(id, &error, at, now_ms())).await;
         }
-    };
-    if let Err(e) = result {
-        tracing::error!(id = %id, error = %e, "recording a deferred call's outcome failed");
     }
     r.wake.notify_one();
 }
@@ -436,6 +507,11 @@ fn build_request(r: &OrgReplayer, call: &DeferredCall) -> Result<Request<Request
     let mut req = Request::builder().method(method).uri(uri);
     for (name, value) in &call.headers {
         let name = HeaderName::from_bytes(name.as_bytes()).map_err(|e| e.to_string())?;
+        // Nobody is there to decompress the answer: it is scanned for limit errors and kept
+        // for the status URL, so it is asked for plain.
+        if name == http::header::ACCEPT_ENCODING {
+            continue;
+        }
         let value = HeaderValue::from_bytes(value).map_err(|e| e.to_string())?;
         req = req.header(name, value);
     }
@@ -458,6 +534,11 @@ async fn answer(r: &OrgReplayer, resp: http::Response<crate::proxy::UpstreamBody
         Ok(Ok(bytes)) => bytes,
         // Larger than what is kept: the call was answered; keep nothing of the body.
         Ok(Err(_)) => Bytes::new(),
+        // Salesforce did the work: sending the call again would do it twice.
+        Err(e) if status.is_success() || status.is_redirection() => {
+            tracing::warn!(status = status.as_u16(), error = %e, "a deferred call's answer broke off after its status; it counts as delivered");
+            return Sent::Delivered(status.as_u16(), Bytes::new());
+        }
         Err(e) => {
             return Sent::Retry(
                 format!("reading Salesforce's answer failed: {e}"),
@@ -465,6 +546,11 @@ async fn answer(r: &OrgReplayer, resp: http::Response<crate::proxy::UpstreamBody
                 None,
             )
         }
+    };
+    // The replay asks for a plain answer, but a server may compress it anyway.
+    let body = match decoded_prefix(&parts.headers, &body, true, KEPT_RESPONSE_BYTES) {
+        (Cow::Owned(plain), _) if !plain.is_empty() => Bytes::from(plain),
+        _ => body,
     };
     let mut scanner = BodyScanner::new();
     scanner.feed(&body);
