@@ -324,6 +324,7 @@ async fn starttls_with_a_private_ca_and_auth_with_the_password_from_the_environm
         SmtpOptions {
             auth: Some("callmeter:s3cret-pw".into()),
             starttls: Some((cert_path.clone(), key_path)),
+            ..SmtpOptions::default()
         },
     );
     let extra = format!(
@@ -430,5 +431,41 @@ async fn an_email_not_sent_before_a_restart_is_sent_after_it() {
     let (server, _proxy, _admin) = start_proxy(toml, dir.path()).await;
     tokio::time::sleep(QUIET).await;
     assert_eq!(smtp.messages().len(), 1, "not sent again");
+    server.shutdown().await;
+}
+
+/// One address in `notify` that the SMTP server refuses at `RCPT TO` (a colleague who left:
+/// 550 user unknown) does not cost the other recipients the email. lettre aborts a whole
+/// transaction at the first refused recipient, so the email was retried for an hour and
+/// nobody got it.
+#[tokio::test]
+async fn one_refused_recipient_does_not_keep_the_email_from_the_others() {
+    let smtp = SmtpServer::start(
+        free_port(),
+        SmtpOptions {
+            reject_rcpt: vec!["left-the-company@example.com".into()],
+            ..SmtpOptions::default()
+        },
+    );
+    let sim = sim::spawn(SimOptions {
+        limit: 1_000,
+        used: 850,
+        ..SimOptions::default()
+    })
+    .await
+    .expect("sim");
+    let org = "[org.threshold]\nlevels = [\"80%\"]\n\
+               notify = [\"left-the-company@example.com\", \"admin@example.com\"]\n";
+    let toml = config_text(&sim.url, org, &integration("a", "")) + &smtp_section(smtp.port, "");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let http = Http::new();
+    let (server, proxy, _admin) = start_proxy(&toml, dir.path()).await;
+    call(&http, &proxy, REST).await; // 851 of 1000: past 80 %
+    let messages = smtp.wait_for(1, EMAIL_WAIT).await;
+    assert_eq!(
+        messages[0]["rcpt_tos"],
+        serde_json::json!(["admin@example.com"]),
+        "{messages:#?}"
+    );
     server.shutdown().await;
 }

@@ -4,8 +4,9 @@
 //! - A level *fires* when usage reaches it while it is armed; the email names the highest level
 //!   that fired. A level that fired stays quiet until it is *re-armed*: usage fell below it by
 //!   more than the hysteresis ([`HYSTERESIS_PERCENT`] of the limit or quota), or a whole window
-//!   has passed since it fired (every call of that crossing has aged out: staying above is news
-//!   again, once per window).
+//!   has passed since the last level fired (every call of those crossings has aged out: staying
+//!   above is news again, once per window). The window re-arms every fired level at once, so
+//!   that a day above 80 % and 90 % is told once, naming 90 %, rather than once per level.
 //! - `min_interval` is the shortest time between two emails of a subject, except that an email
 //!   about a higher level than the last one is never held back: "now 90 %" must not wait hours
 //!   behind "80 %". A crossing held back is not sent later; it is logged.
@@ -92,14 +93,16 @@ impl SubjectState {
 
         let trusted = reading.reported || !self.fired_on_report;
         let window_ms = reading.window.as_millis() as u64;
+        let last_fired = self.fired.values().max().copied();
+        if last_fired.is_some_and(|at| reading.now_ms.saturating_sub(at) >= window_ms) {
+            self.fired.clear();
+        }
         for level in levels {
-            let Some(&at) = self.fired.get(&level.key) else {
+            if !self.fired.contains_key(&level.key) {
                 continue;
-            };
+            }
             let hysteresis = reading.budget.unwrap_or(level.calls) * HYSTERESIS_PERCENT / 100;
-            let fell_below = trusted && reading.used + hysteresis < level.calls;
-            let window_passed = reading.now_ms.saturating_sub(at) >= window_ms;
-            if fell_below || window_passed {
+            if trusted && reading.used + hysteresis < level.calls {
                 self.fired.remove(&level.key);
             }
         }
@@ -223,6 +226,28 @@ mod tests {
         assert_eq!(s.evaluate(&l, &at(900, 0), i), email("80%"));
         assert_eq!(s.evaluate(&l, &at(900, 23 * HOUR_MS), i), Decision::Nothing);
         assert_eq!(s.evaluate(&l, &at(900, 24 * HOUR_MS), i), email("80%"));
+    }
+
+    /// Usage above 90 % all along: 80 % fired at 0 h, 90 % at 1 h. Re-armed level by level, 80 %
+    /// came back alone at 24 h (an email naming 80 % though 90 % is crossed) and 90 % at 25 h
+    /// (an "escalation", past min_interval): two emails an hour apart about nothing new.
+    #[test]
+    fn a_day_above_two_levels_is_told_once_and_names_the_highest() {
+        let l = levels(&[80, 90], 1_000);
+        let mut s = SubjectState::default();
+        let i = Duration::from_secs(4 * 3600);
+        assert_eq!(s.evaluate(&l, &at(850, 0), i), email("80%"));
+        assert_eq!(s.evaluate(&l, &at(950, HOUR_MS), i), email("90%"));
+        let mut emails = Vec::new();
+        for now in [24 * HOUR_MS, 24 * HOUR_MS + 1, 25 * HOUR_MS, 26 * HOUR_MS] {
+            if let Decision::Email(level) = s.evaluate(&l, &at(950, now), i) {
+                emails.push((now / HOUR_MS, level.key));
+            }
+        }
+        assert!(
+            emails.len() <= 1 && emails.iter().all(|(_, key)| key == "90%"),
+            "emails (hour, level) while usage stayed at 95 %: {emails:?}"
+        );
     }
 
     #[test]

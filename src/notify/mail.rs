@@ -95,9 +95,9 @@ impl Mailer {
         &self.from
     }
 
-    /// One attempt.
-    pub async fn send(&self, email: &Outgoing) -> Result<(), SendMailError> {
-        let envelope = email.envelope()?;
+    /// One attempt: one SMTP transaction handing `email` to the server for `recipients`.
+    pub async fn send(&self, email: &Outgoing, recipients: &[String]) -> Result<(), SendMailError> {
+        let envelope = email.envelope(recipients)?;
         let raw = base64::engine::general_purpose::STANDARD
             .decode(&email.raw)
             .unwrap_or_default();
@@ -113,6 +113,13 @@ pub enum SendMailError {
     Envelope(#[from] lettre::error::Error),
     #[error(transparent)]
     Smtp(#[from] lettre::transport::smtp::Error),
+}
+
+impl SendMailError {
+    /// The server refused for good (a 5xx answer): about a recipient, the sender or the login.
+    fn is_permanent(&self) -> bool {
+        matches!(self, SendMailError::Smtp(e) if e.is_permanent())
+    }
 }
 
 /// A threshold email as it waits to be sent: kept in the org's saved notification state from
@@ -145,9 +152,9 @@ impl Outgoing {
         }
     }
 
-    fn envelope(&self) -> Result<Envelope, lettre::error::Error> {
+    fn envelope(&self, recipients: &[String]) -> Result<Envelope, lettre::error::Error> {
         let from = self.from.parse::<Address>().ok();
-        let to = self.to.iter().filter_map(|a| a.parse::<Address>().ok());
+        let to = recipients.iter().filter_map(|a| a.parse::<Address>().ok());
         Envelope::new(from, to.collect())
     }
 }
@@ -155,6 +162,8 @@ impl Outgoing {
 /// How a delivery ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Delivery {
+    /// Every recipient has it, but those the server refused for good while taking it for
+    /// others (an address that no longer exists).
     Sent,
     /// Retried for [`GIVE_UP_AFTER`]; it stays waiting for the next start.
     GaveUp,
@@ -162,9 +171,13 @@ pub enum Delivery {
     Stopped,
 }
 
-/// Sends `email`, retrying with backoff until it is delivered, [`GIVE_UP_AFTER`] has passed,
-/// or the proxy stops. Every attempt is counted in `callmeter_notifications_total` and failures
-/// are logged; nothing here touches the request path.
+/// Sends `email`, retrying with backoff until every recipient has it, [`GIVE_UP_AFTER`] has
+/// passed, or the proxy stops. All recipients go in one SMTP transaction, but a server that
+/// refuses one address (a colleague who left) fails the whole transaction: then each is sent
+/// on its own, and a recipient the server refuses for good is given up once it has taken the
+/// email for another (the refusal is then about that address, not the sender or the login,
+/// which a retry may fix). Every attempt is counted in `callmeter_notifications_total` and
+/// failures are logged; nothing here touches the request path.
 pub async fn deliver(
     mailer: Arc<Mailer>,
     email: &Outgoing,
@@ -175,14 +188,32 @@ pub async fn deliver(
     let subject = &email.subject;
     let started = tokio::time::Instant::now();
     let mut delay = FIRST_RETRY;
+    let mut pending = email.to.clone();
+    let mut refused = Vec::new();
+    let mut taken = false;
     for attempt in 1u32.. {
-        match mailer.send(email).await {
-            Ok(()) => {
+        let (took, failed) = send_to(&mailer, email, &mut pending, &mut refused).await;
+        taken |= took;
+        if taken {
+            for (recipient, error) in refused.drain(..) {
+                tracing::error!(%org, %subject, %recipient, %error,
+                    "the SMTP server refused this recipient of a threshold email; the others get it (check the org's notify addresses)");
+            }
+        } else {
+            // Nobody took it yet: a refusal may be about the sender or the login, so retry.
+            pending.extend(refused.drain(..).map(|(recipient, _)| recipient));
+        }
+        match failed {
+            None => {
                 metrics.notification(org, true);
                 tracing::info!(%org, %subject, attempt, "threshold email sent");
                 return Delivery::Sent;
             }
-            Err(error) => {
+            Some(_) if pending.is_empty() => {
+                metrics.notification(org, false);
+                return Delivery::Sent;
+            }
+            Some(error) => {
                 metrics.notification(org, false);
                 if started.elapsed() + delay > GIVE_UP_AFTER {
                     tracing::error!(%org, %subject, attempt, %error,
@@ -205,6 +236,46 @@ pub async fn deliver(
     Delivery::GaveUp
 }
 
+/// One attempt for the recipients still `pending`: those the server took leave it, those it
+/// refused for good move to `refused`. Returns whether the server took the email for anyone,
+/// and the last error.
+async fn send_to(
+    mailer: &Mailer,
+    email: &Outgoing,
+    pending: &mut Vec<String>,
+    refused: &mut Vec<(String, String)>,
+) -> (bool, Option<SendMailError>) {
+    let error = match mailer.send(email, pending).await {
+        Ok(()) => {
+            pending.clear();
+            return (true, None);
+        }
+        Err(error) => error,
+    };
+    if pending.len() == 1 || !error.is_permanent() {
+        if error.is_permanent() {
+            refused.extend(pending.drain(..).map(|r| (r, error.to_string())));
+        }
+        return (false, Some(error));
+    }
+    // One refused address fails the whole transaction: each recipient on its own.
+    let (mut taken, mut failed) = (false, None);
+    for recipient in std::mem::take(pending) {
+        match mailer.send(email, std::slice::from_ref(&recipient)).await {
+            Ok(()) => taken = true,
+            Err(error) => {
+                if error.is_permanent() {
+                    refused.push((recipient, error.to_string()));
+                } else {
+                    pending.push(recipient);
+                }
+                failed = Some(error);
+            }
+        }
+    }
+    (taken, failed)
+}
+
 /// What an email is about.
 #[derive(Debug, Clone)]
 pub struct Alert {
@@ -214,7 +285,10 @@ pub struct Alert {
     /// The level as the admin wrote it (`80%`, `95000`) and in calls.
     pub level: String,
     pub level_calls: u64,
+    /// The org's calls (org) or the integration's (integration) in the window.
     pub used: u64,
+    /// The org's calls in the window: what each row of `top` is a share of, in either email.
+    pub org_used: u64,
     /// The limit (org) or quota (integration), when known.
     pub budget: Option<u64>,
     pub window_minutes: u32,
@@ -377,7 +451,7 @@ impl Alert {
                     t,
                     "  {id:<width$}  {:>12}  ({}% of used{quota})",
                     thousands(*calls),
-                    share(*calls, self.used)
+                    share(*calls, self.org_used)
                 );
             }
             if let Some(outside) = outside {
@@ -385,7 +459,7 @@ impl Alert {
                     t,
                     "  {OUTSIDE:<width$}  {:>12}  ({}% of used: calls Salesforce counted that did not go through callmeter)",
                     thousands(outside),
-                    share(outside, self.used)
+                    share(outside, self.org_used)
                 );
             }
             t.push('\n');
@@ -444,7 +518,7 @@ impl Alert {
                      <td align=\"right\" style=\"padding:4px 0 4px 12px\">{}</td></tr>",
                     escape(&id),
                     thousands(calls),
-                    share(calls, self.used),
+                    share(calls, self.org_used),
                     quota.map(thousands).unwrap_or_else(|| "none".to_owned())
                 );
             }
@@ -557,6 +631,7 @@ mod tests {
             level: "80%".into(),
             level_calls: 80_000,
             used: 82_013,
+            org_used: 82_013,
             budget: Some(100_000),
             window_minutes: 1440,
             top: vec![
@@ -625,6 +700,40 @@ mod tests {
         assert!(raw.contains("Message-ID: <callmeter."), "{raw}");
         assert!(raw.contains("@example.com>"), "{raw}");
         assert!(raw.contains("Date: "), "{raw}");
+    }
+
+    /// A quota email lists the org's top integrations with their share of the org's calls, not
+    /// of the integration's own (which gave "etl 12,000 (329% of used)").
+    #[test]
+    fn a_quota_emails_shares_are_not_above_100_percent() {
+        let quota = Alert {
+            integration: Some(QuotaAlert {
+                id: "salesloft".into(),
+                on_limit: "reject",
+            }),
+            level_calls: 3_200,
+            used: 3_640,
+            budget: Some(4_000),
+            top: vec![
+                ("etl".into(), 12_000, None),
+                ("salesloft".into(), 3_640, Some(4_000)),
+            ],
+            outside: Some(20_013),
+            ..alert()
+        };
+        let text = quota.plain_text();
+        let shares: Vec<u64> = text
+            .split("(")
+            .filter_map(|rest| rest.split_once("% of used"))
+            .filter_map(|(n, _)| n.trim().parse().ok())
+            .collect();
+        assert!(!shares.is_empty(), "{text}");
+        assert!(
+            shares.iter().all(|&s| s <= 100),
+            "shares {shares:?} in:\n{text}"
+        );
+        let html = quota.html();
+        assert!(!html.contains(">329%<"), "{html}");
     }
 
     #[test]

@@ -486,6 +486,7 @@ fn evaluate(
         level: level.key,
         level_calls: level.calls,
         used,
+        org_used: org.used,
         budget,
         window_minutes: org.window_minutes,
         top: top(),

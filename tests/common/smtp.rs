@@ -33,6 +33,8 @@ pub struct SmtpOptions {
     pub auth: Option<String>,
     /// Certificate and key (PEM): STARTTLS required.
     pub starttls: Option<(PathBuf, PathBuf)>,
+    /// Recipients the server refuses with 550 at RCPT TO (the others are accepted).
+    pub reject_rcpt: Vec<String>,
 }
 
 pub struct SmtpServer {
@@ -70,6 +72,9 @@ impl SmtpServer {
         }
         if let Some((cert, key)) = &opts.starttls {
             cmd.arg("--starttls").arg(cert).arg(key);
+        }
+        if !opts.reject_rcpt.is_empty() {
+            cmd.arg("--reject-rcpt").args(&opts.reject_rcpt);
         }
         let mut child = cmd.spawn().expect("start the SMTP server");
         let deadline = Instant::now() + Duration::from_secs(15);

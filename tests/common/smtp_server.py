@@ -5,9 +5,11 @@ renamed, so a reader never sees half a file): the envelope, whether the session 
 AUTH, and the message decoded by Python's email package (subject, headers, plain and HTML parts).
 
     python3 smtp_server.py --listen 127.0.0.1:2525 --dir DIR [--auth USER:PASSWORD]
-                           [--starttls CERT.pem KEY.pem]
+                           [--starttls CERT.pem KEY.pem] [--reject-rcpt ADDRESS ...]
 
 With --auth, AUTH is required; with --starttls, STARTTLS is required before anything else.
+With --reject-rcpt, RCPT TO those addresses is answered 550 (a mailbox that does not exist),
+as a real server answers for a departed colleague; the other recipients are accepted.
 """
 
 import argparse
@@ -23,9 +25,16 @@ from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
 
 class Saver:
-    def __init__(self, directory):
+    def __init__(self, directory, reject=()):
         self.directory = directory
         self.count = 0
+        self.reject = set(a.lower() for a in reject)
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        if address.lower() in self.reject:
+            return "550 5.1.1 <%s>: Recipient address rejected: User unknown" % address
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
 
     async def handle_DATA(self, server, session, envelope):
         self.count += 1
@@ -58,6 +67,7 @@ def main():
     parser.add_argument("--dir", required=True)
     parser.add_argument("--auth")
     parser.add_argument("--starttls", nargs=2, metavar=("CERT", "KEY"))
+    parser.add_argument("--reject-rcpt", nargs="*", default=[])
     args = parser.parse_args()
     host, port = args.listen.rsplit(":", 1)
 
@@ -78,7 +88,7 @@ def main():
         kwargs.update(authenticator=authenticator, auth_required=True,
                       auth_require_tls=bool(args.starttls))
 
-    handler = Saver(args.dir)
+    handler = Saver(args.dir, args.reject_rcpt)
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     server = loop.run_until_complete(
