@@ -695,3 +695,55 @@ async fn the_threshold_form_changes_the_threshold_from_a_browser() {
     session.close().await;
     server.shutdown().await;
 }
+
+/// An admin token read from the environment with a trailing newline (a Kubernetes secret made
+/// with `kubectl create secret --from-file`, an env file written with `echo`) is taken without
+/// it: a header value cannot carry the newline, so the token could never be presented.
+#[tokio::test]
+async fn an_admin_token_with_a_trailing_newline_still_works() {
+    let sim = sim::spawn(SimOptions::default()).await.expect("sim");
+    let toml = config_text(
+        &sim.url,
+        "daily_limit = 1000\n",
+        &integration("a", "acme", ""),
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let http = Http::new();
+    let (server, _, admin) = start(&toml, dir.path(), Some(&format!("{TOKEN}\n"))).await;
+    let url = format!("{admin}/api/v1/orgs/acme/threshold");
+    let (status, body) = put(&http, &url, Some(TOKEN), r#"{"levels": ["80%"]}"#).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    server.shutdown().await;
+}
+
+/// `/api/v1/usage`'s `percent` and `color` agree: at 7,996 of 10,000 calls, not
+/// `"percent": 80.0` (rounded) with `"color": "green"` (from 79.96).
+#[tokio::test]
+async fn usage_percent_and_color_agree() {
+    let sim = sim::spawn(SimOptions {
+        limit: 10_000,
+        used: 7_995,
+        ..SimOptions::default()
+    })
+    .await
+    .expect("sim");
+    let toml = config_text(&sim.url, "", &integration("a", "acme", ""));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let http = Http::new();
+    let (server, proxy, admin) = start(&toml, dir.path(), None).await;
+    let (status, _, _) = http.get(&format!("{proxy}/a/{REST}"), &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, usage) = get_json(&http, &format!("{admin}/api/v1/usage")).await;
+    let org = &usage["orgs"][0];
+    assert_eq!(org["used"], 7_996, "{usage}");
+    let percent = org["percent"].as_f64().expect("percent");
+    let expected = if percent >= 90.0 {
+        "red"
+    } else if percent >= 80.0 {
+        "orange"
+    } else {
+        "green"
+    };
+    assert_eq!(org["color"], expected, "{usage}");
+    server.shutdown().await;
+}

@@ -176,7 +176,7 @@ impl Ctx<'_> {
             None => DEFAULT_ADMIN_TOKEN_ENV.to_owned(),
         };
         // An unset token is not an error: read-only endpoints still work (see `warnings`).
-        let token = (self.env)(&token_env).filter(|t| !t.is_empty());
+        let token = self.secret(&token_env);
         Ok(AdminConfig {
             listen,
             token_env,

@@ -246,10 +246,19 @@ impl Ctx<'_> {
         key: &str,
     ) -> Result<(String, String), ConfigError> {
         let name = self.env_name(value, key)?;
-        match (self.env)(&name) {
-            Some(secret) if !secret.is_empty() => Ok((name, secret)),
-            _ => Err(self.err_on(key, value, Problem::EnvUnset { name })),
+        match self.secret(&name) {
+            Some(secret) => Ok((name, secret)),
+            None => Err(self.err_on(key, value, Problem::EnvUnset { name })),
         }
+    }
+
+    /// A secret from the environment, without the line break a secret file or `echo` leaves at
+    /// its end (a Kubernetes secret made `--from-file`): a header cannot carry one, so a token
+    /// or key with it could never be presented. `None` when unset or empty.
+    pub(super) fn secret(&self, name: &str) -> Option<String> {
+        let mut secret = (self.env)(name)?;
+        secret.truncate(secret.trim_end_matches(['\r', '\n']).len());
+        (!secret.is_empty()).then_some(secret)
     }
 
     pub(super) fn readable_file(

@@ -921,7 +921,9 @@ impl Meter {
                         .iter()
                         .filter_map(resolve)
                         .min(),
-                    percent: percent.map(|p| (p * 10.0).round() / 10.0),
+                    // Floored, as the status page does: rounded, 79.96 % would read 80.0 in a
+                    // green report.
+                    percent: percent.map(|p| (p * 10.0).floor() / 10.0),
                     color: percent.map(Level::of),
                     exhausted: usage.exhausted,
                     window_minutes: entry.meter.window.minutes(),
