@@ -758,3 +758,190 @@ async fn a_compressed_limit_error_marks_the_org_exhausted() {
     let usage = env.usage().await;
     assert_eq!(usage["orgs"][0]["exhausted"], true, "{usage}");
 }
+
+/// A SOAP call whose client sends part of its body and stops gets the same 408 as a REST call
+/// does. The proxy reads the start of every SOAP (and Composite Batch) body to cost it; without
+/// a timeout there, the request, its connection and its buffer were held for as long as the
+/// client liked, and the client never got an answer.
+#[tokio::test]
+async fn a_stalled_soap_upload_is_a_408() {
+    let env = start(
+        SimOptions::default(),
+        r#"response_timeout = "500ms""#,
+        ONE_INTEGRATION,
+    )
+    .await;
+    let mut tcp = env.tcp().await;
+    let head = "POST /a/services/Soap/u/62.0/00D000000000001AAA HTTP/1.1\r\nhost: x\r\n\
+                content-type: text/xml; charset=utf-8\r\nsoapaction: query\r\n\
+                content-length: 1000\r\n\r\n";
+    tcp.write_all(head.as_bytes()).await.expect("head");
+    tcp.write_all(br#"<?xml version="1.0" encoding="utf-8"?><soapenv:Envelope"#)
+        .await
+        .expect("part of the body");
+    let resp = read_response(&mut tcp).await;
+    assert!(
+        resp.starts_with("HTTP/1.1 408"),
+        "no 408 within 8 s of a 500 ms response_timeout: {resp:?}"
+    );
+}
+
+/// The same for a Composite Batch, whose body is read to count its subrequests.
+#[tokio::test]
+async fn a_stalled_composite_batch_upload_is_a_408() {
+    let env = start(
+        SimOptions::default(),
+        r#"response_timeout = "500ms""#,
+        ONE_INTEGRATION,
+    )
+    .await;
+    let mut tcp = env.tcp().await;
+    let head = "POST /a/services/data/v62.0/composite/batch HTTP/1.1\r\nhost: x\r\n\
+                content-type: application/json\r\ncontent-length: 1000\r\n\r\n";
+    tcp.write_all(head.as_bytes()).await.expect("head");
+    tcp.write_all(br#"{"batchRequests":["#)
+        .await
+        .expect("part of the body");
+    let resp = read_response(&mut tcp).await;
+    assert!(
+        resp.starts_with("HTTP/1.1 408"),
+        "no 408 within 8 s of a 500 ms response_timeout: {resp:?}"
+    );
+}
+
+/// A SOAP client whose call cannot reach Salesforce gets the proxy's 502 as a SOAP fault: a
+/// SOAP toolkit parses nothing else (JSON was an XML parse error, and the message, what failed
+/// and that the call was not counted, was lost).
+#[tokio::test]
+async fn a_soap_call_that_cannot_reach_salesforce_gets_a_soap_fault() {
+    let port = free_port(); // nothing listens there
+    let sim = callmeter::sim::spawn(SimOptions::default())
+        .await
+        .expect("sim");
+    let env = start_with(
+        sim,
+        &config_text(
+            &format!("http://127.0.0.1:{port}"),
+            r#"connect_timeout = "1s""#,
+            ONE_INTEGRATION,
+        ),
+    )
+    .await;
+    let (status, headers, body) = env.soap_query("/a").await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    let ct = headers["content-type"].to_str().expect("ct");
+    let body = String::from_utf8_lossy(&body);
+    assert!(
+        ct.starts_with("text/xml") && body.contains("<soapenv:Fault>"),
+        "content-type {ct}, body {body}"
+    );
+}
+
+/// The same for a SOAP call refused because it matches no integration.
+#[tokio::test]
+async fn an_unmatched_soap_call_gets_a_soap_fault() {
+    let env = start(SimOptions::default(), "", ONE_INTEGRATION).await;
+    let (status, headers, body) = env.soap_query("/nobody").await;
+    assert_eq!(status.as_u16() / 100, 4, "{status}");
+    let ct = headers["content-type"].to_str().expect("ct");
+    let body = String::from_utf8_lossy(&body);
+    assert!(
+        ct.starts_with("text/xml") && body.contains("<soapenv:Fault>"),
+        "content-type {ct}, body {body}"
+    );
+}
+
+fn set_key() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| std::env::set_var("CALLMETER_REVIEW_KEY", "k-secret"));
+}
+
+/// A request with an X-Callmeter-Key that matches no integration is refused (403) rather than
+/// attributed by path, also when the key has a non-ASCII byte (a typo, a paste from a
+/// document), which was not read at all: the call was charged to the integration its path
+/// named.
+#[tokio::test]
+async fn a_key_that_is_not_ascii_is_refused_not_attributed_by_path() {
+    set_key();
+    let env = start(
+        SimOptions::default(),
+        "",
+        "[[integration]]\nid = \"a\"\norg = \"acme\"\nmatch = { path_prefix = \"/a\" }\n\
+         [[integration]]\nid = \"k\"\norg = \"acme\"\nmatch = { key_env = \"CALLMETER_REVIEW_KEY\" }\n",
+    )
+    .await;
+    let mut tcp = env.tcp().await;
+    tcp.write_all(
+        b"GET /a/services/data/v62.0/sobjects HTTP/1.1\r\nhost: x\r\n\
+          x-callmeter-key: k-secr\xe9t\r\n\r\n",
+    )
+    .await
+    .expect("request");
+    let resp = read_response(&mut tcp).await;
+    assert!(resp.starts_with("HTTP/1.1 403"), "{resp}");
+    assert!(resp.contains("CALLMETER_UNKNOWN_KEY"), "{resp}");
+    assert_eq!(env.window("a").await, 0, "integration a was charged");
+}
+
+/// A valid key whose integration's rule has another condition that does not hold (here its
+/// path prefix) is refused: it fell through to the other rules, and the call was charged to
+/// whichever integration the path named (or to `unattributed`), the key silently dropped.
+#[tokio::test]
+async fn a_known_key_whose_rule_does_not_hold_is_not_charged_to_another_integration() {
+    set_key();
+    let env = start(
+        SimOptions::default(),
+        "",
+        "[[integration]]\nid = \"a\"\norg = \"acme\"\nmatch = { path_prefix = \"/a\" }\n\
+         [[integration]]\nid = \"k\"\norg = \"acme\"\n\
+         match = { key_env = \"CALLMETER_REVIEW_KEY\", path_prefix = \"/k\" }\n",
+    )
+    .await;
+    let (status, _, body) = env
+        .http
+        .get(
+            &format!("{}/a/services/data/v62.0/sobjects", env.proxy),
+            &[("x-callmeter-key", "k-secret")],
+        )
+        .await;
+    assert_eq!(
+        env.window("a").await,
+        0,
+        "charged to integration a ({status}, {})",
+        String::from_utf8_lossy(&body)
+    );
+}
+
+/// With a response timeout shorter than the connect timeout, a call whose TLS handshake never
+/// finishes is not counted: it never left the proxy. It was cut off as
+/// `CALLMETER_UPSTREAM_TIMEOUT` ("may have been processed and stays counted"), so every call
+/// during a Salesforce connectivity outage burnt quota.
+#[tokio::test]
+async fn a_call_that_never_connected_is_not_counted_whatever_the_response_timeout() {
+    let port = silent_origin().await; // never answers the ClientHello
+    let sim = callmeter::sim::spawn(SimOptions::default())
+        .await
+        .expect("sim");
+    let env = start_with(
+        sim,
+        &config_text(
+            &format!("https://127.0.0.1:{port}"),
+            "connect_timeout = \"5s\"\nresponse_timeout = \"500ms\"",
+            ONE_INTEGRATION,
+        ),
+    )
+    .await;
+    let (status, _, body) = env
+        .http
+        .get(
+            &format!("{}/a/services/data/v62.0/sobjects", env.proxy),
+            &[],
+        )
+        .await;
+    let body = String::from_utf8_lossy(&body);
+    assert_eq!(env.window("a").await, 0, "counted: {status} {body}");
+    assert!(
+        body.contains("CALLMETER_UPSTREAM_UNREACHABLE"),
+        "{status} {body}"
+    );
+}

@@ -20,6 +20,7 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
+use super::error::ProxyError;
 use super::pool::UpstreamBody;
 
 /// A request body on its way upstream.
@@ -176,11 +177,16 @@ impl RequestBody {
         }
     }
 
-    /// Reads the whole body, or gives up past `limit` bytes (`None`).
-    pub async fn collect_limited(mut self, limit: usize) -> Result<Option<Bytes>, hyper::Error> {
+    /// Reads the whole body, or gives up past `limit` bytes (`None`) or when no byte came for
+    /// `stall`.
+    pub async fn collect_limited(
+        mut self,
+        limit: usize,
+        stall: Duration,
+    ) -> Result<Option<Bytes>, ProxyError> {
         let mut buf = bytes::BytesMut::new();
-        while let Some(frame) = self.frame().await {
-            if let Ok(data) = frame?.into_data() {
+        while let Some(frame) = next_frame(&mut self, stall).await? {
+            if let Ok(data) = frame.into_data() {
                 if buf.len() + data.len() > limit {
                     return Ok(None);
                 }
@@ -191,10 +197,12 @@ impl RequestBody {
     }
     /// Reads up to `limit` bytes of `body` so the call can be classified, and returns them with
     /// a body that replays them before the rest. `complete` is true when the whole body fit.
+    /// A client whose body makes no progress for `stall` gets the upload's 408.
     pub async fn read_prefix(
         mut body: Incoming,
         limit: usize,
-    ) -> Result<(Bytes, bool, RequestBody), hyper::Error> {
+        stall: Duration,
+    ) -> Result<(Bytes, bool, RequestBody), ProxyError> {
         let mut buf = bytes::BytesMut::new();
         loop {
             if buf.len() >= limit {
@@ -205,7 +213,7 @@ impl RequestBody {
                 };
                 return Ok((prefix, false, rest));
             }
-            match body.frame().await {
+            match next_frame(&mut body, stall).await? {
                 None => {
                     let prefix = buf.freeze();
                     let rest = RequestBody::Prefixed {
@@ -214,16 +222,28 @@ impl RequestBody {
                     };
                     return Ok((prefix, true, rest));
                 }
-                Some(Err(e)) => return Err(e),
                 // Trailers on a request body are vanishingly rare in Salesforce traffic; a body
                 // read for classification drops them rather than reordering frames.
-                Some(Ok(frame)) => {
+                Some(frame) => {
                     if let Ok(data) = frame.into_data() {
                         buf.extend_from_slice(&data);
                     }
                 }
             }
         }
+    }
+}
+
+/// The next frame of a body the proxy reads itself, unless the client sends nothing for
+/// `stall` (as an upload forwarded as it comes would time out).
+async fn next_frame<B>(body: &mut B, stall: Duration) -> Result<Option<Frame<Bytes>>, ProxyError>
+where
+    B: Body<Data = Bytes, Error = hyper::Error> + Unpin,
+{
+    match tokio::time::timeout(stall, body.frame()).await {
+        Ok(None) => Ok(None),
+        Ok(Some(frame)) => frame.map(Some).map_err(ProxyError::ClientBody),
+        Err(_) => Err(ProxyError::UploadStalled { after: stall }),
     }
 }
 

@@ -58,7 +58,8 @@ pub async fn defer(
         limited,
         base,
     } = call;
-    let body = match body.collect_limited(defer.max_body_bytes).await {
+    let stall = route.org.upstream.response_timeout();
+    let body = match body.collect_limited(defer.max_body_bytes, stall).await {
         Ok(Some(body)) => body,
         Ok(None) => {
             return Err(json_error(
@@ -71,13 +72,7 @@ pub async fn defer(
                 "REQUEST_LIMIT_EXCEEDED",
             ))
         }
-        Err(e) => {
-            return Err(json_error(
-                StatusCode::BAD_REQUEST,
-                &format!("callmeter: the request body could not be read: {e}"),
-                "CALLMETER_BAD_REQUEST",
-            ))
-        }
+        Err(e) => return Err(e.into_response(crate::salesforce::is_soap_path(path_and_query))),
     };
     let call = NewDeferred {
         org: route.org.meter.id().to_string(),

@@ -22,7 +22,7 @@ pub enum ProxyError {
     },
 
     #[error(
-        "the X-Callmeter-Key header names no integration on this listener; it was not forwarded"
+        "the X-Callmeter-Key header names no integration on this listener whose other match conditions (host, path prefix) this request meets; it was not forwarded"
     )]
     UnknownKey,
 
@@ -107,10 +107,32 @@ impl ProxyError {
         )
     }
 
-    pub fn into_response(self) -> Response<ResponseBody> {
+    /// The answer to the client: a SOAP fault for a SOAP call (`soap`), whose toolkit reads
+    /// nothing else, the REST JSON shape otherwise.
+    pub fn into_response(self, soap: bool) -> Response<ResponseBody> {
         let message = format!("callmeter: {}", error_chain(&self));
-        json_error(self.status(), &message, self.error_code())
+        error_response(self.status(), &message, self.error_code(), soap)
     }
+}
+
+/// A Salesforce-shaped error response: a SOAP fault (`soap`) or the REST JSON shape.
+pub fn error_response(
+    status: StatusCode,
+    message: &str,
+    error_code: &str,
+    soap: bool,
+) -> Response<ResponseBody> {
+    if !soap {
+        return json_error(status, message, error_code);
+    }
+    let fault = salesforce::soap_fault_body(&format!("sf:{error_code}"), message, error_code);
+    let mut resp = Response::new(ResponseBody::full(fault));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/xml;charset=UTF-8"),
+    );
+    resp
 }
 
 /// A Salesforce-shaped JSON error response.

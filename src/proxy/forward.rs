@@ -187,6 +187,11 @@ impl Upstream {
 
     /// The path and query a request is sent with: under the login URL for login calls, the
     /// instance URL otherwise (`send` with the same `login` picks the host).
+    /// How long a call may wait for Salesforce's answer, and a request body for its next byte.
+    pub fn response_timeout(&self) -> Duration {
+        self.response_timeout
+    }
+
     pub fn uri(&self, login: bool, path_and_query: PathAndQuery) -> Result<Uri, http::Error> {
         self.base(login).uri(path_and_query)
     }
@@ -249,6 +254,12 @@ impl Upstream {
             }),
             Err(Stall::Upload) => Err(ProxyError::UploadStalled {
                 after: self.response_timeout,
+            }),
+            // Still connecting when the time ran out (a response timeout shorter than the
+            // connect timeout): the call never left, so it is not counted.
+            Err(Stall::Response) if !handover.happened() => Err(ProxyError::UpstreamConnect {
+                upstream: upstream(),
+                source: SendError::ConnectTimeout(self.response_timeout),
             }),
             Err(Stall::Response) => Err(ProxyError::UpstreamTimeout {
                 upstream: upstream(),

@@ -162,11 +162,15 @@ fn set_call_options_client(headers: &mut HeaderMap, client_option: &HeaderValue)
             headers.insert(CALL_OPTIONS, client_option.clone());
         }
         Some(existing) => {
-            let has_client = existing.as_bytes().split(|&b| b == b',').any(|opt| {
-                opt.trim_ascii_start()
-                    .to_ascii_lowercase()
-                    .starts_with(b"client=")
-            });
+            // Salesforce separates options with `,` or `;` (`client=x; defaultNamespace=y`).
+            let has_client = existing
+                .as_bytes()
+                .split(|&b| b == b',' || b == b';')
+                .any(|opt| {
+                    opt.trim_ascii_start()
+                        .to_ascii_lowercase()
+                        .starts_with(b"client=")
+                });
             if !has_client {
                 let mut combined = existing.as_bytes().to_vec();
                 combined.push(b',');
@@ -361,6 +365,21 @@ mod tests {
         h.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
         to_upstream(&mut h, &client(true), None);
         assert_eq!(h[X_FORWARDED_PROTO], "https");
+    }
+
+    /// Salesforce documents `;` as a separator too (`client=caseSensitiveToken;
+    /// defaultNamespace=battle`): a client named after a `;` is the caller's own, and must not
+    /// get a second `client=` appended.
+    #[test]
+    fn a_client_named_after_a_semicolon_is_kept() {
+        let id = HeaderValue::from_static("client=salesloft");
+        let mut h = HeaderMap::new();
+        h.insert(
+            CALL_OPTIONS,
+            HeaderValue::from_static("defaultNamespace=acme; client=theirs"),
+        );
+        to_upstream(&mut h, &client(false), Some(&id));
+        assert_eq!(h[CALL_OPTIONS], "defaultNamespace=acme; client=theirs");
     }
 
     #[test]

@@ -85,7 +85,7 @@ pub async fn handle(
             if matches!(err, ProxyError::Unmatched { .. } | ProxyError::UnknownKey) {
                 ctx.metrics.unmatched(ctx.routes.listener());
             }
-            err.into_response()
+            err.into_response(salesforce::is_soap_path(path))
         }
     }
 }
@@ -273,9 +273,9 @@ async fn classify(
     let (prefix, complete, body) = Box::pin(RequestBody::read_prefix(
         body,
         salesforce::BODY_PREFIX_LIMIT,
+        route.org.upstream.response_timeout(),
     ))
-    .await
-    .map_err(ProxyError::ClientBody)?;
+    .await?;
     let (bytes, complete) = body::decoded_prefix(
         &parts.headers,
         &prefix,

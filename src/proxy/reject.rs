@@ -18,7 +18,7 @@ use super::Route;
 use crate::config::RejectStyle;
 use crate::meter::{Budget, Left, Limited};
 use crate::queue::QueueError;
-use crate::salesforce::{self, Api};
+use crate::salesforce::Api;
 
 const LIMIT_CODE: &str = "REQUEST_LIMIT_EXCEEDED";
 const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
@@ -173,10 +173,11 @@ pub fn response(limited: &Limited, route: &Route, api: Api) -> Response<Response
 pub fn queue_response(err: &QueueError, route: &Route, api: Api) -> Response<ResponseBody> {
     match err {
         QueueError::ShuttingDown => {
-            let mut r = super::error::json_error(
+            let mut r = super::error::error_response(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "callmeter: the proxy is shutting down and did not send this call; retry after 5 s",
                 "SERVER_UNAVAILABLE",
+                api == Api::Soap,
             );
             r.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(5u32));
@@ -226,17 +227,13 @@ fn limit_response(
             }
             r
         }
-        (RejectStyle::Salesforce, Api::Soap) => {
-            let body =
-                salesforce::soap_fault_body("sf:REQUEST_LIMIT_EXCEEDED", &message, LIMIT_CODE);
-            let mut r = Response::new(ResponseBody::full(body));
-            *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
-            r.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/xml;charset=UTF-8"),
-            );
-            r
-        }
+        // Salesforce's own SOAP faults come with 500.
+        (RejectStyle::Salesforce, Api::Soap) => super::error::error_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &message,
+            LIMIT_CODE,
+            true,
+        ),
         (RejectStyle::Salesforce, _) => json(StatusCode::FORBIDDEN, &message),
     };
     resp.headers_mut()

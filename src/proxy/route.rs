@@ -63,7 +63,9 @@ impl Candidate {
 
     fn matches(&self, req: &RequestFacts<'_>) -> bool {
         let r = &self.rule;
-        r.key.as_deref().is_none_or(|k| req.key == Some(k))
+        r.key
+            .as_deref()
+            .is_none_or(|k| req.key == Some(k.as_bytes()))
             && r.host
                 .as_deref()
                 .is_none_or(|h| req.host.as_deref() == Some(h))
@@ -89,7 +91,8 @@ fn first_segment(path: &str) -> &str {
 
 /// What routing looks at, read once from the request.
 struct RequestFacts<'a> {
-    key: Option<&'a str>,
+    /// Bytes, not text: a key that is not ASCII is still a key (an unknown one).
+    key: Option<&'a [u8]>,
     host: Option<std::borrow::Cow<'a, str>>,
     path: &'a str,
 }
@@ -98,7 +101,7 @@ impl<'a> RequestFacts<'a> {
     /// `host`: whether any rule looks at the host (most listeners route by path or key only).
     fn of(parts: &'a Parts, host: bool) -> Self {
         RequestFacts {
-            key: parts.headers.get(KEY_HEADER).and_then(|v| v.to_str().ok()),
+            key: parts.headers.get(KEY_HEADER).map(HeaderValue::as_bytes),
             host: if host { Self::host(parts) } else { None },
             path: parts.uri.path(),
         }
@@ -219,27 +222,28 @@ impl RouteTable {
     /// Finds the integration a request belongs to.
     pub fn route(&self, parts: &Parts) -> Result<Matched, ProxyError> {
         let facts = RequestFacts::of(parts, self.uses_host);
+        // A key decides alone: a call with one is its integration's or refused, never charged
+        // to whichever integration its host or path names.
         let candidate = if let Some(key) = facts.key {
-            match self.by_key.get(key) {
-                Some(list) => first_match(list, &facts),
-                None => return Err(ProxyError::UnknownKey),
-            }
+            let list = std::str::from_utf8(key)
+                .ok()
+                .and_then(|key| self.by_key.get(key));
+            Some(
+                list.and_then(|l| first_match(l, &facts))
+                    .ok_or(ProxyError::UnknownKey)?,
+            )
         } else {
-            None
+            facts
+                .host
+                .as_deref()
+                .and_then(|h| self.by_host.get(h))
+                .and_then(|l| first_match(l, &facts))
+                .or_else(|| {
+                    self.by_segment
+                        .get(first_segment(facts.path))
+                        .and_then(|l| first_match(l, &facts))
+                })
         };
-        let candidate = candidate
-            .or_else(|| {
-                facts
-                    .host
-                    .as_deref()
-                    .and_then(|h| self.by_host.get(h))
-                    .and_then(|l| first_match(l, &facts))
-            })
-            .or_else(|| {
-                self.by_segment
-                    .get(first_segment(facts.path))
-                    .and_then(|l| first_match(l, &facts))
-            });
         if let Some(c) = candidate {
             let strip = c.rule.path_prefix.as_ref().map_or(0, String::len);
             return Ok(Matched {

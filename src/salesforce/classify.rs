@@ -190,6 +190,16 @@ pub struct BodyPrefix<'a> {
     pub complete: bool,
 }
 
+/// Whether a request's path (as it came, with any prefix or site) is a SOAP API call's, for
+/// the shape of the proxy's own error answers when the call was not (or could not be)
+/// classified: a SOAP toolkit reads nothing but a fault.
+pub fn is_soap_path(path: &str) -> bool {
+    const SOAP: &[u8] = b"/services/soap/";
+    path.as_bytes()
+        .windows(SOAP.len())
+        .any(|w| w.eq_ignore_ascii_case(SOAP))
+}
+
 /// Classifies a request by method and path (any proxy prefix already stripped, no query).
 ///
 /// Segment names are matched ASCII-case-insensitively and empty segments are skipped, so

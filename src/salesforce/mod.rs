@@ -31,8 +31,8 @@ mod usage;
 mod xml;
 
 pub use classify::{
-    classify, counted_units, refine, Api, BodyPrefix, CallKind, CountingRules, BODY_PREFIX_LIMIT,
-    COMPOSITE_BATCH_MAX,
+    classify, counted_units, is_soap_path, refine, Api, BodyPrefix, CallKind, CountingRules,
+    BODY_PREFIX_LIMIT, COMPOSITE_BATCH_MAX,
 };
 pub use errors::{rest_error_body, soap_fault_body};
 pub use login::{rewrite_oauth_token, rewrite_soap_login};
