@@ -880,6 +880,17 @@ impl Store {
         Ok(n)
     }
 
+    /// Marks failed every pending call of `org`, with `error`, and returns how many: at
+    /// start-up, for an org no replayer serves any more. They then wait for the admin.
+    pub fn fail_pending(&self, org: &str, error: &str, now_ms: u64) -> Result<usize, StoreError> {
+        let n = self.lock().execute(
+            "UPDATE deferred SET state = 'failed', updated_ms = ?2, last_error = ?3 \
+             WHERE org = ?1 AND state = 'pending'",
+            params![org, sql_ms(now_ms), error],
+        )?;
+        Ok(n)
+    }
+
     /// Records that Salesforce answered the call (any status the replayer takes as final
     /// success). Accepts an in-flight call, or a pending one (a call requeued while its answer
     /// was on its way: recording the delivery avoids a second send).
@@ -1978,6 +1989,23 @@ mod tests {
             .map(|c| c.id)
             .collect();
         assert_eq!(ids, held);
+    }
+
+    #[test]
+    fn fail_pending_fails_only_that_orgs_pending_calls() {
+        let store = Store::open_in_memory().expect("store");
+        let a1 = store.defer(&call("a", 1)).expect("defer");
+        let a2 = store.defer(&call("a", 2)).expect("defer");
+        let b = store.defer(&call("b", 3)).expect("defer");
+        let claimed = store.claim_due("a", u64::MAX / 2, 1, &[]).expect("claim");
+        assert_eq!(claimed[0].id, a1);
+        assert_eq!(store.fail_pending("a", "gone", 10).expect("fail"), 1);
+        let state = |id| store.get_deferred(id).expect("get").expect("call").state;
+        assert_eq!(state(a1), DeferredState::InFlight);
+        assert_eq!(state(a2), DeferredState::Failed);
+        assert_eq!(state(b), DeferredState::Pending);
+        let failed = store.get_deferred(a2).expect("get").expect("call");
+        assert_eq!(failed.last_error.as_deref(), Some("gone"));
     }
 
     #[test]

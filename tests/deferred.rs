@@ -838,3 +838,67 @@ async fn a_replay_answered_201_is_not_sent_again_when_its_body_breaks_off() {
         "Salesforce answered 201 Created, yet the call was sent {n} times"
     );
 }
+
+/// A deferred call whose org has no integration using `on_limit = "defer"` after a restart
+/// (the config changed) is marked failed, to wait in the admin's list, rather than pending for
+/// ever with nobody to send it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_of_an_org_no_longer_deferring_are_marked_failed_at_start() {
+    let sim = sim::spawn(SimOptions::default()).await.expect("sim");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("callmeter.db");
+    let with = |on_limit: &str| {
+        let integration = format!(
+            "[[integration]]\nid = \"d\"\norg = \"acme\"\nmatch = {{ path_prefix = \"/d\" }}\n\
+             quota = 1\non_limit = \"{on_limit}\"\n"
+        );
+        let toml = config_text(&sim.url, "", &integration)
+            .replace("STORE_PATH", &db.display().to_string());
+        config::parse(&toml, Path::new("test.toml")).expect("config")
+    };
+    let http = Http::new();
+    let server = app::start(&with("defer")).await.expect("start");
+    let url = format!(
+        "http://{}/d/services/data/v62.0/sobjects/Contact",
+        server.listener("main").expect("main")
+    );
+    let auth = [("authorization", "Bearer 00Dsession")];
+    assert_eq!(
+        http.send(Method::POST, &url, &auth, r#"{"LastName":"A"}"#)
+            .await
+            .0,
+        StatusCode::CREATED,
+        "the quota's one call"
+    );
+    let (status, _, body) = http
+        .send(Method::POST, &url, &auth, r#"{"LastName":"B"}"#)
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::ACCEPTED,
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    let accepted: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
+    let id = callmeter::store::DeferredId(accepted["id"].as_str().expect("id").parse().expect("n"));
+    server.shutdown().await;
+
+    let server = app::start(&with("reject")).await.expect("restart");
+    let call = callmeter::store::Store::open(&db)
+        .expect("store")
+        .get_deferred(id)
+        .expect("read")
+        .expect("the call");
+    server.shutdown().await;
+    assert_eq!(
+        call.state,
+        callmeter::store::DeferredState::Failed,
+        "{call:?}"
+    );
+    assert!(
+        call.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("on_limit = \"defer\"")),
+        "{call:?}"
+    );
+}

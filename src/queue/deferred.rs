@@ -15,7 +15,7 @@
 //! in the admin's "sync failures" list (`/api/v1/deferred`) to be retried or discarded.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -26,7 +26,7 @@ use tokio::sync::{watch, Notify, Semaphore};
 use crate::meter::{IntegrationMeter, OrgMeter, Ticket, Verdict};
 use crate::proxy::{decoded_prefix, Handover, RequestBody, ResponseBody, Upstream};
 use crate::salesforce::{self, BodyScanner, LimitExceeded};
-use crate::store::{DeferredCall, DeferredId, NewDeferred, Store, StoreError};
+use crate::store::{DeferredCall, DeferredId, DeferredState, NewDeferred, Store, StoreError};
 
 /// Calls of one org sent at the same time by the replayer.
 const REPLAY_CONCURRENCY: usize = 4;
@@ -127,6 +127,14 @@ impl DeferralsBuilder {
                 "deferred calls were being sent when the proxy stopped; sending them again"
             );
         }
+        let (store, replayed) = (self.store.clone(), self.orgs.keys().cloned().collect());
+        let orphaned = blocking(move || fail_orphans(&store, &replayed)).await?;
+        if orphaned > 0 {
+            tracing::warn!(
+                calls = orphaned,
+                "deferred calls of orgs without an integration using on_limit = \"defer\" are marked failed; see /api/v1/deferred"
+            );
+        }
         let deferrals = Arc::new(Deferrals {
             store: self.store,
             orgs: self
@@ -145,6 +153,22 @@ impl DeferralsBuilder {
         }
         Ok(deferrals)
     }
+}
+
+/// Marks failed the pending calls of orgs that no replayer serves (the org, or every one of its
+/// integrations using `on_limit = "defer"`, left the config): they would otherwise wait as
+/// pending for ever, out of sight of the admin's list of failures.
+fn fail_orphans(store: &Store, replayed: &HashSet<String>) -> Result<usize, StoreError> {
+    let mut failed = 0;
+    for (org, _, state, _) in store.deferred_counts()? {
+        if state == DeferredState::Pending && !replayed.contains(&org) {
+            let error = format!(
+                "org \"{org}\" has no integration configured with on_limit = \"defer\" any more"
+            );
+            failed += store.fail_pending(&org, &error, now_ms())?;
+        }
+    }
+    Ok(failed)
 }
 
 /// Runs a store call on the blocking pool.
