@@ -945,3 +945,138 @@ async fn a_call_that_never_connected_is_not_counted_whatever_the_response_timeou
         "{status} {body}"
     );
 }
+
+/// An origin that answers every request with `head` then `body`, then holds the connection
+/// for `hold` before closing it.
+async fn origin_answering(head: String, body: Vec<u8>, hold: Duration) -> u16 {
+    raw_origin(move |mut tcp| {
+        let (head, body) = (head.clone(), body.clone());
+        async move {
+            let mut buf = [0u8; 8192];
+            let _ = tcp.read(&mut buf).await;
+            let _ = tcp.write_all(head.as_bytes()).await;
+            let _ = tcp.write_all(&body).await;
+            let _ = tcp.flush().await;
+            tokio::time::sleep(hold).await;
+        }
+    })
+    .await
+}
+
+async fn token_request(env: &Env, accept: &str) -> (StatusCode, String) {
+    let (status, _, body) = env
+        .http
+        .send(
+            Method::POST,
+            &format!("{}/a/services/oauth2/token", env.proxy),
+            &[
+                ("content-type", "application/x-www-form-urlencoded"),
+                ("accept", accept),
+            ],
+            "grant_type=password&username=u&password=p",
+        )
+        .await;
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// Salesforce's token endpoint answers in XML when asked (`Accept: application/xml` or
+/// `format=xml`). Its instance URL points at the proxy like the JSON one's, or the
+/// integration's next calls would go straight to Salesforce, unmetered.
+#[tokio::test]
+async fn oauth_token_response_in_xml_keeps_the_client_on_the_proxy() {
+    let body = r#"<?xml version="1.0" encoding="UTF-8"?><OAuth><access_token>00Dx!AQ</access_token><signature>sig</signature><scope>api</scope><instance_url>https://acme.my.salesforce.com</instance_url><id>https://login.salesforce.com/id/00Dx/005x</id><token_type>Bearer</token_type><issued_at>1278448832702</issued_at></OAuth>"#;
+    let head = format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/xml;charset=UTF-8\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    let port = origin_answering(head, body.as_bytes().to_vec(), Duration::from_secs(5)).await;
+    let env = in_front_of(&format!("http://127.0.0.1:{port}"), "").await;
+    let (status, text) = token_request(&env, "application/xml").await;
+    assert_eq!(status, StatusCode::OK);
+    let instance = xml_text(&text, "instance_url").expect("instance_url");
+    assert!(
+        instance.starts_with(&format!("{}/a", env.proxy)),
+        "the client is sent to {instance}, not to the proxy"
+    );
+}
+
+/// Same with `format=urlencoded` (or `Accept: application/x-www-form-urlencoded`).
+#[tokio::test]
+async fn oauth_token_response_urlencoded_keeps_the_client_on_the_proxy() {
+    let body = "access_token=00Dx%21AQ&signature=sig&scope=api&instance_url=https%3A%2F%2Facme.my.salesforce.com&id=https%3A%2F%2Flogin.salesforce.com%2Fid%2F00Dx%2F005x&token_type=Bearer&issued_at=1278448832702";
+    let head = format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/x-www-form-urlencoded;charset=UTF-8\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    let port = origin_answering(head, body.as_bytes().to_vec(), Duration::from_secs(5)).await;
+    let env = in_front_of(&format!("http://127.0.0.1:{port}"), "").await;
+    let (status, text) = token_request(&env, "application/x-www-form-urlencoded").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        !text.contains("acme.my.salesforce.com"),
+        "the client is sent straight to Salesforce: {text}"
+    );
+}
+
+/// A chunked JSON token response is rewritten and framed correctly.
+#[tokio::test]
+async fn chunked_json_token_response_is_rewritten() {
+    let json = r#"{"access_token":"00Dx!AQ","instance_url":"https://acme.my.salesforce.com","id":"https://login.salesforce.com/id/00Dx/005x","token_type":"Bearer"}"#;
+    let (a, b) = json.split_at(40);
+    let body = format!("{:x}\r\n{a}\r\n{:x}\r\n{b}\r\n0\r\n\r\n", a.len(), b.len());
+    let head =
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
+            .to_owned();
+    let port = origin_answering(head, body.into_bytes(), Duration::from_secs(5)).await;
+    let env = in_front_of(&format!("http://127.0.0.1:{port}"), "").await;
+    let (status, text) = token_request(&env, "application/json").await;
+    assert_eq!(status, StatusCode::OK);
+    let token: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+    assert_eq!(token["instance_url"], format!("{}/a", env.proxy));
+}
+
+/// The upstream breaks off the token response half-way (connection closed before the
+/// announced Content-Length): the client gets the upstream failure, not the clean `200 OK`
+/// with an empty body it got before (a "successful" login with nothing in it).
+#[tokio::test]
+async fn a_login_response_cut_off_upstream_is_not_a_clean_empty_200() {
+    let json = r#"{"access_token":"00Dx!AQ","instance_url":"https://acme.my.salesforce.com","#;
+    let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 400\r\n\r\n"
+        .to_owned();
+    let port = origin_answering(head, json.as_bytes().to_vec(), Duration::from_millis(50)).await;
+    let env = in_front_of(&format!("http://127.0.0.1:{port}"), "").await;
+    let (status, text) = token_request(&env, "application/json").await;
+    assert!(
+        status != StatusCode::OK,
+        "an upstream failure became `{status}` with body {text:?}"
+    );
+}
+
+/// The upstream sends the token response's head, then nothing. The proxy reads login bodies
+/// whole before answering: within `response_timeout` (1 s here), or the client never got even
+/// a status line.
+#[tokio::test]
+async fn a_stalled_login_response_is_answered_within_the_response_timeout() {
+    let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 400\r\n\r\n"
+        .to_owned();
+    let port = origin_answering(
+        head,
+        b"{\"access_token\":".to_vec(),
+        Duration::from_secs(60),
+    )
+    .await;
+    let env = in_front_of(
+        &format!("http://127.0.0.1:{port}"),
+        r#"response_timeout = "1s""#,
+    )
+    .await;
+    let answered = tokio::time::timeout(
+        Duration::from_secs(8),
+        token_request(&env, "application/json"),
+    )
+    .await;
+    assert!(
+        answered.is_ok(),
+        "no response at all 8 s into a login whose upstream stalled (response_timeout = 1s)"
+    );
+}

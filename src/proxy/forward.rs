@@ -187,6 +187,11 @@ impl Upstream {
 
     /// The path and query a request is sent with: under the login URL for login calls, the
     /// instance URL otherwise (`send` with the same `login` picks the host).
+    /// The instance (or, `login`, the login host) as errors name it.
+    pub fn name(&self, login: bool) -> &str {
+        &self.base(login).display
+    }
+
     /// How long a call may wait for Salesforce's answer, and a request body for its next byte.
     pub fn response_timeout(&self) -> Duration {
         self.response_timeout

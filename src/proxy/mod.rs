@@ -214,7 +214,19 @@ async fn proxy(
     let body = observe::response(&route.org, kind, ticket.units(), &parts, body);
     let body = match base {
         Some(base) if login && parts.status.is_success() => {
-            Box::pin(observe::rewrite_login(kind, &mut parts, body, &base)).await
+            let upstream = &route.org.upstream;
+            match Box::pin(observe::rewrite_login(
+                kind, &mut parts, body, &base, upstream,
+            ))
+            .await
+            {
+                Ok(body) => body,
+                Err(err) => {
+                    let outcome = Outcome::UpstreamError;
+                    route.metrics.record(api, outcome, started.elapsed());
+                    return Err(err);
+                }
+            }
         }
         _ => body,
     };

@@ -14,8 +14,10 @@ use http::response::Parts;
 use http::{header, HeaderValue, StatusCode};
 
 use super::body::{content_coding, is_zlib, Coding, Observer, ResponseBody};
+use super::error::ProxyError;
+use super::forward::Upstream;
 use super::headers::LIMIT_INFO;
-use super::pool::UpstreamBody;
+use super::pool::{SendError, UpstreamBody};
 use super::OrgRoute;
 use crate::salesforce::{self, BodyScanner, CallKind, LimitExceeded};
 
@@ -198,33 +200,47 @@ impl Observer for UsageWatcher {
 }
 
 /// Points the URLs of a login response at the proxy (`public_base`), so the client's next
-/// calls come back through it.
+/// calls come back through it. The body is read whole first, within `upstream`'s response
+/// timeout: a body that breaks off or stalls is the upstream failure it is (502, 504), not a
+/// login the client would take as answered.
 pub async fn rewrite_login(
     kind: CallKind,
     parts: &mut Parts,
     body: ResponseBody,
     public_base: &str,
-) -> ResponseBody {
+    upstream: &Upstream,
+) -> Result<ResponseBody, ProxyError> {
     let ResponseBody::Stream(inner) = body else {
-        return body;
+        return Ok(body);
     };
     if content_coding(&parts.headers) != Coding::Identity {
         tracing::warn!("login response is content-encoded; its URLs cannot be rewritten");
-        return ResponseBody::Stream(inner);
+        return Ok(ResponseBody::Stream(inner));
     }
-    let bytes: Bytes = match ResponseBody::collect_bounded(inner, LOGIN_BODY_LIMIT).await {
-        Ok(Ok(bytes)) => bytes,
-        Ok(Err(too_large)) => return too_large,
-        Err(e) => {
-            tracing::warn!(error = %e, "reading the login response failed");
-            parts
-                .headers
-                .insert(header::CONTENT_LENGTH, HeaderValue::from(0));
-            return ResponseBody::empty();
+    let after = upstream.response_timeout();
+    let read = ResponseBody::collect_bounded(inner, LOGIN_BODY_LIMIT);
+    let bytes: Bytes = match tokio::time::timeout(after, read).await {
+        Ok(Ok(Ok(bytes))) => bytes,
+        Ok(Ok(Err(too_large))) => return Ok(too_large),
+        Ok(Err(e)) => {
+            return Err(ProxyError::Upstream {
+                upstream: upstream.name(true).to_owned(),
+                source: SendError::Exchange(e),
+            })
+        }
+        Err(_) => {
+            return Err(ProxyError::UpstreamTimeout {
+                upstream: upstream.name(true).to_owned(),
+                after,
+            })
         }
     };
+    let content_type = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .map(HeaderValue::as_bytes);
     let rewritten = match kind {
-        CallKind::OAuth => salesforce::rewrite_oauth_token(&bytes, public_base),
+        CallKind::OAuth => salesforce::rewrite_oauth_token(&bytes, content_type, public_base),
         _ => salesforce::rewrite_soap_login(&bytes, public_base),
     };
     if tracing::enabled!(tracing::Level::TRACE) {
@@ -235,7 +251,7 @@ pub async fn rewrite_login(
     parts
         .headers
         .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
-    ResponseBody::full(body)
+    Ok(ResponseBody::full(body))
 }
 
 #[cfg(test)]

@@ -554,22 +554,26 @@ async fn answer(r: &OrgReplayer, resp: http::Response<crate::proxy::UpstreamBody
         r.meter.observe_report(report);
     }
     let status = parts.status;
-    let body = match ResponseBody::collect_bounded(body, KEPT_RESPONSE_BYTES).await {
-        Ok(Ok(bytes)) => bytes,
+    let timeout = r.upstream.response_timeout();
+    let read = ResponseBody::collect_bounded(body, KEPT_RESPONSE_BYTES);
+    let answered = match tokio::time::timeout(timeout, read).await {
+        Ok(Ok(Ok(bytes))) => Ok(bytes),
         // Larger than what is kept: the call was answered; keep nothing of the body.
-        Ok(Err(_)) => Bytes::new(),
+        Ok(Ok(Err(_))) => Ok(Bytes::new()),
+        Ok(Err(e)) => Err(format!("reading Salesforce's answer failed: {e}")),
+        Err(_) => Err(format!(
+            "Salesforce's answer stalled for {}",
+            humantime::format_duration(timeout)
+        )),
+    };
+    let body = match answered {
+        Ok(bytes) => bytes,
         // Salesforce did the work: sending the call again would do it twice.
-        Err(e) if status.is_success() || status.is_redirection() => {
-            tracing::warn!(status = status.as_u16(), error = %e, "a deferred call's answer broke off after its status; it counts as delivered");
+        Err(error) if status.is_success() || status.is_redirection() => {
+            tracing::warn!(status = status.as_u16(), %error, "a deferred call's answer broke off after its status; it counts as delivered");
             return Sent::Delivered(status.as_u16(), Bytes::new());
         }
-        Err(e) => {
-            return Sent::Retry(
-                format!("reading Salesforce's answer failed: {e}"),
-                Some(status.as_u16()),
-                None,
-            )
-        }
+        Err(error) => return Sent::Retry(error, Some(status.as_u16()), None),
     };
     // The replay asks for a plain answer, but a server may compress it anyway.
     let body = match decoded_prefix(&parts.headers, &body, true, KEPT_RESPONSE_BYTES) {
