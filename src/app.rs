@@ -408,8 +408,8 @@ impl Server {
 
     /// Applies the budgets of a changed config — limits, reserves, probe intervals, quotas,
     /// rates, priorities, in-flight caps — and the orgs' `[org.threshold]`, without losing
-    /// counts. Listeners, routes, upstreams, `on_limit` and `[smtp]` need a restart (the log
-    /// line says so); new orgs and integrations are logged.
+    /// counts. Listeners, routes, upstreams, `on_limit`, `window` and `[smtp]` need a restart
+    /// (the log line says so); new orgs and integrations and a changed window are logged.
     pub fn reload(&self, config: &Config) {
         let mut applied = 0;
         for org in &config.orgs {
@@ -417,6 +417,9 @@ impl Server {
                 Some(meter) => {
                     meter.set_budget(OrgBudget::from_config(org));
                     applied += 1;
+                    if meter.window_length() != org.window {
+                        tracing::warn!(org = %org.id, "the org's window changed: it takes effect at the next restart");
+                    }
                 }
                 None => tracing::warn!(org = %org.id, "new org in the config: restart to add it"),
             }
@@ -440,7 +443,7 @@ impl Server {
         tracing::info!(
             budgets = applied,
             "config reloaded: budgets and thresholds applied, counts kept; listeners, routes, \
-             upstreams, on_limit and [smtp] take changes at the next restart"
+             upstreams, on_limit, window and [smtp] take changes at the next restart"
         );
     }
 }

@@ -397,3 +397,52 @@ async fn a_full_queue_says_when_budget_frees_not_one_second() {
     );
     waiting.abort();
 }
+
+/// The org's `daily_limit` holds under concurrency as a quota does. The answers of the first
+/// calls report Salesforce's count while hundreds of counted calls are still in flight: the
+/// estimate (the report plus calls since) never falls below the proxy's own count, which once
+/// forgot those calls and let 1,005-1,035 through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn org_daily_limit_of_1000_under_256_connections_forwards_at_most_1000() {
+    let env = Arc::new(
+        start(
+            SimOptions {
+                limit: 1_000_000,
+                ..Default::default()
+            },
+            "daily_limit = 1000",
+            "[[integration]]\nid = \"a\"\norg = \"acme\"\nmatch = { path_prefix = \"/a\" }\n",
+        )
+        .await,
+    );
+    let ok = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..256 {
+        let (env, ok) = (env.clone(), ok.clone());
+        tasks.push(tokio::spawn(async move {
+            let http = Http::new();
+            for _ in 0..6 {
+                let (status, _, _) = http
+                    .get(
+                        &format!("{}/a/services/data/v62.0/sobjects", env.proxy),
+                        &[],
+                    )
+                    .await;
+                match status {
+                    StatusCode::OK => ok.fetch_add(1, Ordering::Relaxed),
+                    StatusCode::FORBIDDEN => 0,
+                    other => panic!("unexpected {other}"),
+                };
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("task");
+    }
+    let used = env.sim_count().await["used"].as_u64().expect("used");
+    assert!(
+        used <= 1_000,
+        "daily_limit = 1000, Salesforce saw {used} calls ({} forwarded)",
+        ok.load(Ordering::Relaxed)
+    );
+}

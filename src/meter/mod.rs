@@ -116,6 +116,10 @@ pub struct Ticket {
     units: u32,
     minute: Minute,
     in_flight: InFlight,
+    /// The org's calls ever forwarded once this one was counted: tells a call sent after
+    /// Salesforce began refusing (a probe) from one sent before, whose late success says
+    /// nothing about budget now.
+    sent: u32,
 }
 
 impl Ticket {
@@ -149,7 +153,10 @@ pub struct OrgMeter {
     /// Salesforce answered REQUEST_LIMIT_EXCEEDED (the daily kind) and no report since said
     /// there is budget again.
     exhausted: AtomicBool,
-    /// Clock microseconds before which no probe is let through.
+    /// The org's calls ever forwarded when the exhaustion began (see `Ticket::sent`).
+    exhausted_mark: std::sync::atomic::AtomicU32,
+    /// Clock microseconds before which no probe is let through: an interval after the latest
+    /// report, probe, or the start of an exhaustion.
     next_probe_us: AtomicU64,
     /// Wakes wait queues when budget may have come back sooner than the clock says (a refund,
     /// a lower report, the end of exhaustion). Only signalled while someone waits.
@@ -206,6 +213,7 @@ impl OrgMeter {
             reported_limit: AtomicU64::new(0),
             report_at_ms: AtomicU64::new(0),
             exhausted: AtomicBool::new(false),
+            exhausted_mark: Default::default(),
             next_probe_us: AtomicU64::new(0),
             budget_freed: tokio::sync::Notify::new(),
             waiting: Default::default(),
@@ -237,13 +245,15 @@ impl OrgMeter {
         })
     }
 
-    /// The usage estimate: last report plus calls forwarded since, or the proxy's own count.
+    /// The usage estimate: last report plus calls forwarded since, never less than the proxy's
+    /// own count (a report can miss calls still in flight when it was made).
     pub fn used(&self) -> u64 {
+        let own = self.window.total(self.clock.minute());
         if self.report_at_ms.load(Ordering::Acquire) == 0 {
-            return self.window.total(self.clock.minute());
+            return own;
         }
         let (used, at) = unpack_report(self.report.load(Ordering::Acquire));
-        used + self.forwarded_since(at)
+        (used + self.forwarded_since(at)).max(own)
     }
 
     fn forwarded_since(&self, at: u32) -> u64 {
@@ -284,6 +294,10 @@ impl OrgMeter {
         }
         self.report_at_ms.store(now_ms, Ordering::Release);
         self.reported_limit.store(report.limit, Ordering::Relaxed);
+        // Fresh news: a probe for the next one is due an interval from now.
+        let interval = self.budget.load().probe_interval.as_micros() as u64;
+        self.next_probe_us
+            .store(self.clock.micros() + interval, Ordering::Release);
         if report.used < report.limit {
             self.exhausted.store(false, Ordering::Relaxed);
         }
@@ -292,17 +306,25 @@ impl OrgMeter {
 
     /// Salesforce refused a call for the org's daily limit.
     pub fn observe_exhausted(&self) {
+        if !self.exhausted.load(Ordering::Acquire) {
+            self.exhausted_mark
+                .store(self.window.added() as u32, Ordering::Release);
+        }
         if !self.exhausted.swap(true, Ordering::AcqRel) {
             let next = self.clock.micros() + self.budget.load().probe_interval.as_micros() as u64;
             self.next_probe_us.store(next, Ordering::Release);
         }
     }
 
-    /// A counted call got an ordinary answer: whatever budget was missing is back.
-    pub fn observe_success(&self) {
+    /// A counted call got an ordinary answer: if it was sent after Salesforce began refusing
+    /// (a probe), whatever budget was missing is back.
+    pub fn observe_success(&self, call: &Ticket) {
         if self.exhausted.load(Ordering::Relaxed) {
-            self.exhausted.store(false, Ordering::Relaxed);
-            self.signal_freed();
+            let mark = self.exhausted_mark.load(Ordering::Acquire);
+            if (call.sent.wrapping_sub(mark) as i32) > 0 {
+                self.exhausted.store(false, Ordering::Relaxed);
+                self.signal_freed();
+            }
         }
     }
 
@@ -326,7 +348,7 @@ impl OrgMeter {
         let fits = self.window.try_add_with(minute, units, |sums| {
             let used = if reported {
                 let (used, mark) = unpack_report(self.report.load(Ordering::Acquire));
-                used + calls_since(sums.added, mark)
+                (used + calls_since(sums.added, mark)).max(sums.total())
             } else {
                 sums.total()
             };
@@ -341,8 +363,10 @@ impl OrgMeter {
             // An estimate built on a report never falls by itself: the calls in the report age
             // out of Salesforce's window unseen, and only a response brings a new figure. So
             // one call per probe interval goes out to fetch it, as while exhausted; without it
-            // an org stopped by its estimate would stay stopped until a restart.
-            if reported && limited.budget == Budget::OrgLimit && self.estimate_probe_due() {
+            // an org stopped by its estimate (at its limit, or at the reserve for the
+            // integrations it holds back) would stay stopped until a restart.
+            let on_estimate = matches!(limited.budget, Budget::OrgLimit | Budget::Reserve);
+            if reported && on_estimate && self.estimate_probe_due() {
                 self.count(units, minute);
                 return Ok(());
             }
@@ -351,21 +375,11 @@ impl OrgMeter {
     }
 
     /// Whether a call refused on a report-based estimate may go out as a probe: one per probe
-    /// interval, the first an interval after the refusals began.
+    /// interval, the first an interval after the report the estimate rests on, however late
+    /// the next call comes.
     fn estimate_probe_due(&self) -> bool {
         let now = self.clock.micros();
         let interval = self.budget.load().probe_interval.as_micros() as u64;
-        let next = self.next_probe_us.load(Ordering::Acquire);
-        if next == 0 || next.saturating_add(interval) < now {
-            // No probe was due within the last interval: the count starts now.
-            let _ = self.next_probe_us.compare_exchange(
-                next,
-                now + interval,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            );
-            return false;
-        }
         self.claim_probe(now, interval)
     }
 
@@ -550,7 +564,12 @@ impl IntegrationMeter {
 
     /// Applies a reloaded config's budget; the window and its counts are kept.
     pub fn set_budget(&self, budget: IntegrationBudget) {
+        let rate_changed = self.budget.load().rate != budget.rate;
         self.budget.store(budget);
+        if rate_changed {
+            // A new rate starts with a full bucket, not the old rate's debt.
+            self.bucket.reset();
+        }
         self.org.signal_freed();
     }
 
@@ -596,6 +615,7 @@ impl IntegrationMeter {
                 units,
                 minute,
                 in_flight,
+                sent: 0,
             });
         }
         if let Some(rate) = budget.rate {
@@ -635,6 +655,7 @@ impl IntegrationMeter {
             units,
             minute,
             in_flight,
+            sent: self.org.window.added() as u32,
         })
     }
 
@@ -1324,5 +1345,124 @@ mod tests {
         }
         assert_eq!(ok.load(Ordering::Relaxed), 1_000);
         assert_eq!(org.used(), 1_000);
+    }
+
+    /// A normal integration held back by the reserve on a report-based estimate has no
+    /// response to learn that Salesforce's usage fell: like the org limit, one call per probe
+    /// interval must go out, or the org stays closed to normal integrations until a restart
+    /// (or until some critical integration happens to make a call).
+    #[tokio::test(start_paused = true)]
+    async fn a_normal_integration_held_at_the_reserve_probes_for_a_fresh_report() {
+        let ints = integration("bulk", "") + &integration("billing", "priority = \"critical\"");
+        let (org, m) = setup(
+            "daily_limit = \"auto\"\nreserve = 50\nprobe_interval = \"5m\"",
+            &ints,
+        );
+        org.observe_report(report(960, 1_000)); // inside the reserve: 950..1000
+        let l = limited(m[0].decide(1));
+        assert_eq!(l.budget, Budget::Reserve);
+        assert!(l.retry_after <= Duration::from_secs(300), "{l:?}");
+        // A whole day of retries every probe interval: Salesforce's count has long fallen, but
+        // the proxy never asks.
+        let mut probed = false;
+        for _ in 0..(24 * 12) {
+            tokio::time::advance(Duration::from_secs(300)).await;
+            if let Verdict::Forward(_) = m[0].decide(1) {
+                probed = true;
+                break;
+            }
+        }
+        assert!(
+            probed,
+            "a normal integration at the reserve never probes: used {} stays",
+            org.used()
+        );
+    }
+
+    /// An integration that calls less often than twice the probe interval (an hourly job,
+    /// a client backing off) never gets the estimate probe: each refusal restarts the count.
+    #[tokio::test(start_paused = true)]
+    async fn a_sparse_caller_gets_the_estimate_probe() {
+        let (org, m) = setup(
+            "daily_limit = \"auto\"\nprobe_interval = \"5m\"",
+            &integration("a", ""),
+        );
+        org.observe_report(report(1_000, 1_000));
+        assert_eq!(limited(m[0].decide(1)).budget, Budget::OrgLimit);
+        let mut probed = false;
+        for _ in 0..24 {
+            // One call every 15 minutes, three probe intervals apart.
+            tokio::time::advance(Duration::from_secs(15 * 60)).await;
+            if let Verdict::Forward(_) = m[0].decide(1) {
+                probed = true;
+                break;
+            }
+        }
+        assert!(
+            probed,
+            "6 hours of calls every 15 min, none let through as a probe"
+        );
+    }
+
+    /// The first report (at start-up, after a restart) is taken whatever it says, and its mark
+    /// is the calls forwarded when it *arrives*: calls still in flight, which Salesforce has not
+    /// counted yet, vanish from the estimate, and the org limit lets as many through again.
+    #[tokio::test(start_paused = true)]
+    async fn the_first_report_does_not_forget_calls_in_flight() {
+        let (org, m) = setup("daily_limit = 100", &integration("a", ""));
+        let _in_flight: Vec<_> = (0..100).map(|_| forwarded(m[0].decide(1))).collect();
+        assert_eq!(limited(m[0].decide(1)).budget, Budget::OrgLimit);
+        // The first answer: Salesforce had processed 1 of the 100 when it answered.
+        org.observe_report(report(1, 1_000_000));
+        assert!(
+            org.used() >= 100,
+            "the proxy itself forwarded 100 calls in the window, the estimate says {}",
+            org.used()
+        );
+        assert!(
+            matches!(m[0].decide(1), Verdict::Limited(_)),
+            "a 101st call goes out against a daily_limit of 100"
+        );
+    }
+
+    /// README: "SIGHUP ... apply the budgets ... (a rate's token bucket starts full)". The
+    /// bucket keeps the old rate's debt instead: raising the rate does not let calls through.
+    #[tokio::test(start_paused = true)]
+    async fn a_reload_that_raises_the_rate_starts_with_a_full_bucket() {
+        let (_, m) = setup(
+            "",
+            &integration("a", "rate = { per_second = 0.1, burst = 5 }"),
+        );
+        for _ in 0..5 {
+            let _ = forwarded(m[0].decide(1));
+        }
+        assert_eq!(limited(m[0].decide(1)).budget, Budget::Rate);
+        m[0].set_budget(IntegrationBudget {
+            rate: Some(RateParams::new(100.0, 100)),
+            ..IntegrationBudget::default()
+        });
+        let v = m[0].decide(1);
+        assert!(
+            matches!(v, Verdict::Forward(_)),
+            "after the reload to 100/s burst 100: {v:?}"
+        );
+    }
+
+    /// A call forwarded before Salesforce started refusing, answered 200 after another call's
+    /// REQUEST_LIMIT_EXCEEDED, says nothing about budget now; it must not end the exhaustion
+    /// (no probe has gone out yet).
+    #[tokio::test(start_paused = true)]
+    async fn a_late_success_of_a_call_sent_before_exhaustion_does_not_end_it() {
+        let (org, m) = setup("probe_interval = \"5m\"", &integration("a", ""));
+        let sent_before = forwarded(m[0].decide(1));
+        org.observe_exhausted(); // another call's answer: REQUEST_LIMIT_EXCEEDED
+        org.observe_success(&sent_before); // its answer, processed before the limit
+        assert!(org.is_exhausted(), "a stale success ended the exhaustion");
+        assert_eq!(limited(m[0].decide(1)).budget, Budget::Exhausted);
+        // The probe, sent after the refusals began, ends it with its success.
+        tokio::time::advance(Duration::from_secs(300)).await;
+        let probe = forwarded(m[0].decide(1));
+        org.observe_success(&probe);
+        assert!(!org.is_exhausted());
     }
 }

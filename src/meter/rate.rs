@@ -49,6 +49,11 @@ impl TokenBucket {
         }
     }
 
+    /// A full bucket again (a reload changed the rate).
+    pub fn reset(&self) {
+        self.tat_us.store(0, Ordering::Release);
+    }
+
     /// Gives back tokens taken for a call that a later budget refused.
     pub fn give_back(&self, rate: RateParams, units: u32) {
         let cost = rate.interval_us.saturating_mul(u64::from(units));

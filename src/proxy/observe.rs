@@ -19,6 +19,7 @@ use super::forward::Upstream;
 use super::headers::LIMIT_INFO;
 use super::pool::{SendError, UpstreamBody};
 use super::OrgRoute;
+use crate::meter::Ticket;
 use crate::salesforce::{self, BodyScanner, CallKind, LimitExceeded};
 
 /// Login responses are a few KiB; anything far larger is not one and passes untouched.
@@ -30,7 +31,7 @@ const LIMITS_BODY_LIMIT: usize = 1024 * 1024;
 pub fn response(
     org: &Arc<OrgRoute>,
     kind: CallKind,
-    units: u32,
+    call: &Ticket,
     parts: &Parts,
     body: UpstreamBody,
 ) -> ResponseBody {
@@ -47,8 +48,8 @@ pub fn response(
         }
     }
     let status = parts.status;
-    if status.is_success() && units > 0 {
-        org.meter.observe_success();
+    if status.is_success() && call.units() > 0 {
+        org.meter.observe_success(call);
     }
     let coding = content_coding(&parts.headers);
     let plain = coding == Coding::Identity;
