@@ -589,36 +589,44 @@ async fn a_compressed_limit_error_on_replay_is_not_a_delivery() {
     );
 }
 
-/// A graceful shutdown (SIGTERM, a deploy) while a deferred call is being replayed must let
-/// that replay finish and record it (within `shutdown_grace`), so the next start does not send
-/// it to Salesforce a second time. The README promises a second send only after a crash.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_graceful_shutdown_during_a_replay_does_not_send_the_call_twice() {
-    let (upstream, seen) = origin(|body: String, _n, _headers| async move {
+/// An origin that answers the deferred call (its body names "Deferred") after 800 ms, well
+/// within the tests' 2 s shutdown grace, and every other call at once.
+async fn slow_on_the_deferred_call() -> (String, Arc<Mutex<Vec<String>>>) {
+    origin(|body: String, _n, _headers| async move {
         if body.contains("Deferred") {
-            // Salesforce takes a moment over this one (well within the 2 s grace).
             tokio::time::sleep(Duration::from_millis(800)).await;
         }
         created()
     })
-    .await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let db = dir.path().join("callmeter.db");
-    let toml = config_text(&upstream, "", DEFER).replace("STORE_PATH", &db.display().to_string());
+    .await
+}
+
+/// The proxy (`DEFER`, its store in `dir`) in front of `upstream`: a live call takes the rate's
+/// token, the next is deferred, and its replay has reached the origin (`seen`). Returns the
+/// server, its config, the store's path and the deferred call's id.
+async fn a_deferred_call_on_its_way(
+    upstream: &str,
+    dir: &Path,
+    seen: &Mutex<Vec<String>>,
+) -> (
+    app::Server,
+    config::Config,
+    std::path::PathBuf,
+    callmeter::store::DeferredId,
+) {
+    let db = dir.join("callmeter.db");
+    let toml = config_text(upstream, "", DEFER).replace("STORE_PATH", &db.display().to_string());
     let cfg = config::parse(&toml, Path::new("test.toml")).expect("config");
     let http = Http::new();
-
     let server = app::start(&cfg).await.expect("start");
     let url = format!(
         "http://{}/d/services/data/v62.0/sobjects/Contact",
         server.listener("main").expect("main")
     );
-    assert_eq!(
-        http.send(Method::POST, &url, &[], r#"{"LastName":"Live"}"#)
-            .await
-            .0,
-        StatusCode::CREATED
-    );
+    let live = http
+        .send(Method::POST, &url, &[], r#"{"LastName":"Live"}"#)
+        .await;
+    assert_eq!(live.0, StatusCode::CREATED);
     let (status, _, body) = http
         .send(Method::POST, &url, &[], r#"{"LastName":"Deferred"}"#)
         .await;
@@ -629,25 +637,34 @@ async fn a_graceful_shutdown_during_a_replay_does_not_send_the_call_twice() {
         String::from_utf8_lossy(&body)
     );
     let accepted: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
-    let id: i64 = accepted["id"]
+    let id = accepted["id"]
         .as_str()
         .expect("id")
         .parse()
         .expect("number");
-
-    // The replay is on its way to Salesforce: now the SRE restarts the proxy.
     eventually(10, "the replay reached the origin", || async {
-        count(&seen, r#"{"LastName":"Deferred"}"#) == 1
+        count(seen, r#"{"LastName":"Deferred"}"#) == 1
     })
     .await;
+    (server, cfg, db, callmeter::store::DeferredId(id))
+}
+
+/// A graceful shutdown (SIGTERM, a deploy) while a deferred call is being replayed lets that
+/// replay finish and record it (within `shutdown_grace`), so the next start does not send it to
+/// Salesforce a second time: that happens only after a crash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_shutdown_during_a_replay_does_not_send_the_call_twice() {
+    let (upstream, seen) = slow_on_the_deferred_call().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (server, cfg, db, id) = a_deferred_call_on_its_way(&upstream, dir.path(), &seen).await;
+    // The replay is on its way to Salesforce: now the SRE restarts the proxy.
     server.shutdown().await;
     let after_shutdown = callmeter::store::Store::open(&db)
         .expect("store")
-        .get_deferred(callmeter::store::DeferredId(id))
+        .get_deferred(id)
         .expect("read")
         .expect("the call")
         .state;
-
     let server = app::start(&cfg).await.expect("restart");
     tokio::time::sleep(Duration::from_secs(3)).await;
     let sends = count(&seen, r#"{"LastName":"Deferred"}"#);
@@ -660,51 +677,15 @@ async fn a_graceful_shutdown_during_a_replay_does_not_send_the_call_twice() {
 }
 
 /// The store is briefly locked (an SRE's `sqlite3` session in a write transaction, a VACUUM,
-/// a full disk) while a replay's answer comes back. Once the store is writable again the
-/// outcome must still be recorded; instead the delivered call stays `in_flight` for good (its
-/// status URL never says delivered, the admin can neither retry nor discard it) and is sent to
-/// Salesforce again at the next start.
+/// a full disk) while a replay's answer comes back: once it is writable again, the outcome is
+/// recorded. It was dropped: the delivered call stayed `in_flight` (its status URL never said
+/// delivered, the admin could neither retry nor discard it) and was sent again at the next
+/// start.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replay_outcome_is_recorded_once_the_store_is_writable_again() {
-    let (upstream, seen) = origin(|body: String, _n, _headers| async move {
-        if body.contains("Deferred") {
-            tokio::time::sleep(Duration::from_millis(800)).await;
-        }
-        created()
-    })
-    .await;
+    let (upstream, seen) = slow_on_the_deferred_call().await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let db = dir.path().join("callmeter.db");
-    let toml = config_text(&upstream, "", DEFER).replace("STORE_PATH", &db.display().to_string());
-    let cfg = config::parse(&toml, Path::new("test.toml")).expect("config");
-    let http = Http::new();
-    let server = app::start(&cfg).await.expect("start");
-    let url = format!(
-        "http://{}/d/services/data/v62.0/sobjects/Contact",
-        server.listener("main").expect("main")
-    );
-    assert_eq!(
-        http.send(Method::POST, &url, &[], r#"{"LastName":"Live"}"#)
-            .await
-            .0,
-        StatusCode::CREATED
-    );
-    let (status, _, body) = http
-        .send(Method::POST, &url, &[], r#"{"LastName":"Deferred"}"#)
-        .await;
-    assert_eq!(
-        status,
-        StatusCode::ACCEPTED,
-        "{}",
-        String::from_utf8_lossy(&body)
-    );
-    let accepted: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
-    let id = callmeter::store::DeferredId(accepted["id"].as_str().expect("id").parse().expect("n"));
-
-    eventually(10, "the replay reached the origin", || async {
-        count(&seen, r#"{"LastName":"Deferred"}"#) == 1
-    })
-    .await;
+    let (server, _, db, id) = a_deferred_call_on_its_way(&upstream, dir.path(), &seen).await;
     // While Salesforce answers, someone holds the store's write lock for 6 s.
     let locker = {
         let db = db.clone();

@@ -985,14 +985,7 @@ async fn token_request(env: &Env, accept: &str) -> (StatusCode, String) {
 #[tokio::test]
 async fn oauth_token_response_in_xml_keeps_the_client_on_the_proxy() {
     let body = r#"<?xml version="1.0" encoding="UTF-8"?><OAuth><access_token>00Dx!AQ</access_token><signature>sig</signature><scope>api</scope><instance_url>https://acme.my.salesforce.com</instance_url><id>https://login.salesforce.com/id/00Dx/005x</id><token_type>Bearer</token_type><issued_at>1278448832702</issued_at></OAuth>"#;
-    let head = format!(
-        "HTTP/1.1 200 OK\r\ncontent-type: application/xml;charset=UTF-8\r\ncontent-length: {}\r\n\r\n",
-        body.len()
-    );
-    let port = origin_answering(head, body.as_bytes().to_vec(), Duration::from_secs(5)).await;
-    let env = in_front_of(&format!("http://127.0.0.1:{port}"), "").await;
-    let (status, text) = token_request(&env, "application/xml").await;
-    assert_eq!(status, StatusCode::OK);
+    let (env, text) = token_through_the_proxy("application/xml", body).await;
     let instance = xml_text(&text, "instance_url").expect("instance_url");
     assert!(
         instance.starts_with(&format!("{}/a", env.proxy)),
@@ -1004,18 +997,25 @@ async fn oauth_token_response_in_xml_keeps_the_client_on_the_proxy() {
 #[tokio::test]
 async fn oauth_token_response_urlencoded_keeps_the_client_on_the_proxy() {
     let body = "access_token=00Dx%21AQ&signature=sig&scope=api&instance_url=https%3A%2F%2Facme.my.salesforce.com&id=https%3A%2F%2Flogin.salesforce.com%2Fid%2F00Dx%2F005x&token_type=Bearer&issued_at=1278448832702";
-    let head = format!(
-        "HTTP/1.1 200 OK\r\ncontent-type: application/x-www-form-urlencoded;charset=UTF-8\r\ncontent-length: {}\r\n\r\n",
-        body.len()
-    );
-    let port = origin_answering(head, body.as_bytes().to_vec(), Duration::from_secs(5)).await;
-    let env = in_front_of(&format!("http://127.0.0.1:{port}"), "").await;
-    let (status, text) = token_request(&env, "application/x-www-form-urlencoded").await;
-    assert_eq!(status, StatusCode::OK);
+    let (_, text) = token_through_the_proxy("application/x-www-form-urlencoded", body).await;
     assert!(
         !text.contains("acme.my.salesforce.com"),
         "the client is sent straight to Salesforce: {text}"
     );
+}
+
+/// A token request through the proxy, whose upstream answers `body` as `content_type` (which
+/// the client asked for): the proxy and the body the client got.
+async fn token_through_the_proxy(content_type: &str, body: &str) -> (Env, String) {
+    let head = format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: {content_type};charset=UTF-8\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    let port = origin_answering(head, body.as_bytes().to_vec(), Duration::from_secs(5)).await;
+    let env = in_front_of(&format!("http://127.0.0.1:{port}"), "").await;
+    let (status, text) = token_request(&env, content_type).await;
+    assert_eq!(status, StatusCode::OK);
+    (env, text)
 }
 
 /// A chunked JSON token response is rewritten and framed correctly.
