@@ -116,10 +116,9 @@ pub struct Ticket {
     units: u32,
     minute: Minute,
     in_flight: InFlight,
-    /// The org's calls ever forwarded once this one was counted: tells a call sent after
-    /// Salesforce began refusing (a probe) from one sent before, whose late success says
-    /// nothing about budget now.
-    sent: u32,
+    /// Sent as a probe while Salesforce refused calls: its success says budget is back, where
+    /// the late success of a call sent before the refusals began says nothing.
+    probe: bool,
 }
 
 impl Ticket {
@@ -153,11 +152,10 @@ pub struct OrgMeter {
     /// Salesforce answered REQUEST_LIMIT_EXCEEDED (the daily kind) and no report since said
     /// there is budget again.
     exhausted: AtomicBool,
-    /// The org's calls ever forwarded when the exhaustion began (see `Ticket::sent`).
-    exhausted_mark: std::sync::atomic::AtomicU32,
-    /// Clock microseconds before which no probe is let through: an interval after the latest
-    /// report, probe, or the start of an exhaustion.
-    next_probe_us: AtomicU64,
+    /// Clock milliseconds (`Clock::unix_ms`, the coarse clock reports already read) before
+    /// which no probe is let through: an interval after the latest report, probe, or the start
+    /// of an exhaustion.
+    next_probe_ms: AtomicU64,
     /// Wakes wait queues when budget may have come back sooner than the clock says (a refund,
     /// a lower report, the end of exhaustion). Only signalled while someone waits.
     budget_freed: tokio::sync::Notify,
@@ -213,8 +211,7 @@ impl OrgMeter {
             reported_limit: AtomicU64::new(0),
             report_at_ms: AtomicU64::new(0),
             exhausted: AtomicBool::new(false),
-            exhausted_mark: Default::default(),
-            next_probe_us: AtomicU64::new(0),
+            next_probe_ms: AtomicU64::new(0),
             budget_freed: tokio::sync::Notify::new(),
             waiting: Default::default(),
             clock,
@@ -295,9 +292,8 @@ impl OrgMeter {
         self.report_at_ms.store(now_ms, Ordering::Release);
         self.reported_limit.store(report.limit, Ordering::Relaxed);
         // Fresh news: a probe for the next one is due an interval from now.
-        let interval = self.budget.load().probe_interval.as_micros() as u64;
-        self.next_probe_us
-            .store(self.clock.micros() + interval, Ordering::Release);
+        self.next_probe_ms
+            .store(now_ms + self.probe_interval_ms(), Ordering::Release);
         if report.used < report.limit {
             self.exhausted.store(false, Ordering::Relaxed);
         }
@@ -306,40 +302,38 @@ impl OrgMeter {
 
     /// Salesforce refused a call for the org's daily limit.
     pub fn observe_exhausted(&self) {
-        if !self.exhausted.load(Ordering::Acquire) {
-            self.exhausted_mark
-                .store(self.window.added() as u32, Ordering::Release);
-        }
         if !self.exhausted.swap(true, Ordering::AcqRel) {
-            let next = self.clock.micros() + self.budget.load().probe_interval.as_micros() as u64;
-            self.next_probe_us.store(next, Ordering::Release);
+            let next = self.clock.unix_ms() + self.probe_interval_ms();
+            self.next_probe_ms.store(next, Ordering::Release);
         }
+    }
+
+    fn probe_interval_ms(&self) -> u64 {
+        self.budget.load().probe_interval.as_millis() as u64
     }
 
     /// A counted call got an ordinary answer: if it was sent after Salesforce began refusing
     /// (a probe), whatever budget was missing is back.
     pub fn observe_success(&self, call: &Ticket) {
-        if self.exhausted.load(Ordering::Relaxed) {
-            let mark = self.exhausted_mark.load(Ordering::Acquire);
-            if (call.sent.wrapping_sub(mark) as i32) > 0 {
-                self.exhausted.store(false, Ordering::Relaxed);
-                self.signal_freed();
-            }
+        if call.probe && self.exhausted.load(Ordering::Relaxed) {
+            self.exhausted.store(false, Ordering::Relaxed);
+            self.signal_freed();
         }
     }
 
-    /// Counts `units` against the org's budget, or says why not.
+    /// Counts `units` against the org's budget, or says why not. `Ok(true)`: counted as the
+    /// probe of an exhausted org.
     ///
     /// The check and the count are one CAS on the org window's calls ever forwarded (against the
     /// last report plus the calls since, or before any report the window's own total), so
     /// concurrent calls cannot overshoot together.
-    fn try_count(&self, units: u32, minute: Minute, critical: bool) -> Result<(), Limited> {
+    fn try_count(&self, units: u32, minute: Minute, critical: bool) -> Result<bool, Limited> {
         if self.is_exhausted() {
-            return self.probe(units, minute);
+            return self.probe(units, minute).map(|()| true);
         }
         let Some(limit) = self.limit() else {
             self.count(units, minute);
-            return Ok(());
+            return Ok(false);
         };
         let reserve = self.budget.load().reserve.resolve(limit).min(limit);
         let cap = if critical { limit } else { limit - reserve };
@@ -372,24 +366,23 @@ impl OrgMeter {
             }
             Err(limited)
         })
+        .map(|()| false)
     }
 
     /// Whether a call refused on a report-based estimate may go out as a probe: one per probe
     /// interval, the first an interval after the report the estimate rests on, however late
     /// the next call comes.
     fn estimate_probe_due(&self) -> bool {
-        let now = self.clock.micros();
-        let interval = self.budget.load().probe_interval.as_micros() as u64;
-        self.claim_probe(now, interval)
+        self.claim_probe(self.clock.unix_ms(), self.probe_interval_ms())
     }
 
-    /// Takes the probe due at `next_probe_us` if it is due at `now`: of concurrent callers,
+    /// Takes the probe due at `next_probe_ms` if it is due at `now`: of concurrent callers,
     /// one wins, and the next probe is due an `interval` later.
     fn claim_probe(&self, now: u64, interval: u64) -> bool {
-        let next = self.next_probe_us.load(Ordering::Acquire);
+        let next = self.next_probe_ms.load(Ordering::Acquire);
         now >= next
             && self
-                .next_probe_us
+                .next_probe_ms
                 .compare_exchange(next, now + interval, Ordering::AcqRel, Ordering::Acquire)
                 .is_ok()
     }
@@ -400,19 +393,18 @@ impl OrgMeter {
 
     /// While exhausted: one call per probe interval goes through; the rest wait for it.
     fn probe(&self, units: u32, minute: Minute) -> Result<(), Limited> {
-        let now = self.clock.micros();
-        let interval = self.budget.load().probe_interval.as_micros() as u64;
-        if self.claim_probe(now, interval) {
+        let now = self.clock.unix_ms();
+        if self.claim_probe(now, self.probe_interval_ms()) {
             self.count(units, minute);
             return Ok(());
         }
         let wait = self
-            .next_probe_us
+            .next_probe_ms
             .load(Ordering::Acquire)
             .saturating_sub(now);
         Err(Limited {
             budget: Budget::Exhausted,
-            retry_after: Duration::from_micros(wait).max(Duration::from_secs(1)),
+            retry_after: Duration::from_millis(wait).max(Duration::from_secs(1)),
             size: self.limit().unwrap_or(0),
         })
     }
@@ -615,7 +607,7 @@ impl IntegrationMeter {
                 units,
                 minute,
                 in_flight,
-                sent: 0,
+                probe: false,
             });
         }
         if let Some(rate) = budget.rate {
@@ -646,17 +638,19 @@ impl IntegrationMeter {
         } else {
             self.window.add(minute, units);
         }
-        if let Err(limited) = self.org.try_count(units, minute, budget.critical) {
-            self.window.refund(minute, units);
-            self.give_back_rate(&budget, units);
-            return Verdict::Limited(limited);
+        match self.org.try_count(units, minute, budget.critical) {
+            Ok(probe) => Verdict::Forward(Ticket {
+                units,
+                minute,
+                in_flight,
+                probe,
+            }),
+            Err(limited) => {
+                self.window.refund(minute, units);
+                self.give_back_rate(&budget, units);
+                Verdict::Limited(limited)
+            }
         }
-        Verdict::Forward(Ticket {
-            units,
-            minute,
-            in_flight,
-            sent: self.org.window.added() as u32,
-        })
     }
 
     fn give_back_rate(&self, budget: &IntegrationBudget, units: u32) {
@@ -1464,5 +1458,19 @@ mod tests {
         let probe = forwarded(m[0].decide(1));
         org.observe_success(&probe);
         assert!(!org.is_exhausted());
+    }
+
+    /// A refund between the start of an exhaustion and the probe (a call counted before the
+    /// refusals that then never left) does not keep the probe's success from ending it.
+    #[tokio::test(start_paused = true)]
+    async fn a_probes_success_ends_exhaustion_after_a_refund() {
+        let (org, m) = setup("probe_interval = \"5m\"", &integration("a", ""));
+        let connecting = forwarded(m[0].decide(1)); // counted before the refusals began
+        org.observe_exhausted(); // another call's answer: REQUEST_LIMIT_EXCEEDED
+        m[0].refund(connecting); // it never reached Salesforce
+        tokio::time::advance(Duration::from_secs(300)).await;
+        let probe = forwarded(m[0].decide(1)); // sent after the refusals began
+        org.observe_success(&probe);
+        assert!(!org.is_exhausted(), "the probe's success did not end it");
     }
 }

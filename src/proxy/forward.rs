@@ -185,8 +185,6 @@ impl Upstream {
         }))
     }
 
-    /// The path and query a request is sent with: under the login URL for login calls, the
-    /// instance URL otherwise (`send` with the same `login` picks the host).
     /// The instance (or, `login`, the login host) as errors name it.
     pub fn name(&self, login: bool) -> &str {
         &self.base(login).display
@@ -197,6 +195,8 @@ impl Upstream {
         self.response_timeout
     }
 
+    /// The path and query a request is sent with: under the login URL for login calls, the
+    /// instance URL otherwise (`send` with the same `login` picks the host).
     pub fn uri(&self, login: bool, path_and_query: PathAndQuery) -> Result<Uri, http::Error> {
         self.base(login).uri(path_and_query)
     }

@@ -398,6 +398,12 @@ async fn record(
     loop {
         let error = match blocking(write.clone()).await {
             Ok(()) => return,
+            // The row moved on or went away (an admin's discard, a hand edit): nothing that
+            // writing again would change.
+            Err(e @ (StoreError::NotFound(_) | StoreError::WrongState { .. })) => {
+                tracing::warn!(id = %id, error = %e, "a deferred call's outcome was not recorded");
+                return;
+            }
             Err(e) => e,
         };
         if *stop.borrow() {

@@ -168,11 +168,12 @@ impl WaitQueue {
             queue: self,
             id,
             answer,
+            answered: false,
         };
         // A closed channel means the dispatcher stopped for shutdown.
-        (&mut waiting.answer)
-            .await
-            .unwrap_or(Err(QueueError::ShuttingDown))
+        let answer = (&mut waiting.answer).await;
+        waiting.answered = true;
+        answer.unwrap_or(Err(QueueError::ShuttingDown))
     }
 
     /// A call's request was dropped (its client hung up) while it waited: its entry leaves the
@@ -294,11 +295,15 @@ struct Waiting<'a> {
     queue: &'a WaitQueue,
     id: u64,
     answer: oneshot::Receiver<Result<Ticket, QueueError>>,
+    /// The answer came: the entry left the queue when it was served.
+    answered: bool,
 }
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        self.queue.leave(self.id, &mut self.answer);
+        if !self.answered {
+            self.queue.leave(self.id, &mut self.answer);
+        }
     }
 }
 
