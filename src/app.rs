@@ -321,6 +321,10 @@ pub fn check_files(config: &Config) -> Result<(), StartError> {
     for l in &config.listeners {
         listener_tls(l)?;
     }
+    if let Some(smtp) = &config.smtp {
+        crate::notify::mail::Mailer::new(smtp)
+            .map_err(|e| StartError::Console(crate::console::SetupError::Mailer(e)))?;
+    }
     Ok(())
 }
 

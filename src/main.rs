@@ -124,6 +124,12 @@ enum Job {
 async fn serve(cfg: config::Config, path: &std::path::Path) -> ExitCode {
     callmeter::logging::init(&cfg.log.level, cfg.log.format == LogFormat::Json);
     cfg.log_warnings();
+    // The files the config names (TLS, CA bundles) are part of it: a mistake there is a config
+    // mistake, reported as `check` reports it (exit code 2), not a failure to start.
+    if let Err(e) = app::check_files(&cfg) {
+        eprintln!("callmeter: {}: {e}", path.display());
+        return ExitCode::from(2);
+    }
     let worker_threads = tokio::runtime::Handle::current().metrics().num_workers();
     // Before the start, so that a SIGHUP sent while starting neither kills the proxy nor is lost.
     let reload = app::Reload::listen(path)

@@ -26,10 +26,19 @@ instance_url = "https://acme.my.salesforce.com"
 
 /// Runs `callmeter check` on `toml` and returns (exit code, stderr).
 fn check(toml: &str) -> (i32, String) {
+    run("check", toml)
+}
+
+/// Runs `callmeter <command> --config FILE` on `toml`, where `GARBAGE` names a file beside it
+/// that is not PEM, and returns (exit code, stderr).
+fn run(command: &str, toml: &str) -> (i32, String) {
     let dir = tempfile::tempdir().expect("tempdir");
+    let garbage = dir.path().join("garbage.pem");
+    std::fs::write(&garbage, "this is not PEM\n").expect("write");
+    let toml = toml.replace("GARBAGE", &garbage.display().to_string());
     let path = dir.path().join("callmeter.toml");
     std::fs::write(&path, toml).expect("write config");
-    let out = callmeter(&["check", "--config", path.to_str().expect("utf-8 path")]);
+    let out = callmeter(&[command, "--config", path.to_str().expect("utf-8 path")]);
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -195,4 +204,34 @@ fn demo_runs_on_a_fresh_clone() {
     ] {
         assert!(stdout.contains(needle), "{stdout}");
     }
+}
+
+/// `check` reads `smtp.ca` as it reads `upstream_ca`: a file without a certificate (a key, a
+/// DER file) was accepted by both `check` and `serve`, and threshold emails then failed their
+/// TLS handshake with the private-CA relay exactly when a threshold was crossed.
+#[test]
+fn check_refuses_an_smtp_ca_without_a_certificate() {
+    let toml = format!(
+        "{BASE}\n[smtp]\nhost = \"smtp.example.com\"\nfrom = \"callmeter <callmeter@example.com>\"\nca = \"GARBAGE\"\n"
+    );
+    let (code, stderr) = check(&toml);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("smtp.ca"), "{stderr}");
+}
+
+/// A file the config names that is not usable is a config mistake for `serve` too: exit code 2
+/// and the config file and key in the message, as `check` says it (`serve` exited 1).
+#[test]
+fn serve_exits_2_for_a_file_mistake_check_reports() {
+    let toml = format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n[store]\npath = \":memory:\"\n{BASE}upstream_ca = \"GARBAGE\"\n"
+    );
+    let (check_code, check_err) = run("check", &toml);
+    assert_eq!(check_code, 2, "{check_err}");
+    let (serve_code, serve_err) = run("serve", &toml);
+    assert_eq!(serve_code, 2, "{serve_err}");
+    assert!(
+        serve_err.contains("upstream_ca") && serve_err.contains("callmeter.toml"),
+        "{serve_err}"
+    );
 }

@@ -589,8 +589,8 @@ async fn a_compressed_limit_error_on_replay_is_not_a_delivery() {
     );
 }
 
-/// An origin that answers the deferred call (its body names "Deferred") after 800 ms, well
-/// within the tests' 2 s shutdown grace, and every other call at once.
+/// An origin that answers the deferred call (its body names "Deferred") after 800 ms, and
+/// every other call at once.
 async fn slow_on_the_deferred_call() -> (String, Arc<Mutex<Vec<String>>>) {
     origin(|body: String, _n, _headers| async move {
         if body.contains("Deferred") {
@@ -615,7 +615,10 @@ async fn a_deferred_call_on_its_way(
     callmeter::store::DeferredId,
 ) {
     let db = dir.join("callmeter.db");
-    let toml = config_text(upstream, "", DEFER).replace("STORE_PATH", &db.display().to_string());
+    // A grace far above the origin's 800 ms: a loaded machine must not cut the replay off.
+    let toml = config_text(upstream, "", DEFER)
+        .replace("STORE_PATH", &db.display().to_string())
+        .replace(r#"shutdown_grace = "2s""#, r#"shutdown_grace = "20s""#);
     let cfg = config::parse(&toml, Path::new("test.toml")).expect("config");
     let http = Http::new();
     let server = app::start(&cfg).await.expect("start");

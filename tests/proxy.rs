@@ -1065,3 +1065,39 @@ async fn a_stalled_login_response_is_answered_within_the_response_timeout() {
         "no response at all 8 s into a login whose upstream stalled (response_timeout = 1s)"
     );
 }
+
+/// The most specific rule wins, and a `listener` condition counts: `{ path_prefix = "/etl",
+/// listener = "main" }` after `{ path_prefix = "/etl" }` tied with it and lost on file order,
+/// so it never received a request.
+#[tokio::test]
+async fn a_listener_qualified_prefix_rule_is_reachable() {
+    let env = start(
+        SimOptions::default(),
+        "",
+        r#"
+[[integration]]
+id = "etl_any"
+org = "acme"
+match = { path_prefix = "/etl" }
+
+[[integration]]
+id = "etl_main"
+org = "acme"
+match = { path_prefix = "/etl", listener = "main" }
+"#,
+    )
+    .await;
+    let (status, _, body) = env
+        .http
+        .get(
+            &format!("{}/etl/services/data/v62.0/sobjects", env.proxy),
+            &[],
+        )
+        .await;
+    assert!(status.is_success(), "{status} {body:?}");
+    assert_eq!(
+        (env.window("etl_main").await, env.window("etl_any").await),
+        (1, 0),
+        "the more specific rule (prefix + listener) should take the call"
+    );
+}

@@ -102,6 +102,8 @@ pub enum Problem {
     Missing { example: String },
     #[error("must not be empty")]
     Empty,
+    #[error("{value:?} is not a log level filter: {reason}; write a level (\"trace\", \"debug\", \"info\", \"warn\", \"error\", \"off\") or directives like \"info,callmeter=debug\"")]
+    BadLogLevel { value: String, reason: String },
     #[error("{0}")]
     BadId(InvalidId),
     #[error("{value} is also used by {first}; {rule}")]

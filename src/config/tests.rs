@@ -1029,3 +1029,87 @@ proptest! {
         let _ = try_parse(&text);
     }
 }
+
+const URL_BASE: &str = r#"
+[[listener]]
+name = "main"
+listen = "127.0.0.1:8080"
+
+[[org]]
+id = "acme"
+instance_url = "https://acme.my.salesforce.com"
+"#;
+
+/// `http::Uri` accepts any digits as a port, but `port_u16()` is then `None`, and the upstream
+/// connector falls back to 443/80: a typo'd port was silently replaced by the scheme's default
+/// (and a public_url with it written into every login response). Refused now.
+#[test]
+fn a_url_with_a_port_out_of_range_is_refused() {
+    let instance = URL_BASE.replace(
+        "https://acme.my.salesforce.com",
+        "https://acme.my.salesforce.com:99999",
+    );
+    let cfg = try_parse(&instance);
+    if let Ok(cfg) = &cfg {
+        // What the connector will see: no port, so 443.
+        assert_eq!(cfg.orgs[0].instance_url.port_u16(), None);
+    }
+    let e = cfg.expect_err("instance_url with port 99999 must be refused");
+    assert_eq!(e.key(), Some("org \"acme\".instance_url"), "{e}");
+
+    let public = URL_BASE.replace(
+        "listen = \"127.0.0.1:8080\"",
+        "listen = \"127.0.0.1:8080\"\npublic_url = \"https://sfproxy.example.com:84430\"",
+    );
+    let e = try_parse(&public).expect_err("public_url with port 84430 must be refused");
+    assert_eq!(e.key(), Some("listener[0].public_url"), "{e}");
+}
+
+/// `[log] level` is handed to `EnvFilter`, which reads a word that is not a level as a *target*
+/// name: `level = "warning"` enabled only a target named "warning" and silenced every log line
+/// of callmeter, errors included. Refused now; directives and target paths still pass.
+#[test]
+fn a_misspelt_log_level_is_refused() {
+    let text = format!("[log]\nlevel = \"warning\"\n{URL_BASE}");
+    let e = try_parse(&text).expect_err("level = \"warning\" silences all logs; must be refused");
+    assert_eq!(e.key(), Some("log.level"), "{e}");
+    for ok in [
+        "warn",
+        "INFO",
+        "info,callmeter=debug",
+        "callmeter::proxy",
+        "hyper=off, error",
+    ] {
+        let text = format!("[log]\nlevel = \"{ok}\"\n{URL_BASE}");
+        assert!(try_parse(&text).is_ok(), "{ok}");
+    }
+    let text = format!("[log]\nlevel = \"info,callmeter=verbose\"\n{URL_BASE}");
+    assert!(try_parse(&text).is_err());
+}
+
+/// On Linux (net.ipv6.bindv6only = 0, the default) a socket bound to [::]:P also takes
+/// 0.0.0.0:P / 127.0.0.1:P, so `serve` failed with "Address already in use" for a file that
+/// `check` accepted.
+#[test]
+fn dual_stack_clash_is_refused() {
+    let text = r#"
+[[listener]]
+name = "v4"
+listen = "0.0.0.0:8443"
+
+[[listener]]
+name = "v6"
+listen = "[::]:8443"
+
+[[org]]
+id = "acme"
+instance_url = "https://acme.my.salesforce.com"
+"#;
+    let e = try_parse(text).expect_err("0.0.0.0:8443 and [::]:8443 cannot both bind on Linux");
+    assert_eq!(e.key(), Some("listener[1].listen"), "{e}");
+
+    // The same with the admin listener's default address.
+    let text = URL_BASE.replace("127.0.0.1:8080", "[::]:9464");
+    let e = try_parse(&text).expect_err("[::]:9464 clashes with the default admin 127.0.0.1:9464");
+    assert_eq!(e.key(), Some("listener[0].listen"), "{e}");
+}

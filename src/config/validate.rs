@@ -201,7 +201,20 @@ impl Ctx<'_> {
     fn log(&self, raw: Option<&S<RawLog>>) -> Result<LogConfig, ConfigError> {
         let raw = raw.map(|r| r.get_ref());
         let level = match raw.and_then(|r| r.level.as_ref()) {
-            Some(level) => self.non_empty(level, "log.level")?,
+            Some(level) => {
+                let text = self.non_empty(level, "log.level")?;
+                check_log_level(&text).map_err(|reason| {
+                    self.err_on(
+                        "log.level",
+                        level,
+                        Problem::BadLogLevel {
+                            value: text.clone(),
+                            reason,
+                        },
+                    )
+                })?;
+                text
+            }
             None => DEFAULT_LOG_LEVEL.to_owned(),
         };
         Ok(LogConfig {
@@ -592,13 +605,18 @@ impl Ctx<'_> {
         for (listener, raw) in listeners.iter().zip(raw_listeners) {
             let addr = listener.value.listen;
             let listen_span = raw.get_ref().listen.as_ref().map(|l| l.span());
+            // On Linux `[::]` also takes the port on every IPv4 address (net.ipv6.bindv6only
+            // is 0 by default), so it clashes across the families too.
+            let dual_stack = |a: &SocketAddr| a.is_ipv6() && a.ip().is_unspecified();
             let clash = seen.iter().find(|(_, _, other)| {
                 addr.port() != 0
                     && addr.port() == other.port()
-                    && addr.is_ipv4() == other.is_ipv4()
-                    && (addr.ip() == other.ip()
-                        || addr.ip().is_unspecified()
-                        || other.ip().is_unspecified())
+                    && (dual_stack(&addr)
+                        || dual_stack(other)
+                        || (addr.is_ipv4() == other.is_ipv4()
+                            && (addr.ip() == other.ip()
+                                || addr.ip().is_unspecified()
+                                || other.ip().is_unspecified())))
             });
             if let Some((key, line, _)) = clash {
                 return Err(self.err_at(
@@ -999,6 +1017,31 @@ impl Ctx<'_> {
             time_zone,
         })
     }
+}
+
+/// The levels a log filter directive may name.
+const LOG_LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+
+/// A `[log] level` as tracing's filter reads it: comma-separated directives, each a level or
+/// `target=level`. The filter itself takes a lone word that is no level (`"warning"`) as a
+/// target name and then logs nothing of callmeter, errors included: refused here.
+fn check_log_level(text: &str) -> Result<(), String> {
+    for directive in text.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let level = match directive.rsplit_once('=') {
+            Some((_, level)) => level,
+            // A target alone (`callmeter::proxy`) enables it at every level: keep that form
+            // for names with a path separator, which no misspelt level has.
+            None if directive.contains("::") || directive.contains('[') => continue,
+            None => directive,
+        };
+        if !LOG_LEVELS
+            .iter()
+            .any(|l| l.eq_ignore_ascii_case(level.trim()))
+        {
+            return Err(format!("{level:?} is not a level"));
+        }
+    }
+    Ok(())
 }
 
 /// `"UTC"`, a fixed offset `"+HH:MM"` / `"-HH:MM"`, or a name of the system's tz database

@@ -342,6 +342,12 @@ impl Ctx<'_> {
         if authority.host().is_empty() {
             return Err(bad("it has no host"));
         }
+        // http::Uri takes any digits as a port and then reads one above 65535 as none: the
+        // connection would go to the scheme's default port without a word.
+        let has_port = (authority.as_str().rsplit_once(':')).is_some_and(|(_, p)| !p.contains(']'));
+        if has_port && authority.port_u16().is_none_or(|p| p == 0) {
+            return Err(bad("the port must be from 1 to 65535"));
+        }
         if uri.query().is_some() {
             return Err(bad("it has a ?query"));
         }

@@ -245,12 +245,13 @@ impl OrgMeter {
     /// The usage estimate: last report plus calls forwarded since, never less than the proxy's
     /// own count (a report can miss calls still in flight when it was made).
     pub fn used(&self) -> u64 {
-        let own = self.window.total(self.clock.minute());
         if self.report_at_ms.load(Ordering::Acquire) == 0 {
-            return own;
+            return self.window.total(self.clock.minute());
         }
         let (used, at) = unpack_report(self.report.load(Ordering::Acquire));
-        (used + self.forwarded_since(at)).max(own)
+        // The floor as the last counted call left the window: no clock read (the RateLimit
+        // headers of every response ask), and a report covers calls that aged out since.
+        (used + self.forwarded_since(at)).max(self.window.sums().total())
     }
 
     fn forwarded_since(&self, at: u32) -> u64 {

@@ -404,10 +404,11 @@ impl Window {
         self.added.load(Ordering::Acquire)
     }
 
-    /// Both running sums; `expired` is read first, so a minute expiring in between makes the
-    /// total larger than it is, never smaller.
+    /// Both running sums as the last count left them (each count moves the window on to its
+    /// minute); `expired` is read first, so a minute expiring in between makes the total larger
+    /// than it is, never smaller.
     #[inline]
-    fn sums(&self) -> Sums {
+    pub fn sums(&self) -> Sums {
         let expired = self.expired.load(Ordering::Acquire);
         Sums {
             added: self.added.load(Ordering::Acquire),

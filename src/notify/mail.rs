@@ -12,6 +12,8 @@ use lettre::message::{Mailbox, MultiPart, SinglePart};
 use lettre::transport::smtp::authentication::Credentials;
 use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
 use lettre::{Address, AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::CertificateDer;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
@@ -70,6 +72,14 @@ impl Mailer {
                     error,
                 };
                 let pem = std::fs::read(path).map_err(|e| ca_error(e.to_string()))?;
+                // lettre takes a file without a certificate as an empty list, and the TLS
+                // handshake would fail only when a threshold email is due.
+                let certs = CertificateDer::pem_slice_iter(&pem)
+                    .filter(Result::is_ok)
+                    .count();
+                if certs == 0 {
+                    return Err(ca_error("holds no PEM certificate".to_owned()));
+                }
                 let cert = Certificate::from_pem(&pem).map_err(|e| ca_error(e.to_string()))?;
                 params = params.add_root_certificate(cert);
             }

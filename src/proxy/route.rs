@@ -52,9 +52,16 @@ struct Candidate {
 }
 
 impl Candidate {
+    /// Rules that hold for the same request are tried in this order, highest first: the most
+    /// conditions (a listener counts too), then the longest prefix; equals in file order.
     fn specificity(&self) -> (usize, usize) {
         let r = &self.rule;
-        let conditions = [r.key.is_some(), r.host.is_some(), r.path_prefix.is_some()];
+        let conditions = [
+            r.key.is_some(),
+            r.host.is_some(),
+            r.path_prefix.is_some(),
+            r.listener.is_some(),
+        ];
         (
             conditions.iter().filter(|&&c| c).count(),
             r.path_prefix.as_ref().map_or(0, String::len),
