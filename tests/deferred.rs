@@ -886,3 +886,62 @@ async fn calls_of_an_org_no_longer_deferring_are_marked_failed_at_start() {
         "{call:?}"
     );
 }
+
+/// A replayed call can be the probe of an exhausted org: when Salesforce takes it, the org is
+/// no longer exhausted (a success without a usage report said nothing before, so the org
+/// stayed closed to live calls until a report came).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_that_probes_an_exhausted_org_ends_the_exhaustion() {
+    let (upstream, _seen) = origin(|body: String, _n, _headers| async move {
+        if body.contains("Live") {
+            return http::Response::builder()
+                .status(403)
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from_static(
+                    br#"[{"message":"TotalRequests Limit exceeded.","errorCode":"REQUEST_LIMIT_EXCEEDED"}]"#,
+                )))
+                .expect("response");
+        }
+        // Taken, without a usage report.
+        http::Response::builder()
+            .status(201)
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from_static(br#"{"success":true}"#)))
+            .expect("response")
+    })
+    .await;
+    let sim = sim::spawn(SimOptions::default()).await.expect("sim");
+    let integration =
+        "[[integration]]\nid = \"d\"\norg = \"acme\"\nmatch = { path_prefix = \"/d\" }\n\
+                       on_limit = \"defer\"\n";
+    let env = start_with(
+        sim,
+        &config_text(&upstream, r#"probe_interval = "1s""#, integration),
+    )
+    .await;
+    let url = format!("{}/d/services/data/v62.0/sobjects/Contact", env.proxy);
+    let (status, _, _) = env
+        .http
+        .send(Method::POST, &url, &[], r#"{"LastName":"Live"}"#)
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::FORBIDDEN,
+        "Salesforce's own limit error"
+    );
+    assert_eq!(env.usage().await["orgs"][0]["exhausted"], true);
+    let (status, _, body) = env
+        .http
+        .send(Method::POST, &url, &[], r#"{"LastName":"Deferred"}"#)
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::ACCEPTED,
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    eventually(15, "the replay's success ended the exhaustion", || async {
+        env.usage().await["orgs"][0]["exhausted"] == false
+    })
+    .await;
+}

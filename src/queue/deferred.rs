@@ -483,7 +483,14 @@ async fn send(
     let outcome = match build_request(r, &call) {
         // Only a shutdown drops a replay midway, and the call stays stored: nothing to watch.
         Ok(req) => match r.upstream.send(false, req, &Handover::default()).await {
-            Ok(resp) => answer(r, resp).await,
+            Ok(resp) => {
+                let sent = answer(r, resp).await;
+                // A replay may be the probe of an exhausted org: its success ends that.
+                if matches!(sent, Sent::Delivered(status, _) if (200..300).contains(&status)) {
+                    r.meter.observe_success(&ticket);
+                }
+                sent
+            }
             Err(err) => {
                 if err.not_sent() {
                     meter.refund(ticket);
