@@ -675,3 +675,127 @@ async fn trailers_pass_both_ways() {
         "request trailer lost:\n{request}"
     );
 }
+
+/// An HTTP/2 client that resets its stream mid-upload (RST_STREAM after part of the body):
+/// Salesforce never had the whole request, as for an HTTP/1.1 client that breaks off its
+/// upload, so the call does not stay counted.
+#[tokio::test]
+async fn an_http2_upload_reset_mid_body_is_not_counted() {
+    let got = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let port = {
+        let got = got.clone();
+        raw_origin(move |mut tcp| {
+            let got = got.clone();
+            async move {
+                // Reads the head and whatever of the body comes; never answers.
+                let mut buf = [0u8; 4096];
+                loop {
+                    match tcp.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            got.fetch_add(n, std::sync::atomic::Ordering::SeqCst);
+                        }
+                    }
+                }
+            }
+        })
+        .await
+    };
+    let sim = sim::spawn(SimOptions::default()).await.expect("sim");
+    let env = start_with(
+        sim,
+        &config_text(&format!("http://127.0.0.1:{port}"), "", ONE),
+    )
+    .await;
+    let addr = env.proxy.trim_start_matches("http://").to_owned();
+    let tcp = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<http_body::Frame<Bytes>, std::io::Error>>(4);
+    let body = StreamBody::new(Box::pin(stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    })));
+    let (mut send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .handshake(hyper_util::rt::TokioIo::new(tcp))
+        .await
+        .expect("h2c handshake");
+    let _driver = tokio::spawn(conn);
+    let req = Request::post(format!(
+        "http://{addr}/a/services/data/v62.0/sobjects/Contact"
+    ))
+    .header("content-type", "application/json")
+    .body(body)
+    .expect("request");
+    let waiting = tokio::spawn(send.send_request(req));
+    tx.send(Ok(http_body::Frame::data(Bytes::from_static(
+        b"{\"LastName\"",
+    ))))
+    .await
+    .expect("first chunk");
+    eventually(10, "the call counted and its body upstream", || async {
+        env.window("a").await == 1 && got.load(std::sync::atomic::Ordering::SeqCst) > 0
+    })
+    .await;
+    // The client breaks off: hyper resets the stream (RST_STREAM) on a body error.
+    tx.send(Err(std::io::Error::other("client gives up")))
+        .await
+        .expect("error");
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), waiting).await;
+    eventually(5, "the broken-off upload refunded", || async {
+        env.window("a").await == 0
+    })
+    .await;
+}
+
+/// Salesforce (HTTP/2 over TLS) refuses a stream with REFUSED_STREAM, which guarantees it did
+/// no processing (RFC 9113 8.7): the call is not counted, and the client is told so (it was
+/// answered "may have been processed and stays counted", and the call counted).
+#[tokio::test]
+async fn a_stream_refused_by_an_http2_upstream_is_not_counted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tls = TestTls::new(dir.path());
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_file(&tls.key_path).expect("key");
+    use rustls_pki_types::pem::PemObject;
+    let mut server = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_no_client_auth()
+    .with_single_cert(vec![tls.cert.clone()], key)
+    .expect("server config");
+    server.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+    let port = raw_origin(move |tcp| {
+        let acceptor = acceptor.clone();
+        async move {
+            let Ok(stream) = acceptor.accept(tcp).await else {
+                return;
+            };
+            let Ok(mut conn) = h2::server::handshake(stream).await else {
+                return;
+            };
+            while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                respond.send_reset(h2::Reason::REFUSED_STREAM);
+            }
+        }
+    })
+    .await;
+    let sim = sim::spawn(SimOptions::default()).await.expect("sim");
+    let toml = config_text(
+        &format!("https://localhost:{port}"),
+        &format!("upstream_ca = \"{}\"", tls.cert_path.display()),
+        ONE,
+    );
+    let env = start_with(sim, &toml).await;
+    let url = format!("{}/a/services/data/v62.0/sobjects", env.proxy);
+    let (status, _, body) = env.http.get(&url, &[]).await;
+    let body = String::from_utf8_lossy(&body);
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+    assert!(body.contains("not counted"), "{body}");
+    assert_eq!(
+        env.window("a").await,
+        0,
+        "a refused stream was never processed"
+    );
+}

@@ -65,6 +65,8 @@ pub enum SendError {
     ClosedEarly,
     #[error("{}", error_chain(.0))]
     Exchange(hyper::Error),
+    #[error("Salesforce refused the request before processing it: {}", error_chain(.0))]
+    Refused(hyper::Error),
 }
 
 impl SendError {
@@ -155,9 +157,33 @@ impl From<TrySendError<Request<RequestBody>>> for Attempt {
     fn from(mut e: TrySendError<Request<RequestBody>>) -> Self {
         match e.take_message() {
             Some(req) => Attempt::Unsent(Box::new(req)),
-            None => Attempt::Failed(SendError::Exchange(e.into_error())),
+            None => {
+                let error = e.into_error();
+                Attempt::Failed(if not_processed(&error) {
+                    SendError::Refused(error)
+                } else {
+                    SendError::Exchange(error)
+                })
+            }
         }
     }
+}
+
+/// Whether an HTTP/2 peer said it did not process the request (RFC 9113 8.7), so the call
+/// never happened: a stream it refused (`REFUSED_STREAM`), or one past the last a graceful
+/// `GOAWAY` let through (as when Salesforce recycles the shared connection).
+fn not_processed(error: &hyper::Error) -> bool {
+    let mut source = StdError::source(error);
+    while let Some(e) = source {
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            let reason = h2.reason();
+            return h2.is_remote()
+                && (reason == Some(h2::Reason::REFUSED_STREAM)
+                    || (h2.is_go_away() && reason == Some(h2::Reason::NO_ERROR)));
+        }
+        source = e.source();
+    }
+    false
 }
 
 impl Host {
