@@ -1423,3 +1423,41 @@ fn tokenize(expr: &str) -> Vec<Token> {
     }
     tokens
 }
+
+/// A percentage bar shows its value rounded to `decimals`, but Grafana colours it by the raw
+/// value: 79.96 % read "80.0%" in green, 89.96 % read "90.0%" in orange. The status page and
+/// `/api/v1/usage` floor the percentage for the same reason, so a bar coloured by the 80/90
+/// steps floors its value to the decimals it shows.
+#[test]
+fn percent_bars_never_show_a_rounded_value_in_the_colour_below() {
+    let mut problems = Vec::new();
+    for (name, dash) in dashboards() {
+        for panel in panels(&dash) {
+            let title = panel["title"].as_str().unwrap_or("(untitled)");
+            let defaults = &panel["fieldConfig"]["defaults"];
+            if defaults["unit"] != "percent"
+                || defaults["color"]["mode"].as_str().unwrap_or("thresholds") != "thresholds"
+            {
+                continue;
+            }
+            let decimals = defaults["decimals"].as_u64();
+            for t in panel["targets"].as_array().into_iter().flatten() {
+                let expr = t["expr"].as_str().unwrap_or("");
+                let floored = expr.trim_start().starts_with("floor(");
+                // What Grafana shows for a value just under the orange step, and its colour.
+                let shown = match decimals {
+                    Some(d) => format!("{:.*}", d as usize, 79.96_f64),
+                    None => "79.96".to_owned(), // auto decimals: Grafana picks and rounds too
+                };
+                if !floored && shown.parse::<f64>().unwrap_or(0.0) >= 80.0 {
+                    problems.push(format!(
+                        "{name}: {title:?} shows 79.96 % as \"{shown}%\" coloured green (and \
+                         89.96 % as 90 in orange): floor the value to its decimals, e.g. \
+                         floor(1000 * used / limit) / 10\n    {expr}"
+                    ));
+                }
+            }
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
