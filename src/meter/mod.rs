@@ -245,13 +245,22 @@ impl OrgMeter {
     /// The usage estimate: last report plus calls forwarded since, never less than the proxy's
     /// own count (a report can miss calls still in flight when it was made).
     pub fn used(&self) -> u64 {
-        if self.report_at_ms.load(Ordering::Acquire) == 0 {
-            return self.window.total(self.clock.minute());
+        let minute = self.clock.minute();
+        if !self.report_current(minute) {
+            return self.window.total(minute);
         }
         let (used, at) = unpack_report(self.report.load(Ordering::Acquire));
         // The floor as the last counted call left the window: no clock read (the RateLimit
         // headers of every response ask), and a report covers calls that aged out since.
         (used + self.forwarded_since(at)).max(self.window.sums().total())
+    }
+
+    /// Whether the latest report still tells the org's usage at `minute`: one a whole window
+    /// old counts only calls that have aged out of Salesforce's window since (an org nobody
+    /// called through the proxy over a weekend would otherwise stay at Friday's figure).
+    fn report_current(&self, minute: Minute) -> bool {
+        let at_ms = self.report_at_ms.load(Ordering::Acquire);
+        at_ms != 0 && minute.saturating_sub((at_ms / 60_000) as Minute) < self.window.minutes()
     }
 
     fn forwarded_since(&self, at: u32) -> u64 {
@@ -339,7 +348,7 @@ impl OrgMeter {
         let reserve = self.budget.load().reserve.resolve(limit).min(limit);
         let cap = if critical { limit } else { limit - reserve };
         let units64 = u64::from(units);
-        let reported = self.report_at_ms.load(Ordering::Acquire) != 0;
+        let reported = self.report_current(minute);
         let fits = self.window.try_add_with(minute, units, |sums| {
             let used = if reported {
                 let (used, mark) = unpack_report(self.report.load(Ordering::Acquire));
@@ -1473,5 +1482,20 @@ mod tests {
         let probe = forwarded(m[0].decide(1)); // sent after the refusals began
         org.observe_success(&probe);
         assert!(!org.is_exhausted(), "the probe's success did not end it");
+    }
+
+    /// A report a whole window old no longer counts: every call in it has aged out of
+    /// Salesforce's window, and without traffic no newer one comes.
+    #[tokio::test(start_paused = true)]
+    async fn a_report_a_window_old_no_longer_sets_the_estimate() {
+        let (org, m) = setup("daily_limit = \"auto\"", &integration("a", ""));
+        org.observe_report(report(990, 1_000));
+        assert_eq!(org.used(), 990);
+        tokio::time::advance(Duration::from_secs(23 * 3600)).await;
+        assert_eq!(org.used(), 990, "still inside the window");
+        tokio::time::advance(Duration::from_secs(3600 + 60)).await;
+        assert_eq!(org.used(), 0, "only the proxy's own count is left");
+        assert!(matches!(m[0].decide(11), Verdict::Forward(_)));
+        assert_eq!(org.usage().limit, Some(1_000), "the learned limit stays");
     }
 }
