@@ -32,6 +32,24 @@ fn set_admin_token() {
 const DEFER: &str = "[[integration]]\nid = \"d\"\norg = \"acme\"\nmatch = { path_prefix = \"/d\" }\n\
                      rate = { per_second = 1, burst = 1 }\non_limit = \"defer\"\ndefer = { max_attempts = 2 }\n";
 
+/// POSTs `body` to `url`, which the test expects deferred: checks the 202 and returns its JSON
+/// (`id`, `status`, `status_url`).
+async fn deferred(
+    http: &Http,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<String>,
+) -> serde_json::Value {
+    let (status, _, body) = http.send(Method::POST, url, headers, body.into()).await;
+    assert_eq!(
+        status,
+        StatusCode::ACCEPTED,
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    serde_json::from_slice(&body).expect("JSON")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn limited_calls_are_stored_answered_202_and_replayed() {
     let env = start(SimOptions::default(), "", DEFER).await;
@@ -537,17 +555,7 @@ async fn a_compressed_limit_error_on_replay_is_not_a_delivery() {
         .send(Method::POST, &url, &headers, r#"{"LastName":"Live"}"#)
         .await;
     assert_eq!(status, StatusCode::CREATED, "the burst token");
-    let (status, _, body) = env
-        .http
-        .send(Method::POST, &url, &headers, r#"{"LastName":"Deferred"}"#)
-        .await;
-    assert_eq!(
-        status,
-        StatusCode::ACCEPTED,
-        "{}",
-        String::from_utf8_lossy(&body)
-    );
-    let accepted: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
+    let accepted = deferred(&env.http, &url, &headers, r#"{"LastName":"Deferred"}"#).await;
     let status_url = accepted["status_url"]
         .as_str()
         .expect("status_url")
@@ -630,16 +638,7 @@ async fn a_deferred_call_on_its_way(
         .send(Method::POST, &url, &[], r#"{"LastName":"Live"}"#)
         .await;
     assert_eq!(live.0, StatusCode::CREATED);
-    let (status, _, body) = http
-        .send(Method::POST, &url, &[], r#"{"LastName":"Deferred"}"#)
-        .await;
-    assert_eq!(
-        status,
-        StatusCode::ACCEPTED,
-        "{}",
-        String::from_utf8_lossy(&body)
-    );
-    let accepted: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
+    let accepted = deferred(&http, &url, &[], r#"{"LastName":"Deferred"}"#).await;
     let id = accepted["id"]
         .as_str()
         .expect("id")
@@ -800,16 +799,7 @@ async fn a_replay_answered_201_is_not_sent_again_when_its_body_breaks_off() {
         .send(Method::POST, &url, &[], r#"{"LastName":"Live"}"#)
         .await;
     assert_eq!(status, StatusCode::CREATED, "the burst token");
-    let (status, _, body) = env
-        .http
-        .send(Method::POST, &url, &[], r#"{"LastName":"Deferred"}"#)
-        .await;
-    assert_eq!(
-        status,
-        StatusCode::ACCEPTED,
-        "{}",
-        String::from_utf8_lossy(&body)
-    );
+    deferred(&env.http, &url, &[], r#"{"LastName":"Deferred"}"#).await;
     eventually(10, "the replay reached the origin", || async {
         sends.load(std::sync::atomic::Ordering::SeqCst) >= 1
     })
@@ -854,16 +844,7 @@ async fn calls_of_an_org_no_longer_deferring_are_marked_failed_at_start() {
         StatusCode::CREATED,
         "the quota's one call"
     );
-    let (status, _, body) = http
-        .send(Method::POST, &url, &auth, r#"{"LastName":"B"}"#)
-        .await;
-    assert_eq!(
-        status,
-        StatusCode::ACCEPTED,
-        "{}",
-        String::from_utf8_lossy(&body)
-    );
-    let accepted: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
+    let accepted = deferred(&http, &url, &auth, r#"{"LastName":"B"}"#).await;
     let id = callmeter::store::DeferredId(accepted["id"].as_str().expect("id").parse().expect("n"));
     server.shutdown().await;
 
@@ -930,16 +911,7 @@ async fn a_replay_that_probes_an_exhausted_org_ends_the_exhaustion() {
         "Salesforce's own limit error"
     );
     assert_eq!(env.usage().await["orgs"][0]["exhausted"], true);
-    let (status, _, body) = env
-        .http
-        .send(Method::POST, &url, &[], r#"{"LastName":"Deferred"}"#)
-        .await;
-    assert_eq!(
-        status,
-        StatusCode::ACCEPTED,
-        "{}",
-        String::from_utf8_lossy(&body)
-    );
+    deferred(&env.http, &url, &[], r#"{"LastName":"Deferred"}"#).await;
     eventually(15, "the replay's success ended the exhaustion", || async {
         env.usage().await["orgs"][0]["exhausted"] == false
     })
