@@ -32,6 +32,13 @@ fn set_admin_token() {
 const DEFER: &str = "[[integration]]\nid = \"d\"\norg = \"acme\"\nmatch = { path_prefix = \"/d\" }\n\
                      rate = { per_second = 1, burst = 1 }\non_limit = \"defer\"\ndefer = { max_attempts = 2 }\n";
 
+/// What the integration reads at a deferred call's `status_url` (with its own Authorization).
+async fn status_of(http: &Http, status_url: &str) -> serde_json::Value {
+    let auth = [("authorization", "Bearer 00Dsession")];
+    let (_, _, body) = http.get(status_url, &auth).await;
+    serde_json::from_slice(&body).unwrap_or_default()
+}
+
 /// POSTs `body` to `url`, which the test expects deferred: checks the 202 and returns its JSON
 /// (`id`, `status`, `status_url`).
 async fn deferred(
@@ -97,15 +104,7 @@ async fn limited_calls_are_stored_answered_202_and_replayed() {
     })
     .await;
     for status_url in &status_urls {
-        let read = || {
-            let (http, status_url) = (env.http.clone(), status_url.clone());
-            async move {
-                let (_, _, body) = http
-                    .get(&status_url, &[("authorization", "Bearer 00Dsession")])
-                    .await;
-                serde_json::from_slice::<serde_json::Value>(&body).unwrap_or_default()
-            }
-        };
+        let read = || status_of(&env.http, status_url);
         eventually(15, "delivered state recorded", || async {
             read().await["state"] == "delivered"
         })
@@ -565,15 +564,7 @@ async fn a_compressed_limit_error_on_replay_is_not_a_delivery() {
         count(&seen, r#"{"LastName":"Deferred"}"#) >= 1
     })
     .await;
-    let read = || {
-        let (http, status_url) = (env.http.clone(), status_url.clone());
-        async move {
-            let (_, _, body) = http
-                .get(&status_url, &[("authorization", "Bearer 00Dsession")])
-                .await;
-            serde_json::from_slice::<serde_json::Value>(&body).unwrap_or_default()
-        }
-    };
+    let read = || status_of(&env.http, &status_url);
     eventually(10, "the replay's outcome recorded", || async {
         read().await["state"] != "in_flight"
     })

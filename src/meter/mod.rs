@@ -245,13 +245,17 @@ impl OrgMeter {
     /// The usage estimate: last report plus calls forwarded since, never less than the proxy's
     /// own count (a report can miss calls still in flight when it was made).
     pub fn used(&self) -> u64 {
-        let minute = self.clock.minute();
+        self.used_at(self.clock.minute())
+    }
+
+    /// [`used`](Self::used) at `minute`, for a caller that has read the clock already.
+    fn used_at(&self, minute: Minute) -> u64 {
         if !self.report_current(minute) {
             return self.window.total(minute);
         }
         let (used, at) = unpack_report(self.report.load(Ordering::Acquire));
-        // The floor as the last counted call left the window: no clock read (the RateLimit
-        // headers of every response ask), and a report covers calls that aged out since.
+        // The floor as the last counted call left the window (each count moves it on), and a
+        // report covers calls that aged out since.
         (used + self.forwarded_since(at)).max(self.window.sums().total())
     }
 
@@ -679,10 +683,12 @@ impl IntegrationMeter {
     /// What is left of this integration's budgets, for the `RateLimit` response headers: its
     /// quota, and the org's limit as it applies to it (less the reserve unless critical).
     pub fn remaining(&self) -> Remaining {
+        // Read once for both budgets: this runs for every counted response (RateLimit headers).
+        let minute = self.org.clock.minute();
         let budget = self.budget.load();
         let quota = self.quota_of(&budget).map(|size| Left {
             size,
-            left: size.saturating_sub(self.window_count()),
+            left: size.saturating_sub(self.window.total(minute)),
         });
         let org = self.org.limit().map(|limit| {
             let reserve = self.org.budget.load().reserve.resolve(limit).min(limit);
@@ -693,7 +699,7 @@ impl IntegrationMeter {
             };
             Left {
                 size,
-                left: size.saturating_sub(self.org.used()),
+                left: size.saturating_sub(self.org.used_at(minute)),
             }
         });
         Remaining { quota, org }
