@@ -240,9 +240,14 @@ impl Host {
                 Ok(resp) => return Ok(resp),
                 Err(Attempt::Failed(e)) => return Err(e),
                 Err(Attempt::Unsent(back)) => {
-                    // Gone (GOAWAY, closed): forget it unless another request already did.
+                    // Gone (GOAWAY, closed): forget it unless another request already did, and
+                    // go through the gate again. A closing connection turns back every request
+                    // queued on it at once; they share the one new connection.
                     let _ = self.h2.compare_and_swap(&shared, None);
                     req = *back;
+                    if let Some(fresh) = self.shared_h2(now).await? {
+                        return self.send_fresh(fresh, req, handover).await;
+                    }
                 }
             },
             // The host answered HTTP/1.1 this time: this request takes that connection.
@@ -582,6 +587,15 @@ mod tests {
 
     /// `tls`: the acceptor each new connection is served with (a test may swap it).
     async fn origin(tls: Option<Arc<Mutex<tokio_rustls::TlsAcceptor>>>) -> Origin {
+        origin_with(tls, false).await
+    }
+
+    /// `first_hangs_up`: the first connection takes one stream at a time, and `/hang-up` on it
+    /// closes it 100 ms after the request came (the requests queued behind it never go out).
+    async fn origin_with(
+        tls: Option<Arc<Mutex<tokio_rustls::TlsAcceptor>>>,
+        first_hangs_up: bool,
+    ) -> Origin {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let connections = Arc::new(AtomicUsize::new(0));
@@ -590,11 +604,17 @@ mod tests {
         let (count, seen, seen_hosts) = (connections.clone(), versions.clone(), hosts.clone());
         tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
-                count.fetch_add(1, Ordering::Relaxed);
+                let hangs_up = first_hangs_up && count.fetch_add(1, Ordering::Relaxed) == 0;
+                if !first_hangs_up {
+                    count.fetch_add(1, Ordering::Relaxed);
+                }
                 let (seen, seen_hosts, tls) = (seen.clone(), seen_hosts.clone(), tls.clone());
+                let hang_up = Arc::new(tokio::sync::Notify::new());
+                let hung_up = hang_up.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |req: Request<Incoming>| {
-                        let (seen, seen_hosts) = (seen.clone(), seen_hosts.clone());
+                        let (seen, seen_hosts, hang_up) =
+                            (seen.clone(), seen_hosts.clone(), hang_up.clone());
                         async move {
                             seen.lock().expect("versions").push(req.version());
                             let host = req
@@ -612,23 +632,34 @@ mod tests {
                                     Bytes::from_static(b"slow")
                                 }
                                 "/echo" => Bytes::from(req.uri().to_string()),
+                                "/hang-up" if hangs_up => {
+                                    hang_up.notify_one();
+                                    std::future::pending::<()>().await;
+                                    Bytes::new()
+                                }
                                 _ => Bytes::from_static(b"ok"),
                             };
                             Ok::<_, Infallible>(Response::new(Full::new(body)))
                         }
                     });
-                    let builder = auto::Builder::new(TokioExecutor::new());
+                    let mut builder = auto::Builder::new(TokioExecutor::new());
+                    if hangs_up {
+                        builder.http2().max_concurrent_streams(1);
+                    }
                     let acceptor = tls.map(|t| t.lock().expect("acceptor").clone());
-                    let _ = match acceptor {
+                    match acceptor {
                         Some(acceptor) => match acceptor.accept(tcp).await {
                             Ok(stream) => {
-                                builder
-                                    .serve_connection(TokioIo::new(stream), service)
-                                    .await
+                                let serving =
+                                    builder.serve_connection(TokioIo::new(stream), service);
+                                serve_until(serving, &hung_up).await
                             }
-                            Err(_) => return,
+                            Err(_) => (),
                         },
-                        None => builder.serve_connection(TokioIo::new(tcp), service).await,
+                        None => {
+                            let serving = builder.serve_connection(TokioIo::new(tcp), service);
+                            serve_until(serving, &hung_up).await
+                        }
                     };
                 });
             }
@@ -639,6 +670,17 @@ mod tests {
             versions,
             hosts,
         }
+    }
+
+    /// Serves a connection until it ends or `hang_up` is notified; then, 100 ms later, drops it
+    /// (closing the socket).
+    async fn serve_until<F: Future>(serving: F, hang_up: &tokio::sync::Notify) {
+        tokio::pin!(serving);
+        tokio::select! {
+            _ = &mut serving => return,
+            _ = hang_up.notified() => {}
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
     fn plain_host(addr: SocketAddr, idle_timeout: Duration) -> Arc<Host> {
@@ -867,6 +909,14 @@ mod tests {
     /// An origin speaking HTTP/2 and HTTP/1.1 over TLS, and a host for it trusting its CA.
     /// Also returns a switch that makes the origin offer only HTTP/1.1 to new connections.
     async fn tls_origin(idle_timeout: Duration) -> (Origin, Arc<Host>, impl Fn()) {
+        tls_origin_with(idle_timeout, false).await
+    }
+
+    /// `first_hangs_up`: see `origin_with`.
+    async fn tls_origin_with(
+        idle_timeout: Duration,
+        first_hangs_up: bool,
+    ) -> (Origin, Arc<Host>, impl Fn()) {
         let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("cert");
         let key = rustls_pki_types::PrivateKeyDer::try_from(cert.signing_key.serialize_der())
             .expect("key");
@@ -883,7 +933,7 @@ mod tests {
         let acceptor = Arc::new(Mutex::new(tokio_rustls::TlsAcceptor::from(Arc::new(
             server,
         ))));
-        let origin = origin(Some(acceptor.clone())).await;
+        let origin = origin_with(Some(acceptor.clone()), first_hangs_up).await;
         let to_http1 = move || {
             *acceptor.lock().expect("acceptor") =
                 tokio_rustls::TlsAcceptor::from(Arc::new(http1_only.clone()));
@@ -938,6 +988,21 @@ mod tests {
         fetch(&host, "/").await;
         tokio::time::sleep(Duration::from_millis(150)).await;
         let many = (0..8).map(|_| fetch(&host, "/"));
+        futures_util::future::join_all(many).await;
+        assert_eq!(origin.connections.load(Ordering::Relaxed), 2);
+    }
+
+    /// Requests waiting on a shared HTTP/2 connection that closes (a GOAWAY, a reset) come back
+    /// unsent, all at once: they share one new connection rather than each making its own (a
+    /// burst of TLS handshakes to Salesforce).
+    #[tokio::test]
+    async fn requests_turned_back_by_a_closed_http2_connection_share_one_new_one() {
+        let (origin, host, _) = tls_origin_with(Duration::from_secs(50), true).await;
+        fetch(&host, "/").await; // the connection is up, its one-stream limit known
+        let many = (0..8).map(|_| async {
+            let handover = Handover::default();
+            let _ = host.send(get("/hang-up"), &handover).await;
+        });
         futures_util::future::join_all(many).await;
         assert_eq!(origin.connections.load(Ordering::Relaxed), 2);
     }
