@@ -80,8 +80,9 @@ impl Admin {
     }
 
     async fn metrics_page(&self) -> Response<ResponseBody> {
+        let reading = self.metrics.deferred_reading();
         match self.deferrals.refresh_depths().await {
-            Ok(counts) => self.metrics.update_deferred(&counts),
+            Ok(counts) => self.metrics.update_deferred(reading, &counts),
             Err(e) => {
                 tracing::warn!(error = %e, "reading deferred-call counts for /metrics failed")
             }
