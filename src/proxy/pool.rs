@@ -648,14 +648,13 @@ mod tests {
                     }
                     let acceptor = tls.map(|t| t.lock().expect("acceptor").clone());
                     match acceptor {
-                        Some(acceptor) => match acceptor.accept(tcp).await {
-                            Ok(stream) => {
+                        Some(acceptor) => {
+                            if let Ok(stream) = acceptor.accept(tcp).await {
                                 let serving =
                                     builder.serve_connection(TokioIo::new(stream), service);
                                 serve_until(serving, &hung_up).await
                             }
-                            Err(_) => (),
-                        },
+                        }
                         None => {
                             let serving = builder.serve_connection(TokioIo::new(tcp), service);
                             serve_until(serving, &hung_up).await
