@@ -276,6 +276,8 @@ pub async fn start(config: &Config) -> Result<Server, StartError> {
         store.clone(),
         persist_stop.subscribe(),
     ));
+    // Beside the snapshots: counting goes on while the listeners drain.
+    persist.spawn(crate::meter::follow_suspends(persist_stop.subscribe()));
     admin.ready.store(true, Ordering::Relaxed);
 
     Ok(Server {

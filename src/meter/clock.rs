@@ -9,8 +9,16 @@
 //! one, which on virtual machines costs ~25 ns: half of deciding a call). Rate limits need
 //! microseconds and read `tokio::time::Instant`. Unit tests pause and advance tokio's clock,
 //! which the coarse clock cannot follow, so under `cfg(test)` everything reads tokio's.
+//!
+//! Monotonic clocks stop while the machine is suspended (a laptop, a paused VM), and the
+//! meter's minutes would then trail the real ones by the suspend for the rest of the run: calls
+//! aging out of the window late, times an hour behind on the status page. [`follow_suspends`]
+//! adds the time spent suspended (`CLOCK_BOOTTIME` minus `CLOCK_MONOTONIC`) once a second;
+//! reading it costs the hot path one relaxed load of a value that changes only on a resume.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::window::Minute;
@@ -24,11 +32,18 @@ pub const MAX_LAG: std::time::Duration = std::time::Duration::from_millis(10);
 #[cfg(not(all(target_os = "linux", not(test))))]
 pub const MAX_LAG: std::time::Duration = std::time::Duration::ZERO;
 
+/// Milliseconds the machine has spent suspended since boot, as last seen by
+/// [`follow_suspends`]; it only grows.
+static SUSPENDED_MS: AtomicU64 = AtomicU64::new(0);
+
 /// Source of "now" for the meter. Cheap to clone.
 #[derive(Debug, Clone, Copy)]
 pub struct Clock {
     base: Instant,
     base_unix_ms: u64,
+    /// The time spent suspended, and its value when `base` was taken.
+    suspended_ms: &'static AtomicU64,
+    base_suspended_ms: u64,
     /// The coarse clock's reading when `base` was taken, in ms.
     #[cfg(all(target_os = "linux", not(test)))]
     coarse_base_ms: u64,
@@ -36,6 +51,11 @@ pub struct Clock {
 
 impl Clock {
     pub fn new() -> Self {
+        Self::following(&SUSPENDED_MS)
+    }
+
+    /// A clock that adds the time spent suspended as `suspended_ms` counts it.
+    fn following(suspended_ms: &'static AtomicU64) -> Self {
         let base_unix_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
@@ -43,6 +63,8 @@ impl Clock {
         Clock {
             base: Instant::now(),
             base_unix_ms,
+            suspended_ms,
+            base_suspended_ms: suspended_ms.load(Ordering::Relaxed),
             #[cfg(all(target_os = "linux", not(test)))]
             coarse_base_ms: coarse_ms(),
         }
@@ -56,10 +78,15 @@ impl Clock {
 
     #[inline]
     fn elapsed_ms(&self) -> u64 {
+        let suspended = self
+            .suspended_ms
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.base_suspended_ms);
         #[cfg(all(target_os = "linux", not(test)))]
-        return coarse_ms().saturating_sub(self.coarse_base_ms);
+        let running = coarse_ms().saturating_sub(self.coarse_base_ms);
         #[cfg(not(all(target_os = "linux", not(test))))]
-        return self.base.elapsed().as_millis() as u64;
+        let running = self.base.elapsed().as_millis() as u64;
+        running + suspended
     }
 
     /// Microseconds since this clock was made: monotonic, for rate limits.
@@ -83,6 +110,35 @@ fn coarse_ms() -> u64 {
     t.tv_sec as u64 * 1_000 + t.tv_nsec as u64 / 1_000_000
 }
 
+/// The time spent suspended since boot, in ms (0 where the kernel does not tell).
+fn suspended_since_boot_ms() -> u64 {
+    #[cfg(target_os = "linux")]
+    {
+        use rustix::time::{clock_gettime, ClockId};
+        let ms = |t: rustix::time::Timespec| t.tv_sec as u64 * 1_000 + t.tv_nsec as u64 / 1_000_000;
+        // Monotonic first: the difference can only come out smaller than the truth, by the
+        // microseconds between the two reads, never larger.
+        let running = ms(clock_gettime(ClockId::Monotonic));
+        ms(clock_gettime(ClockId::Boottime)).saturating_sub(running)
+    }
+    #[cfg(not(target_os = "linux"))]
+    0
+}
+
+/// Keeps every [`Clock`] abreast of suspends: checks once a second until `stop`.
+pub async fn follow_suspends(mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    while !*stop.borrow() {
+        tokio::select! {
+            _ = tick.tick() => {
+                SUSPENDED_MS.fetch_max(suspended_since_boot_ms(), Ordering::Relaxed);
+            }
+            _ = stop.changed() => {}
+        }
+    }
+}
+
 impl Default for Clock {
     fn default() -> Self {
         Self::new()
@@ -92,7 +148,30 @@ impl Default for Clock {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
+
+    #[tokio::test(start_paused = true)]
+    async fn time_spent_suspended_moves_the_clock_on() {
+        let suspended: &'static AtomicU64 = Box::leak(Box::new(AtomicU64::new(700)));
+        let clock = Clock::following(suspended);
+        let ms = clock.unix_ms();
+        tokio::time::advance(Duration::from_secs(60)).await;
+        suspended.fetch_max(700 + 3_600_000, Ordering::Relaxed); // an hour's suspend
+        assert_eq!(clock.unix_ms() - ms, 60_000 + 3_600_000);
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn suspended_time_is_read_from_the_kernel() {
+        // This machine may have been suspended before (a VM migrated): the reading is whatever
+        // it was, but it is steady between two reads and never goes back.
+        let first = suspended_since_boot_ms();
+        std::thread::sleep(Duration::from_millis(20));
+        let second = suspended_since_boot_ms();
+        assert!(
+            second + 1 >= first && second <= first + 5,
+            "{first} -> {second}"
+        );
+    }
 
     #[tokio::test(start_paused = true)]
     async fn follows_paused_time() {

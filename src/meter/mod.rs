@@ -21,7 +21,7 @@ use std::time::Duration;
 
 pub use budget::{InFlight, IntegrationBudget, OrgBudget, RateParams};
 use budget::{LiveIntegrationBudget, LiveOrgBudget};
-pub use clock::Clock;
+pub use clock::{follow_suspends, Clock};
 pub use rate::TokenBucket;
 pub use window::{Minute, Window};
 
