@@ -1,10 +1,11 @@
 //! End-to-end: HTTP/2 over TLS, h2c, chunked and large streamed uploads and downloads,
-//! malformed requests.
+//! malformed requests, and the message handling an intermediary must get right.
 
 mod common;
 
 use std::convert::Infallible;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use callmeter::sim::{self, SimOptions};
@@ -797,5 +798,248 @@ async fn a_stream_refused_by_an_http2_upstream_is_not_counted() {
         env.window("a").await,
         0,
         "a refused stream was never processed"
+    );
+}
+
+// What an intermediary must get right (RFC 9110, RFC 9112), checked against a raw origin that
+// records the bytes that reach it.
+
+const BY_HOST: &str =
+    "[[integration]]\nid = \"m\"\norg = \"acme\"\nmatch = { host = \"middleware.internal\" }\n";
+const OK: &[u8] =
+    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
+
+type Seen = Arc<Mutex<Vec<Vec<u8>>>>;
+
+/// An origin that records each request as it arrives (what came until 300 ms of silence) and
+/// answers it with `response`, on the same connection for as long as the client keeps it.
+async fn recording_origin(response: &'static [u8]) -> (u16, Seen) {
+    let seen: Seen = Arc::new(Mutex::new(Vec::new()));
+    let log = seen.clone();
+    let port = raw_origin(move |mut tcp| {
+        let log = log.clone();
+        async move {
+            let mut buf = [0u8; 8192];
+            loop {
+                let mut got = Vec::new();
+                loop {
+                    match tokio::time::timeout(Duration::from_millis(300), tcp.read(&mut buf)).await
+                    {
+                        Ok(Ok(0)) | Ok(Err(_)) => return,
+                        Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+                        Err(_) if !got.is_empty() => break,
+                        Err(_) => {}
+                    }
+                }
+                log.lock().expect("lock").push(got);
+                if tcp.write_all(response).await.is_err() {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    (port, seen)
+}
+
+async fn proxy_for(port: u16, integrations: &str) -> Env {
+    let sim = sim::spawn(SimOptions::default()).await.expect("sim");
+    let upstream = format!("http://127.0.0.1:{port}");
+    start_with(sim, &config_text(&upstream, "", integrations)).await
+}
+
+/// Writes `request` on a new connection to the proxy; returns all it answers within 2 s (or
+/// until it closes), and whether it closed the connection.
+async fn exchange(env: &Env, request: &[u8]) -> (String, bool) {
+    let mut tcp = env.tcp().await;
+    tcp.write_all(request).await.expect("write");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 8192];
+    let closed = loop {
+        match tokio::time::timeout(Duration::from_secs(2), tcp.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break true,
+            Err(_) => break false,
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+        }
+    };
+    (String::from_utf8_lossy(&got).into_owned(), closed)
+}
+
+fn upstream_saw(seen: &Seen) -> String {
+    let seen = seen.lock().expect("lock");
+    let all: Vec<String> = seen
+        .iter()
+        .map(|r| String::from_utf8_lossy(r).into_owned())
+        .collect();
+    all.join("\n-----\n")
+}
+
+/// RFC 9112 §3.2: "A server MUST respond with a 400 (Bad Request) status code to any HTTP/1.1
+/// request message that lacks a Host header field and to any request message that contains
+/// more than one Host header field line". The proxy attributes by the first of two Host lines
+/// (a `host` rule) and forwards both kinds of request.
+#[tokio::test]
+async fn http11_requests_with_no_host_or_two_hosts_are_400_and_not_forwarded() {
+    let (port, seen) = recording_origin(OK).await;
+    let env = proxy_for(port, &format!("{ONE}\n{BY_HOST}")).await;
+
+    let (two, _) = exchange(
+        &env,
+        b"GET /services/data/v62.0/sobjects HTTP/1.1\r\nHost: middleware.internal\r\n\
+          Host: crm.example.com\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    let (none, _) = exchange(
+        &env,
+        b"GET /a/services/data/v62.0/sobjects HTTP/1.1\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(
+        two.starts_with("HTTP/1.1 400") && none.starts_with("HTTP/1.1 400"),
+        "two Host lines got:\n{two}\nno Host got:\n{none}\nupstream saw:\n{}",
+        upstream_saw(&seen)
+    );
+    assert!(
+        seen.lock().expect("lock").is_empty(),
+        "{}",
+        upstream_saw(&seen)
+    );
+}
+
+/// RFC 9110 §6.2: an intermediary "MUST send its own HTTP-version in forwarded messages". The
+/// proxy copies the upstream's version into the status line it writes to the client: an
+/// HTTP/1.0 relay behind it turns every answer into an HTTP/1.0 one, which an HTTP/1.1 client
+/// must treat as not persistent (RFC 9112 §9.3, no `keep-alive`), and whose unknown-length
+/// bodies hyper then delimits by closing rather than chunking (a cut-off is undetectable).
+#[tokio::test]
+async fn the_client_gets_the_proxys_http_version_not_the_upstreams() {
+    let (port, _) = recording_origin(
+        b"HTTP/1.0 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}",
+    )
+    .await;
+    let env = proxy_for(port, ONE).await;
+    let (answer, _) = exchange(
+        &env,
+        b"GET /a/services/data/v62.0/sobjects HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "client got:\n{answer}");
+}
+
+/// RFC 9112 §6.1/§7: a transfer coding other than `chunked` must not be silently lost. The
+/// proxy decodes only `chunked`, drops the `Transfer-Encoding` field, and forwards the still
+/// gzip-coded bytes as if they were the content (a server "SHOULD respond with 501" to a coding
+/// it does not understand).
+#[tokio::test]
+async fn a_request_transfer_coding_other_than_chunked_is_not_silently_dropped() {
+    let (port, seen) = recording_origin(OK).await;
+    let env = proxy_for(port, ONE).await;
+    let (answer, _) = exchange(
+        &env,
+        b"POST /a/services/data/v62.0/sobjects/Contact HTTP/1.1\r\nHost: x\r\n\
+          content-type: application/json\r\ntransfer-encoding: gzip, chunked\r\n\
+          connection: close\r\n\r\n4\r\nGZIP\r\n0\r\n\r\n",
+    )
+    .await;
+    let upstream = upstream_saw(&seen).to_ascii_lowercase();
+    let refused = answer.starts_with("HTTP/1.1 501") && upstream.is_empty();
+    let kept = upstream.contains("transfer-encoding: gzip");
+    assert!(
+        refused || kept,
+        "client got:\n{answer}\nupstream saw (coding lost):\n{upstream}"
+    );
+}
+
+/// The same for a response: the upstream's `gzip` transfer coding is dropped and the client
+/// gets the coded bytes as the content, with nothing saying they are compressed.
+#[tokio::test]
+async fn a_response_transfer_coding_other_than_chunked_is_not_silently_dropped() {
+    let (port, _) = recording_origin(
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+          transfer-encoding: gzip, chunked\r\n\r\n4\r\nGZIP\r\n0\r\n\r\n",
+    )
+    .await;
+    let env = proxy_for(port, ONE).await;
+    let (answer, _) = exchange(
+        &env,
+        b"GET /a/services/data/v62.0/sobjects HTTP/1.1\r\nHost: x\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    let head = answer
+        .split("\r\n\r\n")
+        .next()
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    assert!(
+        head.contains("gzip") || answer.starts_with("HTTP/1.1 502"),
+        "gzip coding lost; client got:\n{answer:?}"
+    );
+}
+
+/// A request body framed by chunked transfer coding reaches Salesforce whatever the method. On
+/// a GET (or HEAD) hyper's client sends no body unless a length is set, and the proxy removes
+/// `Transfer-Encoding`: the body is silently thrown away while the client gets Salesforce's
+/// answer.
+#[tokio::test]
+async fn a_chunked_get_body_is_forwarded_not_dropped() {
+    let (port, seen) = recording_origin(OK).await;
+    let env = proxy_for(port, ONE).await;
+    let (answer, _) = exchange(
+        &env,
+        b"GET /a/services/data/v62.0/query HTTP/1.1\r\nHost: x\r\ntransfer-encoding: chunked\r\n\
+          connection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
+    let upstream = upstream_saw(&seen);
+    assert!(
+        upstream.contains("hello") || (upstream.is_empty() && answer.starts_with("HTTP/1.1 4")),
+        "client got:\n{answer}\nupstream saw (no body):\n{upstream}"
+    );
+}
+
+/// A reverse proxy does not tunnel: CONNECT is answered by the proxy (405/501), not sent on.
+/// The proxy forwards it to Salesforce as `CONNECT / HTTP/1.1` (a request target CONNECT cannot
+/// have, RFC 9112 §3.2.3), and when the upstream says 2xx the client's connection is closed
+/// with no response at all.
+#[tokio::test]
+async fn connect_is_refused_not_forwarded() {
+    let (port, seen) = recording_origin(OK).await;
+    let env = proxy_for(port, BY_HOST).await;
+    let (answer, _) = exchange(
+        &env,
+        b"CONNECT middleware.internal:443 HTTP/1.1\r\nHost: middleware.internal:443\r\n\r\n",
+    )
+    .await;
+    assert!(
+        answer.starts_with("HTTP/1.1 4") || answer.starts_with("HTTP/1.1 5"),
+        "client got {answer:?}; upstream saw:\n{}",
+        upstream_saw(&seen)
+    );
+    assert!(
+        seen.lock().expect("lock").is_empty(),
+        "{}",
+        upstream_saw(&seen)
+    );
+}
+
+/// With `trust_forwarded` off the proxy replaces `X-Forwarded-For`/`-Proto` because "the client
+/// could have forged it", yet the standard `Forwarded` field (RFC 7239) and its `X-Forwarded-Host`
+/// / `X-Real-IP` siblings reach Salesforce as the client wrote them.
+#[tokio::test]
+async fn untrusted_forwarding_fields_do_not_reach_salesforce_as_forged() {
+    let (port, seen) = recording_origin(OK).await;
+    let env = proxy_for(port, ONE).await;
+    let (answer, _) = exchange(
+        &env,
+        b"GET /a/services/data/v62.0/sobjects HTTP/1.1\r\nHost: x\r\n\
+          forwarded: for=6.6.6.6;proto=https\r\nx-forwarded-for: 6.6.6.6\r\n\
+          x-forwarded-host: evil.example\r\nx-real-ip: 6.6.6.6\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let upstream = upstream_saw(&seen).to_ascii_lowercase();
+    assert!(
+        !upstream.contains("6.6.6.6") && !upstream.contains("evil.example"),
+        "forged client fields forwarded:\n{upstream}"
     );
 }

@@ -29,6 +29,15 @@ pub enum ProxyError {
     #[error("the request path cannot be forwarded: it does not form a valid URL upstream")]
     BadPath,
 
+    #[error("a request needs exactly one Host header (RFC 9112 section 3.2), this one has {lines}; it was not forwarded")]
+    HostLines { lines: usize },
+
+    #[error("callmeter is a reverse proxy for Salesforce's APIs and opens no tunnels: CONNECT is not forwarded")]
+    Tunnel,
+
+    #[error("the request's Transfer-Encoding has \"{coding}\", which callmeter cannot pass on (only chunked); send the body with Content-Length, or chunked alone; it was not forwarded")]
+    RequestCoding { coding: String },
+
     #[error("the request body could not be read: {0}; the call did not reach Salesforce whole and was not counted")]
     ClientBody(#[source] hyper::Error),
 
@@ -45,6 +54,9 @@ pub enum ProxyError {
     #[error("Salesforce at {upstream} sent no response within {}; the call may have been processed and stays counted", humantime::format_duration(*.after))]
     UpstreamTimeout { upstream: String, after: Duration },
 
+    #[error("Salesforce at {upstream} answered with Transfer-Encoding \"{coding}\", which callmeter cannot pass on (only chunked); the call may have been processed and stays counted")]
+    ResponseCoding { upstream: String, coding: String },
+
     #[error("the exchange with Salesforce at {upstream} failed: {source}; the call may have been processed and stays counted")]
     Upstream {
         upstream: String,
@@ -57,7 +69,10 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::Unmatched { .. } | ProxyError::UnknownKey => StatusCode::FORBIDDEN,
-            ProxyError::ClientBody(_) | ProxyError::BadPath => StatusCode::BAD_REQUEST,
+            ProxyError::ClientBody(_) | ProxyError::BadPath | ProxyError::HostLines { .. } => {
+                StatusCode::BAD_REQUEST
+            }
+            ProxyError::Tunnel | ProxyError::RequestCoding { .. } => StatusCode::NOT_IMPLEMENTED,
             ProxyError::UploadStalled { .. } => StatusCode::REQUEST_TIMEOUT,
             // A server that took its connection but never finished the handshakes timed out,
             // as gateways report it (nginx too); one that refused or failed it is a bad gateway.
@@ -66,9 +81,9 @@ impl ProxyError {
                 ..
             }
             | ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            ProxyError::UpstreamConnect { .. } | ProxyError::Upstream { .. } => {
-                StatusCode::BAD_GATEWAY
-            }
+            ProxyError::UpstreamConnect { .. }
+            | ProxyError::Upstream { .. }
+            | ProxyError::ResponseCoding { .. } => StatusCode::BAD_GATEWAY,
         }
     }
 
@@ -77,11 +92,16 @@ impl ProxyError {
         match self {
             ProxyError::Unmatched { .. } => "CALLMETER_UNMATCHED",
             ProxyError::UnknownKey => "CALLMETER_UNKNOWN_KEY",
-            ProxyError::ClientBody(_) | ProxyError::BadPath => "CALLMETER_BAD_REQUEST",
+            ProxyError::ClientBody(_) | ProxyError::BadPath | ProxyError::HostLines { .. } => {
+                "CALLMETER_BAD_REQUEST"
+            }
+            ProxyError::Tunnel | ProxyError::RequestCoding { .. } => "CALLMETER_NOT_IMPLEMENTED",
             ProxyError::UploadStalled { .. } => "CALLMETER_REQUEST_TIMEOUT",
             ProxyError::UpstreamConnect { .. } => "CALLMETER_UPSTREAM_UNREACHABLE",
             ProxyError::UpstreamTimeout { .. } => "CALLMETER_UPSTREAM_TIMEOUT",
-            ProxyError::Upstream { .. } => "CALLMETER_UPSTREAM_ERROR",
+            ProxyError::Upstream { .. } | ProxyError::ResponseCoding { .. } => {
+                "CALLMETER_UPSTREAM_ERROR"
+            }
         }
     }
 
@@ -104,6 +124,7 @@ impl ProxyError {
             ProxyError::UpstreamConnect { .. }
                 | ProxyError::UpstreamTimeout { .. }
                 | ProxyError::Upstream { .. }
+                | ProxyError::ResponseCoding { .. }
         )
     }
 

@@ -5,6 +5,10 @@
 //! makes Salesforce's Event Monitoring attribute the call to the same integration we do.
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Version};
+use hyper::body::Body;
+
+use super::ProxyError;
 
 /// The header an integration may send to identify itself with a secret key.
 pub const KEY_HEADER: HeaderName = HeaderName::from_static("x-callmeter-key");
@@ -12,6 +16,11 @@ pub const CALL_OPTIONS: HeaderName = HeaderName::from_static("sforce-call-option
 pub const LIMIT_INFO: HeaderName = HeaderName::from_static("sforce-limit-info");
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+/// Client-supplied forwarding fields beside `X-Forwarded-For`/`-Proto`: passed on only from a
+/// trusted load balancer, like those two.
+const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
@@ -54,13 +63,64 @@ fn remove_hop_by_hop_present(headers: &mut HeaderMap) {
     headers.remove(header::UPGRADE);
 }
 
+/// Refuses what a reverse proxy must not forward, before the request is routed: a tunnel
+/// (CONNECT), a Host header missing from an HTTP/1.1 request or given twice (RFC 9112 §3.2:
+/// routing by host and a load balancer in front could each read another line), and a
+/// transfer coding other than chunked (hyper decodes only that one; the other would reach
+/// Salesforce undeclared).
+pub fn check_request(parts: &http::request::Parts, body: &impl Body) -> Result<(), ProxyError> {
+    if parts.method == Method::CONNECT {
+        return Err(ProxyError::Tunnel);
+    }
+    if parts.version != Version::HTTP_2 {
+        let lines = parts.headers.get_all(header::HOST).iter().count();
+        if lines > 1 || (lines == 0 && parts.version == Version::HTTP_11) {
+            return Err(ProxyError::HostLines { lines });
+        }
+    }
+    // Only a body of unknown length can have come with a transfer coding.
+    if body.size_hint().exact().is_none() {
+        if let Some(coding) = other_coding(&parts.headers) {
+            return Err(ProxyError::RequestCoding { coding });
+        }
+    }
+    Ok(())
+}
+
+/// The first transfer coding other than `chunked` the message declares.
+fn other_coding(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .find(|coding| !coding.is_empty() && !coding.eq_ignore_ascii_case(b"chunked"))
+        .map(|coding| String::from_utf8_lossy(coding).into_owned())
+}
+
+/// A GET or HEAD whose body has no length (chunked, or HTTP/2 DATA without a
+/// `content-length`) goes on chunked: hyper's HTTP/1.1 client otherwise sends those methods
+/// with no body at all, and Salesforce would answer a request it never saw whole.
+pub fn keep_body_of_unknown_length(headers: &mut HeaderMap, method: &Method, body: &impl Body) {
+    if (method == Method::GET || method == Method::HEAD)
+        && !body.is_end_stream()
+        && body.size_hint().exact().is_none()
+    {
+        headers.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+    }
+}
+
 /// Where the request came from and how, for the `X-Forwarded-*` headers.
 pub struct ClientInfo<'a> {
     /// The client's IP (see `Peer::ip_header`).
     pub ip: &'a HeaderValue,
     pub tls: bool,
     /// Keep an incoming `X-Forwarded-For` and append to it (the proxy is behind a trusted load
-    /// balancer), or replace it (the client could have forged it).
+    /// balancer), or replace it (the client could have forged it); `Forwarded`,
+    /// `X-Forwarded-Host` and `X-Real-IP` are kept or removed alike.
     pub trust_forwarded: bool,
 }
 
@@ -79,6 +139,11 @@ pub fn to_upstream(
     }
     if present.key {
         headers.remove(KEY_HEADER);
+    }
+    if present.other_forwarding && !client.trust_forwarded {
+        headers.remove(FORWARDED);
+        headers.remove(X_FORWARDED_HOST);
+        headers.remove(X_REAL_IP);
     }
 
     let forwarded_for = if present.forwarded_for && client.trust_forwarded {
@@ -134,6 +199,8 @@ struct Present {
     key: bool,
     forwarded_for: bool,
     forwarded_proto: bool,
+    /// `Forwarded`, `X-Forwarded-Host` or `X-Real-IP`.
+    other_forwarding: bool,
 }
 
 impl Present {
@@ -143,12 +210,15 @@ impl Present {
             key: false,
             forwarded_for: false,
             forwarded_proto: false,
+            other_forwarding: false,
         };
         for name in headers.keys() {
             p.hop_by_hop |= is_hop_by_hop(name);
             p.key |= name == KEY_HEADER;
             p.forwarded_for |= name == X_FORWARDED_FOR;
             p.forwarded_proto |= name == X_FORWARDED_PROTO;
+            p.other_forwarding |=
+                name == FORWARDED || name == X_FORWARDED_HOST || name == X_REAL_IP;
         }
         p
     }
@@ -204,17 +274,23 @@ impl std::fmt::Display for Redacted<'_> {
     }
 }
 
-/// Prepares the upstream response's headers for the client.
-pub fn to_client(headers: &mut HeaderMap) {
+/// Prepares the upstream response's headers for the client. `Err`: the response declares a
+/// transfer coding other than chunked (named), which hyper does not decode, so its body cannot
+/// go on as what it says it is.
+pub fn to_client(headers: &mut HeaderMap) -> Result<(), String> {
     if headers.keys().any(is_hop_by_hop) {
         // A response framed by Transfer-Encoding ignores any Content-Length beside it, and a
         // proxy forwarding it must drop that (RFC 9112 §6.3): the client gets the decoded body,
         // which the stale length would cut short or run past.
         if headers.contains_key(header::TRANSFER_ENCODING) {
+            if let Some(coding) = other_coding(headers) {
+                return Err(coding);
+            }
             headers.remove(header::CONTENT_LENGTH);
         }
         remove_hop_by_hop_present(headers);
     }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -265,9 +341,14 @@ mod tests {
     fn each_hop_by_hop_header_goes_even_alone() {
         for name in HOP_BY_HOP.iter().chain([&header::UPGRADE]) {
             let mut h = HeaderMap::new();
-            h.insert(name.clone(), HeaderValue::from_static("x"));
+            let value = if name == header::TRANSFER_ENCODING {
+                "chunked"
+            } else {
+                "x"
+            };
+            h.insert(name.clone(), HeaderValue::from_static(value));
             h.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
-            to_client(&mut h);
+            to_client(&mut h).expect("chunked only");
             assert!(!h.contains_key(name), "{name} kept");
             assert!(h.contains_key(header::ACCEPT));
         }
@@ -324,14 +405,14 @@ mod tests {
         );
         h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-        to_client(&mut h);
+        to_client(&mut h).expect("chunked only");
         assert!(!h.contains_key(header::CONTENT_LENGTH), "{h:?}");
         assert!(!h.contains_key(header::TRANSFER_ENCODING), "{h:?}");
         assert!(h.contains_key(header::CONTENT_TYPE));
 
         let mut plain = HeaderMap::new();
         plain.insert(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
-        to_client(&mut plain);
+        to_client(&mut plain).expect("no coding");
         assert_eq!(plain[header::CONTENT_LENGTH], "5");
     }
 

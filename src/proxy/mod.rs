@@ -100,6 +100,7 @@ async fn proxy(
     started: Instant,
 ) -> Result<Response<ResponseBody>, ProxyError> {
     let (mut parts, body) = req.into_parts();
+    headers::check_request(&parts, &body)?;
 
     // 1. route
     let matched = ctx.routes.route(&parts)?;
@@ -182,6 +183,7 @@ async fn proxy(
         .uri(login, upstream_pq)
         .map_err(|_| ProxyError::BadPath)?;
     parts.version = http::Version::HTTP_11;
+    headers::keep_body_of_unknown_length(&mut parts.headers, &parts.method, &body);
     let mut unsent = Unsent {
         route: &route,
         ticket: Some(ticket),
@@ -232,7 +234,16 @@ async fn proxy(
     };
 
     // 7. respond, record
-    headers::to_client(&mut parts.headers);
+    if let Err(coding) = headers::to_client(&mut parts.headers) {
+        route
+            .metrics
+            .record(api, Outcome::UpstreamError, started.elapsed());
+        let upstream = route.org.upstream.name(login).to_owned();
+        return Err(ProxyError::ResponseCoding { upstream, coding });
+    }
+    // The proxy's own version, whatever the upstream spoke (RFC 9110 §6.2): an HTTP/1.0
+    // status line would tell an HTTP/1.1 client its connection is not kept.
+    parts.version = http::Version::HTTP_11;
     if ticket.units() > 0 {
         reject::add_ratelimit_headers(&mut parts.headers, &route);
     }
