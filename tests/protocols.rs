@@ -1043,3 +1043,32 @@ async fn untrusted_forwarding_fields_do_not_reach_salesforce_as_forged() {
         "forged client fields forwarded:\n{upstream}"
     );
 }
+
+/// The proxy removes `Upgrade` from every request (it tunnels no protocol), so a `101 Switching
+/// Protocols` from upstream is a protocol violation: a Salesforce-shaped 502, not a bare 101.
+#[tokio::test]
+async fn an_upstream_101_is_a_502() {
+    let port = raw_origin(|mut tcp| async move {
+        let mut buf = [0u8; 65536];
+        let _ = tcp.read(&mut buf).await;
+        let _ = tcp
+            .write_all(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n")
+            .await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    })
+    .await;
+    let env = proxy_for(port, ONE).await;
+    let (status, _, body) = env
+        .http
+        .get(
+            &format!("{}/a/services/data/v62.0/sobjects", env.proxy),
+            &[],
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    let body = String::from_utf8_lossy(&body);
+    assert!(
+        body.contains("CALLMETER_UPSTREAM_ERROR") && body.contains("101"),
+        "{body}"
+    );
+}

@@ -54,8 +54,11 @@ pub enum ProxyError {
     #[error("Salesforce at {upstream} sent no response within {}; the call may have been processed and stays counted", humantime::format_duration(*.after))]
     UpstreamTimeout { upstream: String, after: Duration },
 
-    #[error("Salesforce at {upstream} answered with Transfer-Encoding \"{coding}\", which callmeter cannot pass on (only chunked); the call may have been processed and stays counted")]
-    ResponseCoding { upstream: String, coding: String },
+    #[error("Salesforce at {upstream} {what}; the call may have been processed and stays counted")]
+    Unpassable {
+        upstream: String,
+        what: super::headers::Unpassable,
+    },
 
     #[error("the exchange with Salesforce at {upstream} failed: {source}; the call may have been processed and stays counted")]
     Upstream {
@@ -83,7 +86,7 @@ impl ProxyError {
             | ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::UpstreamConnect { .. }
             | ProxyError::Upstream { .. }
-            | ProxyError::ResponseCoding { .. } => StatusCode::BAD_GATEWAY,
+            | ProxyError::Unpassable { .. } => StatusCode::BAD_GATEWAY,
         }
     }
 
@@ -99,7 +102,7 @@ impl ProxyError {
             ProxyError::UploadStalled { .. } => "CALLMETER_REQUEST_TIMEOUT",
             ProxyError::UpstreamConnect { .. } => "CALLMETER_UPSTREAM_UNREACHABLE",
             ProxyError::UpstreamTimeout { .. } => "CALLMETER_UPSTREAM_TIMEOUT",
-            ProxyError::Upstream { .. } | ProxyError::ResponseCoding { .. } => {
+            ProxyError::Upstream { .. } | ProxyError::Unpassable { .. } => {
                 "CALLMETER_UPSTREAM_ERROR"
             }
         }
@@ -124,7 +127,7 @@ impl ProxyError {
             ProxyError::UpstreamConnect { .. }
                 | ProxyError::UpstreamTimeout { .. }
                 | ProxyError::Upstream { .. }
-                | ProxyError::ResponseCoding { .. }
+                | ProxyError::Unpassable { .. }
         )
     }
 

@@ -274,17 +274,35 @@ impl std::fmt::Display for Redacted<'_> {
     }
 }
 
-/// Prepares the upstream response's headers for the client. `Err`: the response declares a
-/// transfer coding other than chunked (named), which hyper does not decode, so its body cannot
-/// go on as what it says it is.
-pub fn to_client(headers: &mut HeaderMap) -> Result<(), String> {
+/// Why an upstream response cannot go on to the client as it is.
+#[derive(Debug, thiserror::Error)]
+pub enum Unpassable {
+    #[error(
+        "answered with Transfer-Encoding \"{0}\", which callmeter cannot pass on (only chunked)"
+    )]
+    Coding(String),
+    /// The proxy asks for no upgrade (it removes `Upgrade` from every request).
+    #[error("switched protocols (101) though no upgrade was asked for")]
+    Upgrade,
+}
+
+/// Prepares the upstream response's head for the client.
+pub fn to_client(head: &mut http::response::Parts) -> Result<(), Unpassable> {
+    if head.status == http::StatusCode::SWITCHING_PROTOCOLS {
+        return Err(Unpassable::Upgrade);
+    }
+    // The proxy's own version, whatever the upstream spoke (RFC 9110 §6.2): an HTTP/1.0
+    // status line would tell an HTTP/1.1 client its connection is not kept.
+    head.version = Version::HTTP_11;
+    let headers = &mut head.headers;
     if headers.keys().any(is_hop_by_hop) {
         // A response framed by Transfer-Encoding ignores any Content-Length beside it, and a
         // proxy forwarding it must drop that (RFC 9112 §6.3): the client gets the decoded body,
-        // which the stale length would cut short or run past.
+        // which the stale length would cut short or run past. hyper decodes only chunked: a
+        // body in another coding cannot go on as what it says it is.
         if headers.contains_key(header::TRANSFER_ENCODING) {
             if let Some(coding) = other_coding(headers) {
-                return Err(coding);
+                return Err(Unpassable::Coding(coding));
             }
             headers.remove(header::CONTENT_LENGTH);
         }
@@ -337,6 +355,15 @@ mod tests {
         assert_eq!(h[X_FORWARDED_PROTO], "https");
     }
 
+    /// `to_client` on a 200 response with these headers.
+    fn client_headers(h: &mut HeaderMap) -> Result<(), Unpassable> {
+        let (mut head, ()) = http::Response::new(()).into_parts();
+        head.headers = std::mem::take(h);
+        let passed = to_client(&mut head);
+        *h = head.headers;
+        passed
+    }
+
     #[test]
     fn each_hop_by_hop_header_goes_even_alone() {
         for name in HOP_BY_HOP.iter().chain([&header::UPGRADE]) {
@@ -348,7 +375,7 @@ mod tests {
             };
             h.insert(name.clone(), HeaderValue::from_static(value));
             h.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
-            to_client(&mut h).expect("chunked only");
+            client_headers(&mut h).expect("chunked only");
             assert!(!h.contains_key(name), "{name} kept");
             assert!(h.contains_key(header::ACCEPT));
         }
@@ -405,14 +432,14 @@ mod tests {
         );
         h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-        to_client(&mut h).expect("chunked only");
+        client_headers(&mut h).expect("chunked only");
         assert!(!h.contains_key(header::CONTENT_LENGTH), "{h:?}");
         assert!(!h.contains_key(header::TRANSFER_ENCODING), "{h:?}");
         assert!(h.contains_key(header::CONTENT_TYPE));
 
         let mut plain = HeaderMap::new();
         plain.insert(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
-        to_client(&mut plain).expect("no coding");
+        client_headers(&mut plain).expect("no coding");
         assert_eq!(plain[header::CONTENT_LENGTH], "5");
     }
 

@@ -234,16 +234,13 @@ async fn proxy(
     };
 
     // 7. respond, record
-    if let Err(coding) = headers::to_client(&mut parts.headers) {
+    if let Err(what) = headers::to_client(&mut parts) {
         route
             .metrics
             .record(api, Outcome::UpstreamError, started.elapsed());
         let upstream = route.org.upstream.name(login).to_owned();
-        return Err(ProxyError::ResponseCoding { upstream, coding });
+        return Err(ProxyError::Unpassable { upstream, what });
     }
-    // The proxy's own version, whatever the upstream spoke (RFC 9110 §6.2): an HTTP/1.0
-    // status line would tell an HTTP/1.1 client its connection is not kept.
-    parts.version = http::Version::HTTP_11;
     if ticket.units() > 0 {
         reject::add_ratelimit_headers(&mut parts.headers, &route);
     }
