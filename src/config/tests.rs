@@ -598,6 +598,16 @@ fn bad_durations() {
     assert_err(&e, "proxy.header_timeout", Some(10));
     let config = ok(&with("[proxy]\nheader_timeout = \"5s\"\n"));
     assert_eq!(config.proxy.header_timeout, Duration::from_secs(5));
+    // Timers add these to the present: one too long to add would panic at run time.
+    let e = fail(&with(
+        "[proxy]\nheader_timeout = \"18446744073709551615s\"\n",
+    ));
+    assert_err(&e, "proxy.header_timeout", Some(10));
+    assert!(e.to_string().contains("at most 10 years"), "{e}");
+    let e = fail(&with("response_timeout = \"11years\"\n"));
+    assert_err(&e, "org \"acme\".response_timeout", Some(9));
+    let config = ok(&with("[store]\nretention = \"3650d\"\n"));
+    assert_eq!(config.store.retention, Duration::from_secs(3650 * 86_400));
 }
 
 #[test]

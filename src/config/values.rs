@@ -12,6 +12,9 @@ use super::position::*;
 use super::raw::*;
 use super::*;
 
+/// The longest duration any key takes: ten years.
+const MAX_DURATION: Duration = Duration::from_secs(3650 * 24 * 3600);
+
 pub(super) struct Ctx<'a> {
     pub(super) text: &'a str,
     pub(super) file: &'a Path,
@@ -177,6 +180,18 @@ impl Ctx<'_> {
                 },
             )
         })?;
+        // Timers add durations to the present; past a few hundred billion years that overflows
+        // (a panic on every connection). Nothing here needs more than ten years.
+        if parsed > MAX_DURATION {
+            return Err(self.err_on(
+                key,
+                value,
+                Problem::BadDuration {
+                    value: value.get_ref().clone(),
+                    reason: "it must be at most 10 years (3650d)".to_owned(),
+                },
+            ));
+        }
         if parsed.is_zero() && !allow_zero {
             return Err(self.err_on(
                 key,
