@@ -59,7 +59,7 @@ impl Admin {
                 }
             }
             (&Method::GET, ["api", "v1", "usage"]) => {
-                let _ = self.deferrals.refresh_depths().await;
+                let _ = self.deferrals.refresh_depths(|_| {}).await;
                 json(StatusCode::OK, &self.meter.usage())
             }
             (&Method::GET, ["api", "v1", "deferred"]) => {
@@ -80,12 +80,13 @@ impl Admin {
     }
 
     async fn metrics_page(&self) -> Response<ResponseBody> {
-        let reading = self.metrics.deferred_reading();
-        match self.deferrals.refresh_depths().await {
-            Ok(counts) => self.metrics.update_deferred(reading, &counts),
-            Err(e) => {
-                tracing::warn!(error = %e, "reading deferred-call counts for /metrics failed")
-            }
+        let metrics = &self.metrics;
+        let refreshed = self
+            .deferrals
+            .refresh_depths(|counts| metrics.update_deferred(counts))
+            .await;
+        if let Err(e) = refreshed {
+            tracing::warn!(error = %e, "reading deferred-call counts for /metrics failed")
         }
         let mut resp = text(StatusCode::OK, self.metrics.render(&self.meter.usage()));
         resp.headers_mut().insert(

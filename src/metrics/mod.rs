@@ -11,8 +11,7 @@
 mod series;
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus::{Encoder, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
@@ -59,10 +58,6 @@ impl Outcome {
     }
 }
 
-/// The place of one reading of the deferred-call counts among the others.
-#[derive(Clone, Copy, Debug)]
-pub struct DeferredReading(u64);
-
 /// The registry and the metric families.
 pub struct Metrics {
     registry: Registry,
@@ -71,10 +66,6 @@ pub struct Metrics {
     org_threshold: IntGaugeVec,
     org_exhausted: IntGaugeVec,
     deferred: IntGaugeVec,
-    /// The number of the last store reading handed out, and of the last one applied to
-    /// `deferred` (see [`Metrics::deferred_reading`]).
-    deferred_readings: AtomicU64,
-    deferred_applied: Mutex<u64>,
     /// The per-integration request counters and latency histograms.
     series: series::SeriesSet,
     unmatched: IntCounterVec,
@@ -126,8 +117,6 @@ impl Metrics {
                 "Deferred calls in the store, by state (pending, in_flight, delivered, failed, discarded).",
                 &["org", "integration", "state"],
             ),
-            deferred_readings: AtomicU64::new(0),
-            deferred_applied: Mutex::new(0),
             series: series::SeriesSet::default(),
             unmatched: counter(
                 "callmeter_unmatched_requests_total",
@@ -195,29 +184,8 @@ impl Metrics {
         }
     }
 
-    /// Numbers a reading of the store's deferred-call counts: take it before reading, and
-    /// hand it to [`Metrics::update_deferred`] with the counts read.
-    pub fn deferred_reading(&self) -> DeferredReading {
-        DeferredReading(self.deferred_readings.fetch_add(1, Ordering::Relaxed) + 1)
-    }
-
-    /// Sets the deferred-call gauges from the store's counts (called on each scrape), unless a
-    /// later reading has been applied already: two Prometheus servers scraping at once read
-    /// the store side by side, and the older reading applied last would remove the series the
-    /// newer one had just set (and restart an alert's `for` on them).
-    pub fn update_deferred(
-        &self,
-        reading: DeferredReading,
-        counts: &[(String, String, crate::store::DeferredState, u64)],
-    ) {
-        let mut applied = self
-            .deferred_applied
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if reading.0 <= *applied {
-            return;
-        }
-        *applied = reading.0;
+    /// Sets the deferred-call gauges from the store's counts (called on each scrape).
+    pub fn update_deferred(&self, counts: &[(String, String, crate::store::DeferredState, u64)]) {
         // Set the counts, then drop the series no longer counted; never reset first: a scrape
         // rendering beside this one would see no deferred calls at all in between (and an alert
         // on them would restart its `for`).
@@ -337,7 +305,7 @@ mod tests {
             lines.sort();
             lines
         };
-        m.update_deferred(m.deferred_reading(), &[row(Pending, 3), row(Failed, 1)]);
+        m.update_deferred(&[row(Pending, 3), row(Failed, 1)]);
         assert_eq!(
             series(&m),
             [
@@ -345,22 +313,13 @@ mod tests {
                 r#"callmeter_deferred_calls{integration="etl",org="acme",state="pending"} 3"#,
             ]
         );
-        m.update_deferred(m.deferred_reading(), &[row(Failed, 2)]);
+        m.update_deferred(&[row(Failed, 2)]);
         assert_eq!(
             series(&m),
             [r#"callmeter_deferred_calls{integration="etl",org="acme",state="failed"} 2"#]
         );
-        m.update_deferred(m.deferred_reading(), &[]);
+        m.update_deferred(&[]);
         assert!(series(&m).is_empty());
-
-        // Two scrapes read side by side; the older reading, applied last, changes nothing.
-        let (older, newer) = (m.deferred_reading(), m.deferred_reading());
-        m.update_deferred(newer, &[row(Pending, 1)]);
-        m.update_deferred(older, &[]);
-        assert_eq!(
-            series(&m),
-            [r#"callmeter_deferred_calls{integration="etl",org="acme",state="pending"} 1"#]
-        );
     }
 
     #[test]

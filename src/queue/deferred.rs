@@ -70,6 +70,8 @@ struct OrgReplayer {
 pub struct Deferrals {
     store: Arc<Store>,
     orgs: HashMap<String, Arc<OrgReplayer>>,
+    /// One `refresh_depths` at a time (see there).
+    refreshing: tokio::sync::Mutex<()>,
 }
 
 /// Builds `Deferrals`: one `add_integration` per integration with `on_limit = "defer"`.
@@ -142,6 +144,7 @@ impl DeferralsBuilder {
                 .into_iter()
                 .map(|(k, v)| (k, Arc::new(v)))
                 .collect(),
+            refreshing: tokio::sync::Mutex::new(()),
         });
         for replayer in deferrals.orgs.values() {
             tasks.spawn(replay(
@@ -207,10 +210,15 @@ impl Deferrals {
         blocking(move || store.get_deferred(id)).await
     }
 
-    /// Sets each deferred integration's queue depth (pending + in flight) on its meter.
+    /// Sets each deferred integration's queue depth (pending + in flight) on its meter, and
+    /// hands the store's counts to `apply` (the metrics). One reading at a time, each set and
+    /// applied before the next is read: two Prometheus servers scraping at once would otherwise
+    /// apply their readings out of order, the older removing series the newer had just set.
     pub async fn refresh_depths(
         &self,
-    ) -> Result<Vec<(String, String, crate::store::DeferredState, u64)>, StoreError> {
+        apply: impl FnOnce(&[(String, String, crate::store::DeferredState, u64)]),
+    ) -> Result<(), StoreError> {
+        let _one_at_a_time = self.refreshing.lock().await;
         let store = self.store.clone();
         let counts = blocking(move || store.deferred_counts()).await?;
         for replayer in self.orgs.values() {
@@ -231,7 +239,8 @@ impl Deferrals {
                 target.meter.set_queue_depth(waiting as usize);
             }
         }
-        Ok(counts)
+        apply(&counts);
+        Ok(())
     }
 
     /// Deletes delivered and discarded calls older than `retention`, every hour.
@@ -625,6 +634,37 @@ async fn answer(r: &OrgReplayer, resp: http::Response<crate::proxy::UpstreamBody
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Two scrapes at once: the second reads the store only once the first has applied its
+    /// counts, so an older reading can never be applied after a newer one.
+    #[tokio::test]
+    async fn counts_are_read_and_applied_one_reading_at_a_time() {
+        let store = Arc::new(Store::open_in_memory().expect("store"));
+        let (_stop, stopped) = watch::channel(false);
+        let mut tasks = tokio::task::JoinSet::new();
+        let deferrals = DeferralsBuilder::new(store)
+            .start(stopped, Duration::ZERO, &mut tasks)
+            .await
+            .expect("start");
+        let applied = std::sync::Mutex::new(Vec::new());
+        let read = |n: u32| {
+            let (deferrals, applied) = (&deferrals, &applied);
+            async move {
+                deferrals
+                    .refresh_depths(|_| {
+                        // No other reading may be under way while this one is applied.
+                        let held = deferrals.refreshing.try_lock().is_err();
+                        applied.lock().expect("applied").push((n, held));
+                    })
+                    .await
+                    .expect("counts")
+            }
+        };
+        tokio::join!(read(1), read(2));
+        let applied = applied.into_inner().expect("applied");
+        assert_eq!(applied.len(), 2);
+        assert!(applied.iter().all(|&(_, held)| held), "{applied:?}");
+    }
 
     #[test]
     fn backoff_doubles_up_to_five_minutes() {
