@@ -32,7 +32,7 @@ pub const MAX_LAG: std::time::Duration = std::time::Duration::from_millis(10);
 #[cfg(not(all(target_os = "linux", not(test))))]
 pub const MAX_LAG: std::time::Duration = std::time::Duration::ZERO;
 
-/// Milliseconds the machine has spent suspended since boot, as last seen by
+/// Milliseconds the machine has spent suspended since boot, as last seen by a new clock or by
 /// [`follow_suspends`]; it only grows.
 static SUSPENDED_MS: AtomicU64 = AtomicU64::new(0);
 
@@ -51,11 +51,14 @@ pub struct Clock {
 
 impl Clock {
     pub fn new() -> Self {
-        Self::following(&SUSPENDED_MS)
+        Self::following(&SUSPENDED_MS, suspended_since_boot_ms())
     }
 
-    /// A clock that adds the time spent suspended as `suspended_ms` counts it.
-    fn following(suspended_ms: &'static AtomicU64) -> Self {
+    /// A clock that adds the time spent suspended as `suspended_ms` counts it from now on;
+    /// `suspended_now`: the time spent suspended so far, which the wall-clock time it starts
+    /// from already includes (taken up into `suspended_ms` first, so it is not added again).
+    fn following(suspended_ms: &'static AtomicU64, suspended_now: u64) -> Self {
+        suspended_ms.fetch_max(suspended_now, Ordering::Relaxed);
         let base_unix_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
@@ -116,10 +119,10 @@ fn suspended_since_boot_ms() -> u64 {
     {
         use rustix::time::{clock_gettime, ClockId};
         let ms = |t: rustix::time::Timespec| t.tv_sec as u64 * 1_000 + t.tv_nsec as u64 / 1_000_000;
-        // Monotonic first: the difference can only come out smaller than the truth, by the
-        // microseconds between the two reads, never larger.
-        let running = ms(clock_gettime(ClockId::Monotonic));
-        ms(clock_gettime(ClockId::Boottime)).saturating_sub(running)
+        // Boot time first: a pause between the two reads makes the difference smaller than
+        // the truth, never larger (it is only ever raised, see `SUSPENDED_MS`).
+        let since_boot = ms(clock_gettime(ClockId::Boottime));
+        since_boot.saturating_sub(ms(clock_gettime(ClockId::Monotonic)))
     }
     #[cfg(not(target_os = "linux"))]
     0
@@ -151,12 +154,71 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn time_spent_suspended_moves_the_clock_on() {
-        let suspended: &'static AtomicU64 = Box::leak(Box::new(AtomicU64::new(700)));
-        let clock = Clock::following(suspended);
+        let suspended: &'static AtomicU64 = Box::leak(Box::new(AtomicU64::new(0)));
+        let clock = Clock::following(suspended, 700);
         let ms = clock.unix_ms();
         tokio::time::advance(Duration::from_secs(60)).await;
         suspended.fetch_max(700 + 3_600_000, Ordering::Relaxed); // an hour's suspend
         assert_eq!(clock.unix_ms() - ms, 60_000 + 3_600_000);
+    }
+
+    /// The machine had been suspended an hour before the proxy started: the wall-clock time
+    /// the clock starts from includes that hour already, so seeing it later adds nothing.
+    #[tokio::test(start_paused = true)]
+    async fn a_suspend_before_the_clock_was_made_is_not_added() {
+        let suspended: &'static AtomicU64 = Box::leak(Box::new(AtomicU64::new(0)));
+        let clock = Clock::following(suspended, 3_600_000);
+        let ms = clock.unix_ms();
+        suspended.fetch_max(3_600_000, Ordering::Relaxed); // what `follow_suspends` finds
+        assert_eq!(clock.unix_ms(), ms);
+    }
+
+    /// The real clock and follower, in a process where the kernel says the machine was
+    /// suspended an hour before it started: this test binary run again in a Linux time
+    /// namespace whose CLOCK_BOOTTIME is an hour ahead of CLOCK_MONOTONIC.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn the_clock_keeps_to_the_wall_clock_after_an_hours_suspend_before_the_start() {
+        let exe = std::env::current_exe().expect("test binary");
+        let out = std::process::Command::new("unshare")
+            .args(["--user", "--map-root-user", "--time", "--boottime", "3600"])
+            .arg(exe)
+            .args([
+                "meter::clock::tests::the_clock_keeps_to_the_wall_clock",
+                "--exact",
+                "--nocapture",
+            ])
+            .output();
+        let out = match out {
+            Ok(out) if !String::from_utf8_lossy(&out.stderr).starts_with("unshare:") => out,
+            // No util-linux, or no user/time namespaces here (a locked-down container).
+            _ => return eprintln!("skipped: cannot make a time namespace here"),
+        };
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(text.contains("1 passed"), "{text}");
+    }
+
+    /// Run by the test above, in its time namespace (and on its own, where it checks the same
+    /// on this machine's own past suspends).
+    #[tokio::test]
+    async fn the_clock_keeps_to_the_wall_clock() {
+        let clock = Clock::new(); // as `app::start` makes it, before the follower runs
+        let (stop, stopped) = watch::channel(false);
+        let following = tokio::spawn(follow_suspends(stopped));
+        tokio::time::sleep(Duration::from_millis(1_200)).await; // its first looks
+        let _ = stop.send(true);
+        following.await.expect("follow_suspends");
+        let wall_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .expect("after 1970")
+            .as_millis() as i64;
+        let ahead_ms = clock.unix_ms() as i64 - wall_ms;
+        assert!(
+            ahead_ms.abs() < 1_000,
+            "the meter's clock is {ahead_ms} ms off the wall clock; suspended {} ms since boot",
+            suspended_since_boot_ms()
+        );
     }
 
     #[cfg(target_os = "linux")]
