@@ -1072,3 +1072,29 @@ async fn an_upstream_101_is_a_502() {
         "{body}"
     );
 }
+
+/// An HTTP/2 client may end a GET with an empty DATA frame (END_STREAM) after its HEADERS
+/// rather than on them: the request has no content, and goes on to an HTTP/1.1 upstream as a
+/// bodiless GET, not one declaring a chunked body (which some servers and WAFs refuse).
+#[tokio::test]
+async fn an_http2_get_ended_by_an_empty_data_frame_goes_on_without_a_body() {
+    let (port, seen) = recording_origin(OK).await;
+    let env = proxy_for(port, ONE).await;
+    let client = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build(HttpConnector::new());
+    let ends_late = StreamBody::new(Box::pin(stream::once(async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        Ok::<_, Infallible>(http_body::Frame::data(Bytes::new()))
+    })));
+    let req = Request::get(format!("{}/a/services/data/v62.0/sobjects", env.proxy))
+        .body(ends_late)
+        .expect("request");
+    let resp = client.request(req).await.expect("h2c response");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let upstream = upstream_saw(&seen).to_ascii_lowercase();
+    assert!(
+        !upstream.contains("transfer-encoding"),
+        "a GET with no content went on declaring a chunked body:\n{upstream}"
+    );
+}

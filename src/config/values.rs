@@ -12,8 +12,8 @@ use super::position::*;
 use super::raw::*;
 use super::*;
 
-/// The longest duration any key takes: ten years.
-const MAX_DURATION: Duration = Duration::from_secs(3650 * 24 * 3600);
+/// The longest duration any key takes: ten years (of 365.25 days, as humantime reads "10y").
+const MAX_DURATION: Duration = Duration::from_secs(10 * 31_557_600);
 
 pub(super) struct Ctx<'a> {
     pub(super) text: &'a str,
@@ -188,7 +188,7 @@ impl Ctx<'_> {
                 value,
                 Problem::BadDuration {
                     value: value.get_ref().clone(),
-                    reason: "it must be at most 10 years (3650d)".to_owned(),
+                    reason: "it must be at most 10 years".to_owned(),
                 },
             ));
         }

@@ -98,11 +98,18 @@ fn other_coding(headers: &HeaderMap) -> Option<String> {
         .map(|coding| String::from_utf8_lossy(coding).into_owned())
 }
 
-/// A GET or HEAD whose body has no length (chunked, or HTTP/2 DATA without a
-/// `content-length`) goes on chunked: hyper's HTTP/1.1 client otherwise sends those methods
-/// with no body at all, and Salesforce would answer a request it never saw whole.
-pub fn keep_body_of_unknown_length(headers: &mut HeaderMap, method: &Method, body: &impl Body) {
-    if (method == Method::GET || method == Method::HEAD)
+/// A GET or HEAD an HTTP/1.1 client sent chunked (a body of unknown length) goes on chunked:
+/// hyper's HTTP/1.1 client otherwise sends those methods with no body at all, and Salesforce
+/// would answer a request it never saw whole. Not for an HTTP/2 client's: its stream may
+/// still end with no data, and a GET declaring a chunked body is one some servers refuse.
+pub fn keep_chunked_body(
+    headers: &mut HeaderMap,
+    client_version: Version,
+    method: &Method,
+    body: &impl Body,
+) {
+    if client_version == Version::HTTP_11
+        && (method == Method::GET || method == Method::HEAD)
         && !body.is_end_stream()
         && body.size_hint().exact().is_none()
     {

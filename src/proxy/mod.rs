@@ -182,8 +182,8 @@ async fn proxy(
         .upstream
         .uri(login, upstream_pq)
         .map_err(|_| ProxyError::BadPath)?;
+    headers::keep_chunked_body(&mut parts.headers, parts.version, &parts.method, &body);
     parts.version = http::Version::HTTP_11;
-    headers::keep_body_of_unknown_length(&mut parts.headers, &parts.method, &body);
     let mut unsent = Unsent {
         route: &route,
         ticket: Some(ticket),
