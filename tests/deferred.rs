@@ -690,7 +690,7 @@ async fn a_replay_outcome_is_recorded_once_the_store_is_writable_again() {
         })
     };
     locker.await.expect("locker");
-    let store = callmeter::store::Store::open(&db).expect("store");
+    let store = callmeter::store::Store::open_read_only(&db).expect("store");
     let mut state = None;
     for _ in 0..50 {
         state = Some(
@@ -840,7 +840,7 @@ async fn calls_of_an_org_no_longer_deferring_are_marked_failed_at_start() {
     server.shutdown().await;
 
     let server = app::start(&with("reject")).await.expect("restart");
-    let call = callmeter::store::Store::open(&db)
+    let call = callmeter::store::Store::open_read_only(&db)
         .expect("store")
         .get_deferred(id)
         .expect("read")

@@ -370,3 +370,57 @@ async fn a_sighup_while_starting_is_applied_once_started() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A second `callmeter serve` on a store a running one owns (a deploy that starts the new
+/// version beside the old, a manual run beside the systemd unit) does not start: at start it
+/// would put the deferred call the first one is sending back in line, as if a crash had left
+/// it, and Salesforce would get the write twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_serve_on_the_same_store_refuses_to_start() {
+    let org = sim::spawn(SimOptions::default()).await.expect("sim");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let defer = "rate = { per_second = 1, burst = 1 }\non_limit = \"defer\"";
+    let (_first, proxy, _) = serve_with(&org.url, dir.path(), &[], defer).await;
+    let http = Http::new();
+    let url = format!("{proxy}/a/services/data/v62.0/sobjects/Contact");
+    let post = |delay: &'static str| {
+        let headers = [
+            ("authorization", "Bearer 00Dsession"),
+            ("content-type", "application/json"),
+            ("x-sim-delay-ms", delay),
+        ];
+        let body = r#"{"LastName":"X"}"#.to_owned();
+        let (http, url) = (http.clone(), url.clone());
+        async move { http.send(Method::POST, &url, &headers, body).await.0 }
+    };
+    assert_eq!(post("0").await, StatusCode::CREATED, "the burst token");
+    // Deferred; its replay takes 3 s at the org.
+    assert_eq!(post("3000").await, StatusCode::ACCEPTED);
+    eventually(10, "the deferred call is being replayed", || async {
+        org.count().by_client.get("a") == Some(&2)
+    })
+    .await;
+
+    let (mut second, _, _) = spawn_serve(&org.url, dir.path(), &[], defer);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let exit = loop {
+        if let Some(exit) = second.0.try_wait().expect("wait") {
+            break exit;
+        }
+        assert!(Instant::now() < deadline, "the second serve started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let logs = stop_and_read_logs(&mut second);
+    assert_eq!(exit.code(), Some(1), "{logs}");
+    assert!(
+        logs.contains("in use by another callmeter process"),
+        "{logs}"
+    );
+    // The replay under way ends; nothing sends the call again.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(org.count().by_client.get("a"), Some(&2));
+    let (status, _, _) = http
+        .get(&format!("{proxy}/a/services/data/v62.0/sobjects"), &[])
+        .await;
+    assert_eq!(status, StatusCode::OK, "the first one serves on");
+}

@@ -165,6 +165,20 @@ pub enum StoreError {
     },
 
     #[error(
+        "the store database {} is in use by another callmeter process; give each instance a \
+         `store.path` of its own (two would both replay the deferred calls), or stop the other \
+         one first",
+        .path.display()
+    )]
+    InUse { path: PathBuf },
+
+    #[error(
+        "cannot lock the store database {}: {source}; put `store.path` on a local filesystem",
+        .path.display()
+    )]
+    Lock { path: PathBuf, source: io::Error },
+
+    #[error(
         "the store database {} has schema version {found}, but this build understands up to \
          {supported}; run a newer callmeter or point `store.path` at another file",
         .path.display()
@@ -242,6 +256,11 @@ pub struct WindowSnapshot {
 pub struct Store {
     conn: Mutex<Connection>,
     path: Option<PathBuf>,
+    /// The database file, locked (`flock`, apart from SQLite's own locks) for as long as this
+    /// process uses it: a second `callmeter serve` on the same store would take the deferred
+    /// calls this one is sending for ones a crash left behind, and send them again. Declared
+    /// after `conn`, so it is closed after the connection.
+    _owner: Option<fs::File>,
 }
 
 impl fmt::Debug for Store {
@@ -275,11 +294,32 @@ const NOTIFY: Kv = Kv {
     delete: "DELETE FROM org_notify WHERE org = ?1",
 };
 
+/// Takes the database file's exclusive `flock`, or says that another process holds it.
+#[cfg(unix)]
+fn lock_owner(path: &Path, file: fs::File) -> Result<fs::File, StoreError> {
+    use rustix::fs::{flock, FlockOperation};
+    match flock(&file, FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(file),
+        Err(rustix::io::Errno::WOULDBLOCK) => Err(StoreError::InUse {
+            path: path.to_path_buf(),
+        }),
+        Err(errno) => Err(StoreError::Lock {
+            path: path.to_path_buf(),
+            source: errno.into(),
+        }),
+    }
+}
+
+#[cfg(not(unix))]
+fn lock_owner(_path: &Path, file: fs::File) -> Result<fs::File, StoreError> {
+    Ok(file)
+}
+
 impl Store {
     /// Opens (or creates) the database at `path`: creates missing parent directories, creates
     /// the file with mode 0600 before SQLite writes to it (an existing file readable by group or
-    /// others is set to 0600 with a warning), turns on WAL and `synchronous=FULL`, and migrates
-    /// the schema to [`SCHEMA_VERSION`].
+    /// others is set to 0600 with a warning), locks it against a second process, turns on WAL
+    /// and `synchronous=FULL`, and migrates the schema to [`SCHEMA_VERSION`].
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
             fs::create_dir_all(dir).map_err(|source| StoreError::Create {
@@ -287,7 +327,7 @@ impl Store {
                 source,
             })?;
         }
-        secure_files(path)?;
+        let owner = lock_owner(path, secure_files(path)?)?;
         let conn = Connection::open(path).map_err(|source| StoreError::Open {
             path: path.to_path_buf(),
             source,
@@ -295,6 +335,7 @@ impl Store {
         let store = Store {
             conn: Mutex::new(conn),
             path: Some(path.to_path_buf()),
+            _owner: Some(owner),
         };
         store.init().map_err(|error| match error {
             StoreError::Sql(source) => StoreError::Open {
@@ -306,12 +347,29 @@ impl Store {
         Ok(store)
     }
 
+    /// Opens the database at `path` to read it while a running proxy owns it (an operator's
+    /// look, a test's): no lock taken, no schema change; any write fails.
+    pub fn open_read_only(path: &Path) -> Result<Store, StoreError> {
+        let flags =
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = Connection::open_with_flags(path, flags).map_err(|source| StoreError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Ok(Store {
+            conn: Mutex::new(conn),
+            path: Some(path.to_path_buf()),
+            _owner: None,
+        })
+    }
+
     /// A private in-memory database with the same schema, for tests.
     pub fn open_in_memory() -> Result<Store, StoreError> {
         let conn = Connection::open_in_memory()?;
         let store = Store {
             conn: Mutex::new(conn),
             path: None,
+            _owner: None,
         };
         store.init()?;
         Ok(store)
@@ -581,8 +639,9 @@ fn apply_buckets(
 
 /// Creates the database file with mode 0600 if it is missing, and sets the database file and
 /// any `-wal`/`-shm`/`-journal` file beside it back to 0600 if group or others may read them.
+/// Returns the database file, open.
 #[cfg(unix)]
-fn secure_files(path: &Path) -> Result<(), StoreError> {
+fn secure_files(path: &Path) -> Result<fs::File, StoreError> {
     use std::os::unix::fs::OpenOptionsExt;
 
     let file = OpenOptions::new()
@@ -597,7 +656,6 @@ fn secure_files(path: &Path) -> Result<(), StoreError> {
             source,
         })?;
     restrict_mode(path, &file)?;
-    drop(file);
     for suffix in ["-wal", "-shm", "-journal"] {
         let mut side = path.as_os_str().to_owned();
         side.push(suffix);
@@ -608,7 +666,7 @@ fn secure_files(path: &Path) -> Result<(), StoreError> {
             Err(source) => return Err(StoreError::Permissions { path: side, source }),
         }
     }
-    Ok(())
+    Ok(file)
 }
 
 #[cfg(unix)]
@@ -633,14 +691,13 @@ fn restrict_mode(path: &Path, file: &fs::File) -> Result<(), StoreError> {
 }
 
 #[cfg(not(unix))]
-fn secure_files(path: &Path) -> Result<(), StoreError> {
+fn secure_files(path: &Path) -> Result<fs::File, StoreError> {
     OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
         .open(path)
-        .map(drop)
         .map_err(|source| StoreError::Create {
             path: path.to_path_buf(),
             source,

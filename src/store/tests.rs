@@ -506,22 +506,22 @@ fn requeue_in_flight_after_a_crash() {
     store.mark_delivered(claimed, 200, b"", 11_000).unwrap();
 }
 
+/// An SRE's `sqlite3` beside the running proxy sees a deferred call as soon as it is stored.
 #[test]
-fn a_second_connection_sees_a_deferred_call_at_once_and_cannot_claim_it_twice() {
+fn an_outside_reader_sees_a_deferred_call_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("db");
     let writer = Store::open(&path).unwrap();
-    let reader = Store::open(&path).unwrap();
+    let reader = rusqlite::Connection::open(&path).unwrap();
     let id = writer.defer(&call("acme", 1)).unwrap();
-    assert_eq!(
-        reader.get_deferred(id).unwrap().unwrap().body,
-        call("acme", 1).body
-    );
-    assert_eq!(reader.claim_due("acme", 10_000, 10, &[]).unwrap().len(), 1);
-    assert!(writer
-        .claim_due("acme", 10_000, 10, &[])
-        .unwrap()
-        .is_empty());
+    let found: i64 = reader
+        .query_row(
+            "SELECT count(*) FROM deferred WHERE id = ?1",
+            [id.0],
+            |row| row.get(0),
+        )
+        .unwrap();
+    assert_eq!(found, 1);
 }
 
 const CHILD_ENV: &str = "CALLMETER_STORE_TEST_CHILD_DB";
@@ -770,4 +770,32 @@ proptest! {
         merged.extend(second);
         prop_assert_eq!(store.load_windows(oldest).unwrap(), model(&merged, oldest));
     }
+}
+
+/// One process at a time: a second open of the same database is refused while the first
+/// store is open, and taken once it is closed.
+#[test]
+fn a_database_is_opened_by_one_store_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("callmeter.db");
+    let first = Store::open(&path).unwrap();
+    let error = Store::open(&path).unwrap_err();
+    assert!(matches!(error, StoreError::InUse { .. }), "{error}");
+    assert!(error.to_string().contains("store.path"), "{error}");
+    drop(first);
+    Store::open(&path).unwrap();
+}
+
+#[test]
+fn a_store_in_use_can_be_read_not_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("callmeter.db");
+    let owner = Store::open(&path).unwrap();
+    let id = owner.defer(&call("acme", 1)).unwrap();
+    let look = Store::open_read_only(&path).unwrap();
+    assert_eq!(
+        look.get_deferred(id).unwrap().unwrap().body,
+        call("acme", 1).body
+    );
+    assert!(look.defer(&call("acme", 2)).is_err());
 }
