@@ -423,3 +423,56 @@ async fn org_daily_limit_of_1000_under_256_connections_forwards_at_most_1000() {
         "daily_limit = 1000, Salesforce saw {used} calls ({ok} forwarded)"
     );
 }
+
+/// The org was exhausted when the proxy stopped, and Salesforce's budget came back while it was
+/// down (an org that hit its limit on Friday, the proxy upgraded on Monday): after the restart
+/// the first call goes out as the probe, rather than every call of the org being refused for
+/// another whole `probe_interval` after each restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_probes_an_org_saved_exhausted_with_its_first_call() {
+    let sim = callmeter::sim::spawn(SimOptions {
+        limit: 3,
+        used: 1,
+        ..Default::default()
+    })
+    .await
+    .expect("sim");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let integration =
+        "[[integration]]\nid = \"a\"\norg = \"acme\"\nmatch = { path_prefix = \"/a\" }\n";
+    let toml = config_text(&sim.url, r#"probe_interval = "5m""#, integration).replace(
+        "STORE_PATH",
+        &dir.path().join("callmeter.db").display().to_string(),
+    );
+    let cfg = callmeter::config::parse(&toml, std::path::Path::new("test.toml")).expect("config");
+    let http = Http::new();
+    let hook = |path: &str| format!("{}{path}", sim.url);
+
+    let server = callmeter::app::start(&cfg).await.expect("start");
+    let url = format!(
+        "http://{}/a/services/data/v62.0/sobjects/Account/001",
+        server.listener("main").expect("main")
+    );
+    assert_eq!(http.get(&url, &[]).await.0, StatusCode::OK);
+    // Spent outside the proxy: Salesforce refuses the next call, the org is exhausted.
+    http.send(http::Method::POST, &hook("/_sim/external?n=5"), &[], "")
+        .await;
+    assert_eq!(http.get(&url, &[]).await.0, StatusCode::FORBIDDEN);
+    assert!(server.meter.usage().orgs[0].exhausted);
+    server.shutdown().await;
+
+    // While the proxy is down, the org's budget comes back.
+    http.send(http::Method::POST, &hook("/_sim/limit?n=100"), &[], "")
+        .await;
+    let server = callmeter::app::start(&cfg).await.expect("restart");
+    assert!(server.meter.usage().orgs[0].exhausted, "restored exhausted");
+    let url = format!(
+        "http://{}/a/services/data/v62.0/sobjects/Account/001",
+        server.listener("main").expect("main")
+    );
+    let (status, _, body) = http.get(&url, &[]).await;
+    let exhausted = server.meter.usage().orgs[0].exhausted;
+    server.shutdown().await;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    assert!(!exhausted, "the probe's answer ends the exhaustion");
+}

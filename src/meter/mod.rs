@@ -459,11 +459,16 @@ impl OrgMeter {
         )
     }
 
-    /// Restores `saved_state` at start-up.
+    /// Restores `saved_state` at start-up. An org saved exhausted is probed with its first
+    /// call: when the exhaustion began is not kept, and however long the proxy was down, its
+    /// budget may be back (an org exhausted on Friday, the proxy upgraded on Monday). Waiting a
+    /// whole `probe_interval` after every restart would refuse its calls for nothing.
     pub fn restore_state(&self, exhausted: bool, reported_limit: u64) {
         self.reported_limit.store(reported_limit, Ordering::Relaxed);
         if exhausted {
-            self.observe_exhausted();
+            self.exhausted.store(true, Ordering::Release);
+            self.next_probe_ms
+                .store(self.clock.unix_ms(), Ordering::Release);
         }
     }
 
@@ -1275,6 +1280,21 @@ mod tests {
         // The probe's answer shows budget: calls flow again.
         org.observe_report(report(10, 15_000));
         let _ = forwarded(m[0].decide(1));
+    }
+
+    /// An org saved exhausted: after the restart its first call is the probe (its budget may
+    /// have come back while the proxy was down), the rest wait for its answer.
+    #[tokio::test(start_paused = true)]
+    async fn an_org_restored_exhausted_probes_with_its_first_call() {
+        let (org, m) = setup("probe_interval = \"5m\"", &integration("a", ""));
+        org.restore_state(true, 15_000);
+        assert!(org.is_exhausted());
+        let _ = forwarded(m[0].decide(1)); // the probe
+        let l = limited(m[0].decide(1));
+        assert_eq!(
+            (l.budget, l.retry_after),
+            (Budget::Exhausted, Duration::from_secs(300))
+        );
     }
 
     #[tokio::test(start_paused = true)]
