@@ -122,12 +122,22 @@ enum Job {
 }
 
 async fn serve(cfg: config::Config, path: &std::path::Path) -> ExitCode {
-    callmeter::logging::init(&cfg.log.level, cfg.log.format == LogFormat::Json);
+    let json = cfg.log.format == LogFormat::Json;
+    callmeter::logging::init(&cfg.log.level, json);
     cfg.log_warnings();
+    // Why the proxy did not start: one line in the log's own format, so that a shipper parsing
+    // JSON lines keeps the one line the on-call engineer needs.
+    let fatal = |message: String| {
+        if json {
+            tracing::error!("{message}");
+        } else {
+            eprintln!("callmeter: {message}");
+        }
+    };
     // The files the config names (TLS, CA bundles) are part of it: a mistake there is a config
     // mistake, reported as `check` reports it (exit code 2), not a failure to start.
     if let Err(e) = app::check_files(&cfg) {
-        eprintln!("callmeter: {}: {e}", path.display());
+        fatal(format!("{}: {e}", path.display()));
         return ExitCode::from(2);
     }
     let worker_threads = tokio::runtime::Handle::current().metrics().num_workers();
@@ -142,8 +152,7 @@ async fn serve(cfg: config::Config, path: &std::path::Path) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            tracing::error!("cannot start: {e}");
-            eprintln!("callmeter: cannot start: {e}");
+            fatal(format!("cannot start: {e}"));
             ExitCode::FAILURE
         }
     }

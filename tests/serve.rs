@@ -424,3 +424,34 @@ async fn a_second_serve_on_the_same_store_refuses_to_start() {
         .await;
     assert_eq!(status, StatusCode::OK, "the first one serves on");
 }
+
+/// With `[log] format = "json"` a log shipper parses stderr line by line: every line is a JSON
+/// object, also the line that says why the proxy did not start (here: the admin port is taken).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_are_json_on_every_line_even_when_the_start_fails() {
+    let org = sim::spawn(SimOptions::default()).await.expect("sim");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (proxy_port, admin_port) = (free_port(), free_port());
+    let config = write_config(
+        &org.url,
+        dir.path(),
+        (proxy_port, admin_port),
+        "[log]\nformat = \"json\"",
+    );
+    let taken = std::net::TcpListener::bind(("127.0.0.1", admin_port)).expect("bind");
+    let out = Command::new(env!("CARGO_BIN_EXE_callmeter"))
+        .args(["serve", "--config", config.to_str().expect("path")])
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run callmeter serve");
+    drop(taken);
+    assert_eq!(out.status.code(), Some(1), "cannot start");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("Address already in use"), "{stderr}");
+    for line in stderr.lines().filter(|l| !l.trim().is_empty()) {
+        assert!(
+            serde_json::from_str::<serde_json::Value>(line).is_ok_and(|v| v.is_object()),
+            "not a JSON log line: {line:?}\nall of stderr:\n{stderr}"
+        );
+    }
+}
