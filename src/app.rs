@@ -64,6 +64,8 @@ pub struct Server {
     /// The meter's snapshots, stopped only after every other task: calls counted (and refunds)
     /// while the listeners drain are in its last save.
     persist: (watch::Sender<bool>, JoinSet<()>),
+    /// The config it started with: what a reload cannot change stays as this says.
+    started_with: Config,
 }
 
 /// Builds everything from `config`, binds all sockets and starts serving.
@@ -288,6 +290,7 @@ pub async fn start(config: &Config) -> Result<Server, StartError> {
         stop,
         tasks,
         persist: (persist_stop, persist),
+        started_with: config.clone(),
     })
 }
 
@@ -414,9 +417,12 @@ impl Server {
 
     /// Applies the budgets of a changed config — limits, reserves, probe intervals, quotas,
     /// rates, priorities, in-flight caps — and the orgs' `[org.threshold]`, without losing
-    /// counts. Listeners, routes, upstreams, `on_limit`, `window` and `[smtp]` need a restart
-    /// (the log line says so); new orgs and integrations and a changed window are logged.
+    /// counts. Every other change needs a restart: each one is logged by its key, as are new
+    /// and removed orgs and integrations and a changed window.
     pub fn reload(&self, config: &Config) {
+        for key in crate::config::restart_needed(&self.started_with, config) {
+            tracing::warn!(%key, "changed in the config, but takes effect only at the next restart");
+        }
         let mut applied = 0;
         for org in &config.orgs {
             match self.meter.org(org.id.as_str()) {
@@ -448,8 +454,9 @@ impl Server {
         }
         tracing::info!(
             budgets = applied,
-            "config reloaded: budgets and thresholds applied, counts kept; listeners, routes, \
-             upstreams, on_limit, window and [smtp] take changes at the next restart"
+            "config reloaded: budgets (limits, reserves, probe intervals, quotas, rates, \
+             priorities, in-flight caps) and thresholds applied, counts kept; any other change \
+             is logged above and waits for a restart"
         );
     }
 }

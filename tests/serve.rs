@@ -455,3 +455,56 @@ async fn json_logs_are_json_on_every_line_even_when_the_start_fails() {
         );
     }
 }
+
+/// A reload names what it could not apply: an operator who switches an integration to
+/// `reject_style = "http429"`, or deletes one, and sends SIGHUP must not read only "config
+/// reloaded" and believe it took effect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_warns_of_each_change_that_waits_for_a_restart() {
+    use std::io::BufRead;
+    let org = sim::spawn(SimOptions::default()).await.expect("sim");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let b = "[[integration]]\nid = \"b\"\norg = \"acme\"\nmatch = { path_prefix = \"/b\" }";
+    let (mut proc, proxy, admin) =
+        serve_with(&org.url, dir.path(), &[], &format!("quota = 1\n{b}")).await;
+    let ports = (port_of(&proxy), port_of(&admin));
+    write_config(
+        &org.url,
+        dir.path(),
+        ports,
+        "quota = 1\nreject_style = \"http429\"",
+    );
+    let hup = Command::new("kill")
+        .args(["-HUP", &proc.0.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(hup.success());
+    let stderr = proc.0.stderr.take().expect("stderr");
+    let reading = std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let done = line.contains("config reloaded");
+            seen.push(line);
+            if done {
+                break;
+            }
+        }
+        seen
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !reading.is_finished() {
+        assert!(Instant::now() < deadline, "no reload logged");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let logs = reading.join().expect("logs");
+    let warned = |what: &str| {
+        logs.iter()
+            .any(|l| l.contains("WARN") && l.contains("next restart") && l.contains(what))
+    };
+    assert!(warned("integration \"a\".reject_style"), "{logs:#?}");
+    assert!(warned("integration \"b\" removed"), "{logs:#?}");
+    assert!(!warned("quota"), "the quota is applied: {logs:#?}");
+}

@@ -82,6 +82,7 @@ const DEFAULT_SMTPS_PORT: u16 = 465;
 mod error;
 mod position;
 mod raw;
+mod reload;
 #[cfg(test)]
 mod tests;
 mod validate;
@@ -89,6 +90,7 @@ mod values;
 
 pub use error::{ConfigError, Problem};
 use raw::RawConfig;
+pub use reload::restart_needed;
 pub use validate::parse_threshold;
 use values::Ctx;
 

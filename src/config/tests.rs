@@ -1126,3 +1126,41 @@ instance_url = "https://acme.my.salesforce.com"
     let e = try_parse(&text).expect_err("[::]:9464 clashes with the default admin 127.0.0.1:9464");
     assert_eq!(e.key(), Some("listener[0].listen"), "{e}");
 }
+
+/// A reload names every change it cannot apply, and only those.
+#[test]
+fn a_reload_names_the_changes_that_wait_for_a_restart() {
+    let integrations = |a: &str, b: bool| {
+        let b = if b {
+            "[[integration]]\nid = \"b\"\norg = \"acme\"\nmatch = { path_prefix = \"/b\" }\n"
+        } else {
+            ""
+        };
+        format!("[[integration]]\nid = \"a\"\norg = \"acme\"\nmatch = {{ path_prefix = \"/a\" }}\n{a}\n{b}")
+    };
+    let running = ok(&with(&integrations("quota = 10", true)));
+    // Budgets only: nothing waits.
+    let budgets = ok(&with(&format!(
+        "daily_limit = 5000\nreserve = \"10%\"\n{}",
+        integrations(
+            "quota = 20\nrate = { per_second = 5 }\npriority = \"critical\"",
+            true
+        )
+    )));
+    assert_eq!(restart_needed(&running, &budgets), Vec::<String>::new());
+    // The rest waits, each change named by its key.
+    let others = ok(&format!(
+        "[proxy]\nshutdown_grace = \"5s\"\n{}connect_timeout = \"9s\"\n{}",
+        BASE.trim_start(),
+        integrations("quota = 10\nreject_style = \"http429\"", false)
+    ));
+    assert_eq!(
+        restart_needed(&running, &others),
+        [
+            "[proxy]",
+            "org \"acme\".connect_timeout",
+            "integration \"a\".reject_style",
+            "integration \"b\" removed (it is still matched and counted)",
+        ]
+    );
+}
