@@ -67,7 +67,8 @@ type Buckets = HashMap<(String, String), Vec<(u32, u32)>>;
 /// every few seconds would hold the store (and the deferred calls waiting on it) for seconds.
 #[derive(Default)]
 pub struct Saved {
-    /// `None` until the first save, which replaces whatever the store held.
+    /// `None` until the first save, and after a failed one: the next save then replaces
+    /// whatever the store holds.
     windows: Option<Buckets>,
 }
 
@@ -142,10 +143,6 @@ pub async fn save(meter: &Meter, store: &Arc<Store>, saved: &mut Saved) -> Resul
         .map(|o| o.clock.minute().saturating_sub(o.window.minutes()))
         .min()
         .unwrap_or(0);
-    let update = saved
-        .windows
-        .as_ref()
-        .map(|before| changes(before, &windows));
     let states: Vec<(String, String)> = meter
         .orgs()
         .map(|o| {
@@ -158,26 +155,35 @@ pub async fn save(meter: &Meter, store: &Arc<Store>, saved: &mut Saved) -> Resul
             (state_key(o.id().as_str()), value)
         })
         .collect();
-    let store = store.clone();
-    let windows = tokio::task::spawn_blocking(move || {
-        match &update {
-            Some(changed) => store.update_windows(changed, oldest)?,
-            None => store.save_windows(&windows)?,
+    let (store, before) = (store.clone(), saved.windows.take());
+    // Comparing every bucket of every window is work for the blocking pool too, not for a
+    // thread serving requests.
+    let (outcome, now_saved) = tokio::task::spawn_blocking(move || {
+        let write = || {
+            match &before {
+                Some(before) => store.update_windows(&changes(before, &windows), oldest)?,
+                None => store.save_windows(&windows)?,
+            }
+            for (key, value) in &states {
+                store.put_state(key, value)?;
+            }
+            Ok::<_, StoreError>(())
+        };
+        match write() {
+            Ok(()) => {
+                let map = windows
+                    .into_iter()
+                    .map(|w| ((w.org, w.integration), w.buckets));
+                (Ok(()), Some(map.collect()))
+            }
+            // Which writes took is unknown: the next save replaces all.
+            Err(e) => (Err(e), None),
         }
-        for (key, value) in &states {
-            store.put_state(key, value)?;
-        }
-        Ok::<_, StoreError>(windows)
     })
     .await
-    .map_err(|e| StoreError::Corrupt(format!("saving windows: {e}")))??;
-    saved.windows = Some(
-        windows
-            .into_iter()
-            .map(|w| ((w.org, w.integration), w.buckets))
-            .collect(),
-    );
-    Ok(())
+    .map_err(|e| StoreError::Corrupt(format!("saving windows: {e}")))?;
+    saved.windows = now_saved;
+    outcome
 }
 
 /// Saves every `SNAPSHOT_INTERVAL` until `stop`, then once more.
