@@ -379,10 +379,28 @@ impl Server {
     }
 
     /// Stops accepting, drains in-flight requests (up to the grace period) and returns.
-    pub async fn shutdown(mut self) {
+    pub async fn shutdown(self) {
+        self.shutdown_unless(std::future::pending()).await
+    }
+
+    /// `shutdown`, except that once `hurry` resolves (a second signal) the requests and
+    /// replays still in flight are cut off rather than waited for. The windows are saved
+    /// either way.
+    async fn shutdown_unless(mut self, hurry: impl std::future::Future<Output = ()>) {
         self.admin.ready.store(false, Ordering::Relaxed);
         let _ = self.stop.send(true);
-        while self.tasks.join_next().await.is_some() {}
+        let drained = async { while self.tasks.join_next().await.is_some() {} };
+        let hurried = tokio::select! {
+            () = drained => false,
+            () = hurry => true,
+        };
+        if hurried {
+            tracing::warn!(
+                "second signal: stopping now; requests in flight are cut off, and a deferred \
+                 call being replayed is sent again at the next start"
+            );
+            self.tasks.shutdown().await;
+        }
         let (persist_stop, mut persist) = self.persist;
         let _ = persist_stop.send(true);
         while persist.join_next().await.is_some() {}
@@ -405,14 +423,19 @@ impl Server {
                     },
                 }
             }
-            tracing::info!("shutting down: no new connections, draining requests in flight");
-            return self.shutdown().await;
+        } else {
+            wait_for_signal().await;
         }
         #[cfg(not(unix))]
-        let _ = reload;
-        wait_for_signal().await;
-        tracing::info!("shutting down: no new connections, draining requests in flight");
-        self.shutdown().await;
+        {
+            let _ = reload;
+            wait_for_signal().await;
+        }
+        tracing::info!(
+            "shutting down: no new connections, draining requests in flight (a second SIGINT \
+             or SIGTERM stops at once)"
+        );
+        self.shutdown_unless(wait_for_signal()).await;
     }
 
     /// Applies the budgets of a changed config — limits, reserves, probe intervals, quotas,

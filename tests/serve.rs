@@ -508,3 +508,44 @@ async fn a_reload_warns_of_each_change_that_waits_for_a_restart() {
     assert!(warned("integration \"b\" removed"), "{logs:#?}");
     assert!(!warned("quota"), "the quota is applied: {logs:#?}");
 }
+
+/// A second SIGTERM (an operator's second Ctrl-C, an orchestrator's impatience) during the
+/// drain stops the proxy at once instead of after the grace period (10 s here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigterm_stops_without_waiting_for_the_drain() {
+    let org = sim::spawn(SimOptions::default()).await.expect("sim");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut proc, proxy, _) = serve(&org.url, dir.path(), &[]).await;
+    let http = Http::new();
+    let url = format!("{proxy}/a/services/data/v62.0/sobjects");
+    let slow = tokio::spawn(async move { http.get(&url, &[("x-sim-delay-ms", "30000")]).await });
+    eventually(10, "the slow call reached the org", || async {
+        org.count().requests == 1
+    })
+    .await;
+    let pid = proc.0.id().to_string();
+    let term = || {
+        let killed = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill");
+        assert!(killed.success());
+    };
+    term();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(proc.0.try_wait().expect("wait").is_none(), "draining");
+    term();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let exit = loop {
+        if let Some(exit) = proc.0.try_wait().expect("wait") {
+            break exit;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "callmeter still draining after a second SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(exit.success(), "{exit:?}");
+    slow.abort();
+}
