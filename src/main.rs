@@ -126,10 +126,16 @@ async fn serve(cfg: config::Config, path: &std::path::Path) -> ExitCode {
     callmeter::logging::init(&cfg.log.level, json);
     cfg.log_warnings();
     // Why the proxy did not start: one line in the log's own format, so that a shipper parsing
-    // JSON lines keeps the one line the on-call engineer needs.
+    // JSON lines keeps the one line the on-call engineer needs. Written directly, not as a log
+    // event: a filter (`RUST_LOG=callmeter::proxy=debug`) must not leave an exit unexplained.
     let fatal = |message: String| {
         if json {
-            tracing::error!("{message}");
+            let line = serde_json::json!({
+                "level": "ERROR",
+                "fields": { "message": message },
+                "target": "callmeter",
+            });
+            eprintln!("{line}");
         } else {
             eprintln!("callmeter: {message}");
         }

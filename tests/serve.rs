@@ -439,21 +439,30 @@ async fn json_logs_are_json_on_every_line_even_when_the_start_fails() {
         "[log]\nformat = \"json\"",
     );
     let taken = std::net::TcpListener::bind(("127.0.0.1", admin_port)).expect("bind");
-    let out = Command::new(env!("CARGO_BIN_EXE_callmeter"))
-        .args(["serve", "--config", config.to_str().expect("path")])
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("run callmeter serve");
-    drop(taken);
-    assert_eq!(out.status.code(), Some(1), "cannot start");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("Address already in use"), "{stderr}");
-    for line in stderr.lines().filter(|l| !l.trim().is_empty()) {
+    // Also under a filter that silences everything but one module (an operator debugging it):
+    // the reason is still given.
+    for filter in [None, Some("callmeter::proxy=debug")] {
+        let mut serve = Command::new(env!("CARGO_BIN_EXE_callmeter"));
+        serve.args(["serve", "--config", config.to_str().expect("path")]);
+        match filter {
+            Some(filter) => serve.env("RUST_LOG", filter),
+            None => serve.env_remove("RUST_LOG"),
+        };
+        let out = serve.output().expect("run callmeter serve");
+        assert_eq!(out.status.code(), Some(1), "cannot start");
+        let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(
-            serde_json::from_str::<serde_json::Value>(line).is_ok_and(|v| v.is_object()),
-            "not a JSON log line: {line:?}\nall of stderr:\n{stderr}"
+            stderr.contains("Address already in use"),
+            "{filter:?}: {stderr:?}"
         );
+        for line in stderr.lines().filter(|l| !l.trim().is_empty()) {
+            assert!(
+                serde_json::from_str::<serde_json::Value>(line).is_ok_and(|v| v.is_object()),
+                "not a JSON log line: {line:?}\nall of stderr:\n{stderr}"
+            );
+        }
     }
+    drop(taken);
 }
 
 /// A reload names what it could not apply: an operator who switches an integration to
