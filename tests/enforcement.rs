@@ -476,3 +476,32 @@ async fn a_restart_probes_an_org_saved_exhausted_with_its_first_call() {
     assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
     assert!(!exhausted, "the probe's answer ends the exhaustion");
 }
+
+/// A restart in the same process (as these tests do, and as an embedding would) after a
+/// shutdown that found a client connected but silent: the connection ends with the shutdown
+/// instead of holding the store (and its lock) until its header timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_after_a_shutdown_with_a_silent_connection_opens_the_store() {
+    let sim = callmeter::sim::spawn(SimOptions::default())
+        .await
+        .expect("sim");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let integration =
+        "[[integration]]\nid = \"a\"\norg = \"acme\"\nmatch = { path_prefix = \"/a\" }\n";
+    let toml = config_text(&sim.url, "", integration).replace(
+        "STORE_PATH",
+        &dir.path().join("callmeter.db").display().to_string(),
+    );
+    let cfg = callmeter::config::parse(&toml, std::path::Path::new("test.toml")).expect("config");
+    let server = callmeter::app::start(&cfg).await.expect("start");
+    let proxy = server.listener("main").expect("main");
+    let silent = [
+        tokio::net::TcpStream::connect(server.admin_addr).await,
+        tokio::net::TcpStream::connect(proxy).await,
+    ];
+    server.shutdown().await;
+    let restarted = callmeter::app::start(&cfg).await;
+    drop(silent);
+    let server = restarted.expect("restart in the same process");
+    server.shutdown().await;
+}

@@ -263,6 +263,9 @@ pub async fn serve_listener<H, F>(
 {
     let builders = Arc::new(Builders::new(&options));
     let (drain, _) = watch::channel(false);
+    // The connections' tasks: cut off when the grace period is over, so that nothing they
+    // hold (the store among it) outlives the shutdown.
+    let mut connections = tokio::task::JoinSet::new();
     let mut backoff = Duration::from_millis(5);
     tokio::pin!(shutdown);
 
@@ -286,34 +289,41 @@ pub async fn serve_listener<H, F>(
         let _ = stream.set_nodelay(true);
         let (builders, handler, tls) = (builders.clone(), handler.clone(), tls.clone());
         let client = Peer::new(peer);
-        let watcher = drain.subscribe();
-        tokio::spawn(async move {
+        let mut watcher = drain.subscribe();
+        while connections.try_join_next().is_some() {} // the ended ones
+        connections.spawn(async move {
             // Both the TLS handshake and the first bytes of a plaintext connection come within
-            // the header timeout, or the connection is closed.
+            // the header timeout, or the connection is closed; at a shutdown, at once (no
+            // request is under way yet).
             let served = match tls {
                 None => {
-                    let protocol =
-                        match tokio::time::timeout(options.header_timeout, sniff(&stream)).await {
+                    let sniffing = tokio::time::timeout(options.header_timeout, sniff(&stream));
+                    let protocol = tokio::select! {
+                        sniffed = sniffing => match sniffed {
                             Ok(Ok(protocol)) => protocol,
                             Ok(Err(e)) => {
                                 return tracing::debug!(%peer, error = %e, "connection failed")
                             }
                             Err(_) => return tracing::debug!(%peer, "no request came in time"),
-                        };
+                        },
+                        _ = watcher.wait_for(|draining| *draining) => return,
+                    };
                     let io = TokioIo::new(stream);
                     builders.serve(io, protocol, handler, client, watcher).await
                 }
                 Some(TlsSetup(acceptor)) => {
-                    let stream =
-                        match tokio::time::timeout(options.header_timeout, acceptor.accept(stream))
-                            .await
-                        {
+                    let handshake =
+                        tokio::time::timeout(options.header_timeout, acceptor.accept(stream));
+                    let stream = tokio::select! {
+                        shaken = handshake => match shaken {
                             Ok(Ok(s)) => s,
                             Ok(Err(e)) => {
                                 return tracing::debug!(%peer, error = %e, "TLS handshake failed")
                             }
                             Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
-                        };
+                        },
+                        _ = watcher.wait_for(|draining| *draining) => return,
+                    };
                     let protocol = match stream.get_ref().1.alpn_protocol() {
                         Some(b"h2") => Protocol::Http2,
                         _ => Protocol::Http1,
@@ -335,6 +345,7 @@ pub async fn serve_listener<H, F>(
         () = drain.closed() => tracing::debug!("all connections drained"),
         () = tokio::time::sleep(grace) => tracing::warn!(?grace, "grace period over; closing connections with requests in flight"),
     }
+    connections.shutdown().await;
 }
 
 /// A served connection that can be asked to finish its requests and close.
