@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 
 need=()
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+# sqlite3, as an SRE looks at the store beside a running proxy.
+command -v sqlite3 >/dev/null 2>&1 || need+=(sqlite3)
 # A real SMTP server for the threshold-email tests (Debian's python3, not one earlier on PATH).
 /usr/bin/python3 -c 'import aiosmtpd' >/dev/null 2>&1 || need+=(python3-aiosmtpd)
 # A real browser for the status-page tests: headless Chromium, and ChromeDriver for the form.

@@ -256,10 +256,10 @@ pub struct WindowSnapshot {
 pub struct Store {
     conn: Mutex<Connection>,
     path: Option<PathBuf>,
-    /// The database file, locked (`flock`, apart from SQLite's own locks) for as long as this
-    /// process uses it: a second `callmeter serve` on the same store would take the deferred
-    /// calls this one is sending for ones a crash left behind, and send them again. Declared
-    /// after `conn`, so it is closed after the connection.
+    /// `<database>.lock`, locked (`flock`) for as long as this store is open: a second
+    /// `callmeter serve` on the same store would take the deferred calls this one is sending
+    /// for ones a crash left behind, and send them again. Declared after `conn`, so it is
+    /// released after the connection closes.
     _owner: Option<fs::File>,
 }
 
@@ -294,25 +294,44 @@ const NOTIFY: Kv = Kv {
     delete: "DELETE FROM org_notify WHERE org = ?1",
 };
 
-/// Takes the database file's exclusive `flock`, or says that another process holds it.
+/// Takes the exclusive `flock` of `<database>.lock`, or says that another store holds it. A
+/// file of its own: opening and closing a descriptor of the database itself would drop the
+/// POSIX locks SQLite holds on it (a second open refused in the owner's own process would take
+/// them from the owner's connection).
 #[cfg(unix)]
-fn lock_owner(path: &Path, file: fs::File) -> Result<fs::File, StoreError> {
+fn lock_owner(path: &Path) -> Result<Option<fs::File>, StoreError> {
     use rustix::fs::{flock, FlockOperation};
+    use std::os::unix::fs::OpenOptionsExt;
+
+    let mut lock_path = path.as_os_str().to_owned();
+    lock_path.push(".lock");
+    let lock_path = PathBuf::from(lock_path);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&lock_path)
+        .map_err(|source| StoreError::Create {
+            path: lock_path.clone(),
+            source,
+        })?;
     match flock(&file, FlockOperation::NonBlockingLockExclusive) {
-        Ok(()) => Ok(file),
+        Ok(()) => Ok(Some(file)),
         Err(rustix::io::Errno::WOULDBLOCK) => Err(StoreError::InUse {
             path: path.to_path_buf(),
         }),
         Err(errno) => Err(StoreError::Lock {
-            path: path.to_path_buf(),
+            path: lock_path,
             source: errno.into(),
         }),
     }
 }
 
 #[cfg(not(unix))]
-fn lock_owner(_path: &Path, file: fs::File) -> Result<fs::File, StoreError> {
-    Ok(file)
+fn lock_owner(_path: &Path) -> Result<Option<fs::File>, StoreError> {
+    Ok(None)
 }
 
 impl Store {
@@ -327,7 +346,9 @@ impl Store {
                 source,
             })?;
         }
-        let owner = lock_owner(path, secure_files(path)?)?;
+        // The lock first: until it is ours, another store may be using these files.
+        let owner = lock_owner(path)?;
+        secure_files(path)?;
         let conn = Connection::open(path).map_err(|source| StoreError::Open {
             path: path.to_path_buf(),
             source,
@@ -335,7 +356,7 @@ impl Store {
         let store = Store {
             conn: Mutex::new(conn),
             path: Some(path.to_path_buf()),
-            _owner: Some(owner),
+            _owner: owner,
         };
         store.init().map_err(|error| match error {
             StoreError::Sql(source) => StoreError::Open {
@@ -639,9 +660,10 @@ fn apply_buckets(
 
 /// Creates the database file with mode 0600 if it is missing, and sets the database file and
 /// any `-wal`/`-shm`/`-journal` file beside it back to 0600 if group or others may read them.
-/// Returns the database file, open.
+/// (Called with the store's lock held, before the connection opens: the descriptors it closes
+/// are nobody's locks.)
 #[cfg(unix)]
-fn secure_files(path: &Path) -> Result<fs::File, StoreError> {
+fn secure_files(path: &Path) -> Result<(), StoreError> {
     use std::os::unix::fs::OpenOptionsExt;
 
     let file = OpenOptions::new()
@@ -666,7 +688,7 @@ fn secure_files(path: &Path) -> Result<fs::File, StoreError> {
             Err(source) => return Err(StoreError::Permissions { path: side, source }),
         }
     }
-    Ok(file)
+    Ok(())
 }
 
 #[cfg(unix)]
@@ -691,13 +713,14 @@ fn restrict_mode(path: &Path, file: &fs::File) -> Result<(), StoreError> {
 }
 
 #[cfg(not(unix))]
-fn secure_files(path: &Path) -> Result<fs::File, StoreError> {
+fn secure_files(path: &Path) -> Result<(), StoreError> {
     OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
         .open(path)
+        .map(drop)
         .map_err(|source| StoreError::Create {
             path: path.to_path_buf(),
             source,

@@ -567,6 +567,61 @@ fn deferred_calls_survive_an_abort() {
     assert_eq!(replay[0].headers, call("acme", 1).headers);
 }
 
+const REFUSED_CHILD_ENV: &str = "CALLMETER_STORE_TEST_REFUSED_CHILD_DB";
+
+/// The child half of `a_refused_second_open_leaves_the_first_store_durable`.
+#[test]
+fn child_refused_open_then_abort() {
+    let Some(path) = std::env::var_os(REFUSED_CHILD_ENV) else {
+        return;
+    };
+    let path = Path::new(&path);
+    let store = Store::open(path).unwrap();
+    store.defer(&call("acme", 1)).unwrap();
+    // A second open in the same process is refused ...
+    assert!(matches!(Store::open(path), Err(StoreError::InUse { .. })));
+    // ... an SRE looks at the store with sqlite3, as the README invites ...
+    let look = std::process::Command::new("sqlite3")
+        .arg(path)
+        .arg("SELECT count(*) FROM deferred;")
+        .output()
+        .expect("sqlite3 (scripts/test.sh installs it)");
+    assert!(look.status.success(), "{look:?}");
+    // ... and a call is deferred (answered 202: stored durably).
+    store.defer(&call("acme", 2)).unwrap();
+    // Like `kill -9`.
+    std::process::abort();
+}
+
+/// A refused open must not close a descriptor of the database in the owner's process: that
+/// drops the POSIX locks SQLite holds for the owner's connection, and the next outside
+/// connection to close (an SRE's `sqlite3`) believes it is the last, checkpoints and deletes
+/// the WAL under the running store, whose later commits are then lost at a crash.
+#[test]
+fn a_refused_second_open_leaves_the_first_store_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    let module = module_path!().split_once("::").map_or("", |(_, rest)| rest);
+    let output = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            &format!("{module}::child_refused_open_then_abort"),
+            "--exact",
+            "--test-threads=1",
+            "--nocapture",
+        ])
+        .env(REFUSED_CHILD_ENV, &path)
+        .output()
+        .unwrap();
+    assert!(!output.status.success(), "the child aborts: {output:?}");
+    let store = Store::open(&path).unwrap();
+    let calls = store.list_deferred(DeferredFilter::default()).unwrap();
+    assert_eq!(
+        calls.len(),
+        2,
+        "a call stored before the crash is lost: {output:?}"
+    );
+}
+
 #[test]
 fn history_upsert_adds_filters_and_purges() {
     let store = Store::open_in_memory().unwrap();
