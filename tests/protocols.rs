@@ -1098,3 +1098,28 @@ async fn an_http2_get_ended_by_an_empty_data_frame_goes_on_without_a_body() {
         "a GET with no content went on declaring a chunked body:\n{upstream}"
     );
 }
+
+/// The HTTP/2 twin of `a_chunked_get_body_is_forwarded_not_dropped`: a GET whose body comes in
+/// DATA frames without a `content-length` reaches an HTTP/1.1 upstream with its body.
+#[tokio::test]
+async fn an_http2_get_body_is_forwarded_not_dropped() {
+    let (port, seen) = recording_origin(OK).await;
+    let env = proxy_for(port, ONE).await;
+    let client = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build(HttpConnector::new());
+    let body = StreamBody::new(Box::pin(stream::iter([
+        Ok::<_, Infallible>(http_body::Frame::data(Bytes::from_static(b"hel"))),
+        Ok(http_body::Frame::data(Bytes::from_static(b"lo"))),
+    ])));
+    let req = Request::get(format!("{}/a/services/data/v62.0/query", env.proxy))
+        .body(body)
+        .expect("request");
+    let resp = client.request(req).await.expect("h2c response");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let upstream = upstream_saw(&seen);
+    assert!(
+        upstream.contains("hel") && upstream.contains("lo"),
+        "upstream saw (no body):\n{upstream}"
+    );
+}

@@ -98,28 +98,6 @@ fn other_coding(headers: &HeaderMap) -> Option<String> {
         .map(|coding| String::from_utf8_lossy(coding).into_owned())
 }
 
-/// A GET or HEAD an HTTP/1.1 client sent chunked (a body of unknown length) goes on chunked:
-/// hyper's HTTP/1.1 client otherwise sends those methods with no body at all, and Salesforce
-/// would answer a request it never saw whole. Not for an HTTP/2 client's: its stream may
-/// still end with no data, and a GET declaring a chunked body is one some servers refuse.
-pub fn keep_chunked_body(
-    headers: &mut HeaderMap,
-    client_version: Version,
-    method: &Method,
-    body: &impl Body,
-) {
-    if client_version == Version::HTTP_11
-        && (method == Method::GET || method == Method::HEAD)
-        && !body.is_end_stream()
-        && body.size_hint().exact().is_none()
-    {
-        headers.insert(
-            header::TRANSFER_ENCODING,
-            HeaderValue::from_static("chunked"),
-        );
-    }
-}
-
 /// Where the request came from and how, for the `X-Forwarded-*` headers.
 pub struct ClientInfo<'a> {
     /// The client's IP (see `Peer::ip_header`).

@@ -130,6 +130,12 @@ async fn proxy(
         // The proxy reads these bodies (login URLs, SOAP usage headers): ask for them plain.
         parts.headers.remove(header::ACCEPT_ENCODING);
     }
+    let body = if is_get_with_unsized_body(&parts.method, &body) {
+        let stall = route.org.upstream.response_timeout();
+        Box::pin(settle_get_body(&mut parts.headers, body, stall)).await?
+    } else {
+        body
+    };
 
     // 3. decide
     let (ticket, admitted) = match admit(&route, api, units).await {
@@ -182,7 +188,6 @@ async fn proxy(
         .upstream
         .uri(login, upstream_pq)
         .map_err(|_| ProxyError::BadPath)?;
-    headers::keep_chunked_body(&mut parts.headers, parts.version, &parts.method, &body);
     parts.version = http::Version::HTTP_11;
     let mut unsent = Unsent {
         route: &route,
@@ -256,6 +261,38 @@ async fn proxy(
         parts,
         body.hold(ticket.into_in_flight()),
     ))
+}
+
+/// A GET or HEAD whose body has no length yet: HTTP/1.1 chunked, or HTTP/2 DATA frames without
+/// a `content-length`. hyper's HTTP/1.1 client would send it with no body at all.
+fn is_get_with_unsized_body(method: &http::Method, body: &RequestBody) -> bool {
+    use http_body::Body;
+    (method == http::Method::GET || method == http::Method::HEAD)
+        && !body.is_end_stream()
+        && body.size_hint().exact().is_none()
+}
+
+/// Reads such a body (see `is_get_with_unsized_body`) up to its first data: none (an HTTP/2
+/// stream ended by an empty DATA frame, a chunked body of no chunks) and it goes on without a
+/// body, as it came; some, and it goes on whole, with its length if that was all, else chunked.
+async fn settle_get_body(
+    headers: &mut http::HeaderMap,
+    body: RequestBody,
+    stall: std::time::Duration,
+) -> Result<RequestBody, ProxyError> {
+    let RequestBody::Stream(incoming) = body else {
+        return Ok(body);
+    };
+    let (prefix, complete, body) = RequestBody::read_prefix(incoming, 1, stall).await?;
+    match (complete, prefix.len()) {
+        (true, 0) => return Ok(RequestBody::Empty),
+        (true, length) => headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length)),
+        (false, _) => headers.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        ),
+    };
+    Ok(body)
 }
 
 /// A counted call on its way to an upstream connection. Should the request's future be dropped
