@@ -301,22 +301,9 @@ const NOTIFY: Kv = Kv {
 #[cfg(unix)]
 fn lock_owner(path: &Path) -> Result<Option<fs::File>, StoreError> {
     use rustix::fs::{flock, FlockOperation};
-    use std::os::unix::fs::OpenOptionsExt;
 
-    let mut lock_path = path.as_os_str().to_owned();
-    lock_path.push(".lock");
-    let lock_path = PathBuf::from(lock_path);
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(&lock_path)
-        .map_err(|source| StoreError::Create {
-            path: lock_path.clone(),
-            source,
-        })?;
+    let lock_path = beside(path, ".lock");
+    let file = open_private(&lock_path)?;
     match flock(&file, FlockOperation::NonBlockingLockExclusive) {
         Ok(()) => Ok(Some(file)),
         Err(rustix::io::Errno::WOULDBLOCK) => Err(StoreError::InUse {
@@ -664,9 +651,32 @@ fn apply_buckets(
 /// are nobody's locks.)
 #[cfg(unix)]
 fn secure_files(path: &Path) -> Result<(), StoreError> {
+    let file = open_private(path)?;
+    restrict_mode(path, &file)?;
+    for suffix in ["-wal", "-shm", "-journal"] {
+        let side = beside(path, suffix);
+        match OpenOptions::new().read(true).open(&side) {
+            Ok(file) => restrict_mode(&side, &file)?,
+            Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => return Err(StoreError::Permissions { path: side, source }),
+        }
+    }
+    Ok(())
+}
+
+/// `path` with `suffix` added to its file name: the files SQLite and the lock keep beside it.
+fn beside(path: &Path, suffix: &str) -> PathBuf {
+    let mut side = path.as_os_str().to_owned();
+    side.push(suffix);
+    PathBuf::from(side)
+}
+
+/// Opens `path` for reading and writing, created with mode 0600 if it is missing.
+#[cfg(unix)]
+fn open_private(path: &Path) -> Result<fs::File, StoreError> {
     use std::os::unix::fs::OpenOptionsExt;
 
-    let file = OpenOptions::new()
+    OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
@@ -676,19 +686,7 @@ fn secure_files(path: &Path) -> Result<(), StoreError> {
         .map_err(|source| StoreError::Create {
             path: path.to_path_buf(),
             source,
-        })?;
-    restrict_mode(path, &file)?;
-    for suffix in ["-wal", "-shm", "-journal"] {
-        let mut side = path.as_os_str().to_owned();
-        side.push(suffix);
-        let side = PathBuf::from(side);
-        match OpenOptions::new().read(true).open(&side) {
-            Ok(file) => restrict_mode(&side, &file)?,
-            Err(error) if error.kind() == io::ErrorKind::NotFound => {}
-            Err(source) => return Err(StoreError::Permissions { path: side, source }),
-        }
-    }
-    Ok(())
+        })
 }
 
 #[cfg(unix)]
