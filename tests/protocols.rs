@@ -1043,14 +1043,9 @@ async fn untrusted_forwarding_fields_do_not_reach_salesforce_as_forged() {
 /// Protocols` from upstream is a protocol violation: a Salesforce-shaped 502, not a bare 101.
 #[tokio::test]
 async fn an_upstream_101_is_a_502() {
-    let port = raw_origin(|mut tcp| async move {
-        let mut buf = [0u8; 65536];
-        let _ = tcp.read(&mut buf).await;
-        let _ = tcp
-            .write_all(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n")
-            .await;
-        tokio::time::sleep(Duration::from_secs(2)).await;
-    })
+    let (port, _) = recording_origin(
+        b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n",
+    )
     .await;
     let env = proxy_for(port, ONE).await;
     let (status, _, body) = env
