@@ -131,6 +131,7 @@ async fn serve(cfg: config::Config, path: &std::path::Path) -> ExitCode {
     let fatal = |message: String| {
         if json {
             let line = serde_json::json!({
+                "timestamp": humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string(),
                 "level": "ERROR",
                 "fields": { "message": message },
                 "target": "callmeter",

@@ -1113,3 +1113,66 @@ async fn an_http2_get_body_is_forwarded_not_dropped() {
         "upstream saw (no body):\n{upstream}"
     );
 }
+
+/// A GET body of unknown length that was all there once read (a chunked body's one chunk and
+/// its end together, an HTTP/2 GET of one DATA frame) goes on with its length, not declaring
+/// a chunked body (which some servers and WAFs refuse on a GET).
+#[tokio::test]
+async fn a_get_body_read_whole_goes_on_with_its_length() {
+    let (port, seen) = recording_origin(OK).await;
+    let env = proxy_for(port, ONE).await;
+    let (answer, _) = exchange(
+        &env,
+        b"GET /a/services/data/v62.0/query HTTP/1.1\r\nHost: x\r\ntransfer-encoding: chunked\r\n\
+          connection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let client = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build(HttpConnector::new());
+    let body = StreamBody::new(Box::pin(stream::iter([Ok::<_, Infallible>(
+        http_body::Frame::data(Bytes::from_static(b"hello")),
+    )])));
+    let req = Request::get(format!("{}/a/services/data/v62.0/query", env.proxy))
+        .body(body)
+        .expect("request");
+    let resp = client.request(req).await.expect("h2c response");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let seen = seen.lock().expect("lock").clone();
+    assert_eq!(seen.len(), 2);
+    for request in seen {
+        let request = String::from_utf8_lossy(&request).to_ascii_lowercase();
+        assert!(
+            request.contains("content-length: 5")
+                && !request.contains("transfer-encoding")
+                && request.ends_with("hello"),
+            "{request}"
+        );
+    }
+}
+
+/// A GET on a path whose body the proxy reads to cost it (Composite Batch), with a body longer
+/// than what it reads: the rest of the body goes on too.
+#[tokio::test]
+async fn a_long_chunked_get_body_on_a_costed_path_is_not_dropped() {
+    let (port, seen) = recording_origin(OK).await;
+    let env = proxy_for(port, ONE).await;
+    let chunk = vec![b'x'; 64 * 1024];
+    let mut request = b"GET /a/services/data/v62.0/composite/batch HTTP/1.1\r\nHost: x\r\n\
+        transfer-encoding: chunked\r\nconnection: close\r\n\r\n"
+        .to_vec();
+    // 1 MiB + 64 KiB: past what the proxy reads to cost a call.
+    for _ in 0..17 {
+        request.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+        request.extend_from_slice(&chunk);
+        request.extend_from_slice(b"\r\n");
+    }
+    request.extend_from_slice(b"0\r\n\r\n");
+    let (answer, _) = exchange(&env, &request).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let upstream = upstream_saw(&seen);
+    let body = upstream.split_once("\r\n\r\n").map_or("", |(_, body)| body);
+    let xs = body.bytes().filter(|&b| b == b'x').count();
+    assert_eq!(xs, 17 * 64 * 1024, "the body reached the upstream whole");
+}

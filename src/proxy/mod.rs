@@ -272,25 +272,33 @@ fn is_get_with_unsized_body(method: &http::Method, body: &RequestBody) -> bool {
         && body.size_hint().exact().is_none()
 }
 
-/// Reads such a body (see `is_get_with_unsized_body`) up to its first data: none (an HTTP/2
-/// stream ended by an empty DATA frame, a chunked body of no chunks) and it goes on without a
-/// body, as it came; some, and it goes on whole, with its length if that was all, else chunked.
+/// The most of such a body (see `is_get_with_unsized_body`) read to learn its length.
+const GET_BODY_READ: usize = 64 * 1024;
+
+/// Settles how such a body (see `is_get_with_unsized_body`) goes on. Read up to
+/// `GET_BODY_READ`: none at all (an HTTP/2 stream ended by an empty DATA frame, a chunked body
+/// of no chunks) and it goes on without a body, as it came; all of it (a query's few bytes), with
+/// its length; more, chunked. A body already read in part to classify the call goes on chunked.
 async fn settle_get_body(
     headers: &mut http::HeaderMap,
     body: RequestBody,
     stall: std::time::Duration,
 ) -> Result<RequestBody, ProxyError> {
+    let chunked = |headers: &mut http::HeaderMap| {
+        headers.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        )
+    };
     let RequestBody::Stream(incoming) = body else {
+        chunked(headers);
         return Ok(body);
     };
-    let (prefix, complete, body) = RequestBody::read_prefix(incoming, 1, stall).await?;
+    let (prefix, complete, body) = RequestBody::read_prefix(incoming, GET_BODY_READ, stall).await?;
     match (complete, prefix.len()) {
         (true, 0) => return Ok(RequestBody::Empty),
         (true, length) => headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length)),
-        (false, _) => headers.insert(
-            header::TRANSFER_ENCODING,
-            HeaderValue::from_static("chunked"),
-        ),
+        (false, _) => chunked(headers),
     };
     Ok(body)
 }

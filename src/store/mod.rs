@@ -256,10 +256,10 @@ pub struct WindowSnapshot {
 pub struct Store {
     conn: Mutex<Connection>,
     path: Option<PathBuf>,
-    /// `<database>.lock`, locked (`flock`) for as long as this store is open: a second
-    /// `callmeter serve` on the same store would take the deferred calls this one is sending
-    /// for ones a crash left behind, and send them again. Declared after `conn`, so it is
-    /// released after the connection closes.
+    /// The database file, locked (`flock`, apart from SQLite's own locks) for as long as this
+    /// store is open: a second `callmeter serve` on the same store would take the deferred
+    /// calls this one is sending for ones a crash left behind, and send them again. Declared
+    /// after `conn`, so it is closed after the connection.
     _owner: Option<fs::File>,
 }
 
@@ -294,31 +294,32 @@ const NOTIFY: Kv = Kv {
     delete: "DELETE FROM org_notify WHERE org = ?1",
 };
 
-/// Takes the exclusive `flock` of `<database>.lock`, or says that another store holds it. A
-/// file of its own: opening and closing a descriptor of the database itself would drop the
-/// POSIX locks SQLite holds on it (a second open refused in the owner's own process would take
-/// them from the owner's connection).
+/// Opens the database file (created with mode 0600) and takes its exclusive `flock`, or says
+/// that another store holds it. The lock is the file's own, so every name of the database (a
+/// symlink, a hard link) meets it. A refused open keeps its descriptor for the life of the
+/// process: closing a descriptor of the database drops every POSIX lock this process holds on
+/// it, SQLite's for an owner in this same process included.
 #[cfg(unix)]
-fn lock_owner(path: &Path) -> Result<Option<fs::File>, StoreError> {
+fn lock_owner(path: &Path) -> Result<fs::File, StoreError> {
     use rustix::fs::{flock, FlockOperation};
+    use std::os::fd::IntoRawFd;
 
-    let lock_path = beside(path, ".lock");
-    let file = open_private(&lock_path)?;
+    let file = open_private(path)?;
     match flock(&file, FlockOperation::NonBlockingLockExclusive) {
-        Ok(()) => Ok(Some(file)),
-        Err(rustix::io::Errno::WOULDBLOCK) => Err(StoreError::InUse {
-            path: path.to_path_buf(),
-        }),
-        Err(errno) => Err(StoreError::Lock {
-            path: lock_path,
-            source: errno.into(),
-        }),
+        Ok(()) => Ok(file),
+        Err(errno) => {
+            let _kept_open = file.into_raw_fd();
+            Err(match errno {
+                rustix::io::Errno::WOULDBLOCK => StoreError::InUse {
+                    path: path.to_path_buf(),
+                },
+                errno => StoreError::Lock {
+                    path: path.to_path_buf(),
+                    source: errno.into(),
+                },
+            })
+        }
     }
-}
-
-#[cfg(not(unix))]
-fn lock_owner(_path: &Path) -> Result<Option<fs::File>, StoreError> {
-    Ok(None)
 }
 
 impl Store {
@@ -334,8 +335,14 @@ impl Store {
             })?;
         }
         // The lock first: until it is ours, another store may be using these files.
-        let owner = lock_owner(path)?;
-        secure_files(path)?;
+        #[cfg(unix)]
+        let owner = {
+            let file = lock_owner(path)?;
+            secure_files(path, &file)?;
+            Some(file)
+        };
+        #[cfg(not(unix))]
+        let owner = secure_files(path).map(|()| None)?;
         let conn = Connection::open(path).map_err(|source| StoreError::Open {
             path: path.to_path_buf(),
             source,
@@ -645,14 +652,12 @@ fn apply_buckets(
     Ok(())
 }
 
-/// Creates the database file with mode 0600 if it is missing, and sets the database file and
-/// any `-wal`/`-shm`/`-journal` file beside it back to 0600 if group or others may read them.
-/// (Called with the store's lock held, before the connection opens: the descriptors it closes
-/// are nobody's locks.)
+/// Sets the database file (`db`, open) and any `-wal`/`-shm`/`-journal` file beside it back
+/// to 0600 if group or others may read them. (Called with the store's lock held, before the
+/// connection opens: the descriptors it closes are nobody's locks.)
 #[cfg(unix)]
-fn secure_files(path: &Path) -> Result<(), StoreError> {
-    let file = open_private(path)?;
-    restrict_mode(path, &file)?;
+fn secure_files(path: &Path, db: &fs::File) -> Result<(), StoreError> {
+    restrict_mode(path, db)?;
     for suffix in ["-wal", "-shm", "-journal"] {
         let side = beside(path, suffix);
         match OpenOptions::new().read(true).open(&side) {
@@ -664,7 +669,8 @@ fn secure_files(path: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// `path` with `suffix` added to its file name: the files SQLite and the lock keep beside it.
+/// `path` with `suffix` added to its file name: the files SQLite keeps beside it.
+#[cfg(unix)]
 fn beside(path: &Path, suffix: &str) -> PathBuf {
     let mut side = path.as_os_str().to_owned();
     side.push(suffix);

@@ -854,3 +854,20 @@ fn a_store_in_use_can_be_read_not_written() {
     );
     assert!(look.defer(&call("acme", 2)).is_err());
 }
+
+/// The lock is the database file's own: the same database reached by another name (a symlink,
+/// as a deploy's `current` link) is refused too.
+#[cfg(unix)]
+#[test]
+fn a_second_open_through_a_symlink_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("callmeter.db");
+    let link = dir.path().join("current.db");
+    let _store = Store::open(&path).unwrap();
+    std::os::unix::fs::symlink(&path, &link).unwrap();
+    let second = Store::open(&link);
+    assert!(
+        matches!(second, Err(StoreError::InUse { .. })),
+        "a second owner"
+    );
+}
