@@ -908,3 +908,48 @@ async fn a_replay_that_probes_an_exhausted_org_ends_the_exhaustion() {
     })
     .await;
 }
+
+/// A limited call of a deferring integration whose upload the client breaks off was never
+/// answered with a limit: a `client_error`, not a rejection (no rejection alert for it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deferred_upload_broken_off_is_a_client_error_not_a_rejection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let env = start(SimOptions::default(), "", DEFER).await;
+    let url = format!("{}/d/services/data/v62.0/sobjects/Contact", env.proxy);
+    let auth = [
+        ("authorization", "Bearer 00Dsession"),
+        ("content-type", "application/json"),
+    ];
+    let (status, _, _) = env
+        .http
+        .send(Method::POST, &url, &auth, r#"{"LastName":"First"}"#)
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "the burst token");
+    let addr = env.proxy.trim_start_matches("http://").to_owned();
+    let mut tcp = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    tcp.write_all(
+        b"POST /d/services/data/v62.0/sobjects/Contact HTTP/1.1\r\nhost: x\r\n\
+          authorization: Bearer 00Dsession\r\ncontent-type: application/json\r\n\
+          content-length: 100\r\n\r\n{\"LastName\"",
+    )
+    .await
+    .expect("write");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    tcp.shutdown().await.expect("half-close");
+    let mut resp = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut resp)).await;
+    let resp = String::from_utf8_lossy(&resp);
+    assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
+    let metrics = env.metrics().await;
+    let lines: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("callmeter_requests_total"))
+        .collect();
+    assert!(
+        metrics.contains(r#"outcome="client_error"} 1"#),
+        "{lines:#?}"
+    );
+    assert!(!metrics.contains(r#"outcome="rejected""#), "{lines:#?}");
+}

@@ -1101,3 +1101,54 @@ match = { path_prefix = "/etl", listener = "main" }
         "the more specific rule (prefix + listener) should take the call"
     );
 }
+
+/// `callmeter_requests_total` counts each request once: a Composite Batch upload the client
+/// breaks off while the proxy reads its start to cost it is a `client_error` (and not counted).
+#[tokio::test]
+async fn a_composite_batch_upload_broken_off_is_a_client_error() {
+    let env = start(SimOptions::default(), "", ONE_INTEGRATION).await;
+    let addr = env.proxy.trim_start_matches("http://").to_owned();
+    let mut tcp = TcpStream::connect(&addr).await.expect("connect");
+    let head = "POST /a/services/data/v62.0/composite/batch HTTP/1.1\r\nhost: x\r\n\
+         authorization: Bearer 00Dsession\r\ncontent-type: application/json\r\n\
+         content-length: 100\r\n\r\n";
+    tcp.write_all(head.as_bytes()).await.expect("head");
+    tcp.write_all(br#"{"batchRequests""#).await.expect("write");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    tcp.shutdown().await.expect("half-close");
+    let resp = read_response(&mut tcp).await;
+    assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
+    assert_eq!(env.window("a").await, 0);
+    let metrics = env.metrics().await;
+    assert!(
+        metrics.contains(r#"outcome="client_error"} 1"#),
+        "{metrics}"
+    );
+}
+
+/// The same for a SOAP call whose body stalls while the proxy reads its start: a 408 and a
+/// `client_error`.
+#[tokio::test]
+async fn a_stalled_soap_upload_is_a_client_error() {
+    let env = start(
+        SimOptions::default(),
+        r#"response_timeout = "500ms""#,
+        ONE_INTEGRATION,
+    )
+    .await;
+    let addr = env.proxy.trim_start_matches("http://").to_owned();
+    let mut tcp = TcpStream::connect(&addr).await.expect("connect");
+    let head = "POST /a/services/Soap/u/62.0/00D000000000001 HTTP/1.1\r\nhost: x\r\n\
+         content-type: text/xml\r\nsoapaction: query\r\ncontent-length: 500\r\n\r\n";
+    tcp.write_all(head.as_bytes()).await.expect("head");
+    tcp.write_all(b"<?xml version=\"1.0\"?><soapenv:Envelope")
+        .await
+        .expect("write");
+    let resp = read_response(&mut tcp).await;
+    assert!(resp.starts_with("HTTP/1.1 408"), "{resp}");
+    let metrics = env.metrics().await;
+    assert!(
+        metrics.contains(r#"outcome="client_error"} 1"#),
+        "{metrics}"
+    );
+}

@@ -15,6 +15,7 @@ use serde::Serialize;
 use super::body::{RequestBody, ResponseBody};
 use super::error::json_error;
 use super::Route;
+use crate::metrics::Outcome;
 use crate::queue::deferred::{now_ms, Deferrals, STATUS_PATH};
 use crate::store::{DeferredId, NewDeferred};
 
@@ -44,12 +45,14 @@ pub struct Limited<'a> {
     pub base: &'a str,
 }
 
-/// Stores a limited call and answers 202, or says why it cannot be deferred.
+/// Stores a limited call and answers 202, or says why it cannot be deferred, with the
+/// request's outcome: rejected (too large to store, the store failing), or the client's error
+/// (its body broke off or stalled).
 pub async fn defer(
     defer: &DeferRoute,
     route: &Route,
     call: Limited<'_>,
-) -> Result<Response<ResponseBody>, Response<ResponseBody>> {
+) -> Result<Response<ResponseBody>, (Response<ResponseBody>, Outcome)> {
     let Limited {
         parts,
         path_and_query,
@@ -62,7 +65,7 @@ pub async fn defer(
     let body = match body.collect_limited(defer.max_body_bytes, stall).await {
         Ok(Some(body)) => body,
         Ok(None) => {
-            return Err(json_error(
+            let too_large = json_error(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 &format!(
                     "callmeter: the call was limited ({}) and its body is larger than defer.max_body_bytes = {}, so it was not stored; send it again later",
@@ -70,9 +73,13 @@ pub async fn defer(
                     defer.max_body_bytes
                 ),
                 "REQUEST_LIMIT_EXCEEDED",
-            ))
+            );
+            return Err((too_large, Outcome::Rejected));
         }
-        Err(e) => return Err(e.into_response(crate::salesforce::is_soap_path(path_and_query))),
+        Err(e) => {
+            let soap = crate::salesforce::is_soap_path(path_and_query);
+            return Err((e.into_response(soap), Outcome::ClientError));
+        }
     };
     let call = NewDeferred {
         org: route.org.meter.id().to_string(),
@@ -105,11 +112,12 @@ pub async fn defer(
         }
         Err(e) => {
             tracing::error!(error = %e, "storing a deferred call failed");
-            Err(json_error(
+            let unavailable = json_error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "callmeter: the call was limited and could not be stored; it was not sent, send it again later",
                 "SERVER_UNAVAILABLE",
-            ))
+            );
+            Err((unavailable, Outcome::Rejected))
         }
     }
 }

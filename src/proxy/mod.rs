@@ -106,14 +106,26 @@ async fn proxy(
     let matched = ctx.routes.route(&parts)?;
     let route = matched.route;
     tracing::trace!(integration = route.id(), method = %parts.method, uri = %salesforce::redact_body(&parts.uri.to_string()), headers = %headers::Redacted(&parts.headers), "request");
-    let upstream_pq = upstream_path_and_query(&parts.uri, matched.strip)?;
+    // A request refused from here on is the client's error, recorded under the API its path
+    // names (its body, read to cost it, may be what failed).
+    let client_error = |path: &str, err: ProxyError| {
+        let api = salesforce::classify(&parts.method, path).api();
+        route
+            .metrics
+            .record(api, Outcome::ClientError, started.elapsed());
+        err
+    };
+    let upstream_pq = upstream_path_and_query(&parts.uri, matched.strip)
+        .map_err(|e| client_error(parts.uri.path(), e))?;
     let upstream_path = upstream_pq.path();
     if let (Some(defer), Some(id)) = (&route.defer, deferred::status_id(upstream_path)) {
         return Ok(Box::pin(deferred::status(defer, &route, &parts, id)).await);
     }
 
     // 2. classify
-    let (kind, units, body) = classify(&route, &parts, upstream_path, body).await?;
+    let (kind, units, body) = classify(&route, &parts, upstream_path, body)
+        .await
+        .map_err(|e| client_error(upstream_path, e))?;
     let api = kind.api();
     // Where the client reaches this integration: for login rewrites and deferred status URLs.
     let base = (kind.is_login() || route.defer.is_some()).then(|| public_base(ctx, &parts, &route));
@@ -132,7 +144,9 @@ async fn proxy(
     }
     let body = if is_get_with_unsized_body(&parts.method, &body) {
         let stall = route.org.upstream.response_timeout();
-        Box::pin(settle_get_body(&mut parts.headers, body, stall)).await?
+        Box::pin(settle_get_body(&mut parts.headers, body, stall))
+            .await
+            .map_err(|e| client_error(upstream_path, e))?
     } else {
         body
     };
@@ -161,7 +175,7 @@ async fn proxy(
                     };
                     Box::pin(deferred::defer(defer, &route, call)).await
                 }
-                None => Err(reject::response(&limited, &route, api)),
+                None => Err((reject::response(&limited, &route, api), Outcome::Rejected)),
             };
             return Ok(match answer {
                 Ok(accepted) => {
@@ -170,11 +184,11 @@ async fn proxy(
                         .record(api, Outcome::Deferred, started.elapsed());
                     accepted
                 }
-                Err(refused) => {
-                    route.meter.note_rejected();
-                    route
-                        .metrics
-                        .record(api, Outcome::Rejected, started.elapsed());
+                Err((refused, outcome)) => {
+                    if outcome == Outcome::Rejected {
+                        route.meter.note_rejected();
+                    }
+                    route.metrics.record(api, outcome, started.elapsed());
                     refused
                 }
             });
