@@ -1176,3 +1176,50 @@ async fn a_long_chunked_get_body_on_a_costed_path_is_not_dropped() {
     let xs = body.bytes().filter(|&b| b == b'x').count();
     assert_eq!(xs, 17 * 64 * 1024, "the body reached the upstream whole");
 }
+
+/// A GET body that announces trailers keeps them (as a POST's do, `trailers_pass_both_ways`):
+/// it goes on chunked as it streams, not read whole and sent with a length that cannot carry
+/// them.
+#[tokio::test]
+async fn a_chunked_get_bodys_trailers_are_not_dropped() {
+    let (port, seen) = recording_origin(OK).await;
+    let env = proxy_for(port, ONE).await;
+    let (answer, _) = exchange(
+        &env,
+        b"GET /a/services/data/v62.0/query HTTP/1.1\r\nHost: x\r\ntransfer-encoding: chunked\r\n\
+          trailer: x-request-sum\r\nte: trailers\r\nconnection: close\r\n\r\n\
+          5\r\nhello\r\n0\r\nx-request-sum: def\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let upstream = upstream_saw(&seen).to_ascii_lowercase();
+    assert!(upstream.contains("hello"), "{upstream}");
+    assert!(
+        upstream.contains("x-request-sum: def"),
+        "trailer lost:\n{upstream}"
+    );
+}
+
+/// A GET body of exactly what the proxy reads to learn a length (64 KiB) goes on with its
+/// length, as a smaller one does.
+#[tokio::test]
+async fn a_get_body_of_exactly_the_read_limit_goes_on_with_its_length() {
+    let (port, seen) = recording_origin(OK).await;
+    let env = proxy_for(port, ONE).await;
+    let mut request = b"GET /a/services/data/v62.0/query HTTP/1.1\r\nHost: x\r\n\
+        transfer-encoding: chunked\r\nconnection: close\r\n\r\n"
+        .to_vec();
+    let chunk = vec![b'x'; 64 * 1024];
+    request.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+    request.extend_from_slice(&chunk);
+    request.extend_from_slice(b"\r\n0\r\n\r\n");
+    let (answer, _) = exchange(&env, &request).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let upstream = upstream_saw(&seen).to_ascii_lowercase();
+    let (head, body) = upstream.split_once("\r\n\r\n").unwrap_or((&upstream, ""));
+    assert!(
+        head.contains("content-length: 65536") && !head.contains("transfer-encoding"),
+        "{head}"
+    );
+    assert_eq!(body.bytes().filter(|&b| b == b'x').count(), 64 * 1024);
+}
