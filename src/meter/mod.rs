@@ -322,6 +322,12 @@ impl OrgMeter {
         }
     }
 
+    /// A probe taken by `claim_probe` was not sent after all: the next one is due now.
+    fn give_back_probe(&self) {
+        self.next_probe_ms
+            .fetch_min(self.clock.unix_ms(), Ordering::AcqRel);
+    }
+
     fn probe_interval_ms(&self) -> u64 {
         self.budget.load().probe_interval.as_millis() as u64
     }
@@ -727,6 +733,11 @@ impl IntegrationMeter {
 
     /// Gives back a call that never reached Salesforce.
     pub fn refund(&self, ticket: Ticket) {
+        if ticket.probe {
+            // The probe never reached Salesforce: the next call may go in its place, or the
+            // org would stay refused a whole interval with nothing sent to end it.
+            self.org.give_back_probe();
+        }
         if ticket.units == 0 {
             return;
         }

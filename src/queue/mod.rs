@@ -484,4 +484,32 @@ mod tests {
             Err(QueueError::ShuttingDown)
         ));
     }
+
+    /// An exhausted org lets one probe through per interval. When the queue hands the probe to
+    /// a call whose client hung up just then, the call is refunded (it never left the proxy),
+    /// and the probe is given back: the next call goes in its place, rather than every call
+    /// being refused for another whole interval with nothing in flight to end the exhaustion.
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_refunded_to_a_client_that_left_is_given_back() {
+        let (meter, q, _stop) = setup(1_000, "60m", 5, "10m");
+        meter.org().observe_exhausted(); // the next probe in 5 minutes
+        let limited = limited_now(&meter);
+        assert_eq!(limited.budget, Budget::Exhausted);
+        let mut waiting = Box::pin(q.wait(1, Some(limited)));
+        assert!(futures_util::FutureExt::now_or_never(waiting.as_mut()).is_none());
+        assert_eq!(q.depth(), 1);
+        // The probe is due: the dispatcher takes it for the waiting call...
+        tokio::time::sleep(Duration::from_secs(301)).await;
+        assert_eq!(q.depth(), 0, "served");
+        // ...whose client hung up before its request went on.
+        drop(waiting);
+        assert_eq!(
+            meter.window_count(),
+            0,
+            "refunded: nothing reached Salesforce"
+        );
+        assert!(meter.org().is_exhausted());
+        let next = meter.decide(1);
+        assert!(matches!(next, Verdict::Forward(_)), "{next:?}");
+    }
 }
