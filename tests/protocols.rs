@@ -1223,3 +1223,114 @@ async fn a_get_body_of_exactly_the_read_limit_goes_on_with_its_length() {
     );
     assert_eq!(body.bytes().filter(|&b| b == b'x').count(), 64 * 1024);
 }
+
+/// As `an_http2_upload_reset_mid_body_is_not_counted`, but Salesforce reads the upload slowly
+/// (here: not at all after the head, as a busy instance does with a large blob): the upstream
+/// connection is waiting to write when the client resets, so the request's future is dropped
+/// before the upstream side sees the body break off. Salesforce never had the whole request,
+/// and it must not stay counted.
+#[tokio::test]
+async fn an_http2_upload_reset_while_upstream_reads_slowly_is_not_counted() {
+    let got = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let port = {
+        let got = got.clone();
+        raw_origin(move |mut tcp| {
+            let got = got.clone();
+            async move {
+                // Reads the request head, then stops reading (and never answers).
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tcp.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                got.fetch_add(head.len(), std::sync::atomic::Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                drop(tcp);
+            }
+        })
+        .await
+    };
+    let sim = sim::spawn(SimOptions::default()).await.expect("sim");
+    // A short response timeout: a request future still alive would see its upload stall after
+    // 3 s and refund the call (`UploadStalled`); only one that was dropped cannot.
+    let env = start_with(
+        sim,
+        &config_text(
+            &format!("http://127.0.0.1:{port}"),
+            "response_timeout = \"3s\"",
+            ONE,
+        ),
+    )
+    .await;
+    let addr = env.proxy.trim_start_matches("http://").to_owned();
+    let tcp = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    let (client, conn) = h2::client::handshake(tcp).await.expect("h2c handshake");
+    let _driver = tokio::spawn(conn);
+    let mut client = client.ready().await.expect("ready");
+    let req = Request::post(format!(
+        "http://{addr}/a/services/data/v62.0/sobjects/ContentVersion"
+    ))
+    .header("content-type", "application/json")
+    .body(())
+    .expect("request");
+    let (_response, mut upload) = client.send_request(req, false).expect("send");
+    // Upload until the proxy stops taking more: Salesforce's socket is full.
+    let mut sent = 0usize;
+    loop {
+        upload.reserve_capacity(64 * 1024);
+        let capacity = std::future::poll_fn(|cx| upload.poll_capacity(cx));
+        match tokio::time::timeout(Duration::from_secs(1), capacity).await {
+            Ok(Some(Ok(n))) => {
+                upload
+                    .send_data(Bytes::from(vec![b'x'; n]), false)
+                    .expect("data");
+                sent += n;
+            }
+            Ok(other) => panic!("upload broke off: {other:?}"),
+            Err(_) => break, // no capacity for a second: the upload is stuck upstream
+        }
+    }
+    eventually(10, "the call counted and its head upstream", || async {
+        env.window("a").await == 1 && got.load(std::sync::atomic::Ordering::SeqCst) > 0
+    })
+    .await;
+    // The client gives up on the upload (a timeout, a cancelled job): RST_STREAM.
+    upload.send_reset(h2::Reason::CANCEL);
+    eventually(
+        10,
+        &format!("the broken-off upload ({sent} bytes sent of an unfinished body) refunded"),
+        || async { env.window("a").await == 0 },
+    )
+    .await;
+}
+
+/// `callmeter_requests_total` counts each request once: a call cancelled once Salesforce has
+/// it, which stays counted against the budget (see
+/// `a_call_cancelled_after_it_went_upstream_stays_counted`), too.
+#[tokio::test]
+async fn a_call_cancelled_after_it_went_upstream_is_in_the_request_metrics() {
+    let env = start(SimOptions::default(), "", ONE).await;
+    let req = Request::get("/a/services/data/v62.0/limits").header("x-sim-delay-ms", "2000");
+    cancel_once_counted(&env, req, true).await;
+    // Past the simulated org's answer: whatever the proxy was to record, it has.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(env.window("a").await, 1, "counted: Salesforce has it");
+    let metrics = env.metrics().await;
+    let series: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("callmeter_requests_total{") && l.contains("integration=\"a\""))
+        .collect();
+    let total: f64 = series
+        .iter()
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(
+        total, 1.0,
+        "one request, counted against the budget, recorded {total} times: {series:?}"
+    );
+}

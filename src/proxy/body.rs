@@ -137,6 +137,11 @@ impl Upload {
         })
     }
 
+    /// Whether the whole body has been handed on.
+    pub fn done(&self) -> bool {
+        self.done.load(Ordering::Relaxed)
+    }
+
     /// Whether the client's body broke off.
     pub fn broken(&self) -> bool {
         self.broken.load(Ordering::Relaxed)

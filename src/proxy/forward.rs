@@ -231,6 +231,7 @@ impl Upstream {
             let upload = Upload::new();
             let body = std::mem::replace(req.body_mut(), RequestBody::Empty);
             *req.body_mut() = RequestBody::Tracked(Box::new(body), upload.clone());
+            handover.carries(upload.clone());
             Some(upload)
         };
         // Pinned where it is: the timeout then holds a pointer to it instead of a copy.

@@ -207,6 +207,9 @@ async fn proxy(
         route: &route,
         ticket: Some(ticket),
         handover: Handover::default(),
+        api,
+        admitted,
+        started,
     };
     let sent = route
         .org
@@ -325,20 +328,30 @@ async fn settle_get_body(
 }
 
 /// A counted call on its way to an upstream connection. Should the request's future be dropped
-/// before a connection took the request (the client reset its HTTP/2 stream, or hung up on a
-/// queueing listener, while the proxy was connecting), the call never left: it is refunded.
+/// (the client reset its HTTP/2 stream, or hung up on a queueing listener) before a connection
+/// took the request, or before all of its body went on, Salesforce cannot have processed it:
+/// it is refunded, and recorded as the client's error. Otherwise it stays counted, recorded
+/// with the outcome it was admitted with.
 struct Unsent<'a> {
     route: &'a Route,
     ticket: Option<Ticket>,
     handover: Handover,
+    api: salesforce::Api,
+    admitted: Outcome,
+    started: Instant,
 }
 
 impl Drop for Unsent<'_> {
     fn drop(&mut self) {
         if let Some(ticket) = self.ticket.take() {
-            if !self.handover.happened() {
+            let outcome = if self.handover.may_be_processed() {
+                self.admitted
+            } else {
                 self.route.meter.refund(ticket);
-            }
+                Outcome::ClientError
+            };
+            let elapsed = self.started.elapsed();
+            self.route.metrics.record(self.api, outcome, elapsed);
         }
     }
 }

@@ -37,7 +37,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use thiserror::Error;
 use tower_service::Service;
 
-use super::body::RequestBody;
+use super::body::{RequestBody, Upload};
 use super::error::error_chain;
 use crate::meter::Clock;
 
@@ -131,16 +131,33 @@ impl Shared {
 /// is dropped (its client went away while the proxy was still connecting) never left the proxy;
 /// once it has, it may have reached Salesforce even if nobody waits for the answer.
 #[derive(Debug, Default)]
-pub struct Handover(AtomicBool);
+pub struct Handover {
+    handed: AtomicBool,
+    /// The request's upload, when it has a body: until all of it went on, Salesforce cannot
+    /// have processed the call, handed over or not.
+    upload: std::sync::OnceLock<Arc<Upload>>,
+}
 
 impl Handover {
     pub fn happened(&self) -> bool {
         // Read by the request's own future, which also wrote it: no other memory to order.
-        self.0.load(Ordering::Relaxed)
+        self.handed.load(Ordering::Relaxed)
+    }
+
+    /// Whether Salesforce may have the whole request: handed over, and its body (if any) all
+    /// gone on. A request dropped before that (its client reset the stream mid-upload while
+    /// Salesforce read slowly) was not processed.
+    pub fn may_be_processed(&self) -> bool {
+        self.happened() && self.upload.get().is_none_or(|upload| upload.done())
+    }
+
+    /// Watches `upload`, the request's body on its way.
+    pub fn carries(&self, upload: Arc<Upload>) {
+        let _ = self.upload.set(upload);
     }
 
     fn mark(&self, handed: bool) {
-        self.0.store(handed, Ordering::Relaxed);
+        self.handed.store(handed, Ordering::Relaxed);
     }
 }
 
