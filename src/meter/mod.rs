@@ -116,9 +116,18 @@ pub struct Ticket {
     units: u32,
     minute: Minute,
     in_flight: InFlight,
-    /// Sent as a probe while Salesforce refused calls: its success says budget is back, where
-    /// the late success of a call sent before the refusals began says nothing.
-    probe: bool,
+    /// The probe the call went out as, if any.
+    probe: Probe,
+}
+
+/// A probe a counted call took: while Salesforce refused calls (`exhaustion`: its success
+/// says budget is back, where the late success of a call sent before the refusals began says
+/// nothing), or to fetch a fresh report for an org stopped by its estimate.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Probe {
+    exhaustion: bool,
+    /// The time its claim set for the next probe (`next_probe_ms`); 0: the call is no probe.
+    next_ms: u64,
 }
 
 impl Ticket {
@@ -322,10 +331,18 @@ impl OrgMeter {
         }
     }
 
-    /// A probe taken by `claim_probe` was not sent after all: the next one is due now.
-    fn give_back_probe(&self) {
-        self.next_probe_ms
-            .fetch_min(self.clock.unix_ms(), Ordering::AcqRel);
+    /// A probe taken by `claim_probe` was not sent after all: the next one is due now, unless
+    /// the time its claim set has changed since (a report came, a later probe went out).
+    fn give_back_probe(&self, probe: Probe) {
+        if probe.next_ms != 0 {
+            let now = self.clock.unix_ms();
+            let _ = self.next_probe_ms.compare_exchange(
+                probe.next_ms,
+                now,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            );
+        }
     }
 
     fn probe_interval_ms(&self) -> u64 {
@@ -335,25 +352,28 @@ impl OrgMeter {
     /// A counted call got an ordinary answer: if it was sent after Salesforce began refusing
     /// (a probe), whatever budget was missing is back.
     pub fn observe_success(&self, call: &Ticket) {
-        if call.probe && self.exhausted.load(Ordering::Relaxed) {
+        if call.probe.exhaustion && self.exhausted.load(Ordering::Relaxed) {
             self.exhausted.store(false, Ordering::Relaxed);
             self.signal_freed();
         }
     }
 
-    /// Counts `units` against the org's budget, or says why not. `Ok(true)`: counted as the
-    /// probe of an exhausted org.
+    /// Counts `units` against the org's budget, or says why not; with the probe it took, if
+    /// any.
     ///
     /// The check and the count are one CAS on the org window's calls ever forwarded (against the
     /// last report plus the calls since, or before any report the window's own total), so
     /// concurrent calls cannot overshoot together.
-    fn try_count(&self, units: u32, minute: Minute, critical: bool) -> Result<bool, Limited> {
+    fn try_count(&self, units: u32, minute: Minute, critical: bool) -> Result<Probe, Limited> {
         if self.is_exhausted() {
-            return self.probe(units, minute).map(|()| true);
+            return self.probe(units, minute).map(|next_ms| Probe {
+                exhaustion: true,
+                next_ms,
+            });
         }
         let Some(limit) = self.limit() else {
             self.count(units, minute);
-            return Ok(false);
+            return Ok(Probe::default());
         };
         let reserve = self.budget.load().reserve.resolve(limit).min(limit);
         let cap = if critical { limit } else { limit - reserve };
@@ -372,39 +392,47 @@ impl OrgMeter {
                 Ok(())
             }
         });
-        fits.or_else(|used| {
-            let limited = self.limited(used, units64, cap, limit, minute);
-            // An estimate built on a report never falls by itself: the calls in the report age
-            // out of Salesforce's window unseen, and only a response brings a new figure. So
-            // one call per probe interval goes out to fetch it, as while exhausted; without it
-            // an org stopped by its estimate (at its limit, or at the reserve for the
-            // integrations it holds back) would stay stopped until a restart.
-            let on_estimate = matches!(limited.budget, Budget::OrgLimit | Budget::Reserve);
-            if reported && on_estimate && self.estimate_probe_due() {
+        let Err(used) = fits else {
+            return Ok(Probe::default());
+        };
+        let limited = self.limited(used, units64, cap, limit, minute);
+        // An estimate built on a report never falls by itself: the calls in the report age
+        // out of Salesforce's window unseen, and only a response brings a new figure. So
+        // one call per probe interval goes out to fetch it, as while exhausted; without it
+        // an org stopped by its estimate (at its limit, or at the reserve for the
+        // integrations it holds back) would stay stopped until a restart.
+        let on_estimate = matches!(limited.budget, Budget::OrgLimit | Budget::Reserve);
+        if reported && on_estimate {
+            if let Some(next_ms) = self.estimate_probe_due() {
                 self.count(units, minute);
-                return Ok(());
+                return Ok(Probe {
+                    exhaustion: false,
+                    next_ms,
+                });
             }
-            Err(limited)
-        })
-        .map(|()| false)
+        }
+        Err(limited)
     }
 
     /// Whether a call refused on a report-based estimate may go out as a probe: one per probe
     /// interval, the first an interval after the report the estimate rests on, however late
     /// the next call comes.
-    fn estimate_probe_due(&self) -> bool {
+    fn estimate_probe_due(&self) -> Option<u64> {
         self.claim_probe(self.clock.unix_ms(), self.probe_interval_ms())
     }
 
     /// Takes the probe due at `next_probe_ms` if it is due at `now`: of concurrent callers,
-    /// one wins, and the next probe is due an `interval` later.
-    fn claim_probe(&self, now: u64, interval: u64) -> bool {
+    /// one wins, and the next probe is due an `interval` later (returned).
+    fn claim_probe(&self, now: u64, interval: u64) -> Option<u64> {
         let next = self.next_probe_ms.load(Ordering::Acquire);
-        now >= next
+        // Never 0, which marks no probe.
+        let following = (now + interval).max(1);
+        (now >= next
             && self
                 .next_probe_ms
-                .compare_exchange(next, now + interval, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
+                .compare_exchange(next, following, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok())
+        .then_some(following)
     }
 
     fn count(&self, units: u32, minute: Minute) {
@@ -412,11 +440,11 @@ impl OrgMeter {
     }
 
     /// While exhausted: one call per probe interval goes through; the rest wait for it.
-    fn probe(&self, units: u32, minute: Minute) -> Result<(), Limited> {
+    fn probe(&self, units: u32, minute: Minute) -> Result<u64, Limited> {
         let now = self.clock.unix_ms();
-        if self.claim_probe(now, self.probe_interval_ms()) {
+        if let Some(next_ms) = self.claim_probe(now, self.probe_interval_ms()) {
             self.count(units, minute);
-            return Ok(());
+            return Ok(next_ms);
         }
         let wait = self
             .next_probe_ms
@@ -632,7 +660,7 @@ impl IntegrationMeter {
                 units,
                 minute,
                 in_flight,
-                probe: false,
+                probe: Probe::default(),
             });
         }
         if let Some(rate) = budget.rate {
@@ -733,11 +761,9 @@ impl IntegrationMeter {
 
     /// Gives back a call that never reached Salesforce.
     pub fn refund(&self, ticket: Ticket) {
-        if ticket.probe {
-            // The probe never reached Salesforce: the next call may go in its place, or the
-            // org would stay refused a whole interval with nothing sent to end it.
-            self.org.give_back_probe();
-        }
+        // A probe that never reached Salesforce: the next call may go in its place, or the
+        // org would stay refused a whole interval with nothing sent to end it.
+        self.org.give_back_probe(ticket.probe);
         if ticket.units == 0 {
             return;
         }
@@ -1306,6 +1332,44 @@ mod tests {
             (l.budget, l.retry_after),
             (Budget::Exhausted, Duration::from_secs(300))
         );
+    }
+
+    /// An org stopped by its estimate lets one call per interval out as a probe, for a fresh
+    /// report. A probe refunded (its client left before it went out) is given back.
+    #[tokio::test(start_paused = true)]
+    async fn a_refunded_estimate_probe_is_given_back() {
+        let (org, m) = setup(
+            "daily_limit = \"auto\"\nprobe_interval = \"5m\"",
+            &integration("a", ""),
+        );
+        org.observe_report(report(990, 1_000));
+        for _ in 0..10 {
+            let _ = forwarded(m[0].decide(1));
+        }
+        assert_eq!(limited(m[0].decide(1)).budget, Budget::OrgLimit);
+        tokio::time::advance(Duration::from_secs(300)).await;
+        let probe = forwarded(m[0].decide(1)); // the estimate probe
+        assert!(matches!(m[0].decide(1), Verdict::Limited(_)));
+        m[0].refund(probe);
+        let next = m[0].decide(1);
+        assert!(matches!(next, Verdict::Forward(_)), "{next:?}");
+    }
+
+    /// A probe refunded after the next interval's probe was taken (a slow upload that broke
+    /// off an interval later) is no longer the current one: giving it back would let a third
+    /// call out beside the probe in flight.
+    #[tokio::test(start_paused = true)]
+    async fn a_stale_probe_refunded_lets_no_second_probe_out() {
+        let (org, m) = setup("probe_interval = \"1m\"", &integration("a", ""));
+        org.observe_exhausted();
+        tokio::time::advance(Duration::from_secs(60)).await;
+        let first = forwarded(m[0].decide(1)); // the probe, still uploading
+        tokio::time::advance(Duration::from_secs(60)).await;
+        let _second = forwarded(m[0].decide(1)); // the next interval's probe, in flight
+        assert_eq!(limited(m[0].decide(1)).budget, Budget::Exhausted);
+        m[0].refund(first);
+        let next = m[0].decide(1);
+        assert!(matches!(next, Verdict::Limited(_)), "{next:?}");
     }
 
     #[tokio::test(start_paused = true)]
