@@ -1334,3 +1334,153 @@ async fn a_call_cancelled_after_it_went_upstream_is_in_the_request_metrics() {
         "one request, counted against the budget, recorded {total} times: {series:?}"
     );
 }
+
+/// An origin that reads a request whole (head and `content-length` body), flags it,
+/// then answers `answer` after `delay` (or never, `None`).
+async fn whole_request_origin(
+    whole: Arc<std::sync::atomic::AtomicBool>,
+    answer: Option<(Duration, &'static [u8])>,
+) -> u16 {
+    raw_origin(move |mut tcp| {
+        let whole = whole.clone();
+        async move {
+            let mut got = Vec::new();
+            let mut buf = [0u8; 16 * 1024];
+            let head_end = loop {
+                if let Some(at) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break at + 4;
+                }
+                match tcp.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                }
+            };
+            let head = String::from_utf8_lossy(&got[..head_end]).to_ascii_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map(|v| v.trim().parse().expect("length"))
+                .expect("a content-length request");
+            while got.len() < head_end + length {
+                match tcp.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                }
+            }
+            // Salesforce has the whole call: it processes it.
+            whole.store(true, std::sync::atomic::Ordering::SeqCst);
+            match answer {
+                Some((delay, response)) => {
+                    tokio::time::sleep(delay).await;
+                    let _ = tcp.write_all(response).await;
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                }
+                None => tokio::time::sleep(Duration::from_secs(60)).await,
+            }
+        }
+    })
+    .await
+}
+
+/// An HTTP/2 client sends a body of known length (`content-length`), then ends its stream
+/// with an empty DATA frame (what hyper's own client does for a streamed body): the proxy
+/// hands all of it to Salesforce over HTTP/1.1, which has the whole call and processes it. The
+/// client then gives up waiting (RST_STREAM): the call stays counted.
+#[tokio::test]
+async fn an_http2_upload_sent_whole_then_reset_stays_counted() {
+    let whole = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let port = whole_request_origin(whole.clone(), None).await;
+    let sim = sim::spawn(SimOptions::default()).await.expect("sim");
+    let env = start_with(
+        sim,
+        &config_text(&format!("http://127.0.0.1:{port}"), "", ONE),
+    )
+    .await;
+    let addr = env.proxy.trim_start_matches("http://").to_owned();
+    let tcp = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    let (client, conn) = h2::client::handshake(tcp).await.expect("h2c handshake");
+    let _driver = tokio::spawn(conn);
+    let mut client = client.ready().await.expect("ready");
+    let body = Bytes::from_static(b"{\"LastName\":\"Smith\"}");
+    let req = Request::post(format!(
+        "http://{addr}/a/services/data/v62.0/sobjects/Contact"
+    ))
+    .header("content-type", "application/json")
+    .header("content-length", body.len())
+    .body(())
+    .expect("request");
+    let (_response, mut upload) = client.send_request(req, false).expect("send");
+    upload.send_data(body, false).expect("data");
+    upload.send_data(Bytes::new(), true).expect("end of stream");
+    eventually(10, "the call counted and whole at Salesforce", || async {
+        env.window("a").await == 1 && whole.load(std::sync::atomic::Ordering::SeqCst)
+    })
+    .await;
+    // The client stops waiting for the answer.
+    upload.send_reset(h2::Reason::CANCEL);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let metrics = env.metrics().await;
+    let series: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("callmeter_requests_total{") && l.contains("integration=\"a\""))
+        .collect();
+    assert_eq!(
+        env.window("a").await,
+        1,
+        "Salesforce had the whole call, yet it was refunded; recorded as {series:?}"
+    );
+}
+
+/// As above, but the client waits. Salesforce has the whole call and takes longer than the
+/// response timeout to answer: that is a response timeout (504, the call stays counted), not a
+/// stalled upload (408, refunded).
+#[tokio::test]
+async fn an_http2_upload_sent_whole_times_out_as_a_response() {
+    let whole = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let answer =
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
+    let port = whole_request_origin(whole.clone(), Some((Duration::from_secs(5), answer))).await;
+    let sim = sim::spawn(SimOptions::default()).await.expect("sim");
+    let env = start_with(
+        sim,
+        &config_text(
+            &format!("http://127.0.0.1:{port}"),
+            "response_timeout = \"2s\"",
+            ONE,
+        ),
+    )
+    .await;
+    let addr = env.proxy.trim_start_matches("http://").to_owned();
+    let tcp = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    let (client, conn) = h2::client::handshake(tcp).await.expect("h2c handshake");
+    let _driver = tokio::spawn(conn);
+    let mut client = client.ready().await.expect("ready");
+    let body = Bytes::from_static(b"{\"LastName\":\"Smith\"}");
+    let req = Request::post(format!(
+        "http://{addr}/a/services/data/v62.0/sobjects/Contact"
+    ))
+    .header("content-type", "application/json")
+    .header("content-length", body.len())
+    .body(())
+    .expect("request");
+    let (response, mut upload) = client.send_request(req, false).expect("send");
+    upload.send_data(body, false).expect("data");
+    upload.send_data(Bytes::new(), true).expect("end of stream");
+    let response = tokio::time::timeout(Duration::from_secs(10), response)
+        .await
+        .expect("an answer")
+        .expect("response");
+    assert!(
+        whole.load(std::sync::atomic::Ordering::SeqCst),
+        "Salesforce had it all"
+    );
+    assert_eq!(
+        (response.status(), env.window("a").await),
+        (StatusCode::GATEWAY_TIMEOUT, 1),
+        "Salesforce had the whole call and was slow to answer"
+    );
+}

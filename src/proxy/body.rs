@@ -112,6 +112,11 @@ pub struct Upload {
     start: tokio::time::Instant,
     /// Milliseconds after `start` at which the body last handed a frame on.
     moved_ms: AtomicU64,
+    /// The body's length when known (`content-length`): once that much went on, all of it did,
+    /// though the end of the stream may come later (an HTTP/2 client's empty last DATA frame)
+    /// or never be read (hyper's HTTP/1.1 client stops at the length).
+    length: Option<u64>,
+    sent: AtomicU64,
     done: AtomicBool,
     /// The client's body broke off (it hung up mid-upload): whatever the upstream connection
     /// then reports, Salesforce never had the whole request.
@@ -128,10 +133,13 @@ pub enum Stall {
 }
 
 impl Upload {
-    pub fn new() -> Arc<Self> {
+    /// `length`: the body's, if known.
+    pub fn new(length: Option<u64>) -> Arc<Self> {
         Arc::new(Upload {
             start: tokio::time::Instant::now(),
             moved_ms: AtomicU64::new(0),
+            length,
+            sent: AtomicU64::new(0),
             done: AtomicBool::new(false),
             broken: AtomicBool::new(false),
         })
@@ -147,12 +155,14 @@ impl Upload {
         self.broken.load(Ordering::Relaxed)
     }
 
-    fn moved(&self, done: bool) {
+    /// The body handed on a frame of `bytes` data; `ended`: and says it is over.
+    fn moved(&self, bytes: u64, ended: bool) {
         let ms = self.start.elapsed().as_millis() as u64;
         // Relaxed: the waiter only needs to see some recent value; a stale one makes it sleep
         // once more, never fire early.
         self.moved_ms.store(ms, Ordering::Relaxed);
-        if done {
+        let sent = self.sent.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        if ended || self.length.is_some_and(|length| sent >= length) {
             self.done.store(true, Ordering::Relaxed);
         }
     }
@@ -277,8 +287,11 @@ impl Body for RequestBody {
             RequestBody::Tracked(inner, upload) => {
                 let polled = Pin::new(inner.as_mut()).poll_frame(cx);
                 match &polled {
-                    Poll::Ready(Some(Ok(_))) => upload.moved(inner.is_end_stream()),
-                    Poll::Ready(None) => upload.moved(true),
+                    Poll::Ready(Some(Ok(frame))) => {
+                        let bytes = frame.data_ref().map_or(0, |data| data.len() as u64);
+                        upload.moved(bytes, inner.is_end_stream())
+                    }
+                    Poll::Ready(None) => upload.moved(0, true),
                     Poll::Ready(Some(Err(_))) => upload.broken.store(true, Ordering::Relaxed),
                     Poll::Pending => {}
                 }

@@ -228,7 +228,7 @@ impl Upstream {
         let upload = if http_body::Body::is_end_stream(req.body()) {
             None
         } else {
-            let upload = Upload::new();
+            let upload = Upload::new(http_body::Body::size_hint(req.body()).exact());
             let body = std::mem::replace(req.body_mut(), RequestBody::Empty);
             *req.body_mut() = RequestBody::Tracked(Box::new(body), upload.clone());
             handover.carries(upload.clone());
