@@ -1484,3 +1484,95 @@ async fn an_http2_upload_sent_whole_times_out_as_a_response() {
         "Salesforce had the whole call and was slow to answer"
     );
 }
+
+/// As `an_http2_upload_sent_whole_times_out_as_a_response`, with an empty body of known length
+/// (`content-length: 0`, the stream ended by a later empty DATA frame, as .NET's HttpClient
+/// sends a POST with empty content): hyper's HTTP/1.1 client never polls that body, and
+/// Salesforce has the whole call; its slow answer is a 504, not a stalled upload.
+#[tokio::test]
+async fn an_http2_empty_upload_of_known_length_times_out_as_a_response() {
+    let whole = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let answer =
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
+    let port = whole_request_origin(whole.clone(), Some((Duration::from_secs(5), answer))).await;
+    let sim = sim::spawn(SimOptions::default()).await.expect("sim");
+    let env = start_with(
+        sim,
+        &config_text(
+            &format!("http://127.0.0.1:{port}"),
+            "response_timeout = \"2s\"",
+            ONE,
+        ),
+    )
+    .await;
+    let addr = env.proxy.trim_start_matches("http://").to_owned();
+    let tcp = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    let (client, conn) = h2::client::handshake(tcp).await.expect("h2c handshake");
+    let _driver = tokio::spawn(conn);
+    let mut client = client.ready().await.expect("ready");
+    let req = Request::post(format!(
+        "http://{addr}/a/services/data/v62.0/sobjects/Contact"
+    ))
+    .header("content-type", "application/json")
+    .header("content-length", 0)
+    .body(())
+    .expect("request");
+    let (response, mut upload) = client.send_request(req, false).expect("send");
+    eventually(10, "the call whole at Salesforce", || async {
+        whole.load(std::sync::atomic::Ordering::SeqCst)
+    })
+    .await;
+    upload.send_data(Bytes::new(), true).expect("end of stream");
+    let response = tokio::time::timeout(Duration::from_secs(10), response)
+        .await
+        .expect("an answer")
+        .expect("response");
+    assert_eq!(
+        (response.status(), env.window("a").await),
+        (StatusCode::GATEWAY_TIMEOUT, 1),
+        "Salesforce had the whole (empty) call and was slow to answer"
+    );
+}
+
+/// The same empty upload of known length, its client resetting once Salesforce has the call:
+/// it stays counted.
+#[tokio::test]
+async fn an_http2_empty_upload_of_known_length_then_reset_stays_counted() {
+    let whole = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let port = whole_request_origin(whole.clone(), None).await;
+    let sim = sim::spawn(SimOptions::default()).await.expect("sim");
+    let env = start_with(
+        sim,
+        &config_text(&format!("http://127.0.0.1:{port}"), "", ONE),
+    )
+    .await;
+    let addr = env.proxy.trim_start_matches("http://").to_owned();
+    let tcp = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    let (client, conn) = h2::client::handshake(tcp).await.expect("h2c handshake");
+    let _driver = tokio::spawn(conn);
+    let mut client = client.ready().await.expect("ready");
+    let req = Request::post(format!(
+        "http://{addr}/a/services/data/v62.0/sobjects/Contact"
+    ))
+    .header("content-type", "application/json")
+    .header("content-length", 0)
+    .body(())
+    .expect("request");
+    let (_response, mut upload) = client.send_request(req, false).expect("send");
+    upload.send_data(Bytes::new(), true).expect("end of stream");
+    eventually(10, "the call counted and whole at Salesforce", || async {
+        env.window("a").await == 1 && whole.load(std::sync::atomic::Ordering::SeqCst)
+    })
+    .await;
+    upload.send_reset(h2::Reason::CANCEL);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        env.window("a").await,
+        1,
+        "Salesforce had the whole call, yet it was refunded"
+    );
+}

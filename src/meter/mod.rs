@@ -120,6 +120,11 @@ pub struct Ticket {
     probe: Probe,
 }
 
+/// Marks a `next_probe_ms` a probe's claim set. A report, an exhaustion or a restore sets the
+/// time without it, so a refunded probe can tell whether the time is still its own, even when
+/// that news came in the same millisecond. (A claimed time is never 0, which marks no probe.)
+const CLAIMED: u64 = 1 << 63;
+
 /// A probe a counted call took: while Salesforce refused calls (`exhaustion`: its success
 /// says budget is back, where the late success of a call sent before the refusals began says
 /// nothing), or to fetch a fresh report for an org stopped by its estimate.
@@ -424,13 +429,12 @@ impl OrgMeter {
     /// Takes the probe due at `next_probe_ms` if it is due at `now`: of concurrent callers,
     /// one wins, and the next probe is due an `interval` later (returned).
     fn claim_probe(&self, now: u64, interval: u64) -> Option<u64> {
-        let next = self.next_probe_ms.load(Ordering::Acquire);
-        // Never 0, which marks no probe.
-        let following = (now + interval).max(1);
-        (now >= next
+        let set = self.next_probe_ms.load(Ordering::Acquire);
+        let following = (now + interval) | CLAIMED;
+        (now >= set & !CLAIMED
             && self
                 .next_probe_ms
-                .compare_exchange(next, following, Ordering::AcqRel, Ordering::Acquire)
+                .compare_exchange(set, following, Ordering::AcqRel, Ordering::Acquire)
                 .is_ok())
         .then_some(following)
     }
@@ -446,10 +450,8 @@ impl OrgMeter {
             self.count(units, minute);
             return Ok(next_ms);
         }
-        let wait = self
-            .next_probe_ms
-            .load(Ordering::Acquire)
-            .saturating_sub(now);
+        let next = self.next_probe_ms.load(Ordering::Acquire) & !CLAIMED;
+        let wait = next.saturating_sub(now);
         Err(Limited {
             budget: Budget::Exhausted,
             retry_after: Duration::from_millis(wait).max(Duration::from_secs(1)),
@@ -1370,6 +1372,54 @@ mod tests {
         m[0].refund(first);
         let next = m[0].decide(1);
         assert!(matches!(next, Verdict::Limited(_)), "{next:?}");
+    }
+
+    /// A report that came in the same millisecond as an estimate probe's claim: refunding the
+    /// probe does not undo the report's "next probe an interval from now".
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_refunded_after_a_same_ms_report_is_not_given_back() {
+        let (org, m) = setup(
+            "daily_limit = \"auto\"\nprobe_interval = \"5m\"",
+            &integration("a", ""),
+        );
+        org.observe_report(report(990, 1_000));
+        for _ in 0..10 {
+            let _ = forwarded(m[0].decide(1));
+        }
+        assert_eq!(limited(m[0].decide(1)).budget, Budget::OrgLimit);
+        tokio::time::advance(Duration::from_secs(300)).await;
+        let probe = forwarded(m[0].decide(1)); // the estimate probe
+                                               // Another call's response brings a fresh report (still at the limit) in the same ms.
+        org.observe_report(report(1_000, 1_000));
+        m[0].refund(probe); // the probe's client left before it went out
+        let next = m[0].decide(1);
+        assert!(
+            matches!(next, Verdict::Limited(_)),
+            "a report just came: no probe is due for an interval, yet {next:?}"
+        );
+    }
+
+    /// The same with an exhaustion that began in the probe's millisecond.
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_refunded_after_a_same_ms_exhaustion_is_not_given_back() {
+        let (org, m) = setup(
+            "daily_limit = \"auto\"\nprobe_interval = \"5m\"",
+            &integration("a", ""),
+        );
+        org.observe_report(report(990, 1_000));
+        for _ in 0..10 {
+            let _ = forwarded(m[0].decide(1));
+        }
+        tokio::time::advance(Duration::from_secs(300)).await;
+        let probe = forwarded(m[0].decide(1)); // the estimate probe
+                                               // Another call in flight is refused REQUEST_LIMIT_EXCEEDED in the same ms.
+        org.observe_exhausted();
+        m[0].refund(probe);
+        let next = m[0].decide(1);
+        assert!(
+            matches!(next, Verdict::Limited(_)),
+            "the exhaustion just began: its first probe is an interval away, yet {next:?}"
+        );
     }
 
     #[tokio::test(start_paused = true)]

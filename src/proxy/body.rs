@@ -140,7 +140,8 @@ impl Upload {
             moved_ms: AtomicU64::new(0),
             length,
             sent: AtomicU64::new(0),
-            done: AtomicBool::new(false),
+            // A body of length 0 is whole before hyper (which never polls it) sees it.
+            done: AtomicBool::new(length == Some(0)),
             broken: AtomicBool::new(false),
         })
     }
