@@ -1265,20 +1265,7 @@ async fn an_http2_upload_reset_while_upstream_reads_slowly_is_not_counted() {
         ),
     )
     .await;
-    let addr = env.proxy.trim_start_matches("http://").to_owned();
-    let tcp = tokio::net::TcpStream::connect(&addr)
-        .await
-        .expect("connect");
-    let (client, conn) = h2::client::handshake(tcp).await.expect("h2c handshake");
-    let _driver = tokio::spawn(conn);
-    let mut client = client.ready().await.expect("ready");
-    let req = Request::post(format!(
-        "http://{addr}/a/services/data/v62.0/sobjects/ContentVersion"
-    ))
-    .header("content-type", "application/json")
-    .body(())
-    .expect("request");
-    let (_response, mut upload) = client.send_request(req, false).expect("send");
+    let (_response, mut upload) = h2_post(&env, None).await;
     // Upload until the proxy stops taking more: Salesforce's socket is full.
     let mut sent = 0usize;
     loop {
@@ -1333,6 +1320,31 @@ async fn a_call_cancelled_after_it_went_upstream_is_in_the_request_metrics() {
         total, 1.0,
         "one request, counted against the budget, recorded {total} times: {series:?}"
     );
+}
+
+/// Starts an HTTP/2 (h2c) POST of a Contact through the proxy, declaring `content-length` if
+/// given: its response and the stream of its body, to send, end or reset as a test likes.
+async fn h2_post(
+    env: &Env,
+    length: Option<usize>,
+) -> (h2::client::ResponseFuture, h2::SendStream<Bytes>) {
+    let addr = env.proxy.trim_start_matches("http://").to_owned();
+    let tcp = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    let (client, conn) = h2::client::handshake(tcp).await.expect("h2c handshake");
+    tokio::spawn(conn);
+    let mut client = client.ready().await.expect("ready");
+    let mut req = Request::post(format!(
+        "http://{addr}/a/services/data/v62.0/sobjects/Contact"
+    ))
+    .header("content-type", "application/json");
+    if let Some(length) = length {
+        req = req.header("content-length", length);
+    }
+    client
+        .send_request(req.body(()).expect("request"), false)
+        .expect("send")
 }
 
 /// An origin that reads a request whole (head and `content-length` body), flags it,
@@ -1396,22 +1408,8 @@ async fn an_http2_upload_sent_whole_then_reset_stays_counted() {
         &config_text(&format!("http://127.0.0.1:{port}"), "", ONE),
     )
     .await;
-    let addr = env.proxy.trim_start_matches("http://").to_owned();
-    let tcp = tokio::net::TcpStream::connect(&addr)
-        .await
-        .expect("connect");
-    let (client, conn) = h2::client::handshake(tcp).await.expect("h2c handshake");
-    let _driver = tokio::spawn(conn);
-    let mut client = client.ready().await.expect("ready");
     let body = Bytes::from_static(b"{\"LastName\":\"Smith\"}");
-    let req = Request::post(format!(
-        "http://{addr}/a/services/data/v62.0/sobjects/Contact"
-    ))
-    .header("content-type", "application/json")
-    .header("content-length", body.len())
-    .body(())
-    .expect("request");
-    let (_response, mut upload) = client.send_request(req, false).expect("send");
+    let (_response, mut upload) = h2_post(&env, Some(body.len())).await;
     upload.send_data(body, false).expect("data");
     upload.send_data(Bytes::new(), true).expect("end of stream");
     eventually(10, "the call counted and whole at Salesforce", || async {
@@ -1452,22 +1450,8 @@ async fn an_http2_upload_sent_whole_times_out_as_a_response() {
         ),
     )
     .await;
-    let addr = env.proxy.trim_start_matches("http://").to_owned();
-    let tcp = tokio::net::TcpStream::connect(&addr)
-        .await
-        .expect("connect");
-    let (client, conn) = h2::client::handshake(tcp).await.expect("h2c handshake");
-    let _driver = tokio::spawn(conn);
-    let mut client = client.ready().await.expect("ready");
     let body = Bytes::from_static(b"{\"LastName\":\"Smith\"}");
-    let req = Request::post(format!(
-        "http://{addr}/a/services/data/v62.0/sobjects/Contact"
-    ))
-    .header("content-type", "application/json")
-    .header("content-length", body.len())
-    .body(())
-    .expect("request");
-    let (response, mut upload) = client.send_request(req, false).expect("send");
+    let (response, mut upload) = h2_post(&env, Some(body.len())).await;
     upload.send_data(body, false).expect("data");
     upload.send_data(Bytes::new(), true).expect("end of stream");
     let response = tokio::time::timeout(Duration::from_secs(10), response)
@@ -1505,21 +1489,7 @@ async fn an_http2_empty_upload_of_known_length_times_out_as_a_response() {
         ),
     )
     .await;
-    let addr = env.proxy.trim_start_matches("http://").to_owned();
-    let tcp = tokio::net::TcpStream::connect(&addr)
-        .await
-        .expect("connect");
-    let (client, conn) = h2::client::handshake(tcp).await.expect("h2c handshake");
-    let _driver = tokio::spawn(conn);
-    let mut client = client.ready().await.expect("ready");
-    let req = Request::post(format!(
-        "http://{addr}/a/services/data/v62.0/sobjects/Contact"
-    ))
-    .header("content-type", "application/json")
-    .header("content-length", 0)
-    .body(())
-    .expect("request");
-    let (response, mut upload) = client.send_request(req, false).expect("send");
+    let (response, mut upload) = h2_post(&env, Some(0)).await;
     eventually(10, "the call whole at Salesforce", || async {
         whole.load(std::sync::atomic::Ordering::SeqCst)
     })
@@ -1548,21 +1518,7 @@ async fn an_http2_empty_upload_of_known_length_then_reset_stays_counted() {
         &config_text(&format!("http://127.0.0.1:{port}"), "", ONE),
     )
     .await;
-    let addr = env.proxy.trim_start_matches("http://").to_owned();
-    let tcp = tokio::net::TcpStream::connect(&addr)
-        .await
-        .expect("connect");
-    let (client, conn) = h2::client::handshake(tcp).await.expect("h2c handshake");
-    let _driver = tokio::spawn(conn);
-    let mut client = client.ready().await.expect("ready");
-    let req = Request::post(format!(
-        "http://{addr}/a/services/data/v62.0/sobjects/Contact"
-    ))
-    .header("content-type", "application/json")
-    .header("content-length", 0)
-    .body(())
-    .expect("request");
-    let (_response, mut upload) = client.send_request(req, false).expect("send");
+    let (_response, mut upload) = h2_post(&env, Some(0)).await;
     upload.send_data(Bytes::new(), true).expect("end of stream");
     eventually(10, "the call counted and whole at Salesforce", || async {
         env.window("a").await == 1 && whole.load(std::sync::atomic::Ordering::SeqCst)

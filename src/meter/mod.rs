@@ -1336,10 +1336,9 @@ mod tests {
         );
     }
 
-    /// An org stopped by its estimate lets one call per interval out as a probe, for a fresh
-    /// report. A probe refunded (its client left before it went out) is given back.
-    #[tokio::test(start_paused = true)]
-    async fn a_refunded_estimate_probe_is_given_back() {
+    /// An org stopped at its limit by a report-based estimate (990 of 1,000 reported, 10 more
+    /// calls made), a probe interval (5 min) later: the call that went out as its probe.
+    async fn estimate_probe_taken() -> (Arc<OrgMeter>, Vec<IntegrationMeter>, Ticket) {
         let (org, m) = setup(
             "daily_limit = \"auto\"\nprobe_interval = \"5m\"",
             &integration("a", ""),
@@ -1350,7 +1349,15 @@ mod tests {
         }
         assert_eq!(limited(m[0].decide(1)).budget, Budget::OrgLimit);
         tokio::time::advance(Duration::from_secs(300)).await;
-        let probe = forwarded(m[0].decide(1)); // the estimate probe
+        let probe = forwarded(m[0].decide(1));
+        (org, m, probe)
+    }
+
+    /// An org stopped by its estimate lets one call per interval out as a probe, for a fresh
+    /// report. A probe refunded (its client left before it went out) is given back.
+    #[tokio::test(start_paused = true)]
+    async fn a_refunded_estimate_probe_is_given_back() {
+        let (_, m, probe) = estimate_probe_taken().await;
         assert!(matches!(m[0].decide(1), Verdict::Limited(_)));
         m[0].refund(probe);
         let next = m[0].decide(1);
@@ -1378,18 +1385,8 @@ mod tests {
     /// probe does not undo the report's "next probe an interval from now".
     #[tokio::test(start_paused = true)]
     async fn a_probe_refunded_after_a_same_ms_report_is_not_given_back() {
-        let (org, m) = setup(
-            "daily_limit = \"auto\"\nprobe_interval = \"5m\"",
-            &integration("a", ""),
-        );
-        org.observe_report(report(990, 1_000));
-        for _ in 0..10 {
-            let _ = forwarded(m[0].decide(1));
-        }
-        assert_eq!(limited(m[0].decide(1)).budget, Budget::OrgLimit);
-        tokio::time::advance(Duration::from_secs(300)).await;
-        let probe = forwarded(m[0].decide(1)); // the estimate probe
-                                               // Another call's response brings a fresh report (still at the limit) in the same ms.
+        let (org, m, probe) = estimate_probe_taken().await;
+        // Another call's response brings a fresh report (still at the limit) in the same ms.
         org.observe_report(report(1_000, 1_000));
         m[0].refund(probe); // the probe's client left before it went out
         let next = m[0].decide(1);
@@ -1402,17 +1399,8 @@ mod tests {
     /// The same with an exhaustion that began in the probe's millisecond.
     #[tokio::test(start_paused = true)]
     async fn a_probe_refunded_after_a_same_ms_exhaustion_is_not_given_back() {
-        let (org, m) = setup(
-            "daily_limit = \"auto\"\nprobe_interval = \"5m\"",
-            &integration("a", ""),
-        );
-        org.observe_report(report(990, 1_000));
-        for _ in 0..10 {
-            let _ = forwarded(m[0].decide(1));
-        }
-        tokio::time::advance(Duration::from_secs(300)).await;
-        let probe = forwarded(m[0].decide(1)); // the estimate probe
-                                               // Another call in flight is refused REQUEST_LIMIT_EXCEEDED in the same ms.
+        let (org, m, probe) = estimate_probe_taken().await;
+        // Another call in flight is refused REQUEST_LIMIT_EXCEEDED in the same ms.
         org.observe_exhausted();
         m[0].refund(probe);
         let next = m[0].decide(1);
