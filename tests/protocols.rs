@@ -1394,141 +1394,63 @@ async fn whole_request_origin(
     .await
 }
 
-/// An HTTP/2 client sends a body of known length (`content-length`), then ends its stream
-/// with an empty DATA frame (what hyper's own client does for a streamed body): the proxy
-/// hands all of it to Salesforce over HTTP/1.1, which has the whole call and processes it. The
-/// client then gives up waiting (RST_STREAM): the call stays counted.
-#[tokio::test]
-async fn an_http2_upload_sent_whole_then_reset_stays_counted() {
-    let whole = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let port = whole_request_origin(whole.clone(), None).await;
-    let sim = sim::spawn(SimOptions::default()).await.expect("sim");
-    let env = start_with(
-        sim,
-        &config_text(&format!("http://127.0.0.1:{port}"), "", ONE),
-    )
-    .await;
-    let body = Bytes::from_static(b"{\"LastName\":\"Smith\"}");
-    let (_response, mut upload) = h2_post(&env, Some(body.len())).await;
-    upload.send_data(body, false).expect("data");
-    upload.send_data(Bytes::new(), true).expect("end of stream");
-    eventually(10, "the call counted and whole at Salesforce", || async {
-        env.window("a").await == 1 && whole.load(std::sync::atomic::Ordering::SeqCst)
-    })
-    .await;
-    // The client stops waiting for the answer.
-    upload.send_reset(h2::Reason::CANCEL);
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let metrics = env.metrics().await;
-    let series: Vec<&str> = metrics
-        .lines()
-        .filter(|l| l.starts_with("callmeter_requests_total{") && l.contains("integration=\"a\""))
-        .collect();
-    assert_eq!(
-        env.window("a").await,
-        1,
-        "Salesforce had the whole call, yet it was refunded; recorded as {series:?}"
-    );
-}
-
-/// As above, but the client waits. Salesforce has the whole call and takes longer than the
-/// response timeout to answer: that is a response timeout (504, the call stays counted), not a
-/// stalled upload (408, refunded).
-#[tokio::test]
-async fn an_http2_upload_sent_whole_times_out_as_a_response() {
+/// An HTTP/2 client sends a body of known length (`content-length`), then ends its stream with
+/// an empty DATA frame (what hyper's own client does for a streamed body; .NET's HttpClient
+/// does it for an empty POST): the proxy hands all of it to Salesforce over HTTP/1.1 (whose
+/// client stops at the length, and never polls an empty body at all), and Salesforce has the
+/// whole call. Then either the client gives up waiting (`reset`) or Salesforce takes longer
+/// than the 2 s response timeout to answer. Returns the client's status, if it got one, and
+/// the integration's count.
+async fn a_whole_upload(body: &'static [u8], reset: bool) -> (Option<StatusCode>, u64) {
     let whole = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let answer =
         b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
-    let port = whole_request_origin(whole.clone(), Some((Duration::from_secs(5), answer))).await;
+    let late = (!reset).then_some((Duration::from_secs(5), &answer[..]));
+    let port = whole_request_origin(whole.clone(), late).await;
     let sim = sim::spawn(SimOptions::default()).await.expect("sim");
+    let upstream = format!("http://127.0.0.1:{port}");
     let env = start_with(
         sim,
-        &config_text(
-            &format!("http://127.0.0.1:{port}"),
-            "response_timeout = \"2s\"",
-            ONE,
-        ),
+        &config_text(&upstream, "response_timeout = \"2s\"", ONE),
     )
     .await;
-    let body = Bytes::from_static(b"{\"LastName\":\"Smith\"}");
     let (response, mut upload) = h2_post(&env, Some(body.len())).await;
-    upload.send_data(body, false).expect("data");
-    upload.send_data(Bytes::new(), true).expect("end of stream");
-    let response = tokio::time::timeout(Duration::from_secs(10), response)
-        .await
-        .expect("an answer")
-        .expect("response");
-    assert!(
-        whole.load(std::sync::atomic::Ordering::SeqCst),
-        "Salesforce had it all"
-    );
-    assert_eq!(
-        (response.status(), env.window("a").await),
-        (StatusCode::GATEWAY_TIMEOUT, 1),
-        "Salesforce had the whole call and was slow to answer"
-    );
-}
-
-/// As `an_http2_upload_sent_whole_times_out_as_a_response`, with an empty body of known length
-/// (`content-length: 0`, the stream ended by a later empty DATA frame, as .NET's HttpClient
-/// sends a POST with empty content): hyper's HTTP/1.1 client never polls that body, and
-/// Salesforce has the whole call; its slow answer is a 504, not a stalled upload.
-#[tokio::test]
-async fn an_http2_empty_upload_of_known_length_times_out_as_a_response() {
-    let whole = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let answer =
-        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
-    let port = whole_request_origin(whole.clone(), Some((Duration::from_secs(5), answer))).await;
-    let sim = sim::spawn(SimOptions::default()).await.expect("sim");
-    let env = start_with(
-        sim,
-        &config_text(
-            &format!("http://127.0.0.1:{port}"),
-            "response_timeout = \"2s\"",
-            ONE,
-        ),
-    )
-    .await;
-    let (response, mut upload) = h2_post(&env, Some(0)).await;
+    if !body.is_empty() {
+        upload
+            .send_data(Bytes::from_static(body), false)
+            .expect("data");
+    }
     eventually(10, "the call whole at Salesforce", || async {
         whole.load(std::sync::atomic::Ordering::SeqCst)
     })
     .await;
     upload.send_data(Bytes::new(), true).expect("end of stream");
+    if reset {
+        upload.send_reset(h2::Reason::CANCEL);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        return (None, env.window("a").await);
+    }
     let response = tokio::time::timeout(Duration::from_secs(10), response)
         .await
         .expect("an answer")
         .expect("response");
-    assert_eq!(
-        (response.status(), env.window("a").await),
-        (StatusCode::GATEWAY_TIMEOUT, 1),
-        "Salesforce had the whole (empty) call and was slow to answer"
-    );
+    (Some(response.status()), env.window("a").await)
 }
 
-/// The same empty upload of known length, its client resetting once Salesforce has the call:
-/// it stays counted.
+/// Salesforce had the whole call: the client's reset leaves it counted.
 #[tokio::test]
-async fn an_http2_empty_upload_of_known_length_then_reset_stays_counted() {
-    let whole = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let port = whole_request_origin(whole.clone(), None).await;
-    let sim = sim::spawn(SimOptions::default()).await.expect("sim");
-    let env = start_with(
-        sim,
-        &config_text(&format!("http://127.0.0.1:{port}"), "", ONE),
-    )
-    .await;
-    let (_response, mut upload) = h2_post(&env, Some(0)).await;
-    upload.send_data(Bytes::new(), true).expect("end of stream");
-    eventually(10, "the call counted and whole at Salesforce", || async {
-        env.window("a").await == 1 && whole.load(std::sync::atomic::Ordering::SeqCst)
-    })
-    .await;
-    upload.send_reset(h2::Reason::CANCEL);
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(
-        env.window("a").await,
-        1,
-        "Salesforce had the whole call, yet it was refunded"
-    );
+async fn an_http2_upload_sent_whole_then_reset_stays_counted() {
+    let smith = b"{\"LastName\":\"Smith\"}";
+    assert_eq!(a_whole_upload(smith, true).await, (None, 1));
+    assert_eq!(a_whole_upload(b"", true).await, (None, 1), "an empty body");
+}
+
+/// Salesforce had the whole call and is slow to answer: that is a response timeout (504, the
+/// call stays counted), not a stalled upload (408, refunded).
+#[tokio::test]
+async fn an_http2_upload_sent_whole_times_out_as_a_response() {
+    let smith = b"{\"LastName\":\"Smith\"}";
+    let timed_out = (Some(StatusCode::GATEWAY_TIMEOUT), 1);
+    assert_eq!(a_whole_upload(smith, false).await, timed_out);
+    assert_eq!(a_whole_upload(b"", false).await, timed_out, "an empty body");
 }
