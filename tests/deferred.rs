@@ -57,8 +57,9 @@ async fn deferred(
     serde_json::from_slice(&body).expect("JSON")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn limited_calls_are_stored_answered_202_and_replayed() {
+/// A deferring integration whose one burst token a first call has spent: the next call is
+/// limited. The Contact URL and the headers a call sends.
+async fn burst_token_spent() -> (Env, String, [(&'static str, &'static str); 2]) {
     let env = start(SimOptions::default(), "", DEFER).await;
     let url = format!("{}/d/services/data/v62.0/sobjects/Contact", env.proxy);
     let auth = [
@@ -70,6 +71,12 @@ async fn limited_calls_are_stored_answered_202_and_replayed() {
         .send(Method::POST, &url, &auth, r#"{"LastName":"First"}"#)
         .await;
     assert_eq!(status, StatusCode::CREATED, "the burst token");
+    (env, url, auth)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limited_calls_are_stored_answered_202_and_replayed() {
+    let (env, url, auth) = burst_token_spent().await;
     let mut status_urls = Vec::new();
     for n in 0..3 {
         let (status, _, body) = env
@@ -914,17 +921,7 @@ async fn a_replay_that_probes_an_exhausted_org_ends_the_exhaustion() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deferred_upload_broken_off_is_a_client_error_not_a_rejection() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let env = start(SimOptions::default(), "", DEFER).await;
-    let url = format!("{}/d/services/data/v62.0/sobjects/Contact", env.proxy);
-    let auth = [
-        ("authorization", "Bearer 00Dsession"),
-        ("content-type", "application/json"),
-    ];
-    let (status, _, _) = env
-        .http
-        .send(Method::POST, &url, &auth, r#"{"LastName":"First"}"#)
-        .await;
-    assert_eq!(status, StatusCode::CREATED, "the burst token");
+    let (env, _, _) = burst_token_spent().await;
     let addr = env.proxy.trim_start_matches("http://").to_owned();
     let mut tcp = tokio::net::TcpStream::connect(&addr)
         .await
