@@ -950,3 +950,38 @@ async fn a_deferred_upload_broken_off_is_a_client_error_not_a_rejection() {
     );
     assert!(!metrics.contains(r#"outcome="rejected""#), "{lines:#?}");
 }
+
+/// A limited call whose body ends with trailers is not stored: the store keeps a call's head and
+/// body, and the call replayed without its trailers would not be the one the client sent. The
+/// client hears why, as it does for a body too large to store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limited_call_with_trailers_is_refused_not_stored_without_them() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (env, _, _) = burst_token_spent().await;
+    let addr = env.proxy.trim_start_matches("http://").to_owned();
+    let mut tcp = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    tcp.write_all(
+        b"POST /d/services/data/v62.0/sobjects/Contact HTTP/1.1\r\nhost: x\r\n\
+          authorization: Bearer 00Dsession\r\ncontent-type: application/json\r\n\
+          transfer-encoding: chunked\r\ntrailer: x-request-sum\r\nconnection: close\r\n\r\n\
+          2\r\n{}\r\n0\r\nx-request-sum: def\r\n\r\n",
+    )
+    .await
+    .expect("write");
+    let mut resp = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut resp)).await;
+    let resp = String::from_utf8_lossy(&resp);
+    assert!(resp.starts_with("HTTP/1.1 403"), "{resp}");
+    assert!(
+        resp.contains("REQUEST_LIMIT_EXCEEDED") && resp.contains("trailers"),
+        "{resp}"
+    );
+    let metrics = env.metrics().await;
+    let stored: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("callmeter_deferred_calls{") && !l.ends_with(" 0"))
+        .collect();
+    assert!(stored.is_empty(), "nothing stored: {stored:?}");
+}

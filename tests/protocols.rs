@@ -1187,6 +1187,39 @@ async fn a_chunked_get_bodys_trailers_are_not_dropped() {
     );
 }
 
+/// A body the proxy reads to cost the call (a SOAP call, a Composite Batch) keeps its trailers,
+/// as a body it only streams does (`trailers_pass_both_ways`); a GET whose body is read to learn
+/// its length, too.
+#[tokio::test]
+async fn a_costed_bodys_trailers_are_not_dropped() {
+    let (port, seen) = recording_origin(OK).await;
+    let env = proxy_for(port, ONE).await;
+    let soap = "<soapenv:Envelope xmlns:soapenv=\"http://schemas.xmlsoap.org/soap/envelope/\">\
+                <soapenv:Body><query/></soapenv:Body></soapenv:Envelope>";
+    let batch = r#"{"batchRequests":[{"method":"GET","url":"v62.0/limits"}]}"#;
+    for (method, path, body) in [
+        ("POST", "/a/services/Soap/u/62.0", soap),
+        ("POST", "/a/services/data/v62.0/composite/batch", batch),
+        ("GET", "/a/services/data/v62.0/query", "hello"),
+    ] {
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: x\r\ntransfer-encoding: chunked\r\n\
+             trailer: x-request-sum\r\nte: trailers\r\nconnection: close\r\n\r\n\
+             {:x}\r\n{body}\r\n0\r\nx-request-sum: def\r\n\r\n",
+            body.len()
+        );
+        seen.lock().expect("lock").clear();
+        let (answer, _) = exchange(&env, request.as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{path}: {answer}");
+        let upstream = upstream_saw(&seen).to_ascii_lowercase();
+        assert!(upstream.contains(&body.to_ascii_lowercase()), "{upstream}");
+        assert!(
+            upstream.contains("x-request-sum: def"),
+            "{path}: trailer lost:\n{upstream}"
+        );
+    }
+}
+
 /// A GET body of exactly what the proxy reads to learn a length (64 KiB) goes on with its
 /// length, as a smaller one does.
 #[tokio::test]

@@ -28,15 +28,27 @@ use super::pool::UpstreamBody;
 pub enum RequestBody {
     /// The client's body, untouched.
     Stream(Incoming),
-    /// A prefix already read (to classify the call), then whatever is left of the stream.
+    /// A prefix already read (to classify the call), then whatever is left of the stream, or
+    /// the trailers that ended it while it was read (boxed: they are rare).
     Prefixed {
         prefix: Option<Bytes>,
         rest: Option<Incoming>,
+        trailers: Option<Box<http::HeaderMap>>,
     },
     /// No body.
     Empty,
     /// A body whose progress upstream is watched (`Upload`): boxed, as only uploads take it.
     Tracked(Box<RequestBody>, Arc<Upload>),
+}
+
+/// A request body read to be held (`RequestBody::collect_limited`).
+#[derive(Debug)]
+pub enum Collected {
+    Whole(Bytes),
+    /// Longer than the limit.
+    TooLarge,
+    /// It ends with trailers, which a held body does not keep.
+    Trailers,
 }
 
 /// A message's content coding, as far as the proxy reads bodies.
@@ -190,62 +202,67 @@ impl RequestBody {
         RequestBody::Prefixed {
             prefix: Some(data),
             rest: None,
+            trailers: None,
         }
     }
 
-    /// Reads the whole body, or gives up past `limit` bytes (`None`) or when no byte came for
-    /// `stall`.
+    /// Reads the whole body to hold it, or gives up past `limit` bytes or at trailers, or when
+    /// no byte came for `stall`.
     pub async fn collect_limited(
         mut self,
         limit: usize,
         stall: Duration,
-    ) -> Result<Option<Bytes>, ProxyError> {
+    ) -> Result<Collected, ProxyError> {
         let mut buf = bytes::BytesMut::new();
         while let Some(frame) = next_frame(&mut self, stall).await? {
-            if let Ok(data) = frame.into_data() {
-                if buf.len() + data.len() > limit {
-                    return Ok(None);
-                }
-                buf.extend_from_slice(&data);
+            match frame.into_data() {
+                Ok(data) if buf.len() + data.len() > limit => return Ok(Collected::TooLarge),
+                Ok(data) => buf.extend_from_slice(&data),
+                Err(_) => return Ok(Collected::Trailers),
             }
         }
-        Ok(Some(buf.freeze()))
+        Ok(Collected::Whole(buf.freeze()))
     }
     /// Reads up to `limit` bytes of `body` so the call can be classified, and returns them with
-    /// a body that replays them before the rest. `complete` is true when the whole body fit.
-    /// A client whose body makes no progress for `stall` gets the upload's 408.
+    /// a body that replays them before the rest (and the trailers, should they end it). `complete`
+    /// is true when the whole body fit. A client whose body makes no progress for `stall` gets
+    /// the upload's 408.
     pub async fn read_prefix(
         mut body: Incoming,
         limit: usize,
         stall: Duration,
     ) -> Result<(Bytes, bool, RequestBody), ProxyError> {
         let mut buf = bytes::BytesMut::new();
-        loop {
+        let (rest, trailers) = loop {
             if buf.len() >= limit {
-                let prefix = buf.freeze();
-                let rest = RequestBody::Prefixed {
-                    prefix: Some(prefix.clone()),
-                    rest: Some(body),
-                };
-                return Ok((prefix, false, rest));
+                break (Some(body), None);
             }
             match next_frame(&mut body, stall).await? {
-                None => {
-                    let prefix = buf.freeze();
-                    let rest = RequestBody::Prefixed {
-                        prefix: Some(prefix.clone()),
-                        rest: None,
-                    };
-                    return Ok((prefix, true, rest));
-                }
-                // Trailers on a request body are vanishingly rare in Salesforce traffic; a body
-                // read for classification drops them rather than reordering frames.
-                Some(frame) => {
-                    if let Ok(data) = frame.into_data() {
-                        buf.extend_from_slice(&data);
-                    }
-                }
+                None => break (None, None),
+                Some(frame) => match frame.into_data() {
+                    Ok(data) => buf.extend_from_slice(&data),
+                    // Trailers are a body's last frame.
+                    Err(frame) => break (None, frame.into_trailers().ok().map(Box::new)),
+                },
             }
+        };
+        let prefix = buf.freeze();
+        let complete = rest.is_none();
+        let body = RequestBody::Prefixed {
+            prefix: Some(prefix.clone()),
+            rest,
+            trailers,
+        };
+        Ok((prefix, complete, body))
+    }
+
+    /// Whether the body ends with trailers the proxy has already read, which only a chunked
+    /// message can carry on.
+    pub fn has_read_trailers(&self) -> bool {
+        match self {
+            RequestBody::Prefixed { trailers, .. } => trailers.is_some(),
+            RequestBody::Tracked(inner, _) => inner.has_read_trailers(),
+            RequestBody::Stream(_) | RequestBody::Empty => false,
         }
     }
 }
@@ -273,7 +290,11 @@ impl Body for RequestBody {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
             RequestBody::Stream(inner) => Pin::new(inner).poll_frame(cx),
-            RequestBody::Prefixed { prefix, rest } => {
+            RequestBody::Prefixed {
+                prefix,
+                rest,
+                trailers,
+            } => {
                 if let Some(data) = prefix.take() {
                     if !data.is_empty() {
                         return Poll::Ready(Some(Ok(Frame::data(data))));
@@ -281,7 +302,7 @@ impl Body for RequestBody {
                 }
                 match rest {
                     Some(inner) => Pin::new(inner).poll_frame(cx),
-                    None => Poll::Ready(None),
+                    None => Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(*t)))),
                 }
             }
             RequestBody::Empty => Poll::Ready(None),
@@ -304,9 +325,14 @@ impl Body for RequestBody {
     fn is_end_stream(&self) -> bool {
         match self {
             RequestBody::Stream(inner) => inner.is_end_stream(),
-            RequestBody::Prefixed { prefix, rest } => {
+            RequestBody::Prefixed {
+                prefix,
+                rest,
+                trailers,
+            } => {
                 prefix.as_ref().is_none_or(Bytes::is_empty)
                     && rest.as_ref().is_none_or(Body::is_end_stream)
+                    && trailers.is_none()
             }
             RequestBody::Empty => true,
             RequestBody::Tracked(inner, _) => inner.is_end_stream(),
@@ -316,10 +342,17 @@ impl Body for RequestBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             RequestBody::Stream(inner) => inner.size_hint(),
-            RequestBody::Prefixed { prefix, rest } => {
-                let rest = rest
-                    .as_ref()
-                    .map_or_else(|| SizeHint::with_exact(0), Body::size_hint);
+            RequestBody::Prefixed {
+                prefix,
+                rest,
+                trailers,
+            } => {
+                let rest = match (rest, trailers) {
+                    (Some(rest), _) => rest.size_hint(),
+                    // Not exact: a length would frame the message without its trailers.
+                    (None, Some(_)) => SizeHint::new(),
+                    (None, None) => SizeHint::with_exact(0),
+                };
                 plus_prefix(rest, prefix.as_ref())
             }
             RequestBody::Empty => SizeHint::with_exact(0),

@@ -12,7 +12,7 @@ use http::request::Parts;
 use http::{header, HeaderValue, Response, StatusCode};
 use serde::Serialize;
 
-use super::body::{RequestBody, ResponseBody};
+use super::body::{Collected, RequestBody, ResponseBody};
 use super::error::json_error;
 use super::Route;
 use crate::metrics::Outcome;
@@ -62,19 +62,30 @@ pub async fn defer(
         base,
     } = call;
     let stall = route.org.upstream.response_timeout();
+    let not_stored = |status, why: &str| {
+        let message = format!(
+            "callmeter: the call was limited ({}) and {why}, so it was not stored; send it again later",
+            limited.budget.as_str(),
+        );
+        json_error(status, &message, "REQUEST_LIMIT_EXCEEDED")
+    };
     let body = match body.collect_limited(defer.max_body_bytes, stall).await {
-        Ok(Some(body)) => body,
-        Ok(None) => {
-            let too_large = json_error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                &format!(
-                    "callmeter: the call was limited ({}) and its body is larger than defer.max_body_bytes = {}, so it was not stored; send it again later",
-                    limited.budget.as_str(),
-                    defer.max_body_bytes
-                ),
-                "REQUEST_LIMIT_EXCEEDED",
+        Ok(Collected::Whole(body)) => body,
+        Ok(Collected::TooLarge) => {
+            let why = format!(
+                "its body is larger than defer.max_body_bytes = {}",
+                defer.max_body_bytes
             );
-            return Err((too_large, Outcome::Rejected));
+            return Err((
+                not_stored(StatusCode::PAYLOAD_TOO_LARGE, &why),
+                Outcome::Rejected,
+            ));
+        }
+        // The store keeps a call's head and body; replayed without its trailers it would not
+        // be the call the client sent.
+        Ok(Collected::Trailers) => {
+            let why = "its body ends with trailers, which deferred calls do not keep";
+            return Err((not_stored(StatusCode::FORBIDDEN, why), Outcome::Rejected));
         }
         Err(e) => {
             let soap = crate::salesforce::is_soap_path(path_and_query);

@@ -295,9 +295,8 @@ const GET_BODY_READ: usize = 64 * 1024;
 /// Settles how such a body (see `is_get_with_unsized_body`) goes on. Read up to
 /// `GET_BODY_READ`: none at all (an HTTP/2 stream ended by an empty DATA frame, a chunked body
 /// of no chunks) and it goes on without a body, as it came; all of it (a query's few bytes), with
-/// its length; more, chunked. Chunked without reading, as it streams: a body that announces
-/// trailers (`Trailer`; a length-framed message cannot carry them), and one already read in
-/// part to cost the call.
+/// its length; more, or a body that ended with trailers (which a length-framed message cannot
+/// carry), chunked. One already read in part to cost the call goes on chunked as it streams.
 async fn settle_get_body(
     headers: &mut http::HeaderMap,
     body: RequestBody,
@@ -310,7 +309,7 @@ async fn settle_get_body(
         )
     };
     let incoming = match body {
-        RequestBody::Stream(incoming) if !headers.contains_key(header::TRAILER) => incoming,
+        RequestBody::Stream(incoming) => incoming,
         body => {
             chunked(headers);
             return Ok(body);
@@ -319,7 +318,7 @@ async fn settle_get_body(
     // One byte more than the limit: a body of exactly `GET_BODY_READ` is read whole.
     let (prefix, complete, body) =
         RequestBody::read_prefix(incoming, GET_BODY_READ + 1, stall).await?;
-    match (complete, prefix.len()) {
+    match (complete && !body.has_read_trailers(), prefix.len()) {
         (true, 0) => return Ok(RequestBody::Empty),
         (true, length) => headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length)),
         (false, _) => chunked(headers),
