@@ -1152,3 +1152,42 @@ async fn a_stalled_soap_upload_is_a_client_error() {
         "{metrics}"
     );
 }
+
+/// Requests at the edges of the costing rules cost on the proxy what the simulated org charges
+/// for them: a Composite Batch whose `batchRequests` key comes twice (the last array runs), one
+/// over Salesforce's 25 subrequests (refused whole, one call), the Tooling API's Composite
+/// Batch (per subrequest), and a CORS preflight (free).
+#[tokio::test]
+async fn edge_cases_of_costing_cost_what_salesforce_charges() {
+    let env = start(SimOptions::default(), "", ONE_INTEGRATION).await;
+    let sub = r#"{"method":"GET","url":"v62.0/sobjects/Account/001000000000001"}"#;
+    let repeated = format!(
+        r#"{{"batchRequests":[],"batchRequests":[{}]}}"#,
+        vec![sub; 25].join(",")
+    );
+    let cases = [
+        (Method::POST, "composite/batch", repeated),
+        (Method::POST, "composite/batch", composite_batch(30)),
+        (Method::POST, "tooling/composite/batch", composite_batch(4)),
+        (Method::OPTIONS, "sobjects/Account", String::new()),
+    ];
+    for (method, resource, body) in cases {
+        let before = env.window("a").await;
+        let url = format!("{}/a/services/data/v62.0/{resource}", env.proxy);
+        let headers = [
+            ("content-type", "application/json"),
+            ("origin", "https://app.example.com"),
+        ];
+        let (status, _, _) = env.http.send(method.clone(), &url, &headers, body).await;
+        let charged = env.sim_count().await["by_client"]["a"]
+            .as_u64()
+            .unwrap_or(0);
+        let counted = env.window("a").await;
+        assert_eq!(
+            counted, charged,
+            "{method} {resource} (status {status}): the proxy counted {} where Salesforce charged {}",
+            counted - before,
+            charged.saturating_sub(before)
+        );
+    }
+}

@@ -10,8 +10,10 @@
 //! The rules follow "What counts as one call" in `salesforce-metering.md`; where that table
 //! leaves a choice open the choice and its reason are written beside the code.
 
+use std::borrow::Cow;
+
 use http::Method;
-use serde::de::{Deserializer, IgnoredAny, SeqAccess, Visitor};
+use serde::de::{Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 
 use super::xml::{self, Step, TagKind};
@@ -450,11 +452,11 @@ pub fn refine(kind: CallKind, path: &str, body: BodyPrefix<'_>) -> CallKind {
 /// Units counted against the daily limit for one request.
 ///
 /// `body_prefix` matters only for kinds where [`CallKind::needs_body_prefix`]:
-/// - Composite Batch: the number of entries in `batchRequests`, capped at
-///   [`COMPOSITE_BATCH_MAX`]. When the body was truncated, or not given, the count is
-///   [`COMPOSITE_BATCH_MAX`], the most Salesforce will run: over-counting a rare huge batch is
-///   cheaper than letting the org overshoot. A complete body that is not a JSON object with a
-///   `batchRequests` array (or has an empty one) counts 1: Salesforce rejects it as one request.
+/// - Composite Batch: the number of entries in `batchRequests`. When the body was truncated, or
+///   not given, the count is [`COMPOSITE_BATCH_MAX`], the most Salesforce will run:
+///   over-counting a rare huge batch is cheaper than letting the org overshoot. A complete body
+///   that is not a JSON object with a `batchRequests` array, has an empty one, or one of more
+///   than [`COMPOSITE_BATCH_MAX`] entries counts 1: Salesforce refuses it as one request.
 /// - SOAP: 0 for a `login()` (separate login rate limit; `kind` as [`refine`] found it) and for
 ///   a request whose header carries `DebuggingHeader` (separate allocation); else 1.
 pub fn counted_units(
@@ -476,7 +478,10 @@ pub fn counted_units(
             Some(BodyPrefix {
                 bytes,
                 complete: true,
-            }) => batch_size(bytes).map_or(1, |n| n.clamp(1, COMPOSITE_BATCH_MAX)),
+            }) => batch_size(bytes)
+                .filter(|n| (1..=COMPOSITE_BATCH_MAX).contains(n))
+                // Malformed, empty, or over the maximum: Salesforce refuses it as one request.
+                .unwrap_or(1),
             _ => COMPOSITE_BATCH_MAX,
         },
         CallKind::SoapLogin => 0,
@@ -550,20 +555,36 @@ fn multipart_batch_size(body: &[u8]) -> Option<u32> {
 }
 
 /// The number of entries in a JSON Composite Batch body's `batchRequests` array, saturating at
-/// `u32::MAX`; `None` unless the body is a JSON object with such an array.
+/// `u32::MAX`; `None` unless the body is a JSON object with such an array. Of a key given twice,
+/// the last counts, as it is the one Salesforce's parser (and `serde_json::Value`) keeps: a
+/// derived struct would refuse the body and cost a batch that runs 25 calls as 1.
 fn json_batch_size(body: &[u8]) -> Option<u32> {
-    #[derive(Deserialize)]
-    struct Batch {
-        #[serde(rename = "batchRequests")]
-        batch_requests: SeqLen,
+    struct Batch(Option<u32>);
+    impl<'de> Deserialize<'de> for Batch {
+        fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+            struct Fields;
+            impl<'de> Visitor<'de> for Fields {
+                type Value = Batch;
+                fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                    f.write_str("a JSON object")
+                }
+                fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Batch, A::Error> {
+                    let mut size = None;
+                    while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                        if key == "batchRequests" {
+                            size = Some(map.next_value::<SeqLen>()?.0);
+                        } else {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                    Ok(Batch(size))
+                }
+            }
+            // Only a map: a derived struct would also take a JSON array of fields.
+            deserializer.deserialize_map(Fields)
+        }
     }
-    // A derived struct also accepts a JSON array of fields; Salesforce would not.
-    if body.get(super::json::skip_ws(body, 0)) != Some(&b'{') {
-        return None;
-    }
-    serde_json::from_slice::<Batch>(body)
-        .ok()
-        .map(|batch| batch.batch_requests.0)
+    serde_json::from_slice::<Batch>(body).ok()?.0
 }
 
 /// The length of a JSON array, counted without keeping its elements.
@@ -1004,14 +1025,44 @@ mod tests {
         }
     }
 
+    /// Salesforce refuses a batch of more than 25 subrequests whole, as one request that runs
+    /// none of them.
     #[test]
-    fn composite_batch_is_capped_at_salesforce_maximum() {
-        let entries = vec![r#"{"method":"GET","url":"v60.0/limits"}"#; 40].join(",");
-        let body = format!(r#"{{"batchRequests":[{entries}]}}"#);
+    fn composite_batch_over_salesforce_maximum_counts_one() {
         let rules = CountingRules::default();
+        for (n, units) in [(25, 25), (26, 1), (40, 1)] {
+            let entries = vec![r#"{"method":"GET","url":"v60.0/limits"}"#; n].join(",");
+            let body = format!(r#"{{"batchRequests":[{entries}]}}"#);
+            assert_eq!(
+                counted_units(CallKind::CompositeBatch, &rules, complete(body.as_bytes())),
+                units,
+                "{n} subrequests"
+            );
+        }
+    }
+
+    /// Of a `batchRequests` key given twice, the last is the batch Salesforce runs (its parser,
+    /// like `serde_json::Value`, keeps the last value).
+    #[test]
+    fn composite_batch_with_a_repeated_key_counts_the_last_array() {
+        let sub = r#"{"method":"GET","url":"v60.0/limits"}"#;
+        let body = format!(
+            r#"{{"batchRequests":[],"batchRequests":[{}]}}"#,
+            vec![sub; 25].join(",")
+        );
+        let seen: serde_json::Value = serde_json::from_str(&body).expect("valid JSON");
+        assert_eq!(seen["batchRequests"].as_array().map(Vec::len), Some(25));
         assert_eq!(
-            counted_units(CallKind::CompositeBatch, &rules, complete(body.as_bytes())),
-            25
+            cost("/services/data/v60.0/composite/batch", body.as_bytes()),
+            (CallKind::CompositeBatch, 25)
+        );
+        let first_wins = format!(r#"{{"batchRequests":[{sub},{sub}],"batchRequests":[{sub}]}}"#);
+        assert_eq!(
+            cost(
+                "/services/data/v60.0/composite/batch",
+                first_wins.as_bytes()
+            ),
+            (CallKind::CompositeBatch, 1)
         );
     }
 

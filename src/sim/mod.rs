@@ -269,6 +269,8 @@ impl SimServer {
     ) -> Resp {
         match route {
             Route::Hook(hook) => self.hook(hook, parts),
+            // A CORS preflight carries no credentials: answered before any API, charged to no org.
+            _ if parts.method == Method::OPTIONS => util::empty(StatusCode::NO_CONTENT),
             Route::NotFound => SimError::NotFound.to_rest(),
             Route::Versions => rest::versions(&parts.method),
             Route::OAuth(op) => {

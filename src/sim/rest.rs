@@ -139,7 +139,8 @@ impl Kind {
             [] => Kind::Resources,
             ["limits"] => Kind::Limits,
             ["composite"] => Kind::Composite,
-            ["composite", "batch"] => Kind::Batch,
+            // The Tooling API's Composite Batch runs and counts its subrequests the same way.
+            ["composite", "batch"] | ["tooling", "composite", "batch"] => Kind::Batch,
             ["composite", "tree", ..] => Kind::Tree,
             ["composite", "sobjects", ..] => Kind::Collections,
             ["composite", ..] => Kind::CompositeOther,
@@ -172,13 +173,20 @@ impl Kind {
     }
 }
 
+/// The most subrequests Salesforce runs in one Composite Batch.
+const BATCH_MAX: usize = 25;
+
 /// The subrequests of a Composite Batch body, which is what Salesforce counts. Anything but a
-/// JSON object with a non-empty `batchRequests` array is malformed (and costs one call).
+/// JSON object with a non-empty `batchRequests` array of at most `BATCH_MAX` entries is
+/// refused whole (and costs one call).
 pub(super) fn batch_requests(body: &ReadBody) -> Result<Vec<Value>, SimError> {
     let bytes = body.bytes()?;
     let value: Value =
         serde_json::from_slice(bytes).map_err(|err| SimError::Json(err.to_string()))?;
     match value.get("batchRequests") {
+        Some(Value::Array(requests)) if requests.len() > BATCH_MAX => Err(SimError::Json(format!(
+            "A batch can have at most {BATCH_MAX} subrequests"
+        ))),
         Some(Value::Array(requests)) if !requests.is_empty() => Ok(requests.clone()),
         Some(Value::Array(_)) => Err(SimError::Json("batchRequests must not be empty".into())),
         Some(_) => Err(SimError::Json("batchRequests must be an array".into())),
