@@ -1065,7 +1065,14 @@ mod tests {
         assert_eq!((a.window_count(), b.window_count()), (1, 25));
         assert_eq!(org.used(), 26, "no report yet: the proxy's own count");
         assert_eq!(org.limit(), None);
+        // At least the window's 10 minutes, and at most one more, as the call's second in its
+        // minute is not kept.
         tokio::time::advance(Duration::from_secs(600)).await;
+        assert_eq!(
+            (a.window_count(), b.window_count(), org.used()),
+            (1, 25, 26)
+        );
+        tokio::time::advance(Duration::from_secs(60)).await;
         assert_eq!((a.window_count(), b.window_count(), org.used()), (0, 0, 0));
     }
 
@@ -1210,6 +1217,33 @@ mod tests {
         }
     }
 
+    /// Salesforce counts a call for the 24 hours after it, to the second: one made at hh:mm:59
+    /// is still counted 23 h 59 min 30 s later, though its minute began more than 24 h ago.
+    #[tokio::test(start_paused = true)]
+    async fn a_call_counts_for_the_whole_24_hours_after_it() {
+        let (org, m) = setup(
+            "daily_limit = 1\nreserve = 0",
+            &integration("a", "quota = 1"),
+        );
+        let a = &m[0];
+        let into = org.clock().unix_ms() % 60_000;
+        tokio::time::advance(Duration::from_millis((60_000 - into + 59_000) % 60_000)).await;
+        assert_eq!(org.clock().unix_ms() % 60_000, 59_000, "at hh:mm:59");
+        let _ = forwarded(a.decide(1));
+        tokio::time::advance(Duration::from_secs(24 * 3600 - 30)).await;
+        assert_eq!((org.used(), a.window_count()), (1, 1));
+        let _ = limited(a.decide(1));
+        // Once the minute 24 h after its own has ended (here a second past 24 h; at most a
+        // minute past), it has left.
+        tokio::time::advance(Duration::from_secs(31)).await;
+        assert_eq!(
+            (org.used(), a.window_count()),
+            (0, 0),
+            "24 hours on, it has left"
+        );
+        let _ = forwarded(a.decide(1));
+    }
+
     #[tokio::test(start_paused = true)]
     async fn quota_holds_until_the_oldest_calls_age_out() {
         let (_, m) = setup("window = \"60m\"", &integration("a", "quota = 3"));
@@ -1219,12 +1253,12 @@ mod tests {
         let _ = forwarded(a.decide(1));
         let l = limited(a.decide(1));
         assert_eq!((l.budget, l.size), (Budget::Quota, 3));
-        // The two first calls leave the 60-minute window 50 minutes from now (at the start of
-        // their minute + 60), so that is when one more fits. Minute boundaries: the clock did
-        // not start on one, so allow the partial minute.
+        // The two first calls leave the 60-minute window when their minute + 60 has ended, 50
+        // to 51 minutes from now (the clock did not start on a minute boundary), so that is
+        // when one more fits.
         assert!(
-            l.retry_after > Duration::from_secs(49 * 60)
-                && l.retry_after <= Duration::from_secs(50 * 60),
+            l.retry_after > Duration::from_secs(50 * 60)
+                && l.retry_after <= Duration::from_secs(51 * 60),
             "{l:?}"
         );
         tokio::time::advance(l.retry_after).await;

@@ -69,7 +69,12 @@ impl Sums {
     }
 }
 
-/// Exact count of calls over the last `len` minutes (the current minute included).
+/// Exact count of calls over the last `minutes` minutes, to the minute. Buckets cannot tell
+/// where in its minute a call came, and Salesforce counts a call for the 24 hours after it to
+/// the second: so a call stays until the minute `minutes` after its own has ended, at least
+/// `minutes` and at most one minute more, rather than leaving up to a minute early (when budget
+/// Salesforce has not yet freed would be handed out). The ring has a bucket for that extra
+/// minute.
 ///
 /// All operations take the current minute from the caller, so the window itself has no clock
 /// and its arithmetic is tested with plain numbers.
@@ -85,8 +90,8 @@ pub struct Window {
     expired: AtomicU64,
     /// The newest minute whose expired slot has been swept. Only moves forward.
     swept: AtomicU64,
-    /// The window's length in minutes.
-    len: u32,
+    /// Buckets in the window: its length in minutes, plus the minute a call may stay beyond.
+    span: u32,
     /// The ring of buckets of the minutes before the head's, allocated by the first one filed.
     ring: OnceLock<Box<[AtomicU64]>>,
 }
@@ -99,7 +104,7 @@ impl Window {
             added: AtomicU64::new(0),
             expired: AtomicU64::new(0),
             swept: AtomicU64::new(0),
-            len: minutes.max(1),
+            span: minutes.max(1) + 1,
             ring: OnceLock::new(),
         }
     }
@@ -107,7 +112,13 @@ impl Window {
     /// Length of the window in minutes.
     #[inline]
     pub fn minutes(&self) -> u32 {
-        self.len
+        self.span - 1
+    }
+
+    /// Minutes a call can be in the window: calls of `now - span` and older have left it.
+    #[inline]
+    fn span(&self) -> u32 {
+        self.span
     }
 
     /// The slot of `minute`, if the ring exists (before a minute is filed nothing is in it).
@@ -115,21 +126,21 @@ impl Window {
     fn slot(&self, minute: Minute) -> Option<&AtomicU64> {
         self.ring
             .get()
-            .map(|ring| &ring[(minute % self.len) as usize])
+            .map(|ring| &ring[(minute % self.span) as usize])
     }
 
     /// The slot of `minute`, allocating the ring if this is the first minute filed.
     fn slot_mut(&self, minute: Minute) -> &AtomicU64 {
         let ring = self
             .ring
-            .get_or_init(|| (0..self.minutes()).map(|_| AtomicU64::new(0)).collect());
-        &ring[(minute % self.len) as usize]
+            .get_or_init(|| (0..self.span()).map(|_| AtomicU64::new(0)).collect());
+        &ring[(minute % self.span) as usize]
     }
 
     /// Whether calls of `minute` are still inside the window ending at `now`.
     #[inline]
     fn inside(&self, minute: Minute, now: Minute) -> bool {
-        minute <= now && u64::from(minute) + u64::from(self.minutes()) > u64::from(now)
+        minute <= now && u64::from(minute) + u64::from(self.span()) > u64::from(now)
     }
 
     /// Calls the ring holds for `minute`.
@@ -162,7 +173,7 @@ impl Window {
             return; // nothing was ever filed
         }
         // At most one full turn of the ring needs clearing, however long we were idle.
-        let len = u64::from(self.minutes());
+        let len = u64::from(self.span());
         let from = (swept + 1).max(u64::from(now).saturating_sub(len - 1));
         for minute in from..=u64::from(now) {
             self.expire_slot(minute as Minute);
@@ -421,7 +432,7 @@ impl Window {
     /// the ring, so it is for the limited path, not for every call.
     pub fn minutes_until_freed(&self, now: Minute, needed: u64) -> Option<u32> {
         self.advance(now);
-        let len = self.minutes();
+        let len = self.span();
         let oldest = now.saturating_sub(len - 1);
         let mut freed = 0u64;
         for minute in oldest..=now {
@@ -450,7 +461,7 @@ impl Window {
     /// Per-minute counts still in the window, oldest first, for snapshots.
     pub fn buckets(&self, now: Minute) -> Vec<(Minute, u32)> {
         self.advance(now);
-        let len = self.minutes();
+        let len = self.span();
         let mut buckets: Vec<(Minute, u32)> = (now.saturating_sub(len - 1)..=now)
             .filter_map(|minute| {
                 let count = self.ring_count(minute);
@@ -475,22 +486,30 @@ mod tests {
 
     const T0: Minute = 29_000_000; // some minute in 2025
 
+    impl Window {
+        /// A window of `span` buckets: calls of `now - span` and older have left it. The tests
+        /// of the ring's arithmetic count in buckets.
+        fn with_span(span: u32) -> Window {
+            Window::new(span - 1)
+        }
+    }
+
     #[test]
     fn counts_age_out_after_the_window() {
         let w = Window::new(1440);
-        w.add(T0, 3); // 05:00 Wednesday in Salesforce's example
+        w.add(T0, 3); // 05:00 Wednesday in Salesforce's example (any second of the minute)
         w.add(T0 + 18 * 60, 2); // 23:00
         assert_eq!(w.total(T0 + 18 * 60), 5);
-        // Still inside the 24 h: the minute 1439 after T0 is the window's last minute for T0.
-        assert_eq!(w.total(T0 + 1439), 5);
-        // At T0 + 24 h the 05:00 calls have aged out.
-        assert_eq!(w.total(T0 + 1440), 2);
-        assert_eq!(w.total(T0 + 18 * 60 + 1440), 0);
+        // In minute T0 + 24 h a call of 05:00:59 is not yet 24 hours old.
+        assert_eq!(w.total(T0 + 1440), 5);
+        // At 05:01 on Thursday every 05:00 call is: they have aged out.
+        assert_eq!(w.total(T0 + 1441), 2);
+        assert_eq!(w.total(T0 + 18 * 60 + 1441), 0);
     }
 
     #[test]
     fn restore_keeps_only_what_is_still_in_the_window() {
-        let w = Window::new(60);
+        let w = Window::with_span(60);
         w.restore(
             T0 + 100,
             &[(T0, 5), (T0 + 41, 2), (T0 + 99, 3), (T0 + 101, 9)],
@@ -502,7 +521,7 @@ mod tests {
 
     #[test]
     fn the_ring_is_allocated_by_the_first_call() {
-        let w = Window::new(1440);
+        let w = Window::with_span(1440);
         assert_eq!(w.total(T0), 0);
         assert!(w.ring.get().is_none(), "reading does not allocate");
         assert_eq!(w.minutes_until_freed(T0, 1), None);
@@ -515,7 +534,7 @@ mod tests {
 
     #[test]
     fn long_idle_clears_everything_once() {
-        let w = Window::new(10);
+        let w = Window::with_span(10);
         for m in 0..10 {
             w.add(T0 + m, 1);
         }
@@ -527,7 +546,7 @@ mod tests {
 
     #[test]
     fn try_add_never_exceeds_the_cap() {
-        let w = Window::new(5);
+        let w = Window::with_span(5);
         assert_eq!(w.try_add(T0, 3, 4), Ok(3));
         assert_eq!(w.try_add(T0, 2, 4), Err(3));
         assert_eq!(w.try_add(T0, 1, 4), Ok(4));
@@ -537,7 +556,7 @@ mod tests {
 
     #[test]
     fn refund_takes_back_only_what_is_still_in_the_window() {
-        let w = Window::new(3);
+        let w = Window::with_span(3);
         w.add(T0, 2);
         w.refund(T0, 1);
         assert_eq!(w.total(T0), 1);
@@ -548,7 +567,7 @@ mod tests {
 
     #[test]
     fn minutes_until_freed_points_at_the_oldest_calls() {
-        let w = Window::new(60);
+        let w = Window::with_span(60);
         w.add(T0, 1);
         w.add(T0 + 10, 1);
         // At T0+20 the first call leaves at T0+60: 40 minutes.
@@ -577,7 +596,7 @@ mod tests {
 
     #[test]
     fn concurrent_adds_are_exact() {
-        let w = std::sync::Arc::new(Window::new(3));
+        let w = std::sync::Arc::new(Window::with_span(3));
         race(&w, 10_000, |w, minute, _| w.add(minute, 1));
         let expected: u64 = w.buckets(T0 + 4).iter().map(|&(_, c)| u64::from(c)).sum();
         assert_eq!(w.total(T0 + 4), expected);
@@ -589,7 +608,7 @@ mod tests {
 
     #[test]
     fn concurrent_try_add_stops_exactly_at_the_cap() {
-        let w = std::sync::Arc::new(Window::new(1440));
+        let w = std::sync::Arc::new(Window::with_span(1440));
         let ok = std::sync::Arc::new(AtomicU64::new(0));
         let threads: Vec<_> = (0..4)
             .map(|_| {
@@ -613,7 +632,7 @@ mod tests {
     #[test]
     fn an_idle_head_ages_out() {
         // One minute counted and nothing since: the calls live in the head alone, with no ring.
-        let w = Window::new(60);
+        let w = Window::with_span(60);
         w.add(T0, 4);
         assert!(w.ring.get().is_none());
         assert_eq!(w.total(T0 + 59), 4);
@@ -630,7 +649,7 @@ mod tests {
         // The race this stands for: one thread sweeps minute T0 + 3 (the head's T0 is still
         // inside at that moment, or another thread has emptied it), while a second thread,
         // already past its own sweep check, rolls over a head that still holds T0.
-        let w = Window::new(3);
+        let w = Window::with_span(3);
         w.add(T0, 2);
         w.slot_mut(T0 + 3).store(pack(T0 + 3, 0), Ordering::Release);
         w.swept.store(u64::from(T0 + 3), Ordering::Release);
@@ -641,7 +660,7 @@ mod tests {
 
     #[test]
     fn restored_and_new_calls_of_one_minute_add_up() {
-        let w = Window::new(60);
+        let w = Window::with_span(60);
         w.restore(T0, &[(T0 - 1, 3), (T0, 5)]);
         w.add(T0, 2); // the head now holds T0 too, beside the restored slot
         assert_eq!(w.buckets(T0), vec![(T0 - 1, 3), (T0, 7)]);
@@ -660,7 +679,7 @@ mod tests {
 
     #[test]
     fn concurrent_adds_and_refunds_keep_total_and_buckets_equal() {
-        let w = std::sync::Arc::new(Window::new(3));
+        let w = std::sync::Arc::new(Window::with_span(3));
         race(&w, 20_000, |w, minute, i| {
             w.add(minute, 2);
             if i % 2 == 0 {
@@ -676,7 +695,7 @@ mod tests {
 
     #[test]
     fn try_add_with_counts_only_what_its_check_accepts() {
-        let w = Window::new(2);
+        let w = Window::with_span(2);
         w.add(T0, 5);
         w.add(T0 + 1, 2);
         // T0's 5 calls have left the window at T0 + 2: the check sees them as expired.
@@ -697,8 +716,8 @@ mod tests {
     proptest! {
         /// The window agrees with a naive list of (minute, units) for any sequence of calls.
         #[test]
-        fn matches_a_naive_model(len in 1u32..30, steps in proptest::collection::vec((0u32..5, 0u32..4, any::<bool>()), 1..200)) {
-            let w = Window::new(len);
+        fn matches_a_naive_model(len in 2u32..30, steps in proptest::collection::vec((0u32..5, 0u32..4, any::<bool>()), 1..200)) {
+            let w = Window::with_span(len);
             let mut model: Vec<(Minute, u32)> = Vec::new();
             let mut ever = 0u64; // calls added, less the refunds that found their minute
             let mut now = T0;
@@ -732,7 +751,7 @@ mod tests {
     /// out as expired, not count for another turn of the window.
     #[test]
     fn a_head_filed_after_a_sweep_passed_its_minute_is_expired() {
-        let w = Window::new(1440);
+        let w = Window::with_span(1440);
         let t0: Minute = 29_000_000;
         w.add(t0, 2);
         let now = t0 + 2_000;
