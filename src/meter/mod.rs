@@ -322,9 +322,9 @@ impl OrgMeter {
         // Fresh news: a probe for the next one is due an interval from now.
         self.next_probe_ms
             .store(now_ms + self.probe_interval_ms(), Ordering::Release);
-        if report.used < report.limit {
-            self.exhausted.store(false, Ordering::Relaxed);
-        }
+        // Not the end of an exhaustion, however low the figure: the response may be the late
+        // answer of a call sent before Salesforce began refusing, carrying the figure of then.
+        // Only a probe's answer says budget is back (`observe_success`).
         self.signal_freed();
     }
 
@@ -354,8 +354,8 @@ impl OrgMeter {
         self.budget.load().probe_interval.as_millis() as u64
     }
 
-    /// A counted call got an ordinary answer: if it was sent after Salesforce began refusing
-    /// (a probe), whatever budget was missing is back.
+    /// A counted call got an ordinary answer, or a report of usage below the limit: if it was
+    /// sent after Salesforce began refusing (a probe), whatever budget was missing is back.
     pub fn observe_success(&self, call: &Ticket) {
         if call.probe.exhaustion && self.exhausted.load(Ordering::Relaxed) {
             self.exhausted.store(false, Ordering::Relaxed);
@@ -400,7 +400,7 @@ impl OrgMeter {
         let Err(used) = fits else {
             return Ok(Probe::default());
         };
-        let limited = self.limited(used, units64, cap, limit, minute);
+        let limited = self.limited(used, units64, cap, limit, minute, reported);
         // An estimate built on a report never falls by itself: the calls in the report age
         // out of Salesforce's window unseen, and only a response brings a new figure. So
         // one call per probe interval goes out to fetch it, as while exhausted; without it
@@ -460,15 +460,31 @@ impl OrgMeter {
     }
 
     /// The org budget is spent: retry when enough of the proxy's own calls have aged out, or
-    /// at the next probe interval if that is sooner (calls made outside the proxy age out too,
-    /// but the proxy cannot see when).
-    fn limited(&self, used: u64, units: u64, cap: u64, limit: u64, minute: Minute) -> Limited {
+    /// when the next probe is due if that is sooner (calls made outside the proxy age out too,
+    /// but the proxy cannot see when; the probe fetches Salesforce's figure). `reported`: the
+    /// estimate rests on a report, so a probe is due when `next_probe_ms` says; else a probe
+    /// interval from now bounds the wait.
+    fn limited(
+        &self,
+        used: u64,
+        units: u64,
+        cap: u64,
+        limit: u64,
+        minute: Minute,
+        reported: bool,
+    ) -> Limited {
         let needed = (used + units).saturating_sub(cap);
         let ages_out = self
             .window
             .minutes_until_freed(minute, needed)
             .map(|m| until_minute(&self.clock, minute + m));
-        let probe = self.budget.load().probe_interval;
+        let probe = if reported {
+            let next = self.next_probe_ms.load(Ordering::Acquire) & !CLAIMED;
+            Duration::from_millis(next.saturating_sub(self.clock.unix_ms()))
+                .max(Duration::from_secs(1))
+        } else {
+            self.budget.load().probe_interval
+        };
         let retry_after = ages_out.map_or(probe, |d| d.min(probe));
         let budget = if used + units <= limit {
             Budget::Reserve
@@ -1115,15 +1131,47 @@ mod tests {
         );
     }
 
+    /// Stopped by its estimate, an org's calls are told to come back when the next probe is
+    /// due, not a whole probe interval from now: a queue waiting that long would miss it.
     #[tokio::test(start_paused = true)]
-    async fn exhausted_until_a_report_shows_budget() {
-        let org = org(DailyLimit::Auto, Duration::from_secs(86_400));
-        org.observe_exhausted();
-        assert!(org.usage().exhausted);
-        org.observe_report(report(15_000, 15_000));
-        assert!(org.is_exhausted());
-        tokio::time::advance(REPORT_AUTHORITY).await;
+    async fn a_call_stopped_by_the_estimate_retries_when_the_probe_is_due() {
+        let (org, m) = setup(
+            "daily_limit = \"auto\"\nreserve = 0\nprobe_interval = \"5m\"",
+            &integration("a", ""),
+        );
+        org.observe_report(report(1_000, 1_000));
+        tokio::time::advance(Duration::from_secs(4 * 60)).await;
+        let l = limited(m[0].decide(1));
+        assert_eq!(l.budget, Budget::OrgLimit);
+        assert_eq!(l.retry_after, Duration::from_secs(60), "{l:?}");
+        tokio::time::advance(l.retry_after).await;
+        let _ = forwarded(m[0].decide(1)); // the probe
+    }
+
+    /// Exhausted until a probe is answered: a report, however low, may be the late answer of
+    /// a call sent before Salesforce began refusing, with the figure of then.
+    #[tokio::test(start_paused = true)]
+    async fn exhausted_until_a_probe_is_answered() {
+        let (org, m) = setup(
+            "daily_limit = \"auto\"\nreserve = 0\nprobe_interval = \"5m\"",
+            &integration("a", ""),
+        );
+        let a = &m[0];
         org.observe_report(report(14_990, 15_000));
+        let long_query = forwarded(a.decide(1));
+        tokio::time::advance(Duration::from_secs(30)).await;
+        let refused = forwarded(a.decide(1));
+        org.observe_exhausted();
+        drop(refused);
+        // 90 s after it was sent, the long query's answer comes, with the figure of then.
+        tokio::time::advance(Duration::from_secs(60)).await;
+        org.observe_report(report(14_991, 15_000));
+        org.observe_success(&long_query);
+        assert!(org.is_exhausted(), "a late answer ended the exhaustion");
+        tokio::time::advance(Duration::from_secs(5 * 60)).await;
+        let probe = forwarded(a.decide(1));
+        assert!(org.is_exhausted());
+        org.observe_success(&probe);
         assert!(!org.is_exhausted());
     }
 
@@ -1348,10 +1396,11 @@ mod tests {
             (Budget::Exhausted, Duration::from_secs(60))
         );
         tokio::time::advance(Duration::from_secs(60)).await;
-        let _ = forwarded(m[0].decide(1)); // the probe
+        let probe = forwarded(m[0].decide(1));
         assert_eq!(limited(m[0].decide(1)).budget, Budget::Exhausted);
-        // The probe's answer shows budget: calls flow again.
+        // The probe is answered: calls flow again.
         org.observe_report(report(10, 15_000));
+        org.observe_success(&probe);
         let _ = forwarded(m[0].decide(1));
     }
 

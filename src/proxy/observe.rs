@@ -40,6 +40,9 @@ pub fn response(
             Ok(report) => {
                 org.meter.observe_report(report);
                 org.metrics.usage_report(true);
+                if report.used < report.limit {
+                    org.meter.observe_success(call);
+                }
             }
             Err(e) => {
                 tracing::debug!(org = org.metrics.label(), error = %e, "ignoring malformed Sforce-Limit-Info");
