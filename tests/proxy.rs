@@ -608,6 +608,9 @@ async fn salesforce_refusing_for_the_daily_limit_marks_the_org_exhausted() {
     assert!(String::from_utf8_lossy(&body).contains("REQUEST_LIMIT_EXCEEDED"));
     let usage = env.usage().await;
     assert_eq!(usage["orgs"][0]["exhausted"], true, "{usage}");
+    // Salesforce does not count the call it refused: neither does the integration's window.
+    assert_eq!(env.sim_count().await["by_client"]["a"], 1);
+    assert_eq!(env.window("a").await, 1, "the refused call was given back");
     assert_eq!(usage["orgs"][0]["color"], "red");
     assert!(env
         .metrics()

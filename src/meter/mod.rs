@@ -145,6 +145,21 @@ impl Ticket {
     pub fn into_in_flight(self) -> InFlight {
         self.in_flight
     }
+
+    /// What the call was charged, to give back should Salesforce refuse it uncounted.
+    pub fn charge(&self) -> Charge {
+        Charge {
+            units: self.units,
+            minute: self.minute,
+        }
+    }
+}
+
+/// The calls a ticket counted and the minute they count in (see `IntegrationMeter::give_back`).
+#[derive(Debug, Clone, Copy)]
+pub struct Charge {
+    units: u32,
+    minute: Minute,
 }
 
 /// Per-org state.
@@ -782,11 +797,17 @@ impl IntegrationMeter {
         // A probe that never reached Salesforce: the next call may go in its place, or the
         // org would stay refused a whole interval with nothing sent to end it.
         self.org.give_back_probe(ticket.probe);
-        if ticket.units == 0 {
+        self.give_back(ticket.charge());
+    }
+
+    /// Gives back the calls of a call Salesforce refused for the daily limit, which it does
+    /// not count. Not its probe: it was sent, and answered.
+    pub fn give_back(&self, charge: Charge) {
+        if charge.units == 0 {
             return;
         }
-        self.window.refund(ticket.minute, ticket.units);
-        self.org.window.refund(ticket.minute, ticket.units);
+        self.window.refund(charge.minute, charge.units);
+        self.org.window.refund(charge.minute, charge.units);
         self.org.signal_freed();
     }
 

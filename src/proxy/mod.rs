@@ -235,7 +235,7 @@ async fn proxy(
 
     // 5. observe, 6. rewrite
     let (mut parts, body) = response.into_parts();
-    let body = observe::response(&route.org, kind, &ticket, &parts, body);
+    let body = observe::response(&route.org, &route.meter, kind, &ticket, &parts, body);
     let body = match base {
         Some(base) if login && parts.status.is_success() => {
             let upstream = &route.org.upstream;

@@ -19,7 +19,7 @@ use super::forward::Upstream;
 use super::headers::LIMIT_INFO;
 use super::pool::{SendError, UpstreamBody};
 use super::OrgRoute;
-use crate::meter::Ticket;
+use crate::meter::{Charge, IntegrationMeter, Ticket};
 use crate::salesforce::{self, BodyScanner, CallKind, LimitExceeded};
 
 /// Login responses are a few KiB; anything far larger is not one and passes untouched.
@@ -28,8 +28,10 @@ const LOGIN_BODY_LIMIT: usize = 256 * 1024;
 const LIMITS_BODY_LIMIT: usize = 1024 * 1024;
 
 /// Reads what the response tells about the org's usage, and returns the body to send on.
+/// `meter`: the integration's, which `call` was counted by.
 pub fn response(
     org: &Arc<OrgRoute>,
+    meter: &Arc<IntegrationMeter>,
     kind: CallKind,
     call: &Ticket,
     parts: &Parts,
@@ -67,12 +69,16 @@ pub fn response(
     } else {
         None
     };
+    // Only a limit status can carry Salesforce's refusal.
+    let refused =
+        (is_limit_status(status) && call.units() > 0).then(|| (meter.clone(), call.charge()));
     match mode {
         Some(mode) => ResponseBody::observed(
             body,
             Box::new(UsageWatcher {
                 org: org.clone(),
                 mode,
+                refused,
             }),
         ),
         None => ResponseBody::Stream(body),
@@ -153,6 +159,9 @@ impl Inflate {
 struct UsageWatcher {
     org: Arc<OrgRoute>,
     mode: Watch,
+    /// The call's charge and meter, should the body say Salesforce refused it for the daily
+    /// limit: such a call is not counted, and stays out of the integration's quota too.
+    refused: Option<(Arc<IntegrationMeter>, Charge)>,
 }
 
 impl Observer for UsageWatcher {
@@ -196,6 +205,9 @@ impl Observer for UsageWatcher {
                     "Salesforce reports the daily API limit exceeded"
                 );
                 self.org.meter.observe_exhausted();
+                if let Some((meter, charge)) = self.refused.take() {
+                    meter.give_back(charge);
+                }
             }
             // The concurrency limit says nothing about the daily budget.
             Some(LimitExceeded::ConcurrentLongRunning) | None => {}
