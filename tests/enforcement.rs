@@ -296,6 +296,49 @@ async fn a_restart_keeps_the_window_and_the_budget_decisions() {
     server.shutdown().await;
 }
 
+/// The org's usage as Salesforce last reported it survives a restart: the proxy's own count
+/// after it (one call) would show an org at 95 % as green until the next report, and budget
+/// decisions would rest on that.
+#[tokio::test]
+async fn a_restart_keeps_the_usage_salesforce_reported() {
+    let sim = callmeter::sim::spawn(SimOptions {
+        limit: 1_000,
+        used: 950,
+        ..SimOptions::default()
+    })
+    .await
+    .expect("sim");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = on_disk(&sim.url, dir.path(), "");
+    let http = Http::new();
+    let org_usage = |server: &callmeter::app::Server| {
+        let admin = format!("http://{}/api/v1/usage", server.admin_addr);
+        let http = http.clone();
+        async move {
+            let usage: serde_json::Value =
+                serde_json::from_slice(&http.get(&admin, &[]).await.2).expect("JSON");
+            usage["orgs"][0].clone()
+        }
+    };
+    let server = callmeter::app::start(&cfg).await.expect("start");
+    let url = format!(
+        "http://{}/a/services/data/v62.0/sobjects",
+        server.listener("main").expect("main")
+    );
+    assert_eq!(http.get(&url, &[]).await.0, StatusCode::OK);
+    assert_eq!(org_usage(&server).await["used"], 951);
+    server.shutdown().await;
+
+    let server = callmeter::app::start(&cfg).await.expect("restart");
+    let org = org_usage(&server).await;
+    server.shutdown().await;
+    assert_eq!(
+        (&org["used"], &org["limit"], &org["color"]),
+        (&951.into(), &1_000.into(), &"red".into()),
+        "{org}"
+    );
+}
+
 /// A call counted while the proxy drains (its body still arriving at the stop signal: a SOAP
 /// call is counted once its body's start is read) is in the windows saved at shutdown.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

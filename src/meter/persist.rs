@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use super::Meter;
+use super::{Meter, OrgState};
 use crate::store::{Store, StoreError, WindowSnapshot};
 
 /// How often the windows are saved: the most a crash can make the proxy forget.
@@ -46,17 +46,11 @@ pub async fn restore(meter: &Meter, store: &Arc<Store>) -> Result<usize, StoreEr
             .map_err(|e| StoreError::Corrupt(format!("loading org state: {e}")))??;
         if let Some(value) = value {
             if let Ok(state) = serde_json::from_str::<OrgState>(&value) {
-                org.restore_state(state.exhausted, state.reported_limit);
+                org.restore_state(state);
             }
         }
     }
     Ok(restored)
-}
-
-#[derive(serde::Serialize, serde::Deserialize)]
-struct OrgState {
-    exhausted: bool,
-    reported_limit: u64,
 }
 
 /// Each window's buckets, oldest first, by `(org, integration)` (`""` for the org's own).
@@ -146,12 +140,7 @@ pub async fn save(meter: &Meter, store: &Arc<Store>, saved: &mut Saved) -> Resul
     let states: Vec<(String, String)> = meter
         .orgs()
         .map(|o| {
-            let (exhausted, reported_limit) = o.saved_state();
-            let value = serde_json::to_string(&OrgState {
-                exhausted,
-                reported_limit,
-            })
-            .unwrap_or_default();
+            let value = serde_json::to_string(&o.saved_state()).unwrap_or_default();
             (state_key(o.id().as_str()), value)
         })
         .collect();
