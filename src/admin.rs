@@ -44,6 +44,13 @@ pub(crate) fn bearer(headers: &http::HeaderMap) -> Option<&str> {
 impl Admin {
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<ResponseBody> {
         if crate::console::Console::serves(req.uri().path()) {
+            // The status page shows each integration's queue depth: a deferring one's is the
+            // store's count, read now as `/api/v1/usage` does, not left as of the last scrape.
+            if req.uri().path() == "/" {
+                if let Err(e) = self.deferrals.refresh_depths(|_| {}).await {
+                    tracing::warn!(error = %e, "status page: reading deferred-call counts failed");
+                }
+            }
             return self.console.clone().handle(req).await;
         }
         let path = req.uri().path().to_owned();

@@ -754,3 +754,36 @@ async fn usage_percent_and_color_agree() {
     assert_eq!(org["color"], expected, "{usage}");
     server.shutdown().await;
 }
+
+/// The status page's "Queue depth: N waiting" for a deferring integration is the store's count
+/// read for the page. It was the count as of the last `/metrics` scrape or `/api/v1/usage`
+/// read: with nobody scraping, an integration with deferred calls waiting showed 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_page_counts_deferred_calls_waiting_now() {
+    let integration =
+        "[[integration]]\nid = \"d\"\norg = \"acme\"\nmatch = { path_prefix = \"/d\" }\n\
+                       quota = 1\non_limit = \"defer\"\n";
+    let env = common::start(SimOptions::default(), "", integration).await;
+    let url = format!("{}/d/services/data/v62.0/sobjects/Contact", env.proxy);
+    let auth = [("content-type", "application/json")];
+    let first = env
+        .http
+        .send(http::Method::POST, &url, &auth, r#"{"LastName":"a"}"#)
+        .await;
+    assert_eq!(first.0, http::StatusCode::CREATED);
+    for _ in 0..2 {
+        let (status, _, _) = env
+            .http
+            .send(http::Method::POST, &url, &auth, r#"{"LastName":"b"}"#)
+            .await;
+        assert_eq!(status, http::StatusCode::ACCEPTED);
+    }
+    let (status, _, page) = env.http.get(&format!("{}/", env.admin), &[]).await;
+    assert_eq!(status, http::StatusCode::OK);
+    let page = String::from_utf8_lossy(&page);
+    assert!(
+        page.contains("data-queue-depth=\"2\""),
+        "two deferred calls wait (quota spent for a day), the status page says: {:?}",
+        page.find("data-queue-depth").map(|at| &page[at..at + 60])
+    );
+}
