@@ -42,6 +42,7 @@ pub use route::{Route, RouteTable};
 
 use crate::meter::{OrgMeter, Ticket, Verdict};
 use crate::metrics::{Metrics, OrgMetrics, Outcome};
+use crate::queue::Oversized;
 use crate::salesforce::{self, Api, CallKind, CountingRules};
 use headers::ClientInfo;
 
@@ -152,7 +153,7 @@ async fn proxy(
     };
 
     // 3. decide
-    let (ticket, admitted) = match admit(&route, api, units).await {
+    let (ticket, admitted) = match admit(&route, api, units, started).await {
         Ok(admitted) => admitted,
         Err(Held::Answered(resp)) => {
             route.meter.note_rejected();
@@ -403,15 +404,28 @@ enum Held {
 
 /// Step 3: the meter's verdict, and for a limited call the integration's `on_limit`. Returns
 /// the ticket and whether the call went straight through (`Forwarded`) or waited (`Queued`).
-async fn admit(route: &Route, api: Api, units: u32) -> Result<(Ticket, Outcome), Held> {
+/// A limited call worth more than a budget can ever hold is refused at once, whatever the
+/// `on_limit`: waiting or storing it would only delay the same answer (the queue checks its
+/// own calls).
+async fn admit(
+    route: &Route,
+    api: Api,
+    units: u32,
+    started: Instant,
+) -> Result<(Ticket, Outcome), Held> {
     let Some(queue) = route.queue.as_ref().filter(|_| units > 0) else {
-        return match route.meter.decide(units) {
-            Verdict::Forward(ticket) => Ok((ticket, Outcome::Forwarded)),
-            Verdict::Limited(limited) if route.defer.is_some() => Err(Held::Defer(limited)),
-            Verdict::Limited(limited) => {
-                Err(Held::Answered(reject::response(&limited, route, api)))
-            }
+        let limited = match route.meter.decide(units) {
+            Verdict::Forward(ticket) => return Ok((ticket, Outcome::Forwarded)),
+            Verdict::Limited(limited) => limited,
         };
+        if let Some(oversized) = Oversized::check(&route.meter, units) {
+            let refused = reject::oversized_response(&oversized, route, api);
+            return Err(Held::Answered(refused));
+        }
+        return Err(match route.defer {
+            Some(_) => Held::Defer(limited),
+            None => Held::Answered(reject::response(&limited, route, api)),
+        });
     };
     // While calls wait, a new one queues behind them rather than overtaking.
     let limited = if queue.is_busy() {
@@ -422,9 +436,38 @@ async fn admit(route: &Route, api: Api, units: u32) -> Result<(Ticket, Outcome),
             Verdict::Limited(limited) => Some(limited),
         }
     };
-    match Box::pin(queue.wait(units, limited)).await {
+    let mut waiting = Waiting {
+        route,
+        api,
+        started,
+        left: true,
+    };
+    let answer = Box::pin(queue.wait(units, limited)).await;
+    waiting.left = false;
+    match answer {
         Ok(ticket) => Ok((ticket, Outcome::Queued)),
         Err(err) => Err(Held::Answered(reject::queue_response(&err, route, api))),
+    }
+}
+
+/// A call in the wait queue. Should its request be dropped there (the client hung up), nothing
+/// else records it: it is recorded here, once, as the client's error (neither sent nor
+/// counted). Once the queue answers, the caller records the outcome.
+struct Waiting<'a> {
+    route: &'a Route,
+    api: Api,
+    started: Instant,
+    left: bool,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if self.left {
+            let elapsed = self.started.elapsed();
+            self.route
+                .metrics
+                .record(self.api, Outcome::ClientError, elapsed);
+        }
     }
 }
 

@@ -17,7 +17,7 @@ use super::body::ResponseBody;
 use super::Route;
 use crate::config::RejectStyle;
 use crate::meter::{Budget, Left, Limited};
-use crate::queue::QueueError;
+use crate::queue::{Oversized, QueueError};
 use crate::salesforce::Api;
 
 const LIMIT_CODE: &str = "REQUEST_LIMIT_EXCEEDED";
@@ -183,6 +183,7 @@ pub fn queue_response(err: &QueueError, route: &Route, api: Api) -> Response<Res
                 .insert(header::RETRY_AFTER, HeaderValue::from(5u32));
             r
         }
+        QueueError::Oversized(oversized) => oversized_response(oversized, route, api),
         QueueError::Full { limited, .. } | QueueError::TimedOut { limited, .. } => {
             let what = match limited {
                 Some(l) => format!("{err}: {}", describe(l, route)),
@@ -194,6 +195,17 @@ pub fn queue_response(err: &QueueError, route: &Route, api: Api) -> Response<Res
     }
 }
 
+/// The response for a call worth more than one of its budgets can ever hold: shaped as a
+/// limit, but with no `Retry-After` (or `RateLimit` headers), as waiting would not help.
+pub fn oversized_response(
+    oversized: &Oversized,
+    route: &Route,
+    api: Api,
+) -> Response<ResponseBody> {
+    let message = format!("callmeter: integration \"{}\": {oversized}", route.id());
+    shaped(route, api, &message, None, 0)
+}
+
 fn limit_response(
     route: &Route,
     api: Api,
@@ -203,9 +215,23 @@ fn limit_response(
 ) -> Response<ResponseBody> {
     let secs = retry_after_secs(wait);
     let message = format!("callmeter: {what}; retry after {secs} s");
-    let mut resp = match (route.reject_style, api) {
+    let mut resp = shaped(route, api, &message, limited, secs);
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    resp
+}
+
+/// A limit answer in the integration's `reject_style`, `RateLimit` headers from `limited`.
+fn shaped(
+    route: &Route,
+    api: Api,
+    message: &str,
+    limited: Option<&Limited>,
+    secs: u64,
+) -> Response<ResponseBody> {
+    match (route.reject_style, api) {
         (RejectStyle::Http429, _) => {
-            let mut r = json(StatusCode::TOO_MANY_REQUESTS, &message);
+            let mut r = json(StatusCode::TOO_MANY_REQUESTS, message);
             if let Some(limited) = limited {
                 let window = match limited.budget {
                     Budget::Rate => 1,
@@ -230,15 +256,12 @@ fn limit_response(
         // Salesforce's own SOAP faults come with 500.
         (RejectStyle::Salesforce, Api::Soap) => super::error::error_response(
             StatusCode::INTERNAL_SERVER_ERROR,
-            &message,
+            message,
             LIMIT_CODE,
             true,
         ),
-        (RejectStyle::Salesforce, _) => json(StatusCode::FORBIDDEN, &message),
-    };
-    resp.headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from(secs));
-    resp
+        (RejectStyle::Salesforce, _) => json(StatusCode::FORBIDDEN, message),
+    }
 }
 
 fn json(status: StatusCode, message: &str) -> Response<ResponseBody> {

@@ -8,7 +8,9 @@
 //! only the head is tried, so calls leave in the order they came. The queue is bounded by
 //! `max_depth` and every call by `max_wait`; at shutdown, waiting calls are answered at once.
 //! A call whose client hangs up leaves the queue when its request is dropped, so it holds no
-//! place a live call could take. The lock is a `std::sync::Mutex` held for a push, a pop or a
+//! place a live call could take. A call worth more than its quota or the org's limit can ever
+//! hold is refused on arrival, and at the head if a reload shrank a budget under it: it would
+//! only hold every call behind it until its `max_wait`. The lock is a `std::sync::Mutex` held for a push, a pop or a
 //! removal: only limited calls take it.
 
 pub mod deferred;
@@ -22,7 +24,58 @@ use thiserror::Error;
 use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 
-use crate::meter::{IntegrationMeter, Limited, Ticket, Verdict};
+use crate::meter::{Budget, IntegrationMeter, Limited, Ticket, Verdict};
+
+/// A call worth more units than one of its integration's budgets holds in a whole window: no
+/// amount of waiting lets it through, so it is refused at once rather than queued or stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+#[error("the call is worth {units} calls, more than {} can ever hold; it was not sent (split it into smaller calls, or raise the budget)", self.describe())]
+pub struct Oversized {
+    pub units: u32,
+    /// `Quota`, `Reserve` (the org's limit less the reserve, for a normal integration) or
+    /// `OrgLimit`.
+    pub budget: Budget,
+    pub size: u64,
+}
+
+impl Oversized {
+    /// Whether a call of `units` can never fit `meter`'s budgets as they stand. The rate is
+    /// left out: a call worth more than its burst goes once the bucket is full.
+    pub fn check(meter: &IntegrationMeter, units: u32) -> Option<Oversized> {
+        let remaining = meter.remaining();
+        let over = |size: u64| u64::from(units) > size;
+        if let Some(quota) = remaining.quota.filter(|q| over(q.size)) {
+            return Some(Oversized {
+                units,
+                budget: Budget::Quota,
+                size: quota.size,
+            });
+        }
+        let org = remaining.org.filter(|o| over(o.size))?;
+        // `remaining` gives a normal integration the limit less the reserve.
+        let below_limit = meter.org().limit().is_some_and(|limit| org.size < limit);
+        Some(Oversized {
+            units,
+            budget: if below_limit {
+                Budget::Reserve
+            } else {
+                Budget::OrgLimit
+            },
+            size: org.size,
+        })
+    }
+
+    fn describe(&self) -> String {
+        match self.budget {
+            Budget::Quota => format!("the integration's quota of {}", self.size),
+            Budget::Reserve => format!(
+                "the org's limit less the reserve kept for critical integrations ({})",
+                self.size
+            ),
+            _ => format!("the org's limit of {}", self.size),
+        }
+    }
+}
 
 /// Why a queued call was not forwarded.
 #[derive(Debug, Error)]
@@ -39,6 +92,8 @@ pub enum QueueError {
     },
     #[error("the proxy is shutting down")]
     ShuttingDown,
+    #[error(transparent)]
+    Oversized(Oversized),
 }
 
 struct Waiter {
@@ -136,6 +191,9 @@ impl WaitQueue {
     ) -> Result<Ticket, QueueError> {
         if *self.shutdown.borrow() {
             return Err(QueueError::ShuttingDown);
+        }
+        if let Some(oversized) = Oversized::check(&self.meter, units) {
+            return Err(QueueError::Oversized(oversized));
         }
         let (reply, answer) = oneshot::channel();
         let now = Instant::now();
@@ -244,6 +302,13 @@ impl WaitQueue {
                     }
                 }
                 Verdict::Limited(limited) => {
+                    // A reload shrank a budget below this call since it queued.
+                    if let Some(oversized) = Oversized::check(&self.meter, units) {
+                        if let Some(w) = self.pop(&mut self.lock(), id) {
+                            let _ = w.reply.send(Err(QueueError::Oversized(oversized)));
+                        }
+                        continue;
+                    }
                     {
                         let mut state = self.lock();
                         state.last = Some((limited, now));
@@ -512,5 +577,64 @@ mod tests {
         assert!(meter.org().is_exhausted());
         let next = meter.decide(1);
         assert!(matches!(next, Verdict::Forward(_)), "{next:?}");
+    }
+
+    /// A call that can never fit the integration's quota (a composite batch of 11 against a
+    /// quota of 10) is refused on arrival: queued, it headed the queue for its whole
+    /// `max_wait`, and every call behind it waited that long with the quota untouched.
+    #[tokio::test(start_paused = true)]
+    async fn a_call_larger_than_the_quota_is_refused_at_once_not_queued() {
+        let (meter, q, _stop) = setup(10, "60m", 10, "10m");
+        let l = match meter.decide(11) {
+            Verdict::Limited(l) => l,
+            Verdict::Forward(_) => panic!("11 > quota of 10"),
+        };
+        let start = Instant::now();
+        let big = q.wait(11, Some(l)).await;
+        match big {
+            Err(QueueError::Oversized(o)) => {
+                assert_eq!((o.units, o.budget, o.size), (11, Budget::Quota, 10));
+                assert!(o.to_string().contains("can ever hold"), "{o}");
+            }
+            other => panic!("expected the batch refused as too large, got {other:?}"),
+        }
+        assert_eq!(Instant::now(), start, "refused without waiting");
+        assert!(!q.is_busy());
+        // The quota is untouched: a 1-call request goes at once.
+        let small = q.wait(1, None).await;
+        assert!(small.is_ok(), "{small:?}");
+        assert_eq!(Instant::now(), start);
+    }
+
+    /// A call waiting at the head when a reload shrinks the quota below its size is refused
+    /// then, rather than left to block the calls behind it until `max_wait`.
+    #[tokio::test(start_paused = true)]
+    async fn a_waiting_call_a_reload_makes_too_large_is_refused() {
+        let (meter, q, _stop) = setup(10, "60m", 10, "10m");
+        for _ in 0..8 {
+            assert!(matches!(meter.decide(1), Verdict::Forward(_)));
+        }
+        let l = match meter.decide(5) {
+            Verdict::Limited(l) => l,
+            Verdict::Forward(_) => panic!("8 + 5 > quota of 10"),
+        };
+        let waiting = {
+            let q = q.clone();
+            tokio::spawn(async move { q.wait(5, Some(l)).await })
+        };
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(q.depth(), 1);
+        let start = Instant::now();
+        meter.set_budget(crate::meter::IntegrationBudget {
+            quota: Some(crate::config::Amount::Calls(4)),
+            ..Default::default()
+        });
+        let got = waiting.await.expect("task");
+        assert!(
+            matches!(got, Err(QueueError::Oversized(Oversized { size: 4, .. }))),
+            "{got:?}"
+        );
+        assert!(Instant::now() - start < Duration::from_secs(1));
+        assert_eq!(q.depth(), 0);
     }
 }
