@@ -397,7 +397,7 @@ impl Server {
         if hurried {
             tracing::warn!(
                 "second signal: stopping now; requests in flight are cut off, and a deferred \
-                 call being replayed is sent again at the next start"
+                 call being replayed is marked failed at the next start (outcome unknown)"
             );
             self.tasks.shutdown().await;
         }

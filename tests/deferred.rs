@@ -577,10 +577,10 @@ async fn a_compressed_limit_error_on_replay_is_not_a_delivery() {
     })
     .await;
     // Salesforce said the org is out of calls: the call waits (the org's probe is minutes
-    // away), its error recorded.
+    // away), its error recorded, no attempt used.
     let state = read().await;
     assert_eq!(state["state"], "pending", "{state}");
-    assert_eq!(state["attempts"], 1, "{state}");
+    assert_eq!(state["attempts"], 0, "{state}");
     assert!(
         state["last_error"]
             .as_str()
@@ -984,4 +984,328 @@ async fn a_limited_call_with_trailers_is_refused_not_stored_without_them() {
         .filter(|l| l.starts_with("callmeter_deferred_calls{") && !l.ends_with(" 0"))
         .collect();
     assert!(stored.is_empty(), "nothing stored: {stored:?}");
+}
+
+/// An org out of calls for hours (a nightly ETL spent it) is the very case `defer` is for: the
+/// call waits and is sent when budget is back. While the org is exhausted the replayer sends
+/// the oldest deferred call as the org's probe once per `probe_interval`; Salesforce's
+/// REQUEST_LIMIT_EXCEEDED to it uses no attempt (it made every such call `failed` after
+/// `max_attempts` probes, 8 = 40 min at the defaults).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deferred_call_waits_out_an_exhausted_org_without_using_attempts() {
+    let (upstream, seen) = origin(|_body: String, _n, _headers| async move {
+        http::Response::builder()
+            .status(403)
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from_static(
+                br#"[{"message":"TotalRequests Limit exceeded.","errorCode":"REQUEST_LIMIT_EXCEEDED"}]"#,
+            )))
+            .expect("response")
+    })
+    .await;
+    let sim = sim::spawn(SimOptions::default()).await.expect("sim");
+    let integration =
+        "[[integration]]\nid = \"d\"\norg = \"acme\"\nmatch = { path_prefix = \"/d\" }\n\
+         on_limit = \"defer\"\ndefer = { max_attempts = 3 }\n";
+    let env = start_with(
+        sim,
+        &config_text(&upstream, r#"probe_interval = "1s""#, integration),
+    )
+    .await;
+    let url = format!("{}/d/services/data/v62.0/sobjects/Contact", env.proxy);
+    let (status, _, _) = env
+        .http
+        .send(Method::POST, &url, &[], r#"{"LastName":"Live"}"#)
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::FORBIDDEN,
+        "Salesforce's own limit error"
+    );
+    let accepted = deferred(&env.http, &url, &[], r#"{"LastName":"Deferred"}"#).await;
+    let status_url = accepted["status_url"]
+        .as_str()
+        .expect("status_url")
+        .to_owned();
+    // More probes than max_attempts: the org is still out of calls.
+    eventually(30, "four probes sent", || async {
+        count(&seen, r#"{"LastName":"Deferred"}"#) >= 4
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let state = status_of(&env.http, &status_url).await;
+    assert_eq!(env.usage().await["orgs"][0]["exhausted"], true);
+    assert_eq!(state["state"], "pending", "{state}");
+    assert_eq!(state["attempts"], 0, "{state}");
+    assert!(
+        state["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("REQUEST_LIMIT_EXCEEDED")),
+        "{state}"
+    );
+}
+
+/// A replay whose answer is slower than the org's `response_timeout` may well have been done
+/// by Salesforce: it is not sent again (a second Contact) but `failed`, its outcome unknown,
+/// for the admin to check and retry or discard. It was sent again, although the README
+/// promised "exactly-once on the normal path".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_that_times_out_is_failed_for_the_admin_not_sent_twice() {
+    let (upstream, seen) = origin(|body: String, n, _headers| async move {
+        if body.contains("Deferred") && n == 0 {
+            // Salesforce takes the insert, but answers after the proxy's response timeout.
+            tokio::time::sleep(Duration::from_secs(3)).await;
+        }
+        created()
+    })
+    .await;
+    let sim = sim::spawn(SimOptions::default()).await.expect("sim");
+    let env = start_with(
+        sim,
+        &config_text(&upstream, r#"response_timeout = "1s""#, DEFER),
+    )
+    .await;
+    let url = format!("{}/d/services/data/v62.0/sobjects/Contact", env.proxy);
+    let live = env
+        .http
+        .send(Method::POST, &url, &[], r#"{"LastName":"Live"}"#)
+        .await;
+    assert_eq!(live.0, StatusCode::CREATED, "the burst token");
+    let accepted = deferred(&env.http, &url, &[], r#"{"LastName":"Deferred"}"#).await;
+    let status_url = accepted["status_url"]
+        .as_str()
+        .expect("status_url")
+        .to_owned();
+    eventually(10, "the replay reached the origin", || async {
+        count(&seen, r#"{"LastName":"Deferred"}"#) >= 1
+    })
+    .await;
+    eventually(10, "the replay failed", || async {
+        status_of(&env.http, &status_url).await["state"] == "failed"
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let sends = count(&seen, r#"{"LastName":"Deferred"}"#);
+    assert_eq!(
+        sends, 1,
+        "Salesforce received the deferred insert {sends} times"
+    );
+    let state = status_of(&env.http, &status_url).await;
+    assert_eq!(state["state"], "failed", "{state}");
+    assert!(
+        state["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("outcome unknown") && e.contains("may have applied")),
+        "{state}"
+    );
+}
+
+/// A gateway between the proxy and Salesforce's servers answering 504 gave up waiting for them,
+/// which may have done the work: like the proxy's own timeout, the call is failed for the
+/// admin, not sent again. A 503 (Salesforce did not process it) is retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_answered_504_is_failed_for_the_admin_and_503_is_retried() {
+    let (upstream, seen) = origin(|body: String, n, _headers| async move {
+        let status = match (body.as_str(), n) {
+            (r#"{"LastName":"Gateway"}"#, _) => 504,
+            (r#"{"LastName":"Busy"}"#, 0) => 503,
+            _ => return created(),
+        };
+        http::Response::builder()
+            .status(status)
+            .body(Full::new(Bytes::new()))
+            .expect("response")
+    })
+    .await;
+    let sim = sim::spawn(SimOptions::default()).await.expect("sim");
+    let env = start_with(sim, &config_text(&upstream, "", DEFER)).await;
+    let url = format!("{}/d/services/data/v62.0/sobjects/Contact", env.proxy);
+    let live = env
+        .http
+        .send(Method::POST, &url, &[], r#"{"LastName":"Live"}"#)
+        .await;
+    assert_eq!(live.0, StatusCode::CREATED, "the burst token");
+    let gateway = deferred(&env.http, &url, &[], r#"{"LastName":"Gateway"}"#).await;
+    let busy = deferred(&env.http, &url, &[], r#"{"LastName":"Busy"}"#).await;
+    let read = |accepted: &serde_json::Value| {
+        let url = accepted["status_url"]
+            .as_str()
+            .expect("status_url")
+            .to_owned();
+        let http = env.http.clone();
+        async move { status_of(&http, &url).await }
+    };
+    eventually(20, "both replays settled", || async {
+        read(&gateway).await["state"] == "failed" && read(&busy).await["state"] == "delivered"
+    })
+    .await;
+    let state = read(&gateway).await;
+    assert_eq!(state["upstream_status"], 504, "{state}");
+    assert!(
+        state["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("outcome unknown")),
+        "{state}"
+    );
+    assert_eq!(count(&seen, r#"{"LastName":"Gateway"}"#), 1);
+    assert_eq!(count(&seen, r#"{"LastName":"Busy"}"#), 2);
+}
+
+/// A shutdown whose grace runs out while a replay waits for Salesforce's answer leaves the call
+/// in flight. The next start cannot know whether Salesforce applied it: the call is failed, its
+/// outcome unknown, for the admin; it was sent again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_cut_off_by_shutdown_is_failed_at_the_next_start_not_sent_again() {
+    let (upstream, seen) = origin(|body: String, _n, _headers| async move {
+        if body.contains("Deferred") {
+            tokio::time::sleep(Duration::from_secs(4)).await;
+        }
+        created()
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("callmeter.db");
+    let toml = config_text(&upstream, "", DEFER)
+        .replace("STORE_PATH", &db.display().to_string())
+        .replace(r#"shutdown_grace = "2s""#, r#"shutdown_grace = "200ms""#);
+    let cfg = config::parse(&toml, Path::new("test.toml")).expect("config");
+    let http = Http::new();
+    let server = app::start(&cfg).await.expect("start");
+    let url = format!(
+        "http://{}/d/services/data/v62.0/sobjects/Contact",
+        server.listener("main").expect("main")
+    );
+    let live = http
+        .send(Method::POST, &url, &[], r#"{"LastName":"Live"}"#)
+        .await;
+    assert_eq!(live.0, StatusCode::CREATED);
+    let accepted = deferred(&http, &url, &[], r#"{"LastName":"Deferred"}"#).await;
+    let id = callmeter::store::DeferredId(accepted["id"].as_str().expect("id").parse().expect("n"));
+    eventually(10, "the replay reached the origin", || async {
+        count(&seen, r#"{"LastName":"Deferred"}"#) == 1
+    })
+    .await;
+    server.shutdown().await;
+    let read = || {
+        callmeter::store::Store::open_read_only(&db)
+            .expect("store")
+            .get_deferred(id)
+            .expect("read")
+            .expect("the call")
+    };
+    assert_eq!(read().state, callmeter::store::DeferredState::InFlight);
+
+    let server = app::start(&cfg).await.expect("restart");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let call = read();
+    let sends = count(&seen, r#"{"LastName":"Deferred"}"#);
+    server.shutdown().await;
+    assert_eq!(sends, 1, "Salesforce got the deferred call {sends} times");
+    assert_eq!(
+        call.state,
+        callmeter::store::DeferredState::Failed,
+        "{call:?}"
+    );
+    assert!(
+        call.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("outcome unknown")),
+        "{call:?}"
+    );
+}
+
+/// A Composite Batch of `n` GET subrequests: Salesforce counts `n` calls.
+fn batch(n: usize) -> String {
+    let one = r#"{"method":"GET","url":"v62.0/limits"}"#;
+    format!(r#"{{"batchRequests":[{}]}}"#, vec![one; n].join(","))
+}
+
+/// A call worth more than the integration's quota can ever hold (a batch of 11 against a quota
+/// of 10) is refused at once, saying so, and not stored: replayed, it could never fit, and
+/// would hold the integration's later calls back for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_larger_than_the_quota_is_refused_not_deferred() {
+    let integration =
+        "[[integration]]\nid = \"d\"\norg = \"acme\"\nmatch = { path_prefix = \"/d\" }\n\
+         quota = 10\non_limit = \"defer\"\n";
+    let env = start(SimOptions::default(), "", integration).await;
+    let url = format!("{}/d/services/data/v62.0/composite/batch", env.proxy);
+    let json = [("content-type", "application/json")];
+    let (status, headers, body) = env.http.send(Method::POST, &url, &json, batch(11)).await;
+    let body = String::from_utf8_lossy(&body);
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert!(
+        body.contains("REQUEST_LIMIT_EXCEEDED") && body.contains("can ever hold"),
+        "{body}"
+    );
+    assert!(
+        headers.get("retry-after").is_none(),
+        "waiting would not help"
+    );
+    let metrics = env.metrics().await;
+    let stored: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("callmeter_deferred_calls{") && !l.ends_with(" 0"))
+        .collect();
+    assert!(stored.is_empty(), "nothing stored: {stored:?}");
+    assert!(metrics.contains(r#"outcome="rejected"} 1"#), "{metrics}");
+}
+
+/// A stored call that a restart with a smaller quota makes larger than the quota can ever hold
+/// is failed when its turn comes, with the reason, instead of being passed over for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_call_a_smaller_quota_can_never_hold_is_failed() {
+    let sim = sim::spawn(SimOptions::default()).await.expect("sim");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("callmeter.db");
+    let with = |quota: u64| {
+        let integration = format!(
+            "[[integration]]\nid = \"d\"\norg = \"acme\"\nmatch = {{ path_prefix = \"/d\" }}\n\
+             quota = {quota}\non_limit = \"defer\"\n"
+        );
+        let toml = config_text(&sim.url, "", &integration)
+            .replace("STORE_PATH", &db.display().to_string());
+        config::parse(&toml, Path::new("test.toml")).expect("config")
+    };
+    let http = Http::new();
+    let server = app::start(&with(6)).await.expect("start");
+    let base = format!(
+        "http://{}/d/services/data/v62.0",
+        server.listener("main").expect("main")
+    );
+    let json = [("content-type", "application/json")];
+    let one = http
+        .send(
+            Method::POST,
+            &format!("{base}/sobjects/Contact"),
+            &json,
+            r#"{"LastName":"A"}"#,
+        )
+        .await;
+    assert_eq!(one.0, StatusCode::CREATED);
+    // 1 + 6 > 6, but 6 fits the quota once the first call ages out: stored.
+    let accepted = deferred(&http, &format!("{base}/composite/batch"), &json, batch(6)).await;
+    let id = callmeter::store::DeferredId(accepted["id"].as_str().expect("id").parse().expect("n"));
+    server.shutdown().await;
+
+    let server = app::start(&with(3)).await.expect("restart");
+    let read = || {
+        callmeter::store::Store::open_read_only(&db)
+            .expect("store")
+            .get_deferred(id)
+            .expect("read")
+            .expect("the call")
+    };
+    eventually(10, "the call failed", || async {
+        read().state == callmeter::store::DeferredState::Failed
+    })
+    .await;
+    server.shutdown().await;
+    let call = read();
+    assert!(
+        call.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("worth 6 calls") && e.contains("quota of 3")),
+        "{call:?}"
+    );
 }

@@ -1,18 +1,28 @@
 //! Deferred calls (`on_limit = "defer"`): a limited call is written to the store, synced, and
 //! answered `202 Accepted`; a replayer per org sends stored calls in order when budget frees.
 //!
-//! Delivery is at-least-once. A call is marked in flight in the store before it is sent and
-//! delivered (or retried, or failed) after the answer, in the same process, so the normal path
-//! sends each call exactly once: a shutdown waits for the sends under way (up to
-//! `shutdown_grace`), and an outcome the store refuses to record (locked, a full disk) is
-//! written again until it takes. A crash between sending and recording leaves the call in
-//! flight; at the next start it goes back to pending and is sent again: that is the one case
-//! where Salesforce can see a call twice. An answer with a success status counts as delivered
-//! even if its body breaks off, as Salesforce has done the work.
+//! The replayer never sends a call twice by itself: only a send Salesforce certainly did not
+//! process is tried again. A call is marked in flight in the store before it is sent and
+//! delivered (or retried, or failed) after the answer, in the same process: a shutdown waits
+//! for the sends under way (up to `shutdown_grace`), and an outcome the store refuses to record
+//! (locked, a full disk) is written again until it takes. An answer with a success status
+//! counts as delivered even if its body breaks off, as Salesforce has done the work.
 //!
-//! Replay retries upstream 5xx answers, connection errors, timeouts and `REQUEST_LIMIT_EXCEEDED`
-//! with exponential backoff; after `defer.max_attempts` sends the call is `failed` and waits
-//! in the admin's "sync failures" list (`/api/v1/deferred`) to be retried or discarded.
+//! When the proxy cannot know whether Salesforce processed a send (no answer within
+//! `response_timeout`, the exchange broke after the request went, a gateway's 502 or 504, or
+//! a call found in flight at start after a crash or a shutdown that cut a send off), the call
+//! is `failed` with an "outcome unknown" error: sending it again could apply a write twice, so
+//! the admin checks and retries or discards it (`/api/v1/deferred`).
+//!
+//! What certainly was not processed is retried: connection failures before the request went,
+//! 429, 5xx answers other than 502 and 504 (Salesforce's 500 and 503 say the request was not
+//! completed) and the concurrent-request limit, with exponential backoff, up to
+//! `defer.max_attempts` sends; then the call is `failed`. The daily limit's
+//! `REQUEST_LIMIT_EXCEEDED` uses no attempt: the org is out of calls, which is what deferring
+//! waits out, and the meter lets one call per `probe_interval` go to see if budget is back.
+//! A call worth more than its integration's budgets can ever hold is `failed` when its turn
+//! comes (a reload or restart shrank a budget since it was stored), as it would otherwise
+//! hold its integration's calls back for ever.
 
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
@@ -25,6 +35,7 @@ use tokio::sync::{watch, Notify, Semaphore};
 
 use crate::meter::{IntegrationMeter, OrgMeter, Ticket, Verdict};
 use crate::proxy::{decoded_prefix, Handover, RequestBody, ResponseBody, Upstream};
+use crate::queue::Oversized;
 use crate::salesforce::{self, BodyScanner, LimitExceeded};
 use crate::store::{DeferredCall, DeferredId, DeferredState, NewDeferred, Store, StoreError};
 
@@ -41,6 +52,8 @@ const IDLE_RECHECK: Duration = Duration::from_secs(60);
 /// How soon a store write the store refused is tried again; doubled up to `MAX_RECORD_RETRY`.
 const FIRST_RECORD_RETRY: Duration = Duration::from_millis(100);
 const MAX_RECORD_RETRY: Duration = Duration::from_secs(5);
+/// Why a call found in flight at start is failed rather than sent again.
+const IN_FLIGHT_AT_START: &str = "outcome unknown: the proxy stopped while this call was being sent, so Salesforce may have applied it; check, then retry or discard it";
 /// The path, under an integration's base URL, where it reads a deferred call's outcome.
 pub const STATUS_PATH: &str = "/callmeter/deferred/";
 
@@ -113,8 +126,9 @@ impl DeferralsBuilder {
         );
     }
 
-    /// Puts calls a crash left in flight back in line, and starts a replayer per org. At `stop`
-    /// a replayer waits up to `grace` for the sends under way.
+    /// Marks failed the calls a crash (or a shutdown past its grace) left in flight, whose
+    /// outcome is unknown, and starts a replayer per org. At `stop` a replayer waits up to
+    /// `grace` for the sends under way.
     pub async fn start(
         self,
         stop: watch::Receiver<bool>,
@@ -122,11 +136,11 @@ impl DeferralsBuilder {
         tasks: &mut tokio::task::JoinSet<()>,
     ) -> Result<Arc<Deferrals>, StoreError> {
         let store = self.store.clone();
-        let requeued = blocking(move || store.requeue_in_flight()).await?;
-        if requeued > 0 {
+        let unknown = blocking(move || store.fail_in_flight(IN_FLIGHT_AT_START, now_ms())).await?;
+        if unknown > 0 {
             tracing::warn!(
-                calls = requeued,
-                "deferred calls were being sent when the proxy stopped; sending them again"
+                calls = unknown,
+                "deferred calls were being sent when the proxy stopped; whether Salesforce processed them is unknown, so they are marked failed for the admin to retry or discard (see /api/v1/deferred)"
             );
         }
         let (store, replayed) = (self.store.clone(), self.orgs.keys().cloned().collect());
@@ -287,6 +301,12 @@ async fn replay(
         if *stop.borrow() {
             break;
         }
+        // Registered for "budget freed" before anything is decided, as the queue's dispatcher
+        // does: a refund or a lower report during the store writes below would otherwise be
+        // missed, and the replayer sleep until its timer.
+        let freed = r.meter.budget_freed();
+        tokio::pin!(freed);
+        freed.as_mut().enable();
         let slot = tokio::select! {
             slot = r.slots.clone().acquire_owned() => match slot {
                 Ok(slot) => slot,
@@ -321,10 +341,9 @@ async fn replay(
             let wait = held
                 .next_release(tokio::time::Instant::now())
                 .map_or(due, |release| release.min(due));
-            let freed = r.meter.budget_freed();
             tokio::select! {
                 () = pause(&r, &mut stop, wait.min(IDLE_RECHECK)) => {}
-                () = freed, if !held.is_empty() => held.clear(),
+                () = &mut freed, if !held.is_empty() => held.clear(),
             }
             continue;
         };
@@ -341,7 +360,22 @@ async fn replay(
             .await;
             continue;
         };
-        match target.meter.decide(call.units) {
+        let verdict = target.meter.decide(call.units);
+        let oversized = match verdict {
+            Verdict::Limited(_) => Oversized::check(&target.meter, call.units),
+            Verdict::Forward(_) => None,
+        };
+        if let Some(oversized) = oversized {
+            let error = oversized.to_string();
+            tracing::warn!(id = %call.id, %error, "deferred call failed for good; it waits in /api/v1/deferred");
+            let (s, id) = (store.clone(), call.id);
+            record(&stop, id, move || {
+                s.mark_failed(id, &error, None, None, now_ms())
+            })
+            .await;
+            continue;
+        }
+        match verdict {
             Verdict::Limited(limited) => {
                 // Not an attempt: the call keeps its place (still due, first in line).
                 let s = store.clone();
@@ -354,10 +388,9 @@ async fn replay(
                 }
                 // The org's budget: every call waits. It can come back sooner than the meter
                 // says (a refund, a lower report, a restart with a larger quota).
-                let freed = r.meter.budget_freed();
                 tokio::select! {
                     () = tokio::time::sleep(limited.retry_after) => {}
-                    () = freed => {}
+                    () = &mut freed => {}
                     () = r.wake.notified() => {}
                     _ = stop.wait_for(|s| *s) => {}
                 }
@@ -377,15 +410,15 @@ async fn replay(
             }
         }
     }
-    // A send stopped midway would leave its call in flight, to be sent again at the next
-    // start: let the sends under way finish and record their outcome first.
+    // A send stopped midway would leave its call in flight, its outcome unknown (failed at the
+    // next start for the admin): let the sends under way finish and record it first.
     let drained =
         tokio::time::timeout(grace, async { while sends.join_next().await.is_some() {} }).await;
     if drained.is_err() {
         tracing::warn!(
             org = %r.org,
             calls = sends.len(),
-            "deferred calls were still being sent after shutdown_grace; they will be sent again at the next start"
+            "deferred calls were still being sent after shutdown_grace; their outcome is unknown, and the next start marks them failed for the admin to retry or discard"
         );
         sends.shutdown().await;
     }
@@ -394,9 +427,9 @@ async fn replay(
 
 /// Writes what became of a deferred call. The store can refuse for a while (locked by another
 /// writer past its busy timeout, a full disk); an outcome not written would leave the call in
-/// flight, out of the admin's reach until a restart sends it again, so the write is tried
-/// again until it takes. At shutdown it is given up after one more try: the call is then sent
-/// again at the next start, as after a crash.
+/// flight, out of the admin's reach until a restart, so the write is tried again until it
+/// takes. At shutdown it is given up after one more try: the next start then marks the call
+/// failed, its outcome unknown, as after a crash.
 async fn record(
     stop: &watch::Receiver<bool>,
     id: DeferredId,
@@ -416,7 +449,7 @@ async fn record(
             Err(e) => e,
         };
         if *stop.borrow() {
-            tracing::error!(id = %id, error = %error, "recording a deferred call's outcome failed at shutdown; the call will be sent again at the next start");
+            tracing::error!(id = %id, error = %error, "recording a deferred call's outcome failed at shutdown; the next start marks it failed, outcome unknown");
             return;
         }
         tracing::warn!(id = %id, error = %error, "recording a deferred call's outcome failed; trying again");
@@ -476,8 +509,27 @@ async fn pause(r: &OrgReplayer, stop: &mut watch::Receiver<bool>, wait: Duration
 /// How one send ended.
 enum Sent {
     Delivered(u16, Bytes),
-    /// Worth another try: upstream 5xx, limit exceeded, network trouble.
+    /// Certainly not processed, and worth another try: not sent, 429, 5xx other than 502 and
+    /// 504, the concurrent-request limit. Uses an attempt.
     Retry(String, Option<u16>, Option<Bytes>),
+    /// Salesforce refused it for the org's daily limit: not processed, and no fault of the
+    /// call's. It waits for budget like a call not yet tried, without using an attempt.
+    OutOfCalls(String),
+    /// Sent, and nothing tells whether Salesforce processed it: never sent again without the
+    /// admin.
+    Unknown(String, Option<u16>, Option<Bytes>),
+}
+
+/// How a send whose outcome is unknown is described to the admin.
+fn unknown(what: &str) -> String {
+    format!("outcome unknown: {what}; Salesforce may have applied the call, so it is not sent again by itself: check, then retry or discard it")
+}
+
+/// A gateway's "bad gateway" or "gateway timeout": something between the proxy and
+/// Salesforce's servers lost the exchange or gave up waiting, after which they may have done
+/// the work (as with the proxy's own `response_timeout`).
+fn gateway_lost_it(status: StatusCode) -> bool {
+    status == StatusCode::BAD_GATEWAY || status == StatusCode::GATEWAY_TIMEOUT
 }
 
 async fn send(
@@ -500,12 +552,12 @@ async fn send(
                 }
                 sent
             }
-            Err(err) => {
-                if err.not_sent() {
-                    meter.refund(ticket);
-                }
+            Err(err) if err.not_sent() => {
+                meter.refund(ticket);
                 Sent::Retry(err.to_string(), None, None)
             }
+            // A timeout or a broken exchange after the request went.
+            Err(err) => Sent::Unknown(unknown(&err.to_string()), None, None),
         },
         Err(e) => {
             meter.refund(ticket);
@@ -526,6 +578,24 @@ async fn send(
             tracing::debug!(id = %id, status, "deferred call delivered");
             record(stop, id, move || {
                 s.mark_delivered(id, status, &body, now_ms())
+            })
+            .await;
+        }
+        Sent::Unknown(error, status, body) => {
+            tracing::warn!(id = %id, %error, "deferred call failed: its outcome is unknown; it waits in /api/v1/deferred");
+            record(stop, id, move || {
+                s.mark_failed(id, &error, status, body.as_deref(), now_ms())
+            })
+            .await;
+        }
+        Sent::OutOfCalls(error) => {
+            // The meter holds the org's calls back (one probe per interval) until budget is
+            // back; the floor keeps a meter that lets calls through while Salesforce still
+            // refuses them from turning this into a loop.
+            let at = now_ms() + BASE_BACKOFF.as_millis() as u64;
+            tracing::debug!(id = %id, "deferred call refused for the org's daily limit; it waits for budget");
+            record(stop, id, move || {
+                s.mark_out_of_calls(id, &error, at, now_ms())
             })
             .await;
         }
@@ -595,6 +665,10 @@ async fn answer(r: &OrgReplayer, resp: http::Response<crate::proxy::UpstreamBody
             tracing::warn!(status = status.as_u16(), %error, "a deferred call's answer broke off after its status; it counts as delivered");
             return Sent::Delivered(status.as_u16(), Bytes::new());
         }
+        Err(error) if gateway_lost_it(status) => {
+            let what = format!("Salesforce's side answered {status}, then {error}");
+            return Sent::Unknown(unknown(&what), Some(status.as_u16()), None);
+        }
         Err(error) => return Sent::Retry(error, Some(status.as_u16()), None),
     };
     // The replay asks for a plain answer, but a server may compress it anyway.
@@ -611,14 +685,18 @@ async fn answer(r: &OrgReplayer, resp: http::Response<crate::proxy::UpstreamBody
     match scanner.limit_exceeded() {
         Some(LimitExceeded::Daily) => {
             r.meter.observe_exhausted();
-            Sent::Retry(
-                "Salesforce: REQUEST_LIMIT_EXCEEDED".into(),
-                Some(status.as_u16()),
-                Some(body),
+            Sent::OutOfCalls(
+                "Salesforce: REQUEST_LIMIT_EXCEEDED (the org is out of calls; waiting for budget)"
+                    .into(),
             )
         }
         Some(LimitExceeded::ConcurrentLongRunning) => Sent::Retry(
             "Salesforce: too many concurrent long-running requests".into(),
+            Some(status.as_u16()),
+            Some(body),
+        ),
+        None if gateway_lost_it(status) => Sent::Unknown(
+            unknown(&format!("Salesforce's side answered {status}")),
             Some(status.as_u16()),
             Some(body),
         ),

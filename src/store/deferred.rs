@@ -333,13 +333,15 @@ impl Store {
         Ok(calls)
     }
 
-    /// Puts every in-flight call back to pending and returns how many. Call it once at
-    /// start-up, before any replayer runs: calls left in flight by a crash may or may not have
-    /// reached Salesforce, so they are sent again (at-least-once).
-    pub fn requeue_in_flight(&self) -> Result<usize, StoreError> {
+    /// Marks failed, with `error`, every in-flight call and returns how many. Call it once at
+    /// start-up, before any replayer runs: a call left in flight by a crash (or a shutdown that
+    /// cut its send off) may or may not have reached Salesforce, and sending it again could
+    /// apply a write twice, so the admin decides (attempts + 1: it was most likely sent).
+    pub fn fail_in_flight(&self, error: &str, now_ms: u64) -> Result<usize, StoreError> {
         let n = self.lock().execute(
-            "UPDATE deferred SET state = 'pending' WHERE state = 'in_flight'",
-            [],
+            "UPDATE deferred SET state = 'failed', attempts = attempts + 1, updated_ms = ?1, \
+             last_error = ?2 WHERE state = 'in_flight'",
+            params![sql_ms(now_ms), error],
         )?;
         Ok(n)
     }
@@ -397,6 +399,32 @@ impl Store {
                 "UPDATE deferred SET state = 'pending', attempts = attempts + 1, \
                  next_attempt_ms = ?2, updated_ms = ?3, last_error = ?4 \
                  WHERE id = ?1 AND state = 'in_flight'",
+            )?
+            .execute(params![
+                id.0,
+                sql_ms(next_attempt_ms),
+                sql_ms(now_ms),
+                error
+            ])?;
+        finish_transition(tx, n, id, "in_flight")
+    }
+
+    /// Records a send Salesforce refused for the org's daily limit (`REQUEST_LIMIT_EXCEEDED`):
+    /// back to pending, to be taken again at `next_attempt_ms`, with `error` but no attempt
+    /// used, as Salesforce did not process it and waiting for budget is what deferring is for.
+    pub fn mark_out_of_calls(
+        &self,
+        id: DeferredId,
+        error: &str,
+        next_attempt_ms: u64,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        let n = tx
+            .prepare_cached(
+                "UPDATE deferred SET state = 'pending', next_attempt_ms = ?2, updated_ms = ?3, \
+                 last_error = ?4 WHERE id = ?1 AND state = 'in_flight'",
             )?
             .execute(params![
                 id.0,

@@ -475,8 +475,10 @@ fn fail_pending_fails_only_that_orgs_pending_calls() {
     assert_eq!(failed.last_error.as_deref(), Some("gone"));
 }
 
+/// A call a crash left in flight may have reached Salesforce: at the next start it is failed
+/// for the admin (its error says why), not put back to be sent again.
 #[test]
-fn requeue_in_flight_after_a_crash() {
+fn calls_in_flight_after_a_crash_are_failed_not_requeued() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("db");
     let (claimed, waiting) = {
@@ -492,18 +494,40 @@ fn requeue_in_flight_after_a_crash() {
         store.get_deferred(claimed).unwrap().unwrap().state,
         DeferredState::InFlight
     );
-    assert_eq!(store.requeue_in_flight().unwrap(), 1);
-    assert_eq!(store.requeue_in_flight().unwrap(), 0);
+    assert_eq!(store.fail_in_flight("outcome unknown", 11_000).unwrap(), 1);
+    assert_eq!(store.fail_in_flight("outcome unknown", 11_000).unwrap(), 0);
+    let failed = store.get_deferred(claimed).unwrap().unwrap();
+    assert_eq!(failed.state, DeferredState::Failed);
+    assert_eq!(failed.last_error.as_deref(), Some("outcome unknown"));
+    assert_eq!(failed.attempts, 1);
     let ids: Vec<_> = store
         .claim_due("acme", 10_000, 10, &[])
         .unwrap()
         .into_iter()
         .map(|c| c.id)
         .collect();
-    assert_eq!(ids, vec![claimed, waiting]);
-    // A requeued call whose answer arrives late may still be recorded as delivered.
-    store.requeue_in_flight().unwrap();
-    store.mark_delivered(claimed, 200, b"", 11_000).unwrap();
+    assert_eq!(ids, vec![waiting], "only the call never claimed goes");
+    // The admin's retry puts it back in line.
+    assert!(store.retry_deferred(claimed, 12_000).unwrap());
+}
+
+/// A send refused for the org's daily limit goes back to pending with its error, its attempts
+/// unchanged.
+#[test]
+fn a_call_refused_for_the_daily_limit_uses_no_attempt() {
+    let store = Store::open_in_memory().unwrap();
+    let id = store.defer(&call("acme", 1)).unwrap();
+    store.claim_due("acme", 10_000, 1, &[]).unwrap();
+    store
+        .mark_out_of_calls(id, "REQUEST_LIMIT_EXCEEDED", 12_000, 11_000)
+        .unwrap();
+    let c = store.get_deferred(id).unwrap().unwrap();
+    assert_eq!(c.state, DeferredState::Pending);
+    assert_eq!(c.attempts, 0);
+    assert_eq!(c.next_attempt_ms, 12_000);
+    assert_eq!(c.last_error.as_deref(), Some("REQUEST_LIMIT_EXCEEDED"));
+    // Only a call in flight can be refused.
+    assert!(store.mark_out_of_calls(id, "x", 0, 0).is_err());
 }
 
 /// An SRE's `sqlite3` beside the running proxy sees a deferred call as soon as it is stored.
@@ -561,8 +585,9 @@ fn deferred_calls_survive_an_abort() {
     assert_eq!(calls.len(), 2, "child output: {output:?}");
     assert_eq!(calls[1].state, DeferredState::InFlight);
     assert_eq!(calls[0].state, DeferredState::Pending);
-    assert_eq!(store.requeue_in_flight().unwrap(), 1);
-    let replay = store.claim_due("acme", 10_000, 10, &[]).unwrap();
+    assert_eq!(store.fail_in_flight("outcome unknown", 11_000).unwrap(), 1);
+    assert!(store.retry_deferred(calls[1].id, 11_000).unwrap());
+    let replay = store.claim_due("acme", 11_000, 10, &[]).unwrap();
     assert_eq!(replay.len(), 2);
     assert_eq!(replay[0].headers, call("acme", 1).headers);
 }
