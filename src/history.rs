@@ -18,7 +18,7 @@
 //! A minute must still be in the window when it is recorded: windows of at least
 //! `RECORD_LAG_MINUTES + 1` minutes (Salesforce's is 24 hours) are recorded completely.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -218,6 +218,17 @@ impl History {
             };
             if let Some(counts) = per_day.get_mut(&row.day) {
                 *counts.entry(row.integration).or_insert(0) += row.calls;
+            }
+        }
+        // An integration removed from the config has rows only on the days it made calls: list
+        // it at 0 on the others, so that every day has the same integrations and a table built
+        // from any day adds up to the totals.
+        for per_day in table.values_mut() {
+            let seen: BTreeSet<String> = per_day.values().flat_map(|d| d.keys().cloned()).collect();
+            for counts in per_day.values_mut() {
+                for id in &seen {
+                    counts.entry(id.clone()).or_insert(0);
+                }
             }
         }
         let orgs = order
@@ -421,6 +432,29 @@ mod tests {
             .expect("rows")
             .iter()
             .all(|r| r.day != "2000-01-01"));
+    }
+
+    /// An integration removed from the config has stored rows only on the days it made calls;
+    /// every day of the report lists it (0 on the others), so every day has the same
+    /// integrations and they add up to its total.
+    #[tokio::test]
+    async fn every_day_lists_every_integration_of_the_report() {
+        let (meter, _) = meter();
+        let store = Arc::new(Store::open_in_memory().expect("store"));
+        let history = History::open(Arc::new(meter), store.clone(), HistoryConfig::default())
+            .await
+            .expect("history");
+        let yesterday = day_string(history.day_of(history.now_minute()) - 1);
+        store
+            .add_history(&yesterday, "acme", "old-sync", 700)
+            .expect("row");
+        let report = history.report(3, None).await.expect("report");
+        for day in &report.orgs[0].days {
+            let ids: Vec<&str> = day.integrations.keys().map(String::as_str).collect();
+            assert_eq!(ids, ["a", "b", "old-sync"], "{}", day.day);
+            assert_eq!(day.total, day.integrations.values().sum::<u64>());
+        }
+        assert_eq!(report.orgs[0].days[1].integrations["old-sync"], 700);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! to 90 %, red from 90 %. The live part is fetched again every few seconds by `status.js`
 //! (`?part=live`); without JavaScript the page reloads itself. Every text is escaped.
 
+use std::collections::BTreeSet;
 use std::fmt::Write as _;
 
 use crate::history::HistoryReport;
@@ -252,9 +253,9 @@ fn unknown_bar(h: &mut String, kind: &str, label: &str, figures: &str) {
 }
 
 fn history_table(h: &mut String, org: &crate::history::OrgHistory, zone: &str) {
-    let Some(first) = org.days.first() else {
+    if org.days.is_empty() {
         return;
-    };
+    }
     let _ = write!(
         h,
         "<h3>Last {} days</h3><p class=\"meta\">Counted calls per calendar day ({}).</p>\
@@ -273,7 +274,14 @@ fn history_table(h: &mut String, org: &crate::history::OrgHistory, zone: &str) {
         let _ = write!(h, "<th title=\"{}\">{}</th>", escape(&d.day), escape(label));
     }
     h.push_str("</tr></thead><tbody>");
-    for id in first.integrations.keys() {
+    // Every integration of any day, not only of the first: one removed from the config has
+    // calls only on some days, and its row keeps the rows adding up to "All".
+    let ids: BTreeSet<&String> = org
+        .days
+        .iter()
+        .flat_map(|d| d.integrations.keys())
+        .collect();
+    for id in ids {
         let _ = write!(h, "<tr><th scope=\"row\">{}</th>", escape(id));
         for d in org.days.iter().rev() {
             let n = d.integrations.get(id).copied().unwrap_or(0);
@@ -346,5 +354,44 @@ fn window_text(minutes: u32) -> String {
         format!("{} hours", minutes / 60)
     } else {
         format!("{minutes} minutes")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::history::{DayCount, OrgHistory};
+
+    fn day(day: &str, rows: &[(&str, u64)]) -> DayCount {
+        DayCount {
+            day: day.to_owned(),
+            total: rows.iter().map(|r| r.1).sum(),
+            integrations: rows.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect(),
+        }
+    }
+
+    /// An integration removed from the config (then a restart) has calls only on the days it
+    /// made them; its row is there all the same, so the rows add up to "All". (The table took
+    /// its rows from the oldest day, where it had none.)
+    #[test]
+    fn history_rows_add_up_to_the_all_row() {
+        let org = OrgHistory {
+            id: "acme".into(),
+            days: vec![
+                day("2026-12-01", &[("etl", 5)]),
+                day("2026-12-02", &[("etl", 5), ("old-sync", 700)]),
+                day("2026-12-03", &[("etl", 2)]),
+            ],
+        };
+        let mut h = String::new();
+        history_table(&mut h, &org, "UTC");
+        assert!(
+            h.contains("<td>705</td>"),
+            "the All row has 705 on 12-02: {h}"
+        );
+        assert!(
+            h.contains(">old-sync</th>"),
+            "700 of the 705 calls of 12-02 belong to no row: {h}"
+        );
     }
 }
