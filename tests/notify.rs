@@ -434,6 +434,48 @@ async fn an_email_not_sent_before_a_restart_is_sent_after_it() {
     server.shutdown().await;
 }
 
+/// A graceful shutdown while a threshold email is in its SMTP transaction: the shutdown waits
+/// for the server's answer (within `shutdown_grace`) and records the email as sent, so the
+/// next start does not send it again. (The watcher stopped at once and the email stayed in the
+/// saved outbox: a duplicate on an ordinary restart.)
+#[tokio::test]
+async fn an_email_taken_during_a_graceful_shutdown_is_not_sent_again() {
+    let smtp = SmtpServer::start(
+        free_port(),
+        SmtpOptions {
+            data_delay: Some(2.0),
+            ..SmtpOptions::default()
+        },
+    );
+    let sim = sim::spawn(SimOptions {
+        limit: 1_000,
+        used: 850,
+        ..SimOptions::default()
+    })
+    .await
+    .expect("sim");
+    let org = "[org.threshold]\nlevels = [\"80%\"]\nnotify = [\"admin@example.com\"]\n";
+    let toml = config_text(&sim.url, org, &integration("a", "")) + &smtp_section(smtp.port, "");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let http = Http::new();
+
+    let (server, proxy, _admin) = start_proxy(&toml, dir.path()).await;
+    call(&http, &proxy, REST).await; // 851 of 1,000: past 80 %
+    smtp.wait_for(1, EMAIL_WAIT).await; // the server has the email; its 250 comes in 2 s
+    server.shutdown().await; // e.g. SIGTERM for a deploy
+    tokio::time::sleep(Duration::from_secs(3)).await; // the 250 arrives
+
+    let (server, _proxy, _admin) = start_proxy(&toml, dir.path()).await;
+    tokio::time::sleep(QUIET + Duration::from_secs(2)).await;
+    server.shutdown().await;
+    assert_eq!(
+        subjects(&smtp.messages()).len(),
+        1,
+        "one crossing, one email: {:#?}",
+        subjects(&smtp.messages())
+    );
+}
+
 /// One address in `notify` that the SMTP server refuses at `RCPT TO` (a colleague who left:
 /// 550 user unknown) does not cost the other recipients the email. lettre aborts a whole
 /// transaction at the first refused recipient, so the email was retried for an hour and

@@ -90,6 +90,7 @@ pub async fn start(
         mailer,
         on_limit,
         poke: poke.clone(),
+        shutdown_grace: config.proxy.shutdown_grace,
     };
     tasks.spawn(watcher.run(stop.subscribe()));
 

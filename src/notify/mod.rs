@@ -9,7 +9,9 @@
 //!   — saves the state with the emails it makes, then hands them to [`mail::deliver`] tasks.
 //!   An email stays in the saved state until the SMTP server took it: one that could not be
 //!   sent (the server down for an hour, a restart meanwhile) goes out at the next start, if
-//!   its crossing is less than a day old. None of it is on the request path.
+//!   its crossing is less than a day old. At shutdown, deliveries under way may finish (within
+//!   `shutdown_grace`) and be recorded, so that the next start does not send them again.
+//!   None of it is on the request path.
 
 pub mod crossing;
 pub mod mail;
@@ -20,7 +22,8 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{watch, Notify};
+use tokio::task::JoinSet;
 
 use crate::config::{Amount, Config, ConfigError, OnLimit, OrgId, ThresholdConfig};
 use crate::meter::{Meter, OrgReport};
@@ -259,6 +262,8 @@ struct OrgState {
 
 /// A delivery task's report: org, the email's key, how it ended.
 type Done = (String, u64, Delivery);
+/// The delivery tasks under way.
+type Deliveries = JoinSet<Done>;
 
 /// The threshold watcher.
 pub struct Watcher {
@@ -272,14 +277,17 @@ pub struct Watcher {
     pub on_limit: HashMap<(String, String), OnLimit>,
     /// Notified when a threshold changes, to check at once.
     pub poke: Arc<Notify>,
+    /// `[proxy] shutdown_grace`: how long a shutdown waits for deliveries under way, as it
+    /// waits for requests in flight.
+    pub shutdown_grace: Duration,
 }
 
 impl Watcher {
     /// Checks every [`CHECK_INTERVAL`], or when poked, until `stop`.
     pub async fn run(self, stop: watch::Receiver<bool>) {
         let mut states = self.load_states().await;
-        let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
-        self.resume(&mut states, &done_tx, &stop).await;
+        let mut deliveries = Deliveries::new();
+        self.resume(&mut states, &mut deliveries, &stop).await;
         let mut tick = tokio::time::interval(CHECK_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut stopped = stop.clone();
@@ -287,20 +295,50 @@ impl Watcher {
             let delivered = tokio::select! {
                 _ = tick.tick() => None,
                 _ = self.poke.notified() => None,
-                Some(done) = done_rx.recv() => Some(done),
+                Some(done) = deliveries.join_next() => Some(done),
                 _ = stopped.wait_for(|s| *s) => break,
             };
             match delivered {
-                // Sent: out of the outbox. Not sent: it waits there for the next start.
-                Some((org, key, Delivery::Sent)) => {
-                    if let Some(state) = states.get_mut(&org) {
-                        state.outbox.retain(|e| e.key != key);
-                        self.save(&org, state).await;
-                    }
-                }
-                Some(_) => {}
-                None => self.check(&mut states, &done_tx, &stop).await,
+                Some(done) => self.delivered(&mut states, done).await,
+                None => self.check(&mut states, &mut deliveries, &stop).await,
             }
+        }
+        // A delivery in its SMTP transaction goes on after the stop; if the server takes the
+        // email and nobody records it, the next start sends it again. Wait for them (retries
+        // end at once on the stop) within the grace the requests in flight get.
+        let drained = tokio::time::timeout(self.shutdown_grace, async {
+            while let Some(done) = deliveries.join_next().await {
+                self.delivered(&mut states, done).await;
+            }
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                emails = deliveries.len(),
+                "threshold emails were still being sent after shutdown_grace; they are sent again at the next start"
+            );
+            deliveries.shutdown().await;
+        }
+    }
+
+    /// Records how a delivery ended: sent, out of the outbox; not sent, it waits there for the
+    /// next start.
+    async fn delivered(
+        &self,
+        states: &mut HashMap<String, OrgState>,
+        done: Result<Done, tokio::task::JoinError>,
+    ) {
+        let (org, key) = match done {
+            Ok((org, key, Delivery::Sent)) => (org, key),
+            Ok((_, _, Delivery::GaveUp | Delivery::Stopped)) => return,
+            Err(error) => {
+                tracing::error!(%error, "a threshold email delivery task failed; the email is sent again at the next start");
+                return;
+            }
+        };
+        if let Some(state) = states.get_mut(&org) {
+            state.outbox.retain(|e| e.key != key);
+            self.save(&org, state).await;
         }
     }
 
@@ -309,7 +347,7 @@ impl Watcher {
     async fn resume(
         &self,
         states: &mut HashMap<String, OrgState>,
-        done: &mpsc::UnboundedSender<Done>,
+        deliveries: &mut Deliveries,
         stop: &watch::Receiver<bool>,
     ) {
         let now_ms = self.meter.orgs().next().map_or(0, |o| o.clock().unix_ms());
@@ -326,7 +364,7 @@ impl Watcher {
             }
             for email in &state.outbox {
                 tracing::info!(%org, subject = %email.subject, "sending a threshold email a previous run could not send");
-                self.spawn_delivery(org, email.clone(), done, stop);
+                self.spawn_delivery(org, email.clone(), deliveries, stop);
             }
         }
     }
@@ -372,7 +410,7 @@ impl Watcher {
     async fn check(
         &self,
         states: &mut HashMap<String, OrgState>,
-        done: &mpsc::UnboundedSender<Done>,
+        deliveries: &mut Deliveries,
         stop: &watch::Receiver<bool>,
     ) {
         let usage = self.meter.usage();
@@ -407,7 +445,7 @@ impl Watcher {
                 self.save(&org.id, state).await;
             }
             for email in new {
-                self.spawn_delivery(&org.id, email, done, stop);
+                self.spawn_delivery(&org.id, email, deliveries, stop);
             }
         }
     }
@@ -436,25 +474,21 @@ impl Watcher {
         }
     }
 
+    /// Sends `email` in a task of `deliveries`.
     fn spawn_delivery(
         &self,
         org: &str,
         email: Outgoing,
-        done: &mpsc::UnboundedSender<Done>,
+        deliveries: &mut Deliveries,
         stop: &watch::Receiver<bool>,
     ) {
         let Some(mailer) = self.mailer.clone() else {
             return;
         };
-        let (org, metrics, stop, done) = (
-            org.to_owned(),
-            self.metrics.clone(),
-            stop.clone(),
-            done.clone(),
-        );
-        tokio::spawn(async move {
+        let (org, metrics, stop) = (org.to_owned(), self.metrics.clone(), stop.clone());
+        deliveries.spawn(async move {
             let delivery = mail::deliver(mailer, &email, &org, metrics, stop).await;
-            let _ = done.send((org, email.key, delivery));
+            (org, email.key, delivery)
         });
     }
 }

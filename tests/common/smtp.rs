@@ -35,6 +35,9 @@ pub struct SmtpOptions {
     pub starttls: Option<(PathBuf, PathBuf)>,
     /// Recipients the server refuses with 550 at RCPT TO (the others are accepted).
     pub reject_rcpt: Vec<String>,
+    /// Seconds the server waits, the message already written down, before it answers the end
+    /// of DATA with 250.
+    pub data_delay: Option<f64>,
 }
 
 pub struct SmtpServer {
@@ -75,6 +78,9 @@ impl SmtpServer {
         }
         if !opts.reject_rcpt.is_empty() {
             cmd.arg("--reject-rcpt").args(&opts.reject_rcpt);
+        }
+        if let Some(delay) = opts.data_delay {
+            cmd.args(["--data-delay", &delay.to_string()]);
         }
         let mut child = cmd.spawn().expect("start the SMTP server");
         let deadline = Instant::now() + Duration::from_secs(15);

@@ -25,8 +25,9 @@ from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
 
 class Saver:
-    def __init__(self, directory, reject=()):
+    def __init__(self, directory, reject=(), data_delay=0.0):
         self.directory = directory
+        self.data_delay = data_delay
         self.count = 0
         self.reject = set(a.lower() for a in reject)
 
@@ -58,6 +59,10 @@ class Saver:
         with open(name + ".tmp", "w", encoding="utf-8") as f:
             json.dump(record, f)
         os.rename(name + ".tmp", name)
+        # A server that takes its time to answer the end of DATA (content filtering, a slow
+        # queue): the message is already kept when the client waits for the 250.
+        if self.data_delay:
+            await asyncio.sleep(self.data_delay)
         return "250 Message accepted for delivery"
 
 
@@ -68,6 +73,7 @@ def main():
     parser.add_argument("--auth")
     parser.add_argument("--starttls", nargs=2, metavar=("CERT", "KEY"))
     parser.add_argument("--reject-rcpt", nargs="*", default=[])
+    parser.add_argument("--data-delay", type=float, default=0.0)
     args = parser.parse_args()
     host, port = args.listen.rsplit(":", 1)
 
@@ -88,7 +94,7 @@ def main():
         kwargs.update(authenticator=authenticator, auth_required=True,
                       auth_require_tls=bool(args.starttls))
 
-    handler = Saver(args.dir, args.reject_rcpt)
+    handler = Saver(args.dir, args.reject_rcpt, args.data_delay)
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     server = loop.run_until_complete(
