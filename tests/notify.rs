@@ -228,10 +228,15 @@ async fn smtp_down_is_retried_and_counted_and_proxying_goes_on() {
     let (server, proxy, admin) = start_proxy(toml, dir.path()).await;
     let failed = "callmeter_notifications_total{org=\"acme\",result=\"failed\"}";
     let sent = "callmeter_notifications_total{org=\"acme\",result=\"sent\"}";
+    let pending = "callmeter_notifications_pending{org=\"acme\"}";
     assert_eq!(
         metric(http, &admin, failed).await,
         0,
         "the series exists at 0"
+    );
+    assert!(
+        String::from_utf8_lossy(&http.get(&format!("{admin}/metrics"), &[]).await.2)
+            .contains(pending)
     );
     assert!(
         String::from_utf8_lossy(&http.get(&format!("{admin}/metrics"), &[]).await.2)
@@ -252,6 +257,7 @@ async fn smtp_down_is_retried_and_counted_and_proxying_goes_on() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(metric(http, &admin, sent).await, 0);
+    assert_eq!(metric(http, &admin, pending).await, 1, "the email waits");
 
     // The server comes up: a later retry delivers the email, once.
     let smtp = SmtpServer::start(port, SmtpOptions::default());
@@ -264,6 +270,7 @@ async fn smtp_down_is_retried_and_counted_and_proxying_goes_on() {
         "{messages:#?}"
     );
     metric_becomes(http, &admin, sent, 1).await;
+    metric_becomes(http, &admin, pending, 0).await;
     tokio::time::sleep(QUIET).await;
     assert_eq!(smtp.messages().len(), 1);
     server.shutdown().await;
@@ -510,4 +517,74 @@ async fn one_refused_recipient_does_not_keep_the_email_from_the_others() {
         "{messages:#?}"
     );
     server.shutdown().await;
+}
+
+/// The only notify address has a typo; the SMTP server refuses it (550) and the email is
+/// retried. The admin fixes the address on the status page (PUT, same levels): the crossing
+/// stays told, and its waiting email goes to the corrected address. (It kept the address it
+/// was built with, so the corrected one never heard of the crossing.)
+#[tokio::test]
+async fn a_corrected_notify_address_gets_the_email_of_a_crossing_not_yet_delivered() {
+    let smtp = SmtpServer::start(
+        free_port(),
+        SmtpOptions {
+            reject_rcpt: vec!["amdin@example.com".into()],
+            ..SmtpOptions::default()
+        },
+    );
+    let sim = sim::spawn(SimOptions {
+        limit: 1_000,
+        used: 850,
+        ..SimOptions::default()
+    })
+    .await
+    .expect("sim");
+    let org = "[org.threshold]\nlevels = [\"80%\"]\nnotify = [\"amdin@example.com\"]\n";
+    let dir = tempfile::tempdir().expect("tempdir");
+    let toml = (config_text(&sim.url, org, &integration("a", "")) + &smtp_section(smtp.port, ""))
+        .replace(
+            "STORE_PATH",
+            &dir.path().join("callmeter.db").display().to_string(),
+        );
+    let env = |name: &str| (name == "CALLMETER_ADMIN_TOKEN").then(|| "t0ken".to_owned());
+    let cfg = config::parse_with_env(&toml, Path::new("test.toml"), &env).expect("valid");
+    let server = app::start(&cfg).await.expect("proxy starts");
+    let proxy = format!("http://{}", server.listener("main").expect("main"));
+    let admin = format!("http://{}", server.admin_addr);
+    let http = Http::new();
+
+    call(&http, &proxy, REST).await; // 851 of 1,000: past 80 %
+    let failed = "callmeter_notifications_total{org=\"acme\",result=\"failed\"}";
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while metric(&http, &admin, failed).await == 0 {
+        assert!(Instant::now() < deadline, "no failed attempt");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let (status, _, body) = http
+        .send(
+            Method::PUT,
+            &format!("{admin}/api/v1/orgs/acme/threshold"),
+            &[
+                ("authorization", "Bearer t0ken"),
+                ("content-type", "application/json"),
+            ],
+            r#"{"levels": ["80%"], "notify": ["admin@example.com"]}"#.to_owned(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    call(&http, &proxy, REST).await; // still 85 %
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while smtp.messages().is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let attempts = metric(&http, &admin, failed).await;
+    server.shutdown().await;
+    assert_eq!(
+        smtp.messages().len(),
+        1,
+        "20 s after the fix, admin@example.com has no email about the 80 % crossing \
+         ({attempts} failed attempts to amdin@example.com so far)"
+    );
 }

@@ -71,6 +71,7 @@ pub struct Metrics {
     unmatched: IntCounterVec,
     usage_reports: IntCounterVec,
     notifications: IntCounterVec,
+    notifications_pending: IntGaugeVec,
 }
 
 /// Errors are only possible from a programming mistake (a bad metric name or duplicate
@@ -133,6 +134,11 @@ impl Metrics {
                 "Threshold email delivery attempts, by result: sent, or failed (each failed attempt; it is retried with backoff).",
                 &["org", "result"],
             ),
+            notifications_pending: gauge(
+                "callmeter_notifications_pending",
+                "Threshold emails of recorded crossings the SMTP server has not taken yet (being sent, or waiting for a retry).",
+                &["org"],
+            ),
             registry,
         };
         let build = must(IntGaugeVec::new(
@@ -161,6 +167,7 @@ impl Metrics {
         for result in ["sent", "failed"] {
             self.notifications.with_label_values(&[org, result]);
         }
+        self.notifications_pending.with_label_values(&[org]);
         OrgMetrics {
             reports_ok: self.usage_reports.with_label_values(&[org, "ok"]),
             reports_malformed: self.usage_reports.with_label_values(&[org, "malformed"]),
@@ -215,6 +222,13 @@ impl Metrics {
     pub fn notification(&self, org: &str, sent: bool) {
         let result = if sent { "sent" } else { "failed" };
         self.notifications.with_label_values(&[org, result]).inc();
+    }
+
+    /// How many threshold emails of `org` wait for the SMTP server.
+    pub fn notifications_pending(&self, org: &str, emails: usize) {
+        self.notifications_pending
+            .with_label_values(&[org])
+            .set(i64::try_from(emails).unwrap_or(i64::MAX));
     }
 
     /// A request on `listener` that matched no integration.

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use lettre::address::Envelope;
-use lettre::message::header::{ContentType, HeaderName, HeaderValue};
-use lettre::message::{Mailbox, MultiPart, SinglePart};
+use lettre::message::header::{self, ContentType, HeaderName, HeaderValue, Headers};
+use lettre::message::{Mailbox, Mailboxes, MultiPart, SinglePart};
 use lettre::transport::smtp::authentication::Credentials;
 use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
 use lettre::{Address, AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
@@ -16,11 +16,14 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 use crate::config::{SmtpConfig, SmtpSecurity};
 use crate::markup::escape;
 use crate::meter::Level as Color;
 use crate::metrics::Metrics;
+
+use super::Thresholds;
 
 /// How long one SMTP exchange (connect, TLS, AUTH, the message) may take.
 const SMTP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -29,8 +32,11 @@ const OUTSIDE: &str = "(outside callmeter)";
 /// Backoff between delivery attempts: doubling from the first, capped at the last.
 const FIRST_RETRY: Duration = Duration::from_secs(1);
 const MAX_RETRY: Duration = Duration::from_secs(5 * 60);
-/// An email not delivered within this long is given up (it would be stale news).
-const GIVE_UP_AFTER: Duration = Duration::from_secs(60 * 60);
+/// Backoff applies for this long; after that the SMTP server is taken to be down for a while.
+const FAST_RETRIES_FOR: Duration = Duration::from_secs(60 * 60);
+/// Then an attempt every this long, while callmeter runs: often enough that the email follows
+/// soon after the server is back, rarely enough to keep the logs readable.
+const SLOW_RETRY: Duration = Duration::from_secs(15 * 60);
 
 /// Why the mailer cannot be built from `[smtp]`.
 #[derive(Debug, thiserror::Error)]
@@ -105,13 +111,16 @@ impl Mailer {
         &self.from
     }
 
-    /// One attempt: one SMTP transaction handing `email` to the server for `recipients`.
-    pub async fn send(&self, email: &Outgoing, recipients: &[String]) -> Result<(), SendMailError> {
+    /// One attempt: one SMTP transaction handing `raw` (the message of `email`) to the server
+    /// for `recipients`.
+    pub async fn send(
+        &self,
+        email: &Outgoing,
+        raw: &[u8],
+        recipients: &[String],
+    ) -> Result<(), SendMailError> {
         let envelope = email.envelope(recipients)?;
-        let raw = base64::engine::general_purpose::STANDARD
-            .decode(&email.raw)
-            .unwrap_or_default();
-        self.transport.send_raw(&envelope, &raw).await?;
+        self.transport.send_raw(&envelope, raw).await?;
         Ok(())
     }
 }
@@ -142,6 +151,9 @@ pub struct Outgoing {
     pub key: u64,
     pub subject: String,
     pub from: String,
+    /// The recipients it was built for. It goes to the org's notify addresses as they are at
+    /// each attempt (the admin may have corrected them since); to these only when the org has
+    /// none any more.
     pub to: Vec<String>,
     /// The whole message (RFC 5322), base64.
     pub raw: String,
@@ -162,6 +174,42 @@ impl Outgoing {
         }
     }
 
+    /// The message with its `To:` header naming `to` rather than the recipients it was built
+    /// for (the rest is as built, Message-ID and Date included).
+    pub fn message_to(&self, to: &[String]) -> Vec<u8> {
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(&self.raw)
+            .unwrap_or_default();
+        if to == self.to.as_slice() {
+            return raw;
+        }
+        // lettre wrote it: CRLF lines, the header block ends at the first empty line.
+        let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
+            return raw;
+        };
+        let (head, body) = raw.split_at(end + 2);
+        let mut out = Vec::with_capacity(raw.len() + 64);
+        let mut in_to = false;
+        for line in head.split_inclusive(|&b| b == b'\n') {
+            let folded = line.first().is_some_and(|b| *b == b' ' || *b == b'\t');
+            if !folded {
+                in_to = line.len() >= 3 && line[..3].eq_ignore_ascii_case(b"to:");
+            }
+            if !in_to {
+                out.extend_from_slice(line);
+            }
+        }
+        let mailboxes: Mailboxes = to
+            .iter()
+            .filter_map(|a| a.parse::<Mailbox>().ok())
+            .collect();
+        let mut headers = Headers::new();
+        headers.set(header::To::from(mailboxes));
+        out.extend_from_slice(headers.to_string().as_bytes());
+        out.extend_from_slice(body);
+        out
+    }
+
     fn envelope(&self, recipients: &[String]) -> Result<Envelope, lettre::error::Error> {
         let from = self.from.parse::<Address>().ok();
         let to = recipients.iter().filter_map(|a| a.parse::<Address>().ok());
@@ -175,39 +223,67 @@ pub enum Delivery {
     /// Every recipient has it, but those the server refused for good while taking it for
     /// others (an address that no longer exists).
     Sent,
-    /// Retried for [`GIVE_UP_AFTER`]; it stays waiting for the next start.
-    GaveUp,
+    /// Not sent by the time its crossing was a day old: stale news, dropped.
+    Expired,
     /// The proxy stops; it stays waiting for the next start.
     Stopped,
 }
 
-/// Sends `email`, retrying with backoff until every recipient has it, [`GIVE_UP_AFTER`] has
-/// passed, or the proxy stops. All recipients go in one SMTP transaction, but a server that
-/// refuses one address (a colleague who left) fails the whole transaction: then each is sent
-/// on its own, and a recipient the server refuses for good is given up once it has taken the
-/// email for another (the refusal is then about that address, not the sender or the login,
-/// which a retry may fix). Every attempt is counted in `callmeter_notifications_total` and
-/// failures are logged; nothing here touches the request path.
+/// Sends `email` to the org's current notify addresses, retrying until every recipient has
+/// it, it `expires`, or the proxy stops: with backoff for [`FAST_RETRIES_FOR`], then every
+/// [`SLOW_RETRY`], and at once when the notify addresses change (the admin fixed a typo).
+/// All recipients go in one SMTP transaction, but a server that refuses one address (a
+/// colleague who left) fails the whole transaction: then each is sent on its own, and a
+/// recipient the server refuses for good is given up once it has taken the email for another
+/// (the refusal is then about that address, not the sender or the login, which a retry may
+/// fix). Every attempt is counted in `callmeter_notifications_total` and failures are logged;
+/// nothing here touches the request path.
 pub async fn deliver(
     mailer: Arc<Mailer>,
     email: &Outgoing,
     org: &str,
     metrics: Arc<Metrics>,
+    thresholds: Arc<Thresholds>,
+    expires: Instant,
     mut stop: watch::Receiver<bool>,
 ) -> Delivery {
     let subject = &email.subject;
-    let started = tokio::time::Instant::now();
+    let started = Instant::now();
+    let mut changed = thresholds.subscribe();
     let mut delay = FIRST_RETRY;
-    let mut pending = email.to.clone();
+    let mut slow = false;
+    // Recipients the server took it for, and those it refused for good after taking it for
+    // another: neither is tried again, whatever the notify addresses become.
+    let mut has_it: Vec<String> = Vec::new();
+    let mut given_up: Vec<String> = Vec::new();
     let mut refused = Vec::new();
     let mut taken = false;
     for attempt in 1u32.. {
-        let (took, failed) = send_to(&mailer, email, &mut pending, &mut refused).await;
+        let to = recipients(&thresholds, org, email);
+        let mut pending: Vec<String> = to
+            .iter()
+            .filter(|r| !has_it.contains(r) && !given_up.contains(r))
+            .cloned()
+            .collect();
+        if pending.is_empty() {
+            // The addresses it was failing for are no longer in notify.
+            tracing::info!(%org, %subject, "every current notify address has the threshold email");
+            return Delivery::Sent;
+        }
+        let tried = pending.clone();
+        let raw = email.message_to(&to);
+        let (took, failed) = send_to(&mailer, email, &raw, &mut pending, &mut refused).await;
+        has_it.extend(
+            tried
+                .into_iter()
+                .filter(|r| !pending.contains(r) && refused.iter().all(|(x, _)| x != r)),
+        );
         taken |= took;
         if taken {
             for (recipient, error) in refused.drain(..) {
                 tracing::error!(%org, %subject, %recipient, %error,
                     "the SMTP server refused this recipient of a threshold email; the others get it (check the org's notify addresses)");
+                given_up.push(recipient);
             }
         } else {
             // Nobody took it yet: a refusal may be about the sender or the login, so retry.
@@ -225,25 +301,54 @@ pub async fn deliver(
             }
             Some(error) => {
                 metrics.notification(org, false);
-                if started.elapsed() + delay > GIVE_UP_AFTER {
-                    tracing::error!(%org, %subject, attempt, %error,
-                        "threshold email not sent; giving up until the next start (check [smtp] and the SMTP server)");
-                    return Delivery::GaveUp;
+                if !slow && started.elapsed() + delay > FAST_RETRIES_FOR {
+                    slow = true;
+                    delay = SLOW_RETRY;
+                    tracing::error!(%org, %subject, attempt, %error, retry_in = ?delay,
+                        "threshold email not sent for an hour; retrying every 15 minutes until it is a day old (check [smtp] and the SMTP server)");
+                } else {
+                    tracing::warn!(%org, %subject, attempt, %error, retry_in = ?delay,
+                        "threshold email not sent; will retry");
                 }
-                tracing::warn!(%org, %subject, attempt, %error, retry_in = ?delay,
-                    "threshold email not sent; will retry");
+                if Instant::now() + delay > expires {
+                    tracing::error!(%org, %subject, attempt,
+                        "threshold email never sent and its crossing is a day old: dropped");
+                    return Delivery::Expired;
+                }
             }
         }
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            _ = stop.wait_for(|s| *s) => {
-                tracing::warn!(%org, %subject, "shutting down: threshold email not sent yet; it is sent at the next start");
-                return Delivery::Stopped;
+        let wake = Instant::now() + delay;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(wake) => break,
+                Ok(()) = changed.changed() => {
+                    // Corrected addresses are tried at once, not after up to 15 minutes.
+                    if recipients(&thresholds, org, email) != to {
+                        break;
+                    }
+                }
+                _ = stop.wait_for(|s| *s) => {
+                    tracing::warn!(%org, %subject, "shutting down: threshold email not sent yet; it is sent at the next start");
+                    return Delivery::Stopped;
+                }
             }
         }
-        delay = (delay * 2).min(MAX_RETRY);
+        if !slow {
+            delay = (delay * 2).min(MAX_RETRY);
+        }
     }
-    Delivery::GaveUp
+    Delivery::Expired
+}
+
+/// Who `email` goes to now: the org's notify addresses, or, when it has none any more (the
+/// threshold deleted), those it was built for: the crossing happened and was not told yet.
+fn recipients(thresholds: &Thresholds, org: &str, email: &Outgoing) -> Vec<String> {
+    let now = thresholds.notify(org);
+    if now.is_empty() {
+        email.to.clone()
+    } else {
+        now
+    }
 }
 
 /// One attempt for the recipients still `pending`: those the server took leave it, those it
@@ -252,10 +357,11 @@ pub async fn deliver(
 async fn send_to(
     mailer: &Mailer,
     email: &Outgoing,
+    raw: &[u8],
     pending: &mut Vec<String>,
     refused: &mut Vec<(String, String)>,
 ) -> (bool, Option<SendMailError>) {
-    let error = match mailer.send(email, pending).await {
+    let error = match mailer.send(email, raw, pending).await {
         Ok(()) => {
             pending.clear();
             return (true, None);
@@ -271,7 +377,10 @@ async fn send_to(
     // One refused address fails the whole transaction: each recipient on its own.
     let (mut taken, mut failed) = (false, None);
     for recipient in std::mem::take(pending) {
-        match mailer.send(email, std::slice::from_ref(&recipient)).await {
+        match mailer
+            .send(email, raw, std::slice::from_ref(&recipient))
+            .await
+        {
             Ok(()) => taken = true,
             Err(error) => {
                 if error.is_permanent() {
@@ -744,6 +853,91 @@ mod tests {
         );
         let html = quota.html();
         assert!(!html.contains(">329%<"), "{html}");
+    }
+
+    /// An email waiting to be sent goes to the notify addresses as they are now: its `To:`
+    /// names them, and the rest of the message is as built.
+    #[test]
+    fn a_waiting_email_names_the_current_recipients() {
+        let from: Mailbox = "callmeter <cm@example.com>".parse().expect("from");
+        let alert = Alert {
+            recipients: vec!["amdin@example.com".into()],
+            ..alert()
+        };
+        let email = Outgoing::new(0, alert.subject(), &alert.message(&from).expect("built"), 0);
+        let built = String::from_utf8(email.message_to(&email.to.clone())).expect("utf-8");
+        assert!(built.contains("To: amdin@example.com\r\n"), "{built}");
+
+        let to = ["admin@example.com".to_owned(), "ops@example.com".to_owned()];
+        let now = String::from_utf8(email.message_to(&to)).expect("utf-8");
+        assert!(!now.contains("amdin"), "{now}");
+        assert!(
+            now.contains("\r\nTo: admin@example.com, ops@example.com\r\n"),
+            "{now}"
+        );
+        let (head, body) = now.split_once("\r\n\r\n").expect("a header block");
+        let (built_head, built_body) = built.split_once("\r\n\r\n").expect("a header block");
+        assert_eq!(body, built_body);
+        for line in built_head.lines().filter(|l| !l.starts_with("To:")) {
+            assert!(head.contains(line), "{line:?} kept: {head}");
+        }
+    }
+
+    /// After an hour of failures an email is not parked until the next start: it is tried
+    /// every 15 minutes until its crossing is a day old (here it expires 3 hours from now).
+    #[tokio::test(start_paused = true)]
+    async fn after_an_hour_of_failures_an_email_is_retried_until_it_expires() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port(); // closed again: every attempt fails
+        let toml = format!(
+            "[[listener]]\nname = \"main\"\nlisten = \"127.0.0.1:0\"\n[[org]]\nid = \"acme\"\n\
+             instance_url = \"https://acme.my.salesforce.com\"\n[org.threshold]\nlevels = [\"80%\"]\n\
+             notify = [\"admin@example.com\"]\n[smtp]\nhost = \"127.0.0.1\"\nport = {port}\n\
+             security = \"none\"\nfrom = \"cm@example.com\"\n"
+        );
+        let cfg = crate::config::parse(&toml, std::path::Path::new("t.toml")).expect("config");
+        let mailer = Arc::new(Mailer::new(cfg.smtp.as_ref().expect("smtp")).expect("mailer"));
+        let thresholds = Arc::new(Thresholds::from_config(&cfg));
+        let metrics = Metrics::new();
+        let email = Outgoing::new(
+            0,
+            "s".into(),
+            &alert().message(mailer.from()).expect("built"),
+            0,
+        );
+        let (_stop, stop) = watch::channel(false);
+
+        let started = Instant::now();
+        let expires = started + Duration::from_secs(3 * 3600);
+        let delivery = deliver(
+            mailer,
+            &email,
+            "acme",
+            metrics.clone(),
+            thresholds,
+            expires,
+            stop,
+        )
+        .await;
+        assert_eq!(delivery, Delivery::Expired);
+        let elapsed = started.elapsed();
+        assert!(
+            elapsed > expires - started - SLOW_RETRY - Duration::from_secs(60),
+            "retried until {elapsed:?} only"
+        );
+        let text = metrics.render(&crate::meter::Usage { orgs: Vec::new() });
+        let failed: u64 = text
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("callmeter_notifications_total{org=\"acme\",result=\"failed\"} ")
+            })
+            .and_then(|n| n.parse().ok())
+            .expect("the failed series");
+        // The first hour has about 20 attempts (1 s, 2 s, ... then 5 minutes apart); the two
+        // hours after it 8 more, 15 minutes apart.
+        assert!(failed > 24, "{failed} attempts");
     }
 
     #[test]

@@ -8,8 +8,9 @@
 //!   limit, and each integration with a quota against that quota, at the org's percentage levels
 //!   — saves the state with the emails it makes, then hands them to [`mail::deliver`] tasks.
 //!   An email stays in the saved state until the SMTP server took it: one that could not be
-//!   sent (the server down for an hour, a restart meanwhile) goes out at the next start, if
-//!   its crossing is less than a day old. At shutdown, deliveries under way may finish (within
+//!   sent is retried while the proxy runs, and one still waiting at a restart goes out at the
+//!   next start, until its crossing is a day old. It goes to the org's notify addresses as
+//!   they are when it is sent. At shutdown, deliveries under way may finish (within
 //!   `shutdown_grace`) and be recorded, so that the next start does not send them again.
 //!   None of it is on the request path.
 
@@ -71,6 +72,9 @@ struct OrgThreshold {
 /// Every org's threshold. Read by the watcher and the admin pages, written by the admin API.
 pub struct Thresholds {
     orgs: Vec<OrgThreshold>,
+    /// Told when a threshold may have changed: a delivery waiting to retry sends to corrected
+    /// notify addresses at once.
+    changes: watch::Sender<()>,
 }
 
 impl Thresholds {
@@ -85,7 +89,21 @@ impl Thresholds {
                     runtime: RwLock::new(None),
                 })
                 .collect(),
+            changes: watch::channel(()).0,
         }
+    }
+
+    /// Changes whenever a threshold may have changed.
+    pub fn subscribe(&self) -> watch::Receiver<()> {
+        self.changes.subscribe()
+    }
+
+    /// The notify addresses of `org`'s threshold in force (none without a threshold).
+    pub fn notify(&self, org: &str) -> Vec<String> {
+        self.get(org)
+            .and_then(|(t, _)| t)
+            .map(|t| t.notify)
+            .unwrap_or_default()
     }
 
     /// Takes the run-time thresholds saved in the store (they win over the config) and gives
@@ -149,6 +167,9 @@ impl Thresholds {
             }
             changed.push(org.id.clone());
         }
+        if !changed.is_empty() {
+            self.changes.send_replace(());
+        }
         changed
     }
 
@@ -180,6 +201,7 @@ impl Thresholds {
             .unwrap_or_default();
         *write(&entry.runtime) = threshold;
         meter.set_thresholds(org, levels);
+        self.changes.send_replace(());
         Ok(true)
     }
 }
@@ -321,16 +343,16 @@ impl Watcher {
         }
     }
 
-    /// Records how a delivery ended: sent, out of the outbox; not sent, it waits there for the
-    /// next start.
+    /// Records how a delivery ended: sent or too old, out of the outbox; stopped, it waits
+    /// there for the next start.
     async fn delivered(
         &self,
         states: &mut HashMap<String, OrgState>,
         done: Result<Done, tokio::task::JoinError>,
     ) {
         let (org, key) = match done {
-            Ok((org, key, Delivery::Sent)) => (org, key),
-            Ok((_, _, Delivery::GaveUp | Delivery::Stopped)) => return,
+            Ok((org, key, Delivery::Sent | Delivery::Expired)) => (org, key),
+            Ok((_, _, Delivery::Stopped)) => return,
             Err(error) => {
                 tracing::error!(%error, "a threshold email delivery task failed; the email is sent again at the next start");
                 return;
@@ -362,15 +384,18 @@ impl Watcher {
                     "threshold emails older than a day that were never sent are dropped");
                 self.save(org, state).await;
             }
+            self.metrics.notifications_pending(org, state.outbox.len());
             for email in &state.outbox {
                 tracing::info!(%org, subject = %email.subject, "sending a threshold email a previous run could not send");
-                self.spawn_delivery(org, email.clone(), deliveries, stop);
+                self.spawn_delivery(org, email.clone(), now_ms, deliveries, stop);
             }
         }
     }
 
-    /// Saves `state` for `org`; on failure an email may be sent twice after a restart.
+    /// Saves `state` for `org`; on failure an email may be sent twice after a restart. The
+    /// pending-emails gauge follows the outbox.
     async fn save(&self, org: &str, state: &OrgState) {
+        self.metrics.notifications_pending(org, state.outbox.len());
         let (s, id) = (self.store.clone(), org.to_owned());
         let json = serde_json::to_string(state).unwrap_or_default();
         let saved = tokio::task::spawn_blocking(move || s.put_notify_state(&id, &json))
@@ -445,7 +470,7 @@ impl Watcher {
                 self.save(&org.id, state).await;
             }
             for email in new {
-                self.spawn_delivery(&org.id, email, deliveries, stop);
+                self.spawn_delivery(&org.id, email, now_ms, deliveries, stop);
             }
         }
     }
@@ -474,20 +499,29 @@ impl Watcher {
         }
     }
 
-    /// Sends `email` in a task of `deliveries`.
+    /// Sends `email` in a task of `deliveries`, until [`OUTBOX_MAX_AGE`] after its crossing.
     fn spawn_delivery(
         &self,
         org: &str,
         email: Outgoing,
+        now_ms: u64,
         deliveries: &mut Deliveries,
         stop: &watch::Receiver<bool>,
     ) {
         let Some(mailer) = self.mailer.clone() else {
             return;
         };
-        let (org, metrics, stop) = (org.to_owned(), self.metrics.clone(), stop.clone());
+        let age = Duration::from_millis(now_ms.saturating_sub(email.created_ms));
+        let expires = tokio::time::Instant::now() + OUTBOX_MAX_AGE.saturating_sub(age);
+        let (org, metrics, thresholds, stop) = (
+            org.to_owned(),
+            self.metrics.clone(),
+            self.thresholds.clone(),
+            stop.clone(),
+        );
         deliveries.spawn(async move {
-            let delivery = mail::deliver(mailer, &email, &org, metrics, stop).await;
+            let delivery =
+                mail::deliver(mailer, &email, &org, metrics, thresholds, expires, stop).await;
             (org, email.key, delivery)
         });
     }
