@@ -1043,6 +1043,8 @@ async fn a_deferred_call_waits_out_an_exhausted_org_without_using_attempts() {
             .is_some_and(|e| e.contains("REQUEST_LIMIT_EXCEEDED")),
         "{state}"
     );
+    // Salesforce counted none of the calls it refused: neither does the integration.
+    assert_eq!(env.window("d").await, 0);
 }
 
 /// A replay whose answer is slower than the org's `response_timeout` may well have been done

@@ -546,9 +546,14 @@ async fn send(
         Ok(req) => match r.upstream.send(false, req, &Handover::default()).await {
             Ok(resp) => {
                 let sent = answer(r, resp).await;
-                // A replay may be the probe of an exhausted org: its success ends that.
-                if matches!(sent, Sent::Delivered(status, _) if (200..300).contains(&status)) {
-                    r.meter.observe_success(&ticket);
+                match &sent {
+                    // A replay may be the probe of an exhausted org: its success ends that.
+                    Sent::Delivered(status, _) if (200..300).contains(status) => {
+                        r.meter.observe_success(&ticket)
+                    }
+                    // Salesforce does not count a call it refuses for the daily limit.
+                    Sent::OutOfCalls(_) => meter.give_back(ticket.charge()),
+                    _ => {}
                 }
                 sent
             }
