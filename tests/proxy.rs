@@ -1194,3 +1194,39 @@ async fn edge_cases_of_costing_cost_what_salesforce_charges() {
         );
     }
 }
+
+/// A SOAP call with a `DebuggingHeader` draws on Salesforce's separate allocation (1,000 per
+/// 24 h): not in the integration's window or the org's daily count, but counted apart, in
+/// `/api/v1/usage` and `callmeter_org_debugging_calls`.
+#[tokio::test]
+async fn soap_calls_with_a_debugging_header_are_counted_apart() {
+    let env = start(SimOptions::default(), "", ONE_INTEGRATION).await;
+    let url = format!("{}/a/services/Soap/u/62.0/00D000000000001AAA", env.proxy);
+    let debugging = SOAP_QUERY.replace(
+        "<soapenv:Header>",
+        "<soapenv:Header><urn:DebuggingHeader><urn:debugLevel>DEBUGONLY</urn:debugLevel></urn:DebuggingHeader>",
+    );
+    for body in [debugging.as_str(), debugging.as_str(), SOAP_QUERY] {
+        let (status, _, answer) = env
+            .http
+            .send(Method::POST, &url, &soap_headers("query"), body.to_owned())
+            .await;
+        assert_eq!(
+            status,
+            StatusCode::OK,
+            "{}",
+            String::from_utf8_lossy(&answer)
+        );
+    }
+    let org = env.usage().await["orgs"][0].clone();
+    assert_eq!(env.window("a").await, 1, "{org}");
+    assert_eq!(
+        (&org["proxied"], &org["debugging_calls"]),
+        (&1.into(), &2.into()),
+        "{org}"
+    );
+    assert!(env
+        .metrics()
+        .await
+        .contains(r#"callmeter_org_debugging_calls{org="acme"} 2"#));
+}

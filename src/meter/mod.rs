@@ -163,7 +163,7 @@ pub struct Charge {
 }
 
 /// An org's state worth keeping across a restart besides its windows, as the store keeps it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct OrgState {
     pub exhausted: bool,
     /// The limit learned from Salesforce; 0 if none.
@@ -172,6 +172,9 @@ pub struct OrgState {
     /// the proxy's own count (an org at 95 % read 0.1 %, green) until the next report.
     #[serde(default)]
     pub report: Option<SavedReport>,
+    /// The window of SOAP calls with a `DebuggingHeader`: `(minute, calls)`, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub debugging: Vec<(Minute, u32)>,
 }
 
 /// The usage estimate when saved, and when the report it rests on arrived (clock ms).
@@ -209,7 +212,13 @@ pub struct OrgMeter {
     budget_freed: tokio::sync::Notify,
     waiting: std::sync::atomic::AtomicUsize,
     clock: Clock,
+    /// SOAP calls with a `DebuggingHeader` forwarded within the window: Salesforce counts them
+    /// apart, against an allocation of their own (`DEBUGGING_ALLOCATION`), not the daily limit.
+    debugging: Window,
 }
+
+/// Salesforce's allocation of SOAP calls with a `DebuggingHeader`, per 24 hours.
+pub const DEBUGGING_ALLOCATION: u64 = 1_000;
 
 /// Per-integration state.
 ///
@@ -244,6 +253,8 @@ pub struct OrgUsage {
     pub reported: Option<UsageReport>,
     /// Salesforce refused calls for the daily limit and has not said otherwise since.
     pub exhausted: bool,
+    /// SOAP calls with a `DebuggingHeader` forwarded within the window.
+    pub debugging: u64,
 }
 
 impl OrgMeter {
@@ -263,7 +274,13 @@ impl OrgMeter {
             budget_freed: tokio::sync::Notify::new(),
             waiting: Default::default(),
             clock,
+            debugging: Window::new(minutes),
         }
+    }
+
+    /// A SOAP call with a `DebuggingHeader` went on: counted apart (see `debugging`).
+    pub fn count_debugging(&self) {
+        self.debugging.add(self.clock.minute(), 1);
     }
 
     pub fn id(&self) -> &OrgId {
@@ -546,6 +563,7 @@ impl OrgMeter {
                 used: self.used(),
                 at_ms,
             }),
+            debugging: self.debugging.buckets(self.clock.minute()),
         }
     }
 
@@ -566,6 +584,8 @@ impl OrgMeter {
                 .store(pack_report(used, mark), Ordering::Release);
             self.report_at_ms.store(report.at_ms, Ordering::Release);
         }
+        self.debugging
+            .restore(self.clock.minute(), &state.debugging);
         if state.exhausted {
             self.exhausted.store(true, Ordering::Release);
             self.next_probe_ms
@@ -609,12 +629,14 @@ impl OrgMeter {
             used: unpack_report(self.report.load(Ordering::Acquire)).0,
             limit: self.reported_limit.load(Ordering::Relaxed),
         });
+        let minute = self.clock.minute();
         OrgUsage {
             used: self.used(),
             limit: self.limit(),
-            proxied: self.window.total(self.clock.minute()),
+            proxied: self.window.total(minute),
             reported,
             exhausted: self.is_exhausted(),
+            debugging: self.debugging.total(minute),
         }
     }
 }
@@ -918,6 +940,9 @@ pub struct OrgReport {
     pub percent: Option<f64>,
     pub color: Option<Level>,
     pub exhausted: bool,
+    /// SOAP calls with a `DebuggingHeader` in the window, counted apart from `used` against
+    /// Salesforce's allocation of `DEBUGGING_ALLOCATION` for them.
+    pub debugging_calls: u64,
     pub window_minutes: u32,
     pub integrations: Vec<IntegrationReport>,
 }
@@ -1072,6 +1097,7 @@ impl Meter {
                     percent: percent.map(|p| (p * 10.0).floor() / 10.0),
                     color: percent.map(Level::of),
                     exhausted: usage.exhausted,
+                    debugging_calls: usage.debugging,
                     window_minutes: entry.meter.window.minutes(),
                     integrations: entry
                         .integrations
@@ -1184,6 +1210,29 @@ mod tests {
             Some(1_000),
             "a configured limit overrides reports"
         );
+    }
+
+    /// What an org saves over a restart comes back: the estimate on its latest report (and
+    /// that report's time), the learned limit, the tally of calls counted apart. A state saved
+    /// by an earlier version, without the newer fields, still loads.
+    #[tokio::test(start_paused = true)]
+    async fn an_orgs_saved_state_comes_back() {
+        let (org, m) = setup("daily_limit = \"auto\"", &integration("a", ""));
+        org.observe_report(report(900, 1_000));
+        let _ = forwarded(m[0].decide(1));
+        org.count_debugging();
+        let saved = org.saved_state();
+        let json = serde_json::to_string(&saved).expect("JSON");
+        let (restarted, _) = setup("daily_limit = \"auto\"", &integration("a", ""));
+        restarted.restore_state(serde_json::from_str(&json).expect("loads"));
+        let usage = restarted.usage();
+        assert_eq!(
+            (usage.used, usage.limit, usage.debugging),
+            (901, Some(1_000), 1)
+        );
+        let old: OrgState =
+            serde_json::from_str(r#"{"exhausted":false,"reported_limit":15000}"#).expect("old");
+        assert_eq!((old.report, old.debugging.len()), (None, 0));
     }
 
     /// Stopped by its estimate, an org's calls are told to come back when the next probe is
@@ -1467,7 +1516,7 @@ mod tests {
         org.restore_state(OrgState {
             exhausted: true,
             reported_limit: 15_000,
-            report: None,
+            ..OrgState::default()
         });
         assert!(org.is_exhausted());
         let _ = forwarded(m[0].decide(1)); // the probe

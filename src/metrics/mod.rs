@@ -65,6 +65,7 @@ pub struct Metrics {
     org_limit: IntGaugeVec,
     org_threshold: IntGaugeVec,
     org_exhausted: IntGaugeVec,
+    org_debugging: IntGaugeVec,
     deferred: IntGaugeVec,
     /// The per-integration request counters and latency histograms.
     series: series::SeriesSet,
@@ -111,6 +112,11 @@ impl Metrics {
             org_exhausted: gauge(
                 "callmeter_org_exhausted",
                 "1 while Salesforce refuses the org's calls with REQUEST_LIMIT_EXCEEDED.",
+                &["org"],
+            ),
+            org_debugging: gauge(
+                "callmeter_org_debugging_calls",
+                "SOAP calls with a DebuggingHeader in the rolling 24 h window, counted apart from the daily limit (Salesforce allows 1,000 per 24 h).",
                 &["org"],
             ),
             deferred: gauge(
@@ -186,6 +192,9 @@ impl Metrics {
             self.org_exhausted
                 .with_label_values(&[id])
                 .set(i64::from(org.exhausted));
+            self.org_debugging
+                .with_label_values(&[id])
+                .set(clamp_i64(org.debugging_calls));
             set_or_remove(&self.org_limit, &[id], org.limit);
             set_or_remove(&self.org_threshold, &[id], org.threshold);
         }
@@ -353,6 +362,7 @@ mod tests {
                 percent: None,
                 color: None,
                 exhausted: false,
+                debugging_calls: 3,
                 window_minutes: 1440,
                 integrations: vec![crate::meter::IntegrationReport {
                     id: "salesloft".into(),

@@ -139,7 +139,7 @@ async fn proxy(
     if parts.version == http::Version::HTTP_2 {
         headers::join_cookies(&mut parts.headers);
     }
-    if kind.is_login() || kind == CallKind::Soap {
+    if kind.is_login() || kind.is_soap_call() {
         // The proxy reads these bodies (login URLs, SOAP usage headers): ask for them plain.
         parts.headers.remove(header::ACCEPT_ENCODING);
     }
@@ -195,6 +195,10 @@ async fn proxy(
             });
         }
     };
+
+    if kind == CallKind::SoapDebugging {
+        route.org.meter.count_debugging();
+    }
 
     // 4. forward
     let login = kind.is_login();

@@ -60,7 +60,7 @@ pub fn response(
     let plain = coding == Coding::Identity;
     let mode = if kind == CallKind::Limits && status == StatusCode::OK && plain {
         Some(Watch::Limits(Vec::new()))
-    } else if plain && (kind == CallKind::Soap || is_limit_status(status)) {
+    } else if plain && (kind.is_soap_call() || is_limit_status(status)) {
         Some(Watch::Scan(BodyScanner::new()))
     } else if is_limit_status(status) {
         // A client that asks for gzip (most HTTP libraries do) gets its limit errors compressed.

@@ -5,7 +5,8 @@
 //! (`CallKind::needs_body_prefix`): a Composite Batch costs one unit per subrequest, and a SOAP
 //! request is free when it is a `login()` or carries a `DebuggingHeader`. For those the proxy
 //! buffers up to [`BODY_PREFIX_LIMIT`] bytes of the request body and passes them to
-//! [`counted_units`] (and to [`refine`], to learn whether a SOAP call is really a login).
+//! [`counted_units`] (and to [`refine`], to learn whether a SOAP call is really a login, or one
+//! counted apart).
 //!
 //! The rules follow "What counts as one call" in `salesforce-metering.md`; where that table
 //! leaves a choice open the choice and its reason are written beside the code.
@@ -95,6 +96,9 @@ pub enum CallKind {
     /// SOAP `login()`: `/services/Soap/{u,c}/VER` without an org id, or any SOAP request whose
     /// first body element is `login` (see [`refine`]).
     SoapLogin,
+    /// A SOAP call whose header carries a `DebuggingHeader` (see [`refine`]): it draws on a
+    /// separate allocation of 1,000 per 24 h, counted apart from the daily limit.
+    SoapDebugging,
     /// Bulk API 1.0: `/services/async/VER/…`.
     BulkV1,
     /// Bulk API 2.0: `/services/data/vXX.X/jobs/ingest…` and `…/jobs/query…`.
@@ -116,13 +120,19 @@ impl CallKind {
         match self {
             CallKind::VersionsList | CallKind::Rest | CallKind::Limits => Api::Rest,
             CallKind::Composite | CallKind::CompositeBatch => Api::Composite,
-            CallKind::Soap | CallKind::SoapLogin => Api::Soap,
+            CallKind::Soap | CallKind::SoapLogin | CallKind::SoapDebugging => Api::Soap,
             CallKind::BulkV1 | CallKind::BulkV2 => Api::Bulk,
             CallKind::ApexRest => Api::Apex,
             CallKind::OAuth => Api::Oauth,
             // Streaming has no label of its own in the metrics contract.
             CallKind::Streaming | CallKind::Other => Api::Other,
         }
+    }
+
+    /// True for SOAP calls other than `login()`: their responses carry the usage figure in
+    /// the envelope.
+    pub fn is_soap_call(self) -> bool {
+        matches!(self, CallKind::Soap | CallKind::SoapDebugging)
     }
 
     /// True for logins: SOAP `login()` and OAuth. Their responses may carry the instance URL
@@ -159,8 +169,9 @@ pub struct CountingRules {
     pub limits_endpoint: bool,
     /// Count CometD streaming requests. Default: no (they have their own allocations).
     pub streaming: bool,
-    // SOAP requests carrying a `DebuggingHeader` are never counted: they draw on a separate
-    // 1,000 per 24 h allocation. Not a field so that the rules stay a plain three-flag literal.
+    // SOAP requests carrying a `DebuggingHeader` are not counted here: they draw on a separate
+    // 1,000 per 24 h allocation, and the org meter counts them apart (`CallKind::SoapDebugging`).
+    // Not a field so that the rules stay a plain three-flag literal.
 }
 
 impl Default for CountingRules {
@@ -440,11 +451,15 @@ fn is_dotted_version(s: &[u8]) -> bool {
 /// prefix, keep the path's answer.
 pub fn refine(kind: CallKind, path: &str, body: BodyPrefix<'_>) -> CallKind {
     match kind {
-        CallKind::Soap | CallKind::SoapLogin => match inspect_soap(body.bytes).first_body_element {
-            Some(b"login") if has_soap_login(path) => CallKind::SoapLogin,
-            Some(_) => CallKind::Soap,
-            None => kind,
-        },
+        CallKind::Soap | CallKind::SoapLogin => {
+            let soap = inspect_soap(body.bytes);
+            match soap.first_body_element {
+                Some(b"login") if has_soap_login(path) => CallKind::SoapLogin,
+                _ if soap.debugging_header => CallKind::SoapDebugging,
+                Some(_) => CallKind::Soap,
+                None => kind,
+            }
+        }
         other => other,
     }
 }
@@ -484,7 +499,7 @@ pub fn counted_units(
                 .unwrap_or(1),
             _ => COMPOSITE_BATCH_MAX,
         },
-        CallKind::SoapLogin => 0,
+        CallKind::SoapLogin | CallKind::SoapDebugging => 0,
         CallKind::Soap => {
             let debugging =
                 body_prefix.is_some_and(|body| inspect_soap(body.bytes).debugging_header);
@@ -904,6 +919,15 @@ mod tests {
     #[test]
     fn row_debugging_header_is_counted_apart() {
         assert_eq!(soap_units(SOAP_DEBUG), 0);
+        assert_eq!(
+            cost(
+                "/services/Soap/u/60.0/00D000000000001",
+                SOAP_DEBUG.as_bytes()
+            )
+            .0,
+            CallKind::SoapDebugging,
+            "a kind of its own, which the proxy tallies apart"
+        );
         // Without the header the same call counts.
         let plain = SOAP_DEBUG.replace("DebuggingHeader", "CallOptions");
         assert_eq!(soap_units(&plain), 1);
