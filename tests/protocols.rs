@@ -1474,3 +1474,96 @@ async fn an_http2_upload_sent_whole_times_out_as_a_response() {
     assert_eq!(a_whole_upload(smith, false).await, timed_out);
     assert_eq!(a_whole_upload(b"", false).await, timed_out, "an empty body");
 }
+
+/// One shared HTTP/2 connection carries all of an org's calls. Three clients downloading large
+/// results (Bulk API 2.0 query results, say) that pause after the head pin only their streams'
+/// windows: another integration's small call still gets its answer. (With hyper's default
+/// windows, 2 MiB per stream and 5 MiB per connection, they held the whole connection window
+/// and the small call got no body until they resumed.)
+#[tokio::test]
+async fn slow_readers_of_large_responses_do_not_stall_other_calls_on_a_shared_http2_upstream() {
+    use hyper::service::service_fn;
+    use hyper_util::rt::TokioIo;
+    use rustls_pki_types::pem::PemObject;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tls = TestTls::new(dir.path());
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_file(&tls.key_path).expect("key");
+    let mut server = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_no_client_auth()
+    .with_single_cert(vec![tls.cert.clone()], key)
+    .expect("server config");
+    server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+    // An HTTP/2 origin: 32 MiB for a results path, `{}` for anything else.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(stream) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let service = service_fn(|req: Request<hyper::body::Incoming>| async move {
+                    let body = if req.uri().path().ends_with("/results") {
+                        Bytes::from(vec![b'x'; 32 << 20])
+                    } else {
+                        Bytes::from_static(b"{}")
+                    };
+                    Ok::<_, Infallible>(http::Response::new(http_body_util::Full::new(body)))
+                });
+                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                let _ = builder
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    let sim = sim::spawn(SimOptions::default()).await.expect("sim");
+    let toml = config_text(
+        &format!("https://localhost:{port}"),
+        &format!("upstream_ca = \"{}\"", tls.cert_path.display()),
+        ONE,
+    );
+    let env = start_with(sim, &toml).await;
+    let small = format!("{}/a/services/data/v62.0/sobjects", env.proxy);
+    assert_eq!(env.http.get(&small, &[]).await.0, StatusCode::OK); // HTTP/2 is known now
+
+    // Three downloads whose clients read the head and then pause (tiny receive buffers, so
+    // the kernel does not soak up the body).
+    let addr: std::net::SocketAddr = env
+        .proxy
+        .trim_start_matches("http://")
+        .parse()
+        .expect("addr");
+    let mut readers = Vec::new();
+    for i in 0..3 {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_recv_buffer_size(4096).expect("rcvbuf");
+        let mut tcp = socket.connect(addr).await.expect("connect");
+        let req = format!(
+            "GET /a/services/data/v62.0/jobs/query/75000000000000{i}/results HTTP/1.1\r\nHost: x\r\n\r\n"
+        );
+        tcp.write_all(req.as_bytes()).await.expect("write");
+        let mut head = [0u8; 1024];
+        let n = tcp.read(&mut head).await.expect("head");
+        assert!(head[..n].starts_with(b"HTTP/1.1 200"));
+        readers.push(tcp);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let other = tokio::time::timeout(Duration::from_secs(10), env.http.get(&small, &[])).await;
+    assert!(
+        other.is_ok(),
+        "another integration's 2-byte call got no answer within 10 s while 3 large \
+         downloads were paused"
+    );
+    drop(readers);
+}

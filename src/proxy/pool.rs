@@ -51,6 +51,20 @@ const MAX_IDLE: usize = 512;
 /// firewall dropped it) is noticed and replaced instead of timing out every request on it.
 const H2_PING_INTERVAL: Duration = Duration::from_secs(30);
 const H2_PING_TIMEOUT: Duration = Duration::from_secs(10);
+/// HTTP/2 receive windows. Every call of an org shares one connection, so no stream may hold
+/// a share of the connection window that others need: a response whose client reads slowly (a
+/// Bulk API result fetched by a paused consumer) keeps its unread data, up to its stream
+/// window, and with hyper's defaults (2 MiB per stream, 5 MiB per connection) three such
+/// downloads held the whole connection window and every other call got its head but no body.
+/// Here a stream's window bounds what it can pin (1 MiB: at 50 ms to Salesforce still about
+/// 20 MB/s per download), and the connection window is the largest HTTP/2 allows, so it never
+/// runs out before a stream's own does. Memory stays bounded by the streams: unread data per
+/// stream ≤ its window, so per connection ≤ open streams × 1 MiB (at most Salesforce's
+/// SETTINGS_MAX_CONCURRENT_STREAMS, and an org's `max_in_flight` when set); an HTTP/1.1
+/// connection's kernel receive buffer holds as much. hyper's `adaptive_window` stays off: it
+/// sets both windows to one estimate, which gives one stream the whole connection window again.
+const H2_STREAM_WINDOW: u32 = 1 << 20;
+const H2_CONNECTION_WINDOW: u32 = (1 << 31) - 1;
 
 /// Why a request got no response.
 #[derive(Debug, Error)]
@@ -408,6 +422,8 @@ impl Host {
         if stream.connected().is_negotiated_h2() {
             let (sender, conn) = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
+                .initial_stream_window_size(H2_STREAM_WINDOW)
+                .initial_connection_window_size(H2_CONNECTION_WINDOW)
                 .keep_alive_interval(H2_PING_INTERVAL)
                 .keep_alive_timeout(H2_PING_TIMEOUT)
                 .handshake(stream)
@@ -644,6 +660,7 @@ mod tests {
                             seen_hosts.lock().expect("hosts").push(host);
                             let body = match req.uri().path() {
                                 "/big" => Bytes::from(vec![b'x'; 256 * 1024]),
+                                "/huge" => Bytes::from(vec![b'x'; 8 << 20]),
                                 "/slow" => {
                                     tokio::time::sleep(Duration::from_millis(100)).await;
                                     Bytes::from_static(b"slow")
@@ -1047,5 +1064,32 @@ mod tests {
             versions[1..].iter().all(|v| *v == Version::HTTP_11),
             "{versions:?}"
         );
+    }
+
+    /// A few clients that read a large response slowly (or not at all: a Bulk API result
+    /// fetched by a stalled consumer) pin at most their stream windows: every other request on
+    /// the shared HTTP/2 connection still gets its body (with hyper's default windows, three
+    /// such responses held the whole connection window).
+    #[tokio::test]
+    async fn unread_http2_bodies_do_not_starve_other_requests() {
+        const PAUSED: usize = 3;
+        let (_origin, host, _) = tls_origin(Duration::from_secs(50)).await;
+        fetch(&host, "/").await;
+        let mut held = Vec::new();
+        for _ in 0..PAUSED {
+            let resp = host
+                .send(get("/huge"), &Handover::default())
+                .await
+                .expect("response head");
+            held.push(resp); // read later, or slowly, by its client
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await; // the windows fill
+        let other = tokio::time::timeout(Duration::from_secs(5), fetch(&host, "/")).await;
+        assert!(
+            other.is_ok(),
+            "a 2-byte response on the shared connection did not arrive within 5 s \
+             while 3 responses were being read slowly"
+        );
+        drop(held);
     }
 }
