@@ -51,6 +51,13 @@ pub enum ProxyError {
         source: super::pool::SendError,
     },
 
+    #[error("Salesforce at {upstream} did not process the call, which was not counted and can be sent again: {source}")]
+    NotProcessed {
+        upstream: String,
+        #[source]
+        source: super::pool::SendError,
+    },
+
     #[error("Salesforce at {upstream} sent no response within {}; the call may have been processed and stays counted", humantime::format_duration(*.after))]
     UpstreamTimeout { upstream: String, after: Duration },
 
@@ -85,6 +92,7 @@ impl ProxyError {
             }
             | ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::UpstreamConnect { .. }
+            | ProxyError::NotProcessed { .. }
             | ProxyError::Upstream { .. }
             | ProxyError::Unpassable { .. } => StatusCode::BAD_GATEWAY,
         }
@@ -100,7 +108,11 @@ impl ProxyError {
             }
             ProxyError::Tunnel | ProxyError::RequestCoding { .. } => "CALLMETER_NOT_IMPLEMENTED",
             ProxyError::UploadStalled { .. } => "CALLMETER_REQUEST_TIMEOUT",
-            ProxyError::UpstreamConnect { .. } => "CALLMETER_UPSTREAM_UNREACHABLE",
+            // Not processed: to the client, as good as never reached (not counted, safe to
+            // send again).
+            ProxyError::UpstreamConnect { .. } | ProxyError::NotProcessed { .. } => {
+                "CALLMETER_UPSTREAM_UNREACHABLE"
+            }
             ProxyError::UpstreamTimeout { .. } => "CALLMETER_UPSTREAM_TIMEOUT",
             ProxyError::Upstream { .. } | ProxyError::Unpassable { .. } => {
                 "CALLMETER_UPSTREAM_ERROR"
@@ -109,12 +121,14 @@ impl ProxyError {
     }
 
     /// Whether the call failed before Salesforce could have processed it, so that the meter
-    /// gives its units back: no connection, or a request body that broke off or stalled on
-    /// the client's side (Salesforce never had all of it).
+    /// gives its units back: no connection, Salesforce said it did not process it, or a
+    /// request body that broke off or stalled on the client's side (Salesforce never had all
+    /// of it).
     pub fn not_sent(&self) -> bool {
         matches!(
             self,
             ProxyError::UpstreamConnect { .. }
+                | ProxyError::NotProcessed { .. }
                 | ProxyError::ClientBody(_)
                 | ProxyError::UploadStalled { .. }
         )
@@ -125,6 +139,7 @@ impl ProxyError {
         matches!(
             self,
             ProxyError::UpstreamConnect { .. }
+                | ProxyError::NotProcessed { .. }
                 | ProxyError::UpstreamTimeout { .. }
                 | ProxyError::Upstream { .. }
                 | ProxyError::Unpassable { .. }

@@ -250,6 +250,10 @@ impl Upstream {
             // The client broke off its upload (hyper reports the body's error over HTTP/1.1,
             // only a reset stream over HTTP/2): not sent whole, not counted.
             Ok(Err(SendError::Exchange(e))) if broken => Err(ProxyError::ClientBody(e)),
+            Ok(Err(source @ SendError::Refused(_))) => Err(ProxyError::NotProcessed {
+                upstream: upstream(),
+                source,
+            }),
             Ok(Err(source)) if !source.maybe_sent() => Err(ProxyError::UpstreamConnect {
                 upstream: upstream(),
                 source,

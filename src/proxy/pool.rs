@@ -79,7 +79,7 @@ pub enum SendError {
     ClosedEarly,
     #[error("{}", error_chain(.0))]
     Exchange(hyper::Error),
-    #[error("Salesforce refused the request before processing it: {}", error_chain(.0))]
+    #[error("Salesforce did not process the request: {}", error_chain(.0))]
     Refused(hyper::Error),
 }
 
@@ -201,16 +201,18 @@ impl From<TrySendError<Request<RequestBody>>> for Attempt {
 }
 
 /// Whether an HTTP/2 peer said it did not process the request (RFC 9113 8.7), so the call
-/// never happened: a stream it refused (`REFUSED_STREAM`), or one past the last a graceful
-/// `GOAWAY` let through (as when Salesforce recycles the shared connection).
+/// never happened: a stream it refused (`REFUSED_STREAM`), or one above the last stream id of
+/// a `GOAWAY` it sent, whatever its error code (§6.8: those streams were not processed, as
+/// when Salesforce recycles the shared connection or sheds load with `ENHANCE_YOUR_CALM`).
+/// h2 reports the peer's `GOAWAY` only to those streams (and to requests made after it): one
+/// at or below the last stream id that dies with the connection gets the connection's I/O
+/// error, and may have been processed.
 fn not_processed(error: &hyper::Error) -> bool {
     let mut source = StdError::source(error);
     while let Some(e) = source {
         if let Some(h2) = e.downcast_ref::<h2::Error>() {
-            let reason = h2.reason();
             return h2.is_remote()
-                && (reason == Some(h2::Reason::REFUSED_STREAM)
-                    || (h2.is_go_away() && reason == Some(h2::Reason::NO_ERROR)));
+                && (h2.is_go_away() || h2.reason() == Some(h2::Reason::REFUSED_STREAM));
         }
         source = e.source();
     }
@@ -1091,5 +1093,168 @@ mod tests {
              while 3 responses were being read slowly"
         );
         drop(held);
+    }
+
+    /// A TLS origin speaking raw HTTP/2 frames. Its first connection answers stream 1, then
+    /// waits for the HEADERS of two more streams (3 and 5) and sends GOAWAY(last_stream_id =
+    /// 3, `code`): stream 5 was provably not processed (RFC 9113 §6.8, §8.7). It then answers
+    /// stream 3 (`answers_last`) and closes 2 s later, or closes at once with stream 3
+    /// unanswered (which it may have processed). Later connections answer every stream with
+    /// 200. Returns a host for it and the connections accepted.
+    async fn goaway_origin(code: u32, answers_last: bool) -> (Arc<Host>, Arc<AtomicUsize>) {
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("cert");
+        let key = rustls_pki_types::PrivateKeyDer::try_from(cert.signing_key.serialize_der())
+            .expect("key");
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.cert.der().clone()], key)
+            .expect("server config");
+        server.alpn_protocols = vec![b"h2".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let first = count.fetch_add(1, Ordering::Relaxed) == 0;
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let mut preface = [0u8; 24];
+                    if tls.read_exact(&mut preface).await.is_err() {
+                        return;
+                    }
+                    let _ = tls.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await; // SETTINGS
+                    let status_200 = |id: u32| {
+                        let mut f = vec![0, 0, 1, 1, 0x5]; // HEADERS, END_STREAM | END_HEADERS
+                        f.extend_from_slice(&id.to_be_bytes());
+                        f.push(0x88); // :status 200 (HPACK static index 8)
+                        f
+                    };
+                    let mut waiting = Vec::new();
+                    loop {
+                        let mut head = [0u8; 9];
+                        if tls.read_exact(&mut head).await.is_err() {
+                            return;
+                        }
+                        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+                        let mut payload = vec![0u8; len];
+                        if tls.read_exact(&mut payload).await.is_err() {
+                            return;
+                        }
+                        let (kind, flags) = (head[3], head[4]);
+                        let id =
+                            u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+                        if kind == 4 && flags & 1 == 0 {
+                            let _ = tls.write_all(&[0, 0, 0, 4, 1, 0, 0, 0, 0]).await;
+                            // ACK
+                        }
+                        if kind != 1 {
+                            continue;
+                        }
+                        if !first || id == 1 {
+                            let _ = tls.write_all(&status_200(id)).await;
+                            continue;
+                        }
+                        waiting.push(id);
+                        if waiting.len() == 2 {
+                            let mut goaway = vec![0, 0, 8, 7, 0, 0, 0, 0, 0];
+                            goaway.extend_from_slice(&waiting[0].to_be_bytes()); // last id
+                            goaway.extend_from_slice(&code.to_be_bytes()); // error code
+                            let _ = tls.write_all(&goaway).await;
+                            if answers_last {
+                                let _ = tls.write_all(&status_200(waiting[0])).await;
+                                tokio::time::sleep(Duration::from_secs(2)).await;
+                            }
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert.cert.der().clone()).expect("root");
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(client)
+            .https_only()
+            .enable_http1()
+            .enable_http2()
+            .build();
+        let host = Host::new(
+            Scheme::HTTPS,
+            Authority::try_from(format!("localhost:{port}")).expect("authority"),
+            connector,
+            Duration::from_secs(50),
+            Duration::from_secs(5),
+        )
+        .expect("host");
+        (host, accepted)
+    }
+
+    /// Two requests race for streams 3 and 5 on a connection whose GOAWAY's last stream id is 3;
+    /// returns each one's outcome: its status, or whether the error says it may have been sent.
+    async fn two_requests_meet_a_goaway(host: &Arc<Host>) -> Vec<Result<u16, bool>> {
+        let first = host
+            .send(get("/"), &Handover::default())
+            .await
+            .expect("stream 1");
+        assert_eq!(first.status(), 200);
+        let (ha, hb) = (Handover::default(), Handover::default());
+        let both = futures_util::future::join(host.send(get("/a"), &ha), host.send(get("/b"), &hb));
+        let (a, b) = tokio::time::timeout(Duration::from_secs(5), both)
+            .await
+            .expect("answered in time");
+        let mut outcomes: Vec<Result<u16, bool>> = [a, b]
+            .into_iter()
+            .map(|r| {
+                r.map(|resp| resp.status().as_u16())
+                    .map_err(|e| e.maybe_sent())
+            })
+            .collect();
+        outcomes.sort();
+        outcomes
+    }
+
+    /// A request above GOAWAY's last stream id was not processed, whatever the GOAWAY's error
+    /// code (RFC 9113 §6.8): its error says so (the call is refunded; the client, answered 502
+    /// CALLMETER_UPSTREAM_UNREACHABLE, may send it again), and the next request goes out on a
+    /// new connection. (Only NO_ERROR was believed: after ENHANCE_YOUR_CALM the call stayed
+    /// counted.) It is not sent again by the proxy: hyper consumes a request it hands to h2,
+    /// and keeping a copy of every request for this rare case would cost every request.
+    #[tokio::test]
+    async fn request_above_a_goaway_last_stream_id_is_not_processed_whatever_the_code() {
+        for (code, name) in [(0x0, "NO_ERROR"), (0xb, "ENHANCE_YOUR_CALM")] {
+            let (host, accepted) = goaway_origin(code, true).await;
+            let outcomes = two_requests_meet_a_goaway(&host).await;
+            assert_eq!(outcomes, vec![Ok(200), Err(false)], "{name}");
+            assert_eq!(
+                fetch(&host, "/").await,
+                "",
+                "{name}: a new connection answers"
+            );
+            assert_eq!(accepted.load(Ordering::Relaxed), 2, "{name}");
+        }
+    }
+
+    /// A request at or below GOAWAY's last stream id that dies with the connection may have
+    /// been processed: it stays counted, whatever the code.
+    #[tokio::test]
+    async fn request_at_a_goaway_last_stream_id_that_dies_with_the_connection_may_be_processed() {
+        for (code, name) in [(0x0, "NO_ERROR"), (0xb, "ENHANCE_YOUR_CALM")] {
+            let (host, _) = goaway_origin(code, false).await;
+            let outcomes = two_requests_meet_a_goaway(&host).await;
+            assert_eq!(outcomes, vec![Err(false), Err(true)], "{name}");
+        }
     }
 }
