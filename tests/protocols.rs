@@ -1475,6 +1475,65 @@ async fn an_http2_upload_sent_whole_times_out_as_a_response() {
     assert_eq!(a_whole_upload(b"", false).await, timed_out, "an empty body");
 }
 
+/// Salesforce sends the response head and part of the body, then nothing more (a stalled
+/// server, a dropped connection nobody reset): once the body has sent nothing for
+/// `response_timeout`, the proxy ends it, and the HTTP/1.1 client sees its connection close
+/// before the announced length (as nginx's `proxy_read_timeout` does). It held the client's
+/// request, the upstream connection and the call's `max_in_flight` slot for as long as the
+/// client waited.
+#[tokio::test]
+async fn a_response_body_that_stalls_upstream_is_cut_off() {
+    let port = raw_origin(|mut tcp| async move {
+        let mut buf = [0u8; 8192];
+        let _ = tcp.read(&mut buf).await;
+        let _ = tcp
+            .write_all(
+                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                  content-length: 1000\r\n\r\n{\"records\":[",
+            )
+            .await;
+        tokio::time::sleep(Duration::from_secs(60)).await;
+    })
+    .await;
+    let sim = sim::spawn(SimOptions::default()).await.expect("sim");
+    let upstream = format!("http://127.0.0.1:{port}");
+    let toml = config_text(&upstream, "response_timeout = \"1s\"", ONE);
+    let env = start_with(sim, &toml).await;
+    let mut tcp = env.tcp().await;
+    tcp.write_all(b"GET /a/services/data/v62.0/query?q=x HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let started = std::time::Instant::now();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 8192];
+    let ended = tokio::time::timeout(Duration::from_secs(8), async {
+        loop {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    let got = String::from_utf8_lossy(&got);
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    assert!(
+        ended.is_ok(),
+        "8 s after the body stalled (response_timeout = 1s) the proxy still holds the \
+         response open ({:?} elapsed); client has: {got:?}",
+        started.elapsed()
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "cut off early"
+    );
+    assert_eq!(
+        got.split("\r\n\r\n").nth(1),
+        Some("{\"records\":["),
+        "the connection closes short of the announced 1000 bytes"
+    );
+}
+
 /// One shared HTTP/2 connection carries all of an org's calls. Three clients downloading large
 /// results (Bulk API 2.0 query results, say) that pause after the head pin only their streams'
 /// windows: another integration's small call still gets its answer. (With hyper's default

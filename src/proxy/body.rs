@@ -21,7 +21,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use super::error::ProxyError;
-use super::pool::UpstreamBody;
+use super::pool::{BodyError, UpstreamBody};
 
 /// A request body on its way upstream.
 #[derive(Debug)]
@@ -430,7 +430,7 @@ impl ResponseBody {
     pub async fn collect_bounded(
         mut inner: UpstreamBody,
         limit: usize,
-    ) -> Result<Result<Bytes, ResponseBody>, hyper::Error> {
+    ) -> Result<Result<Bytes, ResponseBody>, BodyError> {
         let mut buf = bytes::BytesMut::new();
         while let Some(frame) = inner.frame().await {
             if let Ok(data) = frame?.into_data() {
@@ -467,12 +467,12 @@ impl Drop for Observed {
 
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
             ResponseBody::Stream(inner) => Pin::new(inner).poll_frame(cx),
             ResponseBody::Prefixed(prefix, inner) => match prefix.take() {

@@ -163,6 +163,7 @@ impl Upstream {
                 connector.clone(),
                 POOL_IDLE,
                 cfg.connect_timeout,
+                cfg.response_timeout,
             )
             .map_err(|source| UpstreamSetupError::Url {
                 org: org.clone(),
@@ -190,7 +191,8 @@ impl Upstream {
         &self.base(login).display
     }
 
-    /// How long a call may wait for Salesforce's answer, and a request body for its next byte.
+    /// How long a call may wait for Salesforce's answer, a request body for its next byte, and
+    /// a response body for its next (`Host`'s read timeout).
     pub fn response_timeout(&self) -> Duration {
         self.response_timeout
     }

@@ -17,7 +17,7 @@ use super::body::{content_coding, is_zlib, Coding, Observer, ResponseBody};
 use super::error::ProxyError;
 use super::forward::Upstream;
 use super::headers::LIMIT_INFO;
-use super::pool::{SendError, UpstreamBody};
+use super::pool::{BodyError, SendError, UpstreamBody};
 use super::OrgRoute;
 use crate::meter::{Charge, IntegrationMeter, Ticket};
 use crate::salesforce::{self, BodyScanner, CallKind, LimitExceeded};
@@ -238,10 +238,16 @@ pub async fn rewrite_login(
     let bytes: Bytes = match tokio::time::timeout(after, read).await {
         Ok(Ok(Ok(bytes))) => bytes,
         Ok(Ok(Err(too_large))) => return Ok(too_large),
-        Ok(Err(e)) => {
+        Ok(Err(BodyError::Upstream(e))) => {
             return Err(ProxyError::Upstream {
                 upstream: upstream.name(true).to_owned(),
                 source: SendError::Exchange(e),
+            })
+        }
+        Ok(Err(BodyError::Stalled(after))) => {
+            return Err(ProxyError::UpstreamTimeout {
+                upstream: upstream.name(true).to_owned(),
+                after,
             })
         }
         Err(_) => {

@@ -83,6 +83,15 @@ pub enum SendError {
     Refused(hyper::Error),
 }
 
+/// Why a response body from upstream ended before its end.
+#[derive(Debug, Error)]
+pub enum BodyError {
+    #[error(transparent)]
+    Upstream(#[from] hyper::Error),
+    #[error("Salesforce sent no more of the response body for {}; it was cut off", humantime::format_duration(*.0))]
+    Stalled(Duration),
+}
+
 impl SendError {
     /// Whether the request may have reached Salesforce (and so stays counted).
     pub fn maybe_sent(&self) -> bool {
@@ -108,6 +117,10 @@ pub struct Host {
     h2_connecting: tokio::sync::Mutex<()>,
     clock: Clock,
     idle_timeout_ms: u64,
+    /// How long a response body may send nothing (the org's `response_timeout`): a body that
+    /// stalls upstream would otherwise hold its client, its connection (or stream) and the
+    /// call's `max_in_flight` slot for good (nginx's `proxy_read_timeout`).
+    read_timeout: Duration,
     /// For the whole of making a connection: TCP, TLS and the HTTP handshake. A server that
     /// accepts TCP and then stalls must not hold the request for its response timeout, which
     /// would also count a call that never went out.
@@ -222,12 +235,14 @@ fn not_processed(error: &hyper::Error) -> bool {
 impl Host {
     /// `idle_timeout`: how long an idle connection is kept. Salesforce closes idle keep-alive
     /// connections after a while; staying below that avoids sending on a half-closed socket.
+    /// `read_timeout`: how long a response body may send nothing before it is cut off.
     pub fn new(
         scheme: Scheme,
         authority: Authority,
         connector: Connector,
         idle_timeout: Duration,
         connect_timeout: Duration,
+        read_timeout: Duration,
     ) -> Result<Arc<Host>, http::Error> {
         let dial = Uri::builder()
             .scheme(scheme.clone())
@@ -256,6 +271,7 @@ impl Host {
             h2_connecting: tokio::sync::Mutex::new(()),
             clock: Clock::new(),
             idle_timeout_ms: idle_timeout.as_millis() as u64,
+            read_timeout,
             connect_timeout,
         }))
     }
@@ -342,11 +358,7 @@ impl Host {
         req.headers_mut()
             .insert(header::HOST, self.host_header.clone());
         let resp = handed_over(sender.try_send_request(req), handover).await?;
-        let lease = Lease {
-            sender,
-            host: self.clone(),
-        };
-        Ok(resp.map(|body| UpstreamBody::new(body, Some(lease))))
+        Ok(resp.map(|body| UpstreamBody::new(body, self.clone(), Some(sender))))
     }
 
     /// The shared HTTP/2 connection if the host has one in use. Once the host is known to speak
@@ -379,7 +391,7 @@ impl Host {
     }
 
     async fn send_h2(
-        &self,
+        self: &Arc<Self>,
         shared: &Shared,
         mut req: Request<RequestBody>,
         handover: &Handover,
@@ -400,7 +412,7 @@ impl Host {
         req.headers_mut().remove(header::HOST);
         let sending = shared.sender.clone().try_send_request(req);
         let resp = handed_over(sending, handover).await?;
-        Ok(resp.map(|body| UpstreamBody::new(body, None)))
+        Ok(resp.map(|body| UpstreamBody::new(body, self.clone(), None)))
     }
 
     /// Connecting takes a TLS handshake and an HTTP/2 handshake: a future of several KiB.
@@ -525,36 +537,67 @@ enum Fresh {
     H2(Arc<Shared>),
 }
 
-/// An HTTP/1.1 connection lent to one response.
-struct Lease {
-    sender: H1,
-    host: Arc<Host>,
-}
-
 /// A response body from upstream. When it is an HTTP/1.1 response read to its end, dropping
-/// it returns the connection for the next request.
+/// it returns the connection for the next request. One that sends nothing for the host's read
+/// timeout ends with `BodyError::Stalled`: the client's connection is then aborted (HTTP/1.1:
+/// it closes before the announced length or the last chunk) or its stream reset (HTTP/2), and
+/// the upstream connection closed (HTTP/1.1) or the upstream stream reset (HTTP/2).
 pub struct UpstreamBody {
     inner: Incoming,
-    lease: Option<Lease>,
+    host: Arc<Host>,
+    /// The HTTP/1.1 connection lent to this response.
+    lease: Option<H1>,
     ended: bool,
+    /// The read timeout's deadline, made the first time the body waits for upstream and moved
+    /// on when it waits again after a frame: most responses arrive with their head and never
+    /// wait, so they make no timer (boxed: it keeps the body small for them).
+    stall: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// A frame came since the deadline was last set.
+    moved: bool,
 }
 
 impl UpstreamBody {
-    fn new(inner: Incoming, lease: Option<Lease>) -> Self {
+    fn new(inner: Incoming, host: Arc<Host>, lease: Option<H1>) -> Self {
         UpstreamBody {
             inner,
+            host,
             lease,
             ended: false,
+            stall: None,
+            moved: false,
         }
+    }
+
+    /// The body waits for upstream: arms the read timeout, or moves it on if a frame came
+    /// since, and tells whether it ran out.
+    fn poll_stall(&mut self, cx: &mut Context<'_>) -> Poll<BodyError> {
+        let timeout = self.host.read_timeout;
+        let moved = std::mem::take(&mut self.moved);
+        let stall = match &mut self.stall {
+            Some(stall) => {
+                if moved {
+                    stall.as_mut().reset(tokio::time::Instant::now() + timeout);
+                }
+                stall
+            }
+            None => self.stall.insert(Box::pin(tokio::time::sleep(timeout))),
+        };
+        std::task::ready!(stall.as_mut().poll(cx));
+        tracing::warn!(
+            upstream = %self.host.authority,
+            after = %humantime::format_duration(timeout),
+            "a response body stalled upstream; cut off"
+        );
+        Poll::Ready(BodyError::Stalled(timeout))
     }
 }
 
 impl Drop for UpstreamBody {
     fn drop(&mut self) {
-        if let Some(lease) = self.lease.take() {
+        if let Some(sender) = self.lease.take() {
             // Half-read, the connection still carries the rest: dropping it closes it.
             if self.ended || self.inner.is_end_stream() {
-                lease.host.checkin(lease.sender);
+                self.host.checkin(sender);
             }
         }
     }
@@ -562,17 +605,24 @@ impl Drop for UpstreamBody {
 
 impl Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(None) = polled {
-            self.ended = true;
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(frame)) => {
+                this.moved = true;
+                Poll::Ready(Some(frame.map_err(BodyError::Upstream)))
+            }
+            Poll::Ready(None) => {
+                this.ended = true;
+                Poll::Ready(None)
+            }
+            Poll::Pending => this.poll_stall(cx).map(|e| Some(Err(e))),
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -587,6 +637,7 @@ impl Body for UpstreamBody {
 impl std::fmt::Debug for UpstreamBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("UpstreamBody")
+            .field("upstream", &self.host.authority)
             .field("http1", &self.lease.is_some())
             .field("ended", &self.ended)
             .finish()
@@ -719,6 +770,14 @@ mod tests {
     }
 
     fn plain_host(addr: SocketAddr, idle_timeout: Duration) -> Arc<Host> {
+        plain_host_with(addr, idle_timeout, Duration::from_secs(60))
+    }
+
+    fn plain_host_with(
+        addr: SocketAddr,
+        idle_timeout: Duration,
+        read_timeout: Duration,
+    ) -> Arc<Host> {
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
             .with_webpki_roots()
             .https_or_http()
@@ -731,6 +790,7 @@ mod tests {
             connector,
             idle_timeout,
             Duration::from_secs(5),
+            read_timeout,
         )
         .expect("host")
     }
@@ -994,6 +1054,7 @@ mod tests {
             connector,
             idle_timeout,
             Duration::from_secs(5),
+            Duration::from_secs(60),
         )
         .expect("host");
         (origin, host, to_http1)
@@ -1197,6 +1258,7 @@ mod tests {
             connector,
             Duration::from_secs(50),
             Duration::from_secs(5),
+            Duration::from_secs(60),
         )
         .expect("host");
         (host, accepted)
@@ -1256,5 +1318,89 @@ mod tests {
             let outcomes = two_requests_meet_a_goaway(&host).await;
             assert_eq!(outcomes, vec![Err(false), Err(true)], "{name}");
         }
+    }
+
+    /// Small responses come with their head: reading them never waits for upstream, so they
+    /// make no read timer (the hot path stays free of timers), over HTTP/1.1 and HTTP/2.
+    #[tokio::test]
+    async fn small_responses_make_no_read_timer() {
+        let plain = origin(None).await;
+        let (_tls, h2_host, _) = tls_origin(Duration::from_secs(50)).await;
+        for host in [plain_host(plain.addr, Duration::from_secs(50)), h2_host] {
+            fetch(&host, "/").await; // connected
+            for _ in 0..20 {
+                let resp = host.send(get("/"), &Handover::default()).await;
+                let mut body = resp.expect("response").into_body();
+                while let Some(frame) = body.frame().await {
+                    frame.expect("frame");
+                }
+                assert!(body.stall.is_none(), "a read timer was made");
+            }
+        }
+    }
+
+    /// An origin that answers every request with 12 bytes of a body and then, `trickle`, ten
+    /// more bytes every 100 ms ten times (the whole body), or else nothing more of the 1000
+    /// bytes its head announced.
+    async fn slow_origin(trickle: bool) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    let _ = tcp.read(&mut buf).await;
+                    let length = if trickle { 112 } else { 1000 };
+                    let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {length}\r\n\r\n");
+                    let _ = tcp.write_all(head.as_bytes()).await;
+                    let _ = tcp.write_all(b"{\"records\":[").await;
+                    for _ in 0..10 {
+                        if !trickle {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        let _ = tcp.write_all(b"          ").await;
+                    }
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                });
+            }
+        });
+        addr
+    }
+
+    fn slow_host(addr: SocketAddr, read_timeout: Duration) -> Arc<Host> {
+        plain_host_with(addr, Duration::from_secs(50), read_timeout)
+    }
+
+    /// A body that sends nothing for the read timeout ends with `Stalled`, and its connection
+    /// is not reused.
+    #[tokio::test]
+    async fn a_body_that_stalls_upstream_ends_after_the_read_timeout() {
+        let host = slow_host(slow_origin(false).await, Duration::from_millis(300));
+        let resp = host.send(get("/"), &Handover::default()).await;
+        let mut body = resp.expect("response head").into_body();
+        let started = tokio::time::Instant::now();
+        let first = body.frame().await.expect("a frame").expect("data");
+        assert_eq!(first.into_data().expect("data"), "{\"records\":[");
+        let end = tokio::time::timeout(Duration::from_secs(5), body.frame()).await;
+        let error = end
+            .expect("cut off in time")
+            .expect("an error")
+            .expect_err("stalled");
+        assert!(matches!(error, BodyError::Stalled(_)), "{error}");
+        assert!(started.elapsed() >= Duration::from_millis(300));
+        drop(body);
+        assert_eq!(host.idle_count(), 0, "a cut-off connection is not reused");
+    }
+
+    /// The read timeout counts from the body's last progress: a body whose bytes come closer
+    /// together than the timeout is read to its end, however long it takes in all.
+    #[tokio::test]
+    async fn a_body_that_keeps_moving_is_not_cut_off() {
+        let host = slow_host(slow_origin(true).await, Duration::from_millis(500));
+        let resp = host.send(get("/"), &Handover::default()).await;
+        let body = resp.expect("response head").into_body();
+        let read = body.collect().await.expect("the whole body").to_bytes();
+        assert_eq!(read.len(), 112);
     }
 }
