@@ -156,7 +156,10 @@ impl Shared {
 
 /// Whether a request has been handed to an upstream connection. Until it has, a request that
 /// is dropped (its client went away while the proxy was still connecting) never left the proxy;
-/// once it has, it may have reached Salesforce even if nobody waits for the answer.
+/// once it has, it may have reached Salesforce even if nobody waits for the answer. On an
+/// HTTP/2 connection at the peer's SETTINGS_MAX_CONCURRENT_STREAMS, a request handed over
+/// waits inside hyper for a stream, and hyper tells nobody when it gets one: it counts as
+/// handed over from the start (README: "Errors the proxy itself returns").
 #[derive(Debug, Default)]
 pub struct Handover {
     handed: AtomicBool,
