@@ -570,9 +570,11 @@ fn multipart_batch_size(body: &[u8]) -> Option<u32> {
 }
 
 /// The number of entries in a JSON Composite Batch body's `batchRequests` array, saturating at
-/// `u32::MAX`; `None` unless the body is a JSON object with such an array. Of a key given twice,
-/// the last counts, as it is the one Salesforce's parser (and `serde_json::Value`) keeps: a
-/// derived struct would refuse the body and cost a batch that runs 25 calls as 1.
+/// `u32::MAX`; `None` unless the body is a JSON object with such an array. Of a key given
+/// twice, the longest array counts: which one Salesforce's parser keeps is not documented (the
+/// last, for `serde_json::Value` and Jackson's default), and counting the longest never counts
+/// less than it runs. A derived struct would refuse such a body, and cost a batch that runs 25
+/// calls as 1.
 fn json_batch_size(body: &[u8]) -> Option<u32> {
     struct Batch(Option<u32>);
     impl<'de> Deserialize<'de> for Batch {
@@ -584,10 +586,12 @@ fn json_batch_size(body: &[u8]) -> Option<u32> {
                     f.write_str("a JSON object")
                 }
                 fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Batch, A::Error> {
-                    let mut size = None;
+                    let mut size: Option<u32> = None;
                     while let Some(key) = map.next_key::<Cow<'de, str>>()? {
                         if key == "batchRequests" {
-                            size = Some(map.next_value::<SeqLen>()?.0);
+                            if let Some(n) = map.next_value::<SeqLen>()?.0 {
+                                size = Some(size.map_or(n, |m| m.max(n)));
+                            }
                         } else {
                             map.next_value::<IgnoredAny>()?;
                         }
@@ -602,8 +606,9 @@ fn json_batch_size(body: &[u8]) -> Option<u32> {
     serde_json::from_slice::<Batch>(body).ok()?.0
 }
 
-/// The length of a JSON array, counted without keeping its elements.
-struct SeqLen(u32);
+/// The length of a JSON array, counted without keeping its elements; `None` for any other
+/// JSON value (read and dropped).
+struct SeqLen(Option<u32>);
 
 impl<'de> Deserialize<'de> for SeqLen {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
@@ -611,17 +616,39 @@ impl<'de> Deserialize<'de> for SeqLen {
         impl<'de> Visitor<'de> for Count {
             type Value = SeqLen;
             fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("an array")
+                f.write_str("any JSON value")
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<SeqLen, A::Error> {
                 let mut n = 0u32;
                 while seq.next_element::<IgnoredAny>()?.is_some() {
                     n = n.saturating_add(1);
                 }
-                Ok(SeqLen(n))
+                Ok(SeqLen(Some(n)))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<SeqLen, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(SeqLen(None))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<SeqLen, E> {
+                Ok(SeqLen(None))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<SeqLen, E> {
+                Ok(SeqLen(None))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<SeqLen, E> {
+                Ok(SeqLen(None))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<SeqLen, E> {
+                Ok(SeqLen(None))
+            }
+            fn visit_str<E>(self, _: &str) -> Result<SeqLen, E> {
+                Ok(SeqLen(None))
+            }
+            fn visit_unit<E>(self) -> Result<SeqLen, E> {
+                Ok(SeqLen(None))
             }
         }
-        deserializer.deserialize_seq(Count)
+        deserializer.deserialize_any(Count)
     }
 }
 
@@ -1080,12 +1107,28 @@ mod tests {
             cost("/services/data/v60.0/composite/batch", body.as_bytes()),
             (CallKind::CompositeBatch, 25)
         );
-        let first_wins = format!(r#"{{"batchRequests":[{sub},{sub}],"batchRequests":[{sub}]}}"#);
+        // Whichever Salesforce keeps, the longest is never less than it runs.
+        let longer_first = format!(r#"{{"batchRequests":[{sub},{sub}],"batchRequests":[{sub}]}}"#);
         assert_eq!(
             cost(
                 "/services/data/v60.0/composite/batch",
-                first_wins.as_bytes()
+                longer_first.as_bytes()
             ),
+            (CallKind::CompositeBatch, 2)
+        );
+        // A first value that is no array at all does not hide the array after it.
+        let subs = vec![sub; 25].join(",");
+        for first in ["null", "{}", r#"{"a":[1]}"#, "0", "1.5", "true", "\"x\""] {
+            let body = format!(r#"{{"batchRequests":{first},"batchRequests":[{subs}]}}"#);
+            assert_eq!(
+                cost("/services/data/v60.0/composite/batch", body.as_bytes()),
+                (CallKind::CompositeBatch, 25),
+                "first value {first}"
+            );
+        }
+        let no_array = r#"{"batchRequests":{"method":"GET"}}"#;
+        assert_eq!(
+            cost("/services/data/v60.0/composite/batch", no_array.as_bytes()),
             (CallKind::CompositeBatch, 1)
         );
     }
