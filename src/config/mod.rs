@@ -689,6 +689,14 @@ impl Config {
                 ));
             }
         }
+        if let Some(smtp) = self.smtp.as_ref() {
+            if smtp.security == SmtpSecurity::None && smtp.username.is_some() {
+                out.push(format!(
+                    "smtp: security = \"none\" with a username: the SMTP password crosses the network to {} in clear text; use starttls or tls unless it is a local relay",
+                    smtp.host
+                ));
+            }
+        }
         out
     }
 

@@ -210,6 +210,11 @@ from = "callmeter <callmeter@example.com>"
     assert_eq!(smtp.security, SmtpSecurity::Starttls);
     assert_eq!(smtp.password.as_deref(), Some("hunter2"));
     assert!(!format!("{smtp:?}").contains("hunter2"));
+    let clear_text = |c: &Config| c.warnings().iter().any(|w| w.contains("password crosses"));
+    assert!(!clear_text(&config), "{:?}", config.warnings());
+    let clear = text.replace("[smtp]\n", "[smtp]\nsecurity = \"none\"\n");
+    let config = parse_with_env(&clear, Path::new("test.toml"), &env).unwrap();
+    assert!(clear_text(&config), "{:?}", config.warnings());
 
     let e = fail(&text);
     assert_err(&e, "smtp.password_env", Some(13));
