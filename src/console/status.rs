@@ -220,6 +220,9 @@ fn bar(
     };
     let color = color_name(Level::of(percent));
     let width = percent.clamp(0.0, 100.0);
+    // Floored, as the figure shown and `/api/v1/usage`: rounded, 79.96 % reads 80.0 on a
+    // green bar.
+    let shown = (percent * 10.0).floor() / 10.0;
     let attrs = integration
         .map(|(id, depth)| {
             format!(
@@ -230,7 +233,7 @@ fn bar(
         .unwrap_or_default();
     let _ = write!(
         h,
-        "<div class=\"meter {kind}\" data-bar=\"{kind}\"{attrs} data-color=\"{color}\" data-percent=\"{percent:.1}\">\
+        "<div class=\"meter {kind}\" data-bar=\"{kind}\"{attrs} data-color=\"{color}\" data-percent=\"{shown:.1}\">\
          <div class=\"label\"><span class=\"name\">{}</span><span class=\"num\">{} · <b class=\"{color}\">{}%</b></span></div>\
          <div class=\"track\" role=\"progressbar\" aria-label=\"{}\" aria-valuemin=\"0\" aria-valuemax=\"100\" aria-valuenow=\"{width:.0}\">\
          <div class=\"fill {color}\" style=\"width:{width:.1}%\"></div></div></div>",
@@ -368,6 +371,16 @@ mod tests {
             total: rows.iter().map(|r| r.1).sum(),
             integrations: rows.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect(),
         }
+    }
+
+    /// A bar just under 80 % is green and says so in every figure it carries.
+    #[test]
+    fn a_bar_just_under_a_colour_step_reads_below_it() {
+        let mut h = String::new();
+        bar(&mut h, "org", None, "acme", 7_996, 10_000, "7,996 / 10,000");
+        assert!(h.contains(r#"data-color="green""#), "{h}");
+        assert!(h.contains(r#"data-percent="79.9""#), "{h}");
+        assert!(h.contains(">79%<"), "{h}");
     }
 
     /// An integration removed from the config (then a restart) has calls only on the days it
