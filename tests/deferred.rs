@@ -1104,13 +1104,15 @@ async fn a_replay_that_times_out_is_failed_for_the_admin_not_sent_twice() {
 
 /// A gateway between the proxy and Salesforce's servers answering 504 gave up waiting for them,
 /// which may have done the work: like the proxy's own timeout, the call is failed for the
-/// admin, not sent again. A 503 (Salesforce did not process it) is retried.
+/// admin, not sent again. A 503 (Salesforce did not process it) is retried, and so is a 504
+/// to an idempotent call (a PUT): sending it twice does it once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replay_answered_504_is_failed_for_the_admin_and_503_is_retried() {
     let (upstream, seen) = origin(|body: String, n, _headers| async move {
         let status = match (body.as_str(), n) {
             (r#"{"LastName":"Gateway"}"#, _) => 504,
             (r#"{"LastName":"Busy"}"#, 0) => 503,
+            (r#"{"LastName":"Put"}"#, 0) => 504,
             _ => return created(),
         };
         http::Response::builder()
@@ -1129,6 +1131,22 @@ async fn a_replay_answered_504_is_failed_for_the_admin_and_503_is_retried() {
     assert_eq!(live.0, StatusCode::CREATED, "the burst token");
     let gateway = deferred(&env.http, &url, &[], r#"{"LastName":"Gateway"}"#).await;
     let busy = deferred(&env.http, &url, &[], r#"{"LastName":"Busy"}"#).await;
+    let (status, _, body) = env
+        .http
+        .send(
+            Method::PUT,
+            &format!("{url}/003000000000001"),
+            &[],
+            r#"{"LastName":"Put"}"#,
+        )
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::ACCEPTED,
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    let put: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
     let read = |accepted: &serde_json::Value| {
         let url = accepted["status_url"]
             .as_str()
@@ -1137,10 +1155,13 @@ async fn a_replay_answered_504_is_failed_for_the_admin_and_503_is_retried() {
         let http = env.http.clone();
         async move { status_of(&http, &url).await }
     };
-    eventually(20, "both replays settled", || async {
-        read(&gateway).await["state"] == "failed" && read(&busy).await["state"] == "delivered"
+    eventually(20, "the replays settled", || async {
+        read(&gateway).await["state"] == "failed"
+            && read(&busy).await["state"] == "delivered"
+            && read(&put).await["state"] == "delivered"
     })
     .await;
+    assert_eq!(count(&seen, r#"{"LastName":"Put"}"#), 2);
     let state = read(&gateway).await;
     assert_eq!(state["upstream_status"], 504, "{state}");
     assert!(
@@ -1253,10 +1274,11 @@ async fn a_call_larger_than_the_quota_is_refused_not_deferred() {
     assert!(metrics.contains(r#"outcome="rejected"} 1"#), "{metrics}");
 }
 
-/// A stored call that a restart with a smaller quota makes larger than the quota can ever hold
-/// is failed when its turn comes, with the reason, instead of being passed over for ever.
+/// A stored call that a restart with a smaller quota makes larger than the quota now holds
+/// waits, saying why and using no attempt, and goes once a reload grows the quota back: it was
+/// acknowledged with a 202, and the budget is the admin's to change.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stored_call_a_smaller_quota_can_never_hold_is_failed() {
+async fn a_stored_call_larger_than_a_shrunk_quota_waits_for_it_to_grow() {
     let sim = sim::spawn(SimOptions::default()).await.expect("sim");
     let dir = tempfile::tempdir().expect("tempdir");
     let db = dir.path().join("callmeter.db");
@@ -1298,16 +1320,74 @@ async fn a_stored_call_a_smaller_quota_can_never_hold_is_failed() {
             .expect("read")
             .expect("the call")
     };
-    eventually(10, "the call failed", || async {
-        read().state == callmeter::store::DeferredState::Failed
+    eventually(10, "the call says why it waits", || async {
+        read().last_error.is_some()
     })
     .await;
-    server.shutdown().await;
     let call = read();
+    assert_eq!(
+        call.state,
+        callmeter::store::DeferredState::Pending,
+        "{call:?}"
+    );
+    assert_eq!(call.attempts, 0, "{call:?}");
     assert!(
         call.last_error
             .as_deref()
             .is_some_and(|e| e.contains("worth 6 calls") && e.contains("quota of 3")),
         "{call:?}"
     );
+    server.reload(&with(20));
+    eventually(20, "the call delivered", || async {
+        read().state == callmeter::store::DeferredState::Delivered
+    })
+    .await;
+    server.shutdown().await;
+}
+
+/// An admin pauses a deferring integration (a reload with `quota = 0`), then lifts the pause:
+/// the calls it had stored wait the pause out and go. A budget of 0 is a pause, not a size no
+/// call fits (which failed every stored call the moment the pause was applied).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_integrations_stored_calls_wait_out_the_pause() {
+    let sim = sim::spawn(SimOptions::default()).await.expect("sim");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("callmeter.db");
+    let with = |quota: u64| {
+        let integration = format!(
+            "[[integration]]\nid = \"d\"\norg = \"acme\"\nmatch = {{ path_prefix = \"/d\" }}\n\
+             quota = {quota}\non_limit = \"defer\"\n"
+        );
+        let toml = config_text(&sim.url, "", &integration)
+            .replace("STORE_PATH", &db.display().to_string());
+        config::parse(&toml, Path::new("test.toml")).expect("config")
+    };
+    let http = Http::new();
+    let server = app::start(&with(1)).await.expect("start");
+    let url = format!(
+        "http://{}/d/services/data/v62.0/sobjects/Contact",
+        server.listener("main").expect("main")
+    );
+    let json = [("content-type", "application/json")];
+    let one = http
+        .send(Method::POST, &url, &json, r#"{"LastName":"A"}"#)
+        .await;
+    assert_eq!(one.0, StatusCode::CREATED);
+    let accepted = deferred(&http, &url, &json, r#"{"LastName":"B"}"#).await;
+    let id = callmeter::store::DeferredId(accepted["id"].as_str().expect("id").parse().expect("n"));
+    server.reload(&with(0));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    server.reload(&with(100));
+    let read = || {
+        callmeter::store::Store::open_read_only(&db)
+            .expect("store")
+            .get_deferred(id)
+            .expect("read")
+            .expect("the call")
+    };
+    eventually(10, "the call delivered", || async {
+        read().state == callmeter::store::DeferredState::Delivered
+    })
+    .await;
+    server.shutdown().await;
 }

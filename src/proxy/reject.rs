@@ -196,14 +196,18 @@ pub fn queue_response(err: &QueueError, route: &Route, api: Api) -> Response<Res
 }
 
 /// The response for a call worth more than one of its budgets can ever hold: shaped as a
-/// limit, but with no `Retry-After` (or `RateLimit` headers), as waiting would not help.
+/// limit, but with no `Retry-After` (or `RateLimit` headers), as waiting would not help. In
+/// the `http429` style a 413: generic clients send a 429 again, for ever.
 pub fn oversized_response(
     oversized: &Oversized,
     route: &Route,
     api: Api,
 ) -> Response<ResponseBody> {
     let message = format!("callmeter: integration \"{}\": {oversized}", route.id());
-    shaped(route, api, &message, None, 0)
+    match route.reject_style {
+        RejectStyle::Http429 => json(StatusCode::PAYLOAD_TOO_LARGE, &message),
+        RejectStyle::Salesforce => shaped(route, api, &message, None, 0),
+    }
 }
 
 fn limit_response(

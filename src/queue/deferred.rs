@@ -1,8 +1,8 @@
 //! Deferred calls (`on_limit = "defer"`): a limited call is written to the store, synced, and
 //! answered `202 Accepted`; a replayer per org sends stored calls in order when budget frees.
 //!
-//! The replayer never sends a call twice by itself: only a send Salesforce certainly did not
-//! process is tried again. A call is marked in flight in the store before it is sent and
+//! The replayer never sends a write twice by itself: only a send Salesforce certainly did not
+//! process is tried again (or one whose method is idempotent, which done twice is done once). A call is marked in flight in the store before it is sent and
 //! delivered (or retried, or failed) after the answer, in the same process: a shutdown waits
 //! for the sends under way (up to `shutdown_grace`), and an outcome the store refuses to record
 //! (locked, a full disk) is written again until it takes. An answer with a success status
@@ -12,7 +12,8 @@
 //! `response_timeout`, the exchange broke after the request went, a gateway's 502 or 504, or
 //! a call found in flight at start after a crash or a shutdown that cut a send off), the call
 //! is `failed` with an "outcome unknown" error: sending it again could apply a write twice, so
-//! the admin checks and retries or discards it (`/api/v1/deferred`).
+//! the admin checks and retries or discards it (`/api/v1/deferred`). Idempotent calls (`GET`,
+//! `PUT`, `DELETE`, ...) are retried instead.
 //!
 //! What certainly was not processed is retried: connection failures before the request went,
 //! 429, 5xx answers other than 502 and 504 (Salesforce's 500 and 503 say the request was not
@@ -20,9 +21,9 @@
 //! `defer.max_attempts` sends; then the call is `failed`. The daily limit's
 //! `REQUEST_LIMIT_EXCEEDED` uses no attempt: the org is out of calls, which is what deferring
 //! waits out, and the meter lets one call per `probe_interval` go to see if budget is back.
-//! A call worth more than its integration's budgets can ever hold is `failed` when its turn
-//! comes (a reload or restart shrank a budget since it was stored), as it would otherwise
-//! hold its integration's calls back for ever.
+//! A call worth more than its integration's budgets now hold (a reload or restart shrank a
+//! budget since it was stored) waits without using an attempt, looked at again every
+//! `OVERSIZED_RECHECK`, and does not hold back the calls stored after it.
 
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
@@ -49,6 +50,9 @@ const KEPT_RESPONSE_BYTES: usize = 64 * 1024;
 /// Without anything due, the replayer still looks again this often (an admin retry or a new
 /// call wakes it sooner).
 const IDLE_RECHECK: Duration = Duration::from_secs(60);
+/// How often a stored call larger than its budget now holds is looked at again (a reload may
+/// have grown the budget back).
+const OVERSIZED_RECHECK: Duration = Duration::from_secs(10);
 /// How soon a store write the store refused is tried again; doubled up to `MAX_RECORD_RETRY`.
 const FIRST_RECORD_RETRY: Duration = Duration::from_millis(100);
 const MAX_RECORD_RETRY: Duration = Duration::from_secs(5);
@@ -136,7 +140,15 @@ impl DeferralsBuilder {
         tasks: &mut tokio::task::JoinSet<()>,
     ) -> Result<Arc<Deferrals>, StoreError> {
         let store = self.store.clone();
-        let unknown = blocking(move || store.fail_in_flight(IN_FLIGHT_AT_START, now_ms())).await?;
+        let (again, unknown) =
+            blocking(move || store.settle_in_flight(&IDEMPOTENT, IN_FLIGHT_AT_START, now_ms()))
+                .await?;
+        if again > 0 {
+            tracing::info!(
+                calls = again,
+                "idempotent deferred calls were being sent when the proxy stopped; they are sent again"
+            );
+        }
         if unknown > 0 {
             tracing::warn!(
                 calls = unknown,
@@ -366,11 +378,15 @@ async fn replay(
             Verdict::Forward(_) => None,
         };
         if let Some(oversized) = oversized {
+            // Acknowledged with a 202 when it fitted: a reload or restart shrank the budget
+            // since. It waits, without using an attempt, for the budget to grow back (or the
+            // admin to discard it), and lets the calls behind it go meanwhile.
             let error = oversized.to_string();
-            tracing::warn!(id = %call.id, %error, "deferred call failed for good; it waits in /api/v1/deferred");
+            tracing::warn!(id = %call.id, %error, "deferred call larger than its budget now; it waits for the budget to grow");
             let (s, id) = (store.clone(), call.id);
+            let at = now_ms() + OVERSIZED_RECHECK.as_millis() as u64;
             record(&stop, id, move || {
-                s.mark_failed(id, &error, None, None, now_ms())
+                s.mark_waiting_for_budget(id, &error, at, now_ms())
             })
             .await;
             continue;
@@ -515,9 +531,18 @@ enum Sent {
     /// Salesforce refused it for the org's daily limit: not processed, and no fault of the
     /// call's. It waits for budget like a call not yet tried, without using an attempt.
     OutOfCalls(String),
-    /// Sent, and nothing tells whether Salesforce processed it: never sent again without the
-    /// admin.
+    /// Sent, and nothing tells whether Salesforce processed it: a call whose method is not
+    /// idempotent is never sent again without the admin; one that is is retried (doing it
+    /// twice is doing it once).
     Unknown(String, Option<u16>, Option<Bytes>),
+}
+
+/// Methods for which sending a call twice has the effect of sending it once (RFC 9110 9.2.2).
+/// PATCH and POST are not, Salesforce's upserts by external id aside.
+const IDEMPOTENT: [&str; 6] = ["GET", "HEAD", "PUT", "DELETE", "OPTIONS", "TRACE"];
+
+fn idempotent(method: &str) -> bool {
+    IDEMPOTENT.contains(&method)
 }
 
 /// How a send whose outcome is unknown is described to the admin.
@@ -562,7 +587,7 @@ async fn send(
                 Sent::Retry(err.to_string(), None, None)
             }
             // A timeout or a broken exchange after the request went.
-            Err(err) => Sent::Unknown(unknown(&err.to_string()), None, None),
+            Err(err) => Sent::Unknown(err.to_string(), None, None),
         },
         Err(e) => {
             meter.refund(ticket);
@@ -578,6 +603,12 @@ async fn send(
     let id = call.id;
     let attempt = call.attempts + 1;
     let s = store.clone();
+    let outcome = match outcome {
+        Sent::Unknown(what, status, body) if idempotent(&call.method) => {
+            Sent::Retry(what, status, body)
+        }
+        outcome => outcome,
+    };
     match outcome {
         Sent::Delivered(status, body) => {
             tracing::debug!(id = %id, status, "deferred call delivered");
@@ -586,7 +617,8 @@ async fn send(
             })
             .await;
         }
-        Sent::Unknown(error, status, body) => {
+        Sent::Unknown(what, status, body) => {
+            let error = unknown(&what);
             tracing::warn!(id = %id, %error, "deferred call failed: its outcome is unknown; it waits in /api/v1/deferred");
             record(stop, id, move || {
                 s.mark_failed(id, &error, status, body.as_deref(), now_ms())
@@ -600,7 +632,7 @@ async fn send(
             let at = now_ms() + BASE_BACKOFF.as_millis() as u64;
             tracing::debug!(id = %id, "deferred call refused for the org's daily limit; it waits for budget");
             record(stop, id, move || {
-                s.mark_out_of_calls(id, &error, at, now_ms())
+                s.mark_waiting_for_budget(id, &error, at, now_ms())
             })
             .await;
         }
@@ -672,7 +704,7 @@ async fn answer(r: &OrgReplayer, resp: http::Response<crate::proxy::UpstreamBody
         }
         Err(error) if gateway_lost_it(status) => {
             let what = format!("Salesforce's side answered {status}, then {error}");
-            return Sent::Unknown(unknown(&what), Some(status.as_u16()), None);
+            return Sent::Unknown(what, Some(status.as_u16()), None);
         }
         Err(error) => return Sent::Retry(error, Some(status.as_u16()), None),
     };
@@ -701,7 +733,7 @@ async fn answer(r: &OrgReplayer, resp: http::Response<crate::proxy::UpstreamBody
             Some(body),
         ),
         None if gateway_lost_it(status) => Sent::Unknown(
-            unknown(&format!("Salesforce's side answered {status}")),
+            format!("Salesforce's side answered {status}"),
             Some(status.as_u16()),
             Some(body),
         ),

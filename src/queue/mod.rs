@@ -40,10 +40,12 @@ pub struct Oversized {
 
 impl Oversized {
     /// Whether a call of `units` can never fit `meter`'s budgets as they stand. The rate is
-    /// left out: a call worth more than its burst goes once the bucket is full.
+    /// left out: a call worth more than its burst goes once the bucket is full. So is a budget
+    /// of 0 (`quota = 0`, a reserve as large as the limit): that is a pause a reload ends, and
+    /// calls wait it out as they wait for any spent budget.
     pub fn check(meter: &IntegrationMeter, units: u32) -> Option<Oversized> {
         let remaining = meter.remaining();
-        let over = |size: u64| u64::from(units) > size;
+        let over = |size: u64| size > 0 && u64::from(units) > size;
         if let Some(quota) = remaining.quota.filter(|q| over(q.size)) {
             return Some(Oversized {
                 units,

@@ -333,17 +333,33 @@ impl Store {
         Ok(calls)
     }
 
-    /// Marks failed, with `error`, every in-flight call and returns how many. Call it once at
-    /// start-up, before any replayer runs: a call left in flight by a crash (or a shutdown that
-    /// cut its send off) may or may not have reached Salesforce, and sending it again could
-    /// apply a write twice, so the admin decides (attempts + 1: it was most likely sent).
-    pub fn fail_in_flight(&self, error: &str, now_ms: u64) -> Result<usize, StoreError> {
-        let n = self.lock().execute(
+    /// Settles every in-flight call at start-up, before any replayer runs: a call left in
+    /// flight by a crash (or a shutdown that cut its send off) may or may not have reached
+    /// Salesforce (attempts + 1: it was most likely sent). One whose method is in `resend`
+    /// (idempotent: sending it twice does it once) goes back to pending; any other is marked
+    /// failed with `error`, as sending it again could apply a write twice: the admin decides.
+    /// Returns `(pending again, failed)`.
+    pub fn settle_in_flight(
+        &self,
+        resend: &[&str],
+        error: &str,
+        now_ms: u64,
+    ) -> Result<(usize, usize), StoreError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        let resend = serde_json::to_string(resend).unwrap_or_else(|_| "[]".to_owned());
+        let again = tx.execute(
+            "UPDATE deferred SET state = 'pending', attempts = attempts + 1, updated_ms = ?1 \
+             WHERE state = 'in_flight' AND method IN (SELECT value FROM json_each(?2))",
+            params![sql_ms(now_ms), resend],
+        )?;
+        let failed = tx.execute(
             "UPDATE deferred SET state = 'failed', attempts = attempts + 1, updated_ms = ?1, \
              last_error = ?2 WHERE state = 'in_flight'",
             params![sql_ms(now_ms), error],
         )?;
-        Ok(n)
+        tx.commit()?;
+        Ok((again, failed))
     }
 
     /// Marks failed every pending call of `org`, with `error`, and returns how many: at
@@ -409,10 +425,11 @@ impl Store {
         finish_transition(tx, n, id, "in_flight")
     }
 
-    /// Records a send Salesforce refused for the org's daily limit (`REQUEST_LIMIT_EXCEEDED`):
-    /// back to pending, to be taken again at `next_attempt_ms`, with `error` but no attempt
-    /// used, as Salesforce did not process it and waiting for budget is what deferring is for.
-    pub fn mark_out_of_calls(
+    /// Records a claimed call that waits for budget: back to pending, to be taken again at
+    /// `next_attempt_ms`, with `error` but no attempt used. Salesforce refused it for the org's
+    /// daily limit (`REQUEST_LIMIT_EXCEEDED`: not processed, and waiting for budget is what
+    /// deferring is for), or its integration's budget is now smaller than the call.
+    pub fn mark_waiting_for_budget(
         &self,
         id: DeferredId,
         error: &str,

@@ -24,8 +24,9 @@
 //! Deferred calls move through [`DeferredState`]: `pending` → `in_flight` (claimed by a replayer,
 //! [`Store::claim_due`]) → `delivered` | `pending` again (retry) | `failed`; the admin can retry
 //! a failed call or discard a pending or failed one. A crash leaves claimed calls `in_flight`,
-//! maybe sent, maybe not; [`Store::fail_in_flight`] at start-up marks them failed, so the admin,
-//! not the proxy, decides whether they go again.
+//! maybe sent, maybe not; [`Store::settle_in_flight`] at start-up marks them failed, so the
+//! admin, not the proxy, decides whether they go again (unless sending them twice does them
+//! once: idempotent methods go back to pending).
 //!
 //! # Security
 //!

@@ -475,18 +475,28 @@ fn fail_pending_fails_only_that_orgs_pending_calls() {
     assert_eq!(failed.last_error.as_deref(), Some("gone"));
 }
 
+const RESEND: [&str; 2] = ["PUT", "DELETE"];
+
 /// A call a crash left in flight may have reached Salesforce: at the next start it is failed
-/// for the admin (its error says why), not put back to be sent again.
+/// for the admin (its error says why), not put back to be sent again; unless its method is
+/// one of those sending twice does once, which goes back to pending.
 #[test]
 fn calls_in_flight_after_a_crash_are_failed_not_requeued() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("db");
-    let (claimed, waiting) = {
+    let (claimed, waiting, deleting) = {
         let store = Store::open(&path).unwrap();
         let claimed = store.defer(&call("acme", 1)).unwrap();
         let waiting = store.defer(&call("acme", 2)).unwrap();
         assert_eq!(store.claim_due("acme", 10_000, 1, &[]).unwrap().len(), 1);
-        (claimed, waiting)
+        let deleting = store
+            .defer(&NewDeferred {
+                method: "DELETE".to_owned(),
+                ..call("other", 3)
+            })
+            .unwrap();
+        assert_eq!(store.claim_due("other", 10_000, 1, &[]).unwrap().len(), 1);
+        (claimed, waiting, deleting)
         // Dropped without marking: the "crash".
     };
     let store = Store::open(&path).unwrap();
@@ -494,8 +504,15 @@ fn calls_in_flight_after_a_crash_are_failed_not_requeued() {
         store.get_deferred(claimed).unwrap().unwrap().state,
         DeferredState::InFlight
     );
-    assert_eq!(store.fail_in_flight("outcome unknown", 11_000).unwrap(), 1);
-    assert_eq!(store.fail_in_flight("outcome unknown", 11_000).unwrap(), 0);
+    let settle = || {
+        store
+            .settle_in_flight(&RESEND, "outcome unknown", 11_000)
+            .unwrap()
+    };
+    assert_eq!(settle(), (1, 1));
+    assert_eq!(settle(), (0, 0));
+    let again = store.get_deferred(deleting).unwrap().unwrap();
+    assert_eq!((again.state, again.attempts), (DeferredState::Pending, 1));
     let failed = store.get_deferred(claimed).unwrap().unwrap();
     assert_eq!(failed.state, DeferredState::Failed);
     assert_eq!(failed.last_error.as_deref(), Some("outcome unknown"));
@@ -519,7 +536,7 @@ fn a_call_refused_for_the_daily_limit_uses_no_attempt() {
     let id = store.defer(&call("acme", 1)).unwrap();
     store.claim_due("acme", 10_000, 1, &[]).unwrap();
     store
-        .mark_out_of_calls(id, "REQUEST_LIMIT_EXCEEDED", 12_000, 11_000)
+        .mark_waiting_for_budget(id, "REQUEST_LIMIT_EXCEEDED", 12_000, 11_000)
         .unwrap();
     let c = store.get_deferred(id).unwrap().unwrap();
     assert_eq!(c.state, DeferredState::Pending);
@@ -527,7 +544,7 @@ fn a_call_refused_for_the_daily_limit_uses_no_attempt() {
     assert_eq!(c.next_attempt_ms, 12_000);
     assert_eq!(c.last_error.as_deref(), Some("REQUEST_LIMIT_EXCEEDED"));
     // Only a call in flight can be refused.
-    assert!(store.mark_out_of_calls(id, "x", 0, 0).is_err());
+    assert!(store.mark_waiting_for_budget(id, "x", 0, 0).is_err());
 }
 
 /// An SRE's `sqlite3` beside the running proxy sees a deferred call as soon as it is stored.
@@ -585,7 +602,12 @@ fn deferred_calls_survive_an_abort() {
     assert_eq!(calls.len(), 2, "child output: {output:?}");
     assert_eq!(calls[1].state, DeferredState::InFlight);
     assert_eq!(calls[0].state, DeferredState::Pending);
-    assert_eq!(store.fail_in_flight("outcome unknown", 11_000).unwrap(), 1);
+    assert_eq!(
+        store
+            .settle_in_flight(&RESEND, "outcome unknown", 11_000)
+            .unwrap(),
+        (0, 1)
+    );
     assert!(store.retry_deferred(calls[1].id, 11_000).unwrap());
     let replay = store.claim_due("acme", 11_000, 10, &[]).unwrap();
     assert_eq!(replay.len(), 2);
