@@ -606,3 +606,64 @@ async fn a_queued_call_whose_client_hangs_up_is_recorded_once_as_a_client_error(
         "{lines:#?}"
     );
 }
+
+/// An exhausted org ends its exhaustion once Salesforce's budget is back, even while calls it
+/// does not count keep answering with usage reports (a monitor polling `/limits`, with
+/// `limits_endpoint = false`): those reports held the probe off for ever, every counted call
+/// refused. One of them, sent after the refusals, reporting budget, ends it by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uncounted_reports_do_not_keep_an_org_exhausted() {
+    let env = start(
+        SimOptions {
+            limit: 3,
+            used: 1,
+            count_limits: false,
+            ..Default::default()
+        },
+        "probe_interval = \"2s\"\n[org.counting]\nlimits_endpoint = false",
+        "[[integration]]\nid = \"a\"\norg = \"acme\"\nmatch = { path_prefix = \"/a\" }\n",
+    )
+    .await;
+    let http = &env.http;
+    let hook = |path: &str| format!("{}{path}", env.sim.url);
+    let call = format!("{}/a/services/data/v62.0/sobjects/Account/001", env.proxy);
+    let limits = format!("{}/a/services/data/v62.0/limits", env.proxy);
+    assert_eq!(http.get(&call, &[]).await.0, StatusCode::OK);
+    http.send(http::Method::POST, &hook("/_sim/external?n=5"), &[], "")
+        .await;
+    assert_eq!(http.get(&call, &[]).await.0, StatusCode::FORBIDDEN);
+    assert_eq!(env.usage().await["orgs"][0]["exhausted"], true);
+    // Polled while Salesforce still refuses: the org stays exhausted.
+    assert_eq!(http.get(&limits, &[]).await.0, StatusCode::OK);
+    assert_eq!(env.usage().await["orgs"][0]["exhausted"], true);
+    // Salesforce's budget comes back; the next poll's report says so.
+    http.send(http::Method::POST, &hook("/_sim/limit?n=1000"), &[], "")
+        .await;
+    assert_eq!(http.get(&limits, &[]).await.0, StatusCode::OK);
+    assert_eq!(env.usage().await["orgs"][0]["exhausted"], false);
+    assert_eq!(http.get(&call, &[]).await.0, StatusCode::OK);
+}
+
+/// A call no amount of waiting lets through (a batch of 11 against a quota of 10) is refused
+/// at once; in the `http429` style with a 413, as generic clients send a 429 again, for ever.
+#[tokio::test]
+async fn a_call_larger_than_the_quota_gets_413_in_the_http429_style() {
+    let env = start(
+        SimOptions::default(),
+        "",
+        "[[integration]]\nid = \"b\"\norg = \"acme\"\nmatch = { path_prefix = \"/b\" }\n\
+         quota = 10\nreject_style = \"http429\"\n",
+    )
+    .await;
+    let url = format!("{}/b/services/data/v62.0/composite/batch", env.proxy);
+    let json = [("content-type", "application/json")];
+    let (status, headers, body) = env
+        .http
+        .send(http::Method::POST, &url, &json, composite_batch(11))
+        .await;
+    let body = String::from_utf8_lossy(&body);
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
+    assert!(body.contains("can ever hold"), "{body}");
+    assert!(headers.get("retry-after").is_none());
+    assert_eq!(env.sim_count().await["used"], 0, "not sent");
+}

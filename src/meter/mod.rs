@@ -131,6 +131,10 @@ const CLAIMED: u64 = 1 << 63;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct Probe {
     exhaustion: bool,
+    /// The call was let through while the org was exhausted (a probe, or a call Salesforce
+    /// does not count, such as `/limits` a monitor polls): a usage report on its answer is
+    /// Salesforce's figure of after the refusals began.
+    after_refusals: bool,
     /// The time its claim set for the next probe (`next_probe_ms`); 0: the call is no probe.
     next_ms: u64,
 }
@@ -370,12 +374,16 @@ impl OrgMeter {
         }
         self.report_at_ms.store(now_ms, Ordering::Release);
         self.reported_limit.store(report.limit, Ordering::Relaxed);
-        // Fresh news: a probe for the next one is due an interval from now.
-        self.next_probe_ms
-            .store(now_ms + self.probe_interval_ms(), Ordering::Release);
+        // Fresh news: a probe for the next one is due an interval from now. Not while
+        // exhausted: that probe's time is the exhaustion's (reports of calls Salesforce does
+        // not count, polled more often than the interval, would hold it off for ever).
+        if !self.is_exhausted() {
+            self.next_probe_ms
+                .store(now_ms + self.probe_interval_ms(), Ordering::Release);
+        }
         // Not the end of an exhaustion, however low the figure: the response may be the late
         // answer of a call sent before Salesforce began refusing, carrying the figure of then.
-        // Only a probe's answer says budget is back (`observe_success`).
+        // Only the answer of a call sent after says budget is back (`observe_answer`).
         self.signal_freed();
     }
 
@@ -405,11 +413,25 @@ impl OrgMeter {
         self.budget.load().probe_interval.as_millis() as u64
     }
 
-    /// A counted call got an ordinary answer, or a report of usage below the limit: if it was
-    /// sent after Salesforce began refusing (a probe), whatever budget was missing is back.
+    /// A counted call got an ordinary answer: if it was sent after Salesforce began refusing
+    /// (a probe), whatever budget was missing is back.
     pub fn observe_success(&self, call: &Ticket) {
-        if call.probe.exhaustion && self.exhausted.load(Ordering::Relaxed) {
-            self.exhausted.store(false, Ordering::Relaxed);
+        if call.probe.exhaustion {
+            self.end_exhaustion();
+        }
+    }
+
+    /// A call's answer reported `report` (already taken in by `observe_report`): a figure
+    /// below the limit on a call sent after Salesforce began refusing, counted or not, says
+    /// budget is back.
+    pub fn observe_answer(&self, call: &Ticket, report: UsageReport) {
+        if call.probe.after_refusals && report.used < report.limit {
+            self.end_exhaustion();
+        }
+    }
+
+    fn end_exhaustion(&self) {
+        if self.exhausted.swap(false, Ordering::AcqRel) {
             self.signal_freed();
         }
     }
@@ -424,6 +446,7 @@ impl OrgMeter {
         if self.is_exhausted() {
             return self.probe(units, minute).map(|next_ms| Probe {
                 exhaustion: true,
+                after_refusals: true,
                 next_ms,
             });
         }
@@ -462,8 +485,8 @@ impl OrgMeter {
             if let Some(next_ms) = self.estimate_probe_due() {
                 self.count(units, minute);
                 return Ok(Probe {
-                    exhaustion: false,
                     next_ms,
+                    ..Probe::default()
                 });
             }
         }
@@ -745,11 +768,15 @@ impl IntegrationMeter {
             }
         }
         if units == 0 {
+            let probe = Probe {
+                after_refusals: self.org.is_exhausted(),
+                ..Probe::default()
+            };
             return Verdict::Forward(Ticket {
                 units,
                 minute,
                 in_flight,
-                probe: Probe::default(),
+                probe,
             });
         }
         if let Some(rate) = budget.rate {
@@ -1233,6 +1260,31 @@ mod tests {
         let old: OrgState =
             serde_json::from_str(r#"{"exhausted":false,"reported_limit":15000}"#).expect("old");
         assert_eq!((old.report, old.debugging.len()), (None, 0));
+    }
+
+    /// While exhausted, reports on calls Salesforce does not count (a monitor polling
+    /// `/limits`) do not hold the probe off; and such a call sent after the refusals began
+    /// reporting usage below the limit says budget is back, as a probe's answer does.
+    #[tokio::test(start_paused = true)]
+    async fn uncounted_calls_neither_hold_off_the_probe_nor_leave_the_org_exhausted() {
+        let (org, m) = setup("probe_interval = \"1m\"", &integration("a", ""));
+        let sent_before = forwarded(m[0].decide(0));
+        org.observe_exhausted();
+        for _ in 0..4 {
+            tokio::time::advance(Duration::from_secs(15)).await;
+            org.observe_report(report(15_000, 15_000)); // polled, still out of calls
+        }
+        let probe = forwarded(m[0].decide(1));
+        assert!(org.is_exhausted());
+        // A late answer of a call sent before the refusals: nothing.
+        org.observe_report(report(10, 15_000));
+        org.observe_answer(&sent_before, report(10, 15_000));
+        assert!(org.is_exhausted());
+        drop(probe);
+        let polled = forwarded(m[0].decide(0));
+        org.observe_report(report(10, 15_000));
+        org.observe_answer(&polled, report(10, 15_000));
+        assert!(!org.is_exhausted(), "budget is back");
     }
 
     /// Stopped by its estimate, an org's calls are told to come back when the next probe is

@@ -42,9 +42,7 @@ pub fn response(
             Ok(report) => {
                 org.meter.observe_report(report);
                 org.metrics.usage_report(true);
-                if report.used < report.limit {
-                    org.meter.observe_success(call);
-                }
+                org.meter.observe_answer(call, report);
             }
             Err(e) => {
                 tracing::debug!(org = org.metrics.label(), error = %e, "ignoring malformed Sforce-Limit-Info");
