@@ -607,13 +607,14 @@ async fn slow_on_the_deferred_call() -> (String, Arc<Mutex<Vec<String>>>) {
     .await
 }
 
-/// The proxy (`DEFER`, its store in `dir`) in front of `upstream`: a live call takes the rate's
-/// token, the next is deferred, and its replay has reached the origin (`seen`). Returns the
-/// server, its config, the store's path and the deferred call's id.
+/// The proxy (`DEFER`, its store in `dir`, `shutdown_grace` as given) in front of `upstream`:
+/// a live call takes the rate's token, the next is deferred, and its replay has reached the
+/// origin (`seen`). Returns the server, its config, the store's path and the deferred call's id.
 async fn a_deferred_call_on_its_way(
     upstream: &str,
     dir: &Path,
     seen: &Mutex<Vec<String>>,
+    grace: &str,
 ) -> (
     app::Server,
     config::Config,
@@ -621,10 +622,12 @@ async fn a_deferred_call_on_its_way(
     callmeter::store::DeferredId,
 ) {
     let db = dir.join("callmeter.db");
-    // A grace far above the origin's 800 ms: a loaded machine must not cut the replay off.
     let toml = config_text(upstream, "", DEFER)
         .replace("STORE_PATH", &db.display().to_string())
-        .replace(r#"shutdown_grace = "2s""#, r#"shutdown_grace = "20s""#);
+        .replace(
+            r#"shutdown_grace = "2s""#,
+            &format!("shutdown_grace = {grace:?}"),
+        );
     let cfg = config::parse(&toml, Path::new("test.toml")).expect("config");
     let http = Http::new();
     let server = app::start(&cfg).await.expect("start");
@@ -656,7 +659,9 @@ async fn a_deferred_call_on_its_way(
 async fn a_graceful_shutdown_during_a_replay_does_not_send_the_call_twice() {
     let (upstream, seen) = slow_on_the_deferred_call().await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let (server, cfg, db, id) = a_deferred_call_on_its_way(&upstream, dir.path(), &seen).await;
+    // A grace far above the origin's 800 ms: a loaded machine must not cut the replay off.
+    let (server, cfg, db, id) =
+        a_deferred_call_on_its_way(&upstream, dir.path(), &seen, "20s").await;
     // The replay is on its way to Salesforce: now the SRE restarts the proxy.
     server.shutdown().await;
     let after_shutdown = callmeter::store::Store::open(&db)
@@ -685,7 +690,7 @@ async fn a_graceful_shutdown_during_a_replay_does_not_send_the_call_twice() {
 async fn a_replay_outcome_is_recorded_once_the_store_is_writable_again() {
     let (upstream, seen) = slow_on_the_deferred_call().await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let (server, _, db, id) = a_deferred_call_on_its_way(&upstream, dir.path(), &seen).await;
+    let (server, _, db, id) = a_deferred_call_on_its_way(&upstream, dir.path(), &seen, "20s").await;
     // While Salesforce answers, someone holds the store's write lock for 6 s.
     let locker = {
         let db = db.clone();
@@ -866,38 +871,28 @@ async fn calls_of_an_org_no_longer_deferring_are_marked_failed_at_start() {
     );
 }
 
-/// A replayed call can be the probe of an exhausted org: when Salesforce takes it, the org is
-/// no longer exhausted (a success without a usage report said nothing before, so the org
-/// stayed closed to live calls until a report came).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_replay_that_probes_an_exhausted_org_ends_the_exhaustion() {
-    let (upstream, _seen) = origin(|body: String, _n, _headers| async move {
-        if body.contains("Live") {
-            return http::Response::builder()
-                .status(403)
-                .header("content-type", "application/json")
-                .body(Full::new(Bytes::from_static(
-                    br#"[{"message":"TotalRequests Limit exceeded.","errorCode":"REQUEST_LIMIT_EXCEEDED"}]"#,
-                )))
-                .expect("response");
-        }
-        // Taken, without a usage report.
-        http::Response::builder()
-            .status(201)
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from_static(br#"{"success":true}"#)))
-            .expect("response")
-    })
-    .await;
+/// Salesforce's answer when the org is out of calls for the day.
+fn limit_exceeded() -> http::Response<Full<Bytes>> {
+    http::Response::builder()
+        .status(403)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from_static(
+            br#"[{"message":"TotalRequests Limit exceeded.","errorCode":"REQUEST_LIMIT_EXCEEDED"}]"#,
+        )))
+        .expect("response")
+}
+
+/// A deferring integration `d` (with `extra` keys) in front of `upstream`, probing every
+/// second, whose first live call Salesforce refused for the daily limit: the org is exhausted.
+/// The env and the Contact URL.
+async fn exhausted_by_salesforce(upstream: &str, extra: &str) -> (Env, String) {
     let sim = sim::spawn(SimOptions::default()).await.expect("sim");
-    let integration =
-        "[[integration]]\nid = \"d\"\norg = \"acme\"\nmatch = { path_prefix = \"/d\" }\n\
-                       on_limit = \"defer\"\n";
-    let env = start_with(
-        sim,
-        &config_text(&upstream, r#"probe_interval = "1s""#, integration),
-    )
-    .await;
+    let integration = format!(
+        "[[integration]]\nid = \"d\"\norg = \"acme\"\nmatch = {{ path_prefix = \"/d\" }}\n\
+         on_limit = \"defer\"\n{extra}"
+    );
+    let org = r#"probe_interval = "1s""#;
+    let env = start_with(sim, &config_text(upstream, org, &integration)).await;
     let url = format!("{}/d/services/data/v62.0/sobjects/Contact", env.proxy);
     let (status, _, _) = env
         .http
@@ -908,6 +903,27 @@ async fn a_replay_that_probes_an_exhausted_org_ends_the_exhaustion() {
         StatusCode::FORBIDDEN,
         "Salesforce's own limit error"
     );
+    (env, url)
+}
+
+/// A replayed call can be the probe of an exhausted org: when Salesforce takes it, the org is
+/// no longer exhausted (a success without a usage report said nothing before, so the org
+/// stayed closed to live calls until a report came).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_that_probes_an_exhausted_org_ends_the_exhaustion() {
+    let (upstream, _seen) = origin(|body: String, _n, _headers| async move {
+        if body.contains("Live") {
+            return limit_exceeded();
+        }
+        // Taken, without a usage report.
+        http::Response::builder()
+            .status(201)
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from_static(br#"{"success":true}"#)))
+            .expect("response")
+    })
+    .await;
+    let (env, url) = exhausted_by_salesforce(&upstream, "").await;
     assert_eq!(env.usage().await["orgs"][0]["exhausted"], true);
     deferred(&env.http, &url, &[], r#"{"LastName":"Deferred"}"#).await;
     eventually(15, "the replay's success ended the exhaustion", || async {
@@ -993,35 +1009,9 @@ async fn a_limited_call_with_trailers_is_refused_not_stored_without_them() {
 /// `max_attempts` probes, 8 = 40 min at the defaults).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deferred_call_waits_out_an_exhausted_org_without_using_attempts() {
-    let (upstream, seen) = origin(|_body: String, _n, _headers| async move {
-        http::Response::builder()
-            .status(403)
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from_static(
-                br#"[{"message":"TotalRequests Limit exceeded.","errorCode":"REQUEST_LIMIT_EXCEEDED"}]"#,
-            )))
-            .expect("response")
-    })
-    .await;
-    let sim = sim::spawn(SimOptions::default()).await.expect("sim");
-    let integration =
-        "[[integration]]\nid = \"d\"\norg = \"acme\"\nmatch = { path_prefix = \"/d\" }\n\
-         on_limit = \"defer\"\ndefer = { max_attempts = 3 }\n";
-    let env = start_with(
-        sim,
-        &config_text(&upstream, r#"probe_interval = "1s""#, integration),
-    )
-    .await;
-    let url = format!("{}/d/services/data/v62.0/sobjects/Contact", env.proxy);
-    let (status, _, _) = env
-        .http
-        .send(Method::POST, &url, &[], r#"{"LastName":"Live"}"#)
-        .await;
-    assert_eq!(
-        status,
-        StatusCode::FORBIDDEN,
-        "Salesforce's own limit error"
-    );
+    let (upstream, seen) =
+        origin(|_body: String, _n, _headers| async move { limit_exceeded() }).await;
+    let (env, url) = exhausted_by_salesforce(&upstream, "defer = { max_attempts = 3 }\n").await;
     let accepted = deferred(&env.http, &url, &[], r#"{"LastName":"Deferred"}"#).await;
     let status_url = accepted["status_url"]
         .as_str()
@@ -1187,40 +1177,17 @@ async fn a_replay_cut_off_by_shutdown_is_failed_at_the_next_start_not_sent_again
     })
     .await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let db = dir.path().join("callmeter.db");
-    let toml = config_text(&upstream, "", DEFER)
-        .replace("STORE_PATH", &db.display().to_string())
-        .replace(r#"shutdown_grace = "2s""#, r#"shutdown_grace = "200ms""#);
-    let cfg = config::parse(&toml, Path::new("test.toml")).expect("config");
-    let http = Http::new();
-    let server = app::start(&cfg).await.expect("start");
-    let url = format!(
-        "http://{}/d/services/data/v62.0/sobjects/Contact",
-        server.listener("main").expect("main")
-    );
-    let live = http
-        .send(Method::POST, &url, &[], r#"{"LastName":"Live"}"#)
-        .await;
-    assert_eq!(live.0, StatusCode::CREATED);
-    let accepted = deferred(&http, &url, &[], r#"{"LastName":"Deferred"}"#).await;
-    let id = callmeter::store::DeferredId(accepted["id"].as_str().expect("id").parse().expect("n"));
-    eventually(10, "the replay reached the origin", || async {
-        count(&seen, r#"{"LastName":"Deferred"}"#) == 1
-    })
-    .await;
+    let (server, cfg, db, id) =
+        a_deferred_call_on_its_way(&upstream, dir.path(), &seen, "200ms").await;
     server.shutdown().await;
-    let read = || {
-        callmeter::store::Store::open_read_only(&db)
-            .expect("store")
-            .get_deferred(id)
-            .expect("read")
-            .expect("the call")
-    };
-    assert_eq!(read().state, callmeter::store::DeferredState::InFlight);
+    assert_eq!(
+        stored(&db, id).state,
+        callmeter::store::DeferredState::InFlight
+    );
 
     let server = app::start(&cfg).await.expect("restart");
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let call = read();
+    let call = stored(&db, id);
     let sends = count(&seen, r#"{"LastName":"Deferred"}"#);
     server.shutdown().await;
     assert_eq!(sends, 1, "Salesforce got the deferred call {sends} times");
@@ -1274,6 +1241,47 @@ async fn a_call_larger_than_the_quota_is_refused_not_deferred() {
     assert!(metrics.contains(r#"outcome="rejected"} 1"#), "{metrics}");
 }
 
+/// A deferring integration `d` with `quota`, its store on disk at `db` (kept over restarts).
+fn deferring_with_quota(sim: &str, db: &Path, quota: u64) -> config::Config {
+    let integration = format!(
+        "[[integration]]\nid = \"d\"\norg = \"acme\"\nmatch = {{ path_prefix = \"/d\" }}\n\
+         quota = {quota}\non_limit = \"defer\"\n"
+    );
+    let toml = config_text(sim, "", &integration).replace("STORE_PATH", &db.display().to_string());
+    config::parse(&toml, Path::new("test.toml")).expect("config")
+}
+
+/// Spends one call of `d`'s quota on `server`, then defers `body` to `resource` (which the
+/// test expects limited): the deferred call's id.
+async fn one_call_then_deferred(
+    server: &app::Server,
+    resource: &str,
+    body: String,
+) -> callmeter::store::DeferredId {
+    let http = Http::new();
+    let base = format!(
+        "http://{}/d/services/data/v62.0",
+        server.listener("main").expect("main")
+    );
+    let json = [("content-type", "application/json")];
+    let contact = format!("{base}/sobjects/Contact");
+    let one = http
+        .send(Method::POST, &contact, &json, r#"{"LastName":"A"}"#)
+        .await;
+    assert_eq!(one.0, StatusCode::CREATED);
+    let accepted = deferred(&http, &format!("{base}/{resource}"), &json, body).await;
+    callmeter::store::DeferredId(accepted["id"].as_str().expect("id").parse().expect("n"))
+}
+
+/// Call `id` as the store holds it, read beside the running proxy.
+fn stored(db: &Path, id: callmeter::store::DeferredId) -> callmeter::store::DeferredCall {
+    callmeter::store::Store::open_read_only(db)
+        .expect("store")
+        .get_deferred(id)
+        .expect("read")
+        .expect("the call")
+}
+
 /// A stored call that a restart with a smaller quota makes larger than the quota now holds
 /// waits, saying why and using no attempt, and goes once a reload grows the quota back: it was
 /// acknowledged with a 202, and the budget is the admin's to change.
@@ -1282,49 +1290,18 @@ async fn a_stored_call_larger_than_a_shrunk_quota_waits_for_it_to_grow() {
     let sim = sim::spawn(SimOptions::default()).await.expect("sim");
     let dir = tempfile::tempdir().expect("tempdir");
     let db = dir.path().join("callmeter.db");
-    let with = |quota: u64| {
-        let integration = format!(
-            "[[integration]]\nid = \"d\"\norg = \"acme\"\nmatch = {{ path_prefix = \"/d\" }}\n\
-             quota = {quota}\non_limit = \"defer\"\n"
-        );
-        let toml = config_text(&sim.url, "", &integration)
-            .replace("STORE_PATH", &db.display().to_string());
-        config::parse(&toml, Path::new("test.toml")).expect("config")
-    };
-    let http = Http::new();
+    let with = |quota| deferring_with_quota(&sim.url, &db, quota);
     let server = app::start(&with(6)).await.expect("start");
-    let base = format!(
-        "http://{}/d/services/data/v62.0",
-        server.listener("main").expect("main")
-    );
-    let json = [("content-type", "application/json")];
-    let one = http
-        .send(
-            Method::POST,
-            &format!("{base}/sobjects/Contact"),
-            &json,
-            r#"{"LastName":"A"}"#,
-        )
-        .await;
-    assert_eq!(one.0, StatusCode::CREATED);
     // 1 + 6 > 6, but 6 fits the quota once the first call ages out: stored.
-    let accepted = deferred(&http, &format!("{base}/composite/batch"), &json, batch(6)).await;
-    let id = callmeter::store::DeferredId(accepted["id"].as_str().expect("id").parse().expect("n"));
+    let id = one_call_then_deferred(&server, "composite/batch", batch(6)).await;
     server.shutdown().await;
 
     let server = app::start(&with(3)).await.expect("restart");
-    let read = || {
-        callmeter::store::Store::open_read_only(&db)
-            .expect("store")
-            .get_deferred(id)
-            .expect("read")
-            .expect("the call")
-    };
     eventually(10, "the call says why it waits", || async {
-        read().last_error.is_some()
+        stored(&db, id).last_error.is_some()
     })
     .await;
-    let call = read();
+    let call = stored(&db, id);
     assert_eq!(
         call.state,
         callmeter::store::DeferredState::Pending,
@@ -1339,7 +1316,7 @@ async fn a_stored_call_larger_than_a_shrunk_quota_waits_for_it_to_grow() {
     );
     server.reload(&with(20));
     eventually(20, "the call delivered", || async {
-        read().state == callmeter::store::DeferredState::Delivered
+        stored(&db, id).state == callmeter::store::DeferredState::Delivered
     })
     .await;
     server.shutdown().await;
@@ -1353,40 +1330,15 @@ async fn a_paused_integrations_stored_calls_wait_out_the_pause() {
     let sim = sim::spawn(SimOptions::default()).await.expect("sim");
     let dir = tempfile::tempdir().expect("tempdir");
     let db = dir.path().join("callmeter.db");
-    let with = |quota: u64| {
-        let integration = format!(
-            "[[integration]]\nid = \"d\"\norg = \"acme\"\nmatch = {{ path_prefix = \"/d\" }}\n\
-             quota = {quota}\non_limit = \"defer\"\n"
-        );
-        let toml = config_text(&sim.url, "", &integration)
-            .replace("STORE_PATH", &db.display().to_string());
-        config::parse(&toml, Path::new("test.toml")).expect("config")
-    };
-    let http = Http::new();
+    let with = |quota| deferring_with_quota(&sim.url, &db, quota);
     let server = app::start(&with(1)).await.expect("start");
-    let url = format!(
-        "http://{}/d/services/data/v62.0/sobjects/Contact",
-        server.listener("main").expect("main")
-    );
-    let json = [("content-type", "application/json")];
-    let one = http
-        .send(Method::POST, &url, &json, r#"{"LastName":"A"}"#)
-        .await;
-    assert_eq!(one.0, StatusCode::CREATED);
-    let accepted = deferred(&http, &url, &json, r#"{"LastName":"B"}"#).await;
-    let id = callmeter::store::DeferredId(accepted["id"].as_str().expect("id").parse().expect("n"));
+    let body = r#"{"LastName":"B"}"#.to_owned();
+    let id = one_call_then_deferred(&server, "sobjects/Contact", body).await;
     server.reload(&with(0));
     tokio::time::sleep(Duration::from_secs(1)).await;
     server.reload(&with(100));
-    let read = || {
-        callmeter::store::Store::open_read_only(&db)
-            .expect("store")
-            .get_deferred(id)
-            .expect("read")
-            .expect("the call")
-    };
     eventually(10, "the call delivered", || async {
-        read().state == callmeter::store::DeferredState::Delivered
+        stored(&db, id).state == callmeter::store::DeferredState::Delivered
     })
     .await;
     server.shutdown().await;
