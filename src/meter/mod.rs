@@ -372,6 +372,11 @@ impl OrgMeter {
                 Err(actual) => current = actual,
             }
         }
+        self.accepted(report, now_ms);
+    }
+
+    /// Bookkeeping of a report just stored in `report`.
+    fn accepted(&self, report: UsageReport, now_ms: u64) {
         self.report_at_ms.store(now_ms, Ordering::Release);
         self.reported_limit.store(report.limit, Ordering::Relaxed);
         // Fresh news: a probe for the next one is due an interval from now. Not while
@@ -421,11 +426,17 @@ impl OrgMeter {
         }
     }
 
-    /// A call's answer reported `report` (already taken in by `observe_report`): a figure
+    /// A call's answer reported `report` (already offered to `observe_report`): a figure
     /// below the limit on a call sent after Salesforce began refusing, counted or not, says
-    /// budget is back.
+    /// budget is back. It is then Salesforce's figure of now, lower or not than the estimate
+    /// the refusals left (which `observe_report` keeps over a lower figure for a minute).
     pub fn observe_answer(&self, call: &Ticket, report: UsageReport) {
-        if call.probe.after_refusals && report.used < report.limit {
+        if call.probe.after_refusals && report.used < report.limit && self.is_exhausted() {
+            let used = report.used.min(u64::from(u32::MAX)) as u32;
+            let mark = self.window.added() as u32;
+            self.report
+                .store(pack_report(used, mark), Ordering::Release);
+            self.accepted(report, self.clock.unix_ms().max(1));
             self.end_exhaustion();
         }
     }
@@ -1285,6 +1296,33 @@ mod tests {
         org.observe_report(report(10, 15_000));
         org.observe_answer(&polled, report(10, 15_000));
         assert!(!org.is_exhausted(), "budget is back");
+    }
+
+    /// A report that ends an exhaustion is also the figure calls are decided on: polls while
+    /// exhausted reported the limit (kept fresh), then one reports 100 calls aged out. The
+    /// figure was dropped as "lower than a fresh estimate": the org read not exhausted, yet its
+    /// next call was refused on the at-limit estimate, told to wait out the probe interval.
+    #[tokio::test(start_paused = true)]
+    async fn a_report_that_ends_an_exhaustion_lets_calls_through() {
+        let (org, m) = setup(
+            "daily_limit = 15000\nreserve = 0\nprobe_interval = \"5m\"",
+            &integration("a", ""),
+        );
+        org.observe_exhausted();
+        for _ in 0..4 {
+            tokio::time::advance(Duration::from_secs(15)).await;
+            let polled = forwarded(m[0].decide(0));
+            org.observe_report(report(15_000, 15_000));
+            org.observe_answer(&polled, report(15_000, 15_000));
+        }
+        assert!(org.is_exhausted());
+        tokio::time::advance(Duration::from_secs(15)).await;
+        let polled = forwarded(m[0].decide(0));
+        org.observe_report(report(14_900, 15_000));
+        org.observe_answer(&polled, report(14_900, 15_000));
+        assert!(!org.is_exhausted(), "budget is back");
+        assert_eq!(org.used(), 14_900);
+        let _ = forwarded(m[0].decide(1));
     }
 
     /// Stopped by its estimate, an org's calls are told to come back when the next probe is
