@@ -140,9 +140,10 @@ impl DeferralsBuilder {
         tasks: &mut tokio::task::JoinSet<()>,
     ) -> Result<Arc<Deferrals>, StoreError> {
         let store = self.store.clone();
-        let (again, unknown) =
-            blocking(move || store.settle_in_flight(&IDEMPOTENT, IN_FLIGHT_AT_START, now_ms()))
-                .await?;
+        let (again, unknown) = blocking(move || {
+            store.settle_in_flight(&IDEMPOTENT, APEX_REST, IN_FLIGHT_AT_START, now_ms())
+        })
+        .await?;
         if again > 0 {
             tracing::info!(
                 calls = again,
@@ -382,7 +383,12 @@ async fn replay(
             // since. It waits, without using an attempt, for the budget to grow back (or the
             // admin to discard it), and lets the calls behind it go meanwhile.
             let error = oversized.to_string();
-            tracing::warn!(id = %call.id, %error, "deferred call larger than its budget now; it waits for the budget to grow");
+            // Once per call and reason: it is looked at again every `OVERSIZED_RECHECK`.
+            if call.last_error.as_deref() == Some(error.as_str()) {
+                tracing::debug!(id = %call.id, %error, "deferred call still larger than its budget");
+            } else {
+                tracing::warn!(id = %call.id, %error, "deferred call larger than its budget now; it waits for the budget to grow");
+            }
             let (s, id) = (store.clone(), call.id);
             let at = now_ms() + OVERSIZED_RECHECK.as_millis() as u64;
             record(&stop, id, move || {
@@ -541,9 +547,17 @@ enum Sent {
 /// PATCH and POST are not, Salesforce's upserts by external id aside.
 const IDEMPOTENT: [&str; 6] = ["GET", "HEAD", "PUT", "DELETE", "OPTIONS", "TRACE"];
 
-fn idempotent(method: &str) -> bool {
-    IDEMPOTENT.contains(&method)
+/// Whether a stored call can be sent again when its outcome is unknown: an idempotent method,
+/// except on Apex REST, whose `@HttpGet`, `@HttpPut` and `@HttpDelete` run the org's own
+/// code, which owes HTTP nothing.
+fn idempotent(call: &DeferredCall) -> bool {
+    let path = call.path_and_query.split('?').next().unwrap_or_default();
+    IDEMPOTENT.contains(&call.method.as_str())
+        && salesforce::classify(&Method::GET, path) != salesforce::CallKind::ApexRest
 }
+
+/// What Apex REST paths hold, for the store to tell them apart (see `idempotent`).
+const APEX_REST: &str = "/services/apexrest/";
 
 /// How a send whose outcome is unknown is described to the admin.
 fn unknown(what: &str) -> String {
@@ -570,7 +584,7 @@ async fn send(
         // Only a shutdown drops a replay midway, and the call stays stored: nothing to watch.
         Ok(req) => match r.upstream.send(false, req, &Handover::default()).await {
             Ok(resp) => {
-                let sent = answer(r, resp).await;
+                let sent = answer(r, resp, &ticket).await;
                 match &sent {
                     // A replay may be the probe of an exhausted org: its success ends that.
                     Sent::Delivered(status, _) if (200..300).contains(status) => {
@@ -604,9 +618,7 @@ async fn send(
     let attempt = call.attempts + 1;
     let s = store.clone();
     let outcome = match outcome {
-        Sent::Unknown(what, status, body) if idempotent(&call.method) => {
-            Sent::Retry(what, status, body)
-        }
+        Sent::Unknown(what, status, body) if idempotent(&call) => Sent::Retry(what, status, body),
         outcome => outcome,
     };
     match outcome {
@@ -673,7 +685,13 @@ fn build_request(r: &OrgReplayer, call: &DeferredCall) -> Result<Request<Request
 }
 
 /// Reads an upstream answer: usage report, limit errors, and what to keep for the status URL.
-async fn answer(r: &OrgReplayer, resp: http::Response<crate::proxy::UpstreamBody>) -> Sent {
+/// `call`: the replay's ticket (a probe of an exhausted org, maybe: a report of budget on its
+/// answer ends the exhaustion, as on a live call's).
+async fn answer(
+    r: &OrgReplayer,
+    resp: http::Response<crate::proxy::UpstreamBody>,
+    call: &Ticket,
+) -> Sent {
     let (parts, body) = resp.into_parts();
     if let Some(report) = parts
         .headers
@@ -681,6 +699,7 @@ async fn answer(r: &OrgReplayer, resp: http::Response<crate::proxy::UpstreamBody
         .and_then(|v| salesforce::parse_limit_info(v.as_bytes()).ok())
     {
         r.meter.observe_report(report);
+        r.meter.observe_answer(call, report);
     }
     let status = parts.status;
     let timeout = r.upstream.response_timeout();
@@ -718,6 +737,7 @@ async fn answer(r: &OrgReplayer, resp: http::Response<crate::proxy::UpstreamBody
     scanner.finish();
     if let Some(report) = scanner.report() {
         r.meter.observe_report(report);
+        r.meter.observe_answer(call, report);
     }
     match scanner.limit_exceeded() {
         Some(LimitExceeded::Daily) => {

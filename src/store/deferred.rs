@@ -336,12 +336,14 @@ impl Store {
     /// Settles every in-flight call at start-up, before any replayer runs: a call left in
     /// flight by a crash (or a shutdown that cut its send off) may or may not have reached
     /// Salesforce (attempts + 1: it was most likely sent). One whose method is in `resend`
-    /// (idempotent: sending it twice does it once) goes back to pending; any other is marked
-    /// failed with `error`, as sending it again could apply a write twice: the admin decides.
-    /// Returns `(pending again, failed)`.
+    /// (idempotent: sending it twice does it once) and whose path does not hold `except`
+    /// (ASCII case aside) goes back to pending; any other is marked failed with `error`, as
+    /// sending it again could apply a write twice: the admin decides. Returns `(pending again,
+    /// failed)`.
     pub fn settle_in_flight(
         &self,
         resend: &[&str],
+        except: &str,
         error: &str,
         now_ms: u64,
     ) -> Result<(usize, usize), StoreError> {
@@ -350,8 +352,9 @@ impl Store {
         let resend = serde_json::to_string(resend).unwrap_or_else(|_| "[]".to_owned());
         let again = tx.execute(
             "UPDATE deferred SET state = 'pending', attempts = attempts + 1, updated_ms = ?1 \
-             WHERE state = 'in_flight' AND method IN (SELECT value FROM json_each(?2))",
-            params![sql_ms(now_ms), resend],
+             WHERE state = 'in_flight' AND method IN (SELECT value FROM json_each(?2)) \
+             AND instr(lower(path_and_query), lower(?3)) = 0",
+            params![sql_ms(now_ms), resend, except],
         )?;
         let failed = tx.execute(
             "UPDATE deferred SET state = 'failed', attempts = attempts + 1, updated_ms = ?1, \

@@ -484,7 +484,7 @@ const RESEND: [&str; 2] = ["PUT", "DELETE"];
 fn calls_in_flight_after_a_crash_are_failed_not_requeued() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("db");
-    let (claimed, waiting, deleting) = {
+    let (claimed, waiting, deleting, apex) = {
         let store = Store::open(&path).unwrap();
         let claimed = store.defer(&call("acme", 1)).unwrap();
         let waiting = store.defer(&call("acme", 2)).unwrap();
@@ -496,7 +496,16 @@ fn calls_in_flight_after_a_crash_are_failed_not_requeued() {
             })
             .unwrap();
         assert_eq!(store.claim_due("other", 10_000, 1, &[]).unwrap().len(), 1);
-        (claimed, waiting, deleting)
+        // An Apex REST DELETE runs the org's own code: not taken for idempotent.
+        let apex = store
+            .defer(&NewDeferred {
+                method: "DELETE".to_owned(),
+                path_and_query: "/services/ApexRest/Cleanup/1".to_owned(),
+                ..call("apex", 4)
+            })
+            .unwrap();
+        assert_eq!(store.claim_due("apex", 10_000, 1, &[]).unwrap().len(), 1);
+        (claimed, waiting, deleting, apex)
         // Dropped without marking: the "crash".
     };
     let store = Store::open(&path).unwrap();
@@ -506,11 +515,15 @@ fn calls_in_flight_after_a_crash_are_failed_not_requeued() {
     );
     let settle = || {
         store
-            .settle_in_flight(&RESEND, "outcome unknown", 11_000)
+            .settle_in_flight(&RESEND, "/apexrest/", "outcome unknown", 11_000)
             .unwrap()
     };
-    assert_eq!(settle(), (1, 1));
+    assert_eq!(settle(), (1, 2));
     assert_eq!(settle(), (0, 0));
+    assert_eq!(
+        store.get_deferred(apex).unwrap().unwrap().state,
+        DeferredState::Failed
+    );
     let again = store.get_deferred(deleting).unwrap().unwrap();
     assert_eq!((again.state, again.attempts), (DeferredState::Pending, 1));
     let failed = store.get_deferred(claimed).unwrap().unwrap();
@@ -604,7 +617,7 @@ fn deferred_calls_survive_an_abort() {
     assert_eq!(calls[0].state, DeferredState::Pending);
     assert_eq!(
         store
-            .settle_in_flight(&RESEND, "outcome unknown", 11_000)
+            .settle_in_flight(&RESEND, "/apexrest/", "outcome unknown", 11_000)
             .unwrap(),
         (0, 1)
     );
