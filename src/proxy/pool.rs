@@ -1406,4 +1406,44 @@ mod tests {
         let read = body.collect().await.expect("the whole body").to_bytes();
         assert_eq!(read.len(), 112);
     }
+
+    /// A client that reads slowly stops the proxy polling upstream: the read timeout does
+    /// not cut a healthy body then. The body is armed (it waits for
+    /// upstream first), then its consumer pauses for more than the timeout between frames
+    /// while upstream has the rest ready.
+    #[tokio::test]
+    async fn a_slowly_read_body_is_not_cut_off() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        const LEN: usize = 4 << 20;
+        tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    let _ = tcp.read(&mut buf).await;
+                    let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {LEN}\r\n\r\n");
+                    let _ = tcp.write_all(head.as_bytes()).await;
+                    tokio::time::sleep(Duration::from_millis(100)).await; // the body waits once
+                    let _ = tcp.write_all(&vec![b'x'; LEN]).await;
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                });
+            }
+        });
+        let host = slow_host(addr, Duration::from_millis(300));
+        let resp = host.send(get("/"), &Handover::default()).await;
+        let mut body = resp.expect("response head").into_body();
+        let mut read = 0;
+        let mut frames = 0;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.expect("a slowly read body is not cut off");
+            read += frame.into_data().map(|d| d.len()).unwrap_or(0);
+            frames += 1;
+            if frames <= 4 {
+                // The client is slow: nobody polls upstream for longer than the timeout.
+                tokio::time::sleep(Duration::from_millis(700)).await;
+            }
+        }
+        assert_eq!(read, LEN);
+        assert!(body.stall.is_some(), "the timer was armed");
+    }
 }
