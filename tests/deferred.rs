@@ -131,6 +131,11 @@ async fn limited_calls_are_stored_answered_202_and_replayed() {
             .get(status_url, &[("authorization", "Bearer someone-else")])
             .await;
         assert_eq!(status, StatusCode::NOT_FOUND);
+        // A status URL as handed out before URLs were tagged reads it with the call's own
+        // credentials, and only with them.
+        let (untagged, _) = status_url.rsplit_once('.').expect("a tag");
+        assert_eq!(status_of(&env.http, untagged).await["state"], "delivered");
+        assert_eq!(env.http.get(untagged, &[]).await.0, StatusCode::NOT_FOUND);
     }
     let metrics = env.metrics().await;
     assert!(metrics.contains(r#"outcome="deferred"} 3"#), "{metrics}");
@@ -1342,4 +1347,43 @@ async fn a_paused_integrations_stored_calls_wait_out_the_pause() {
     })
     .await;
     server.shutdown().await;
+}
+
+/// A SOAP call carries its session in the envelope, not in `Authorization`: what guards its
+/// outcome (and the upstream body kept for it) is the status URL handed out with the 202,
+/// which carries a tag no other client can make. Ids are sequential: the id alone, or with a
+/// made-up tag, reads nothing. (With the id alone, anyone who reached the integration read
+/// it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deferred_soap_calls_status_is_readable_only_through_its_status_url() {
+    let env = start(SimOptions::default(), "", DEFER).await;
+    let (status, _, _) = env.soap_query("/d").await;
+    assert_eq!(status, StatusCode::OK, "the burst token");
+    let url = format!("{}/d/services/Soap/u/62.0/00D000000000001AAA", env.proxy);
+    let accepted = deferred(&env.http, &url, &soap_headers("query"), SOAP_QUERY).await;
+    let status_url = accepted["status_url"]
+        .as_str()
+        .expect("status_url")
+        .to_owned();
+    eventually(15, "the SOAP call delivered", || async {
+        let (_, _, body) = env.http.get(&status_url, &[]).await;
+        serde_json::from_slice::<serde_json::Value>(&body).unwrap_or_default()["state"]
+            == "delivered"
+    })
+    .await;
+    let (untagged, _) = status_url.rsplit_once('.').expect("a tag");
+    for guessed in [
+        untagged.to_owned(),
+        format!("{untagged}.AAAAAAAAAAAAAAAAAAAAAA"),
+    ] {
+        for headers in [vec![], vec![("authorization", "Bearer someone-else")]] {
+            let (status, _, body) = env.http.get(&guessed, &headers).await;
+            assert_eq!(
+                status,
+                StatusCode::NOT_FOUND,
+                "{guessed} read the SOAP call's outcome: {}",
+                String::from_utf8_lossy(&body)
+            );
+        }
+    }
 }

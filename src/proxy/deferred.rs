@@ -113,7 +113,12 @@ pub async fn defer(
             let accepted = Accepted {
                 id: id.to_string(),
                 status: "pending",
-                status_url: format!("{base}{STATUS_PATH}{id}"),
+                status_url: format!(
+                    "{base}{STATUS_PATH}{id}.{}",
+                    defer
+                        .deferrals
+                        .status_tag(route.org.meter.id().as_str(), route.id(), id)
+                ),
                 message: format!(
                     "callmeter: the call was limited ({}) and is stored; it will be sent when budget frees",
                     limited.budget.as_str()
@@ -151,7 +156,10 @@ struct Status<'a> {
     upstream_body: Option<String>,
 }
 
-/// `GET <base>/callmeter/deferred/{id}`: the outcome of one of this integration's calls.
+/// `GET <base>/callmeter/deferred/{id}.{tag}`: the outcome of one of this integration's calls,
+/// for the holder of its status URL (the tag, see `Deferrals::status_tag`) who also carries the
+/// call's `Authorization`, if it had one. A URL without the tag (as handed out before tags)
+/// still reads a call that had an `Authorization`, with it.
 pub async fn status(
     defer: &DeferRoute,
     route: &Route,
@@ -164,6 +172,10 @@ pub async fn status(
             "callmeter: no deferred call with this id for this integration",
             "NOT_FOUND",
         )
+    };
+    let (id, tag) = match id.split_once('.') {
+        Some((id, tag)) => (id, Some(tag)),
+        None => (id, None),
     };
     let Ok(id) = id.parse::<DeferredId>() else {
         return not_found();
@@ -191,10 +203,19 @@ pub async fn status(
         .headers
         .get(header::AUTHORIZATION)
         .map(HeaderValue::as_bytes);
-    if !same_integration
-        || stored_auth
-            .is_some_and(|stored| !given_auth.is_some_and(|g| constant_time_eq(g, stored)))
-    {
+    let tag_ok = match tag {
+        Some(tag) => {
+            let expected = defer
+                .deferrals
+                .status_tag(&call.org, &call.integration, call.id);
+            constant_time_eq(tag.as_bytes(), expected.as_bytes())
+        }
+        // Without a tag, only the call's own credential opens it.
+        None => stored_auth.is_some(),
+    };
+    let auth_ok =
+        stored_auth.is_none_or(|stored| given_auth.is_some_and(|g| constant_time_eq(g, stored)));
+    if !same_integration || !tag_ok || !auth_ok {
         return not_found();
     }
     let body = call

@@ -89,6 +89,33 @@ pub struct Deferrals {
     orgs: HashMap<String, Arc<OrgReplayer>>,
     /// One `refresh_depths` at a time (see there).
     refreshing: tokio::sync::Mutex<()>,
+    /// Signs status URLs (see `status_tag`).
+    status_key: ring::hmac::Key,
+}
+
+/// Where the store keeps the status URLs' key.
+const STATUS_KEY: &str = "deferred/status-key";
+
+/// The key that signs status URLs: the store's, made at its first use. A `:memory:` store
+/// makes one per process, as its calls live no longer.
+fn status_key(store: &Store) -> Result<ring::hmac::Key, StoreError> {
+    use base64::Engine;
+    let engine = base64::engine::general_purpose::STANDARD;
+    let saved = store.get_state(STATUS_KEY)?;
+    let bytes = match saved
+        .and_then(|k| engine.decode(k).ok())
+        .filter(|k| k.len() == 32)
+    {
+        Some(bytes) => bytes,
+        None => {
+            let mut bytes = vec![0u8; 32];
+            ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+                .map_err(|_| StoreError::Corrupt("no randomness for the status key".into()))?;
+            store.put_state(STATUS_KEY, &engine.encode(&bytes))?;
+            bytes
+        }
+    };
+    Ok(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &bytes))
 }
 
 /// Builds `Deferrals`: one `add_integration` per integration with `on_limit = "defer"`.
@@ -164,7 +191,10 @@ impl DeferralsBuilder {
                 "deferred calls of orgs without an integration using on_limit = \"defer\" are marked failed; see /api/v1/deferred"
             );
         }
+        let store = self.store.clone();
+        let status_key = blocking(move || status_key(&store)).await?;
         let deferrals = Arc::new(Deferrals {
+            status_key,
             store: self.store,
             orgs: self
                 .orgs
@@ -213,6 +243,17 @@ async fn blocking<T: Send + 'static>(
 impl Deferrals {
     pub fn store(&self) -> &Arc<Store> {
         &self.store
+    }
+
+    /// The tag a status URL carries: 128 bits of an HMAC of the call's org, integration and
+    /// id under the store's key. Ids are sequential, and a call need not carry an
+    /// `Authorization` to compare (a SOAP call's session is in its body): the URL handed out
+    /// with the 202 is what lets its holder read the outcome.
+    pub fn status_tag(&self, org: &str, integration: &str, id: DeferredId) -> String {
+        use base64::Engine;
+        let message = format!("{org}/{integration}/{id}");
+        let tag = ring::hmac::sign(&self.status_key, message.as_bytes());
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&tag.as_ref()[..16])
     }
 
     /// Stores a call durably (synced before this returns) and wakes its org's replayer.
