@@ -31,6 +31,28 @@ pub struct Admin {
     pub ready: AtomicBool,
     /// The status page, the threshold and history APIs.
     pub console: Arc<crate::console::Console>,
+    /// The listener is on a loopback address: requests must name it by an address or
+    /// `localhost` (see `foreign_host`).
+    pub loopback: bool,
+}
+
+/// Whether a loopback listener's request names a host other than an IP address or
+/// `localhost`: a web page the admin visits can point a name of its own at 127.0.0.1 (DNS
+/// rebinding) and read the open API as its own origin (deferred calls' queries, notify
+/// addresses). Local clients (curl, Prometheus on the same machine, the browser on
+/// `http://127.0.0.1:9464/`) name an address. A listener on another address is reached by
+/// name as configured, and firewalled instead.
+fn foreign_host(headers: &http::HeaderMap, uri: &http::Uri) -> bool {
+    let host = uri
+        .host()
+        .or_else(|| headers.get(header::HOST).and_then(|h| h.to_str().ok()))
+        .unwrap_or("");
+    // Drop the port: `[::1]:9464`, `127.0.0.1:9464`, `localhost:9464`.
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    !(name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::IpAddr>().is_ok())
 }
 
 /// The token of an `Authorization: Bearer <token>` header (the scheme's case does not matter,
@@ -43,6 +65,13 @@ pub(crate) fn bearer(headers: &http::HeaderMap) -> Option<&str> {
 
 impl Admin {
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<ResponseBody> {
+        if self.loopback && foreign_host(req.headers(), req.uri()) {
+            return text(
+                StatusCode::MISDIRECTED_REQUEST,
+                "this admin listener is on a loopback address: name it by its address \
+                 (http://127.0.0.1:9464/) or localhost\n",
+            );
+        }
         if crate::console::Console::serves(req.uri().path()) {
             // The status page shows each integration's queue depth: a deferring one's is the
             // store's count, read now as `/api/v1/usage` does, not left as of the last scrape.
@@ -257,6 +286,34 @@ mod tests {
         ] {
             headers.insert(header::AUTHORIZATION, http::HeaderValue::from_static(value));
             assert_eq!(bearer(&headers), token, "{value}");
+        }
+    }
+
+    /// A loopback admin listener answers requests that name an address or `localhost`, not
+    /// a name a web page may have pointed at 127.0.0.1 (DNS rebinding).
+    #[test]
+    fn a_loopback_listener_refuses_foreign_host_names() {
+        let foreign = |host: &str| {
+            let mut headers = http::HeaderMap::new();
+            headers.insert(header::HOST, HeaderValue::from_str(host).expect("host"));
+            foreign_host(&headers, &http::Uri::from_static("/api/v1/deferred"))
+        };
+        for ok in [
+            "127.0.0.1:9464",
+            "127.0.0.1",
+            "[::1]:9464",
+            "localhost:9464",
+            "LOCALHOST",
+        ] {
+            assert!(!foreign(ok), "{ok}");
+        }
+        for bad in [
+            "rebind.attacker.example:9464",
+            "attacker.example",
+            "localhost.evil:9464",
+            "",
+        ] {
+            assert!(foreign(bad), "{bad}");
         }
     }
 }

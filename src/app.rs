@@ -245,6 +245,7 @@ pub async fn start(config: &Config) -> Result<Server, StartError> {
         token_env: config.admin.token_env.clone(),
         ready: Default::default(),
         console,
+        loopback: config.admin.listen.ip().is_loopback(),
     });
     let socket = TcpListener::bind(config.admin.listen)
         .await

@@ -1387,3 +1387,27 @@ async fn a_deferred_soap_calls_status_is_readable_only_through_its_status_url() 
         }
     }
 }
+
+/// The admin listener (on loopback) answers only requests that name it by an address or
+/// `localhost`: a web page the admin visits can point a name of its own at 127.0.0.1 (DNS
+/// rebinding) and would read, as its own origin, the open API: deferred calls' queries (SOQL
+/// with customer data), usage, notify addresses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_refuses_a_foreign_host() {
+    let (env, _url, auth) = burst_token_spent().await;
+    let query = format!(
+        "{}/d/services/data/v62.0/query?q=SELECT+Id+FROM+Contact+WHERE+Email='ceo@customer.example'",
+        env.proxy
+    );
+    let (status, _, _) = env.http.get(&query, &auth).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "the query is deferred");
+    let list = format!("{}/api/v1/deferred", env.admin);
+    let (status, _, body) = env
+        .http
+        .get(&list, &[("host", "rebind.attacker.example:9464")])
+        .await;
+    let body = String::from_utf8_lossy(&body);
+    assert_eq!(status, StatusCode::MISDIRECTED_REQUEST, "{body}");
+    assert!(!body.contains("customer.example"), "{body}");
+    assert_eq!(env.http.get(&list, &[]).await.0, StatusCode::OK);
+}
