@@ -21,8 +21,15 @@ const SECRET_HEADERS: [&str; 6] = [
     "x-sfdc-session",
 ];
 
-/// SOAP elements holding credentials: the session of every call, the password of `login()`.
-const XML_ELEMENTS: [&[u8]; 2] = [b"sessionId", b"password"];
+/// XML elements holding credentials: the session of every SOAP call, the password of
+/// `login()`, and the tokens of an OAuth token response asked for as XML (`format=xml`).
+const XML_ELEMENTS: [&[u8]; 5] = [
+    b"sessionId",
+    b"password",
+    b"access_token",
+    b"refresh_token",
+    b"id_token",
+];
 
 /// JSON keys holding credentials (OAuth token responses, REST password resources).
 const JSON_KEYS: [&[u8]; 4] = [
@@ -55,7 +62,8 @@ pub fn is_secret_header(name: &HeaderName) -> bool {
 }
 
 /// Replaces credential values in a text snippet with `[redacted]`: SOAP `<sessionId>` and
-/// `<password>` (any prefix), JSON `"access_token"`, `"refresh_token"`, `"client_secret"` and
+/// `<password>` (any prefix), an XML token response's `<access_token>`, `<refresh_token>` and
+/// `<id_token>`, JSON `"access_token"`, `"refresh_token"`, `"client_secret"` and
 /// `"password"` string values (also when the JSON is itself escaped inside a string), and the
 /// same in form-encoded bodies and query strings (plus OAuth and frontdoor fields). Borrows
 /// when there is nothing to redact.
@@ -296,5 +304,16 @@ mod tests {
     fn non_ascii_text_survives() {
         let text = "é<sessionId>ü€</sessionId>☃";
         assert_eq!(redact_body(text), "é<sessionId>[redacted]</sessionId>☃");
+    }
+
+    /// An OAuth token response asked for as XML (`format=xml`) keeps its tokens out of the
+    /// logs too (only the JSON and form spellings were redacted).
+    #[test]
+    fn an_xml_token_response_is_redacted() {
+        let text = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><OAuth><access_token>00Dx!AQ.access</access_token><refresh_token>5Aep861.refresh</refresh_token><instance_url>https://x.my.salesforce.com</instance_url></OAuth>";
+        let out = redact_body(text);
+        assert!(!out.contains("00Dx!AQ.access"), "{out}");
+        assert!(!out.contains("5Aep861.refresh"), "{out}");
+        assert!(out.contains("https://x.my.salesforce.com"), "{out}");
     }
 }
