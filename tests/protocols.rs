@@ -1626,3 +1626,99 @@ async fn slow_readers_of_large_responses_do_not_stall_other_calls_on_a_shared_ht
     );
     drop(readers);
 }
+
+/// VmRSS of this process (the proxy runs in it), in bytes.
+fn rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .expect("VmRSS");
+    let kib: u64 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .expect("VmRSS value");
+    kib * 1024
+}
+
+/// "Memory: bounded by configuration, not by traffic". A call whose body the proxy reads to
+/// cost it (Composite Batch, SOAP) has up to 1 MiB of its body held before the meter is asked,
+/// for as long as the client sends a frame per stall timeout. One h2c connection opens 200
+/// streams, each sends just under 1 MiB and stalls: the proxy held 207 MiB. The bodies held
+/// over all requests are bounded (`HELD_BYTES`, 64 MiB); past it they are costed unread and
+/// stream on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_connection_cannot_make_the_proxy_buffer_hundreds_of_mib() {
+    static ZEROS: [u8; 1 << 20] = [b' '; 1 << 20];
+    const STREAMS: usize = 200;
+    const EACH: usize = (1 << 20) - 64;
+    // An origin that reads what comes and keeps none of it: the growth is the proxy's.
+    let port = raw_origin(|mut tcp| async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        while let Ok(n) = tcp.read(&mut buf).await {
+            if n == 0 {
+                return;
+            }
+        }
+    })
+    .await;
+    let env = proxy_for(port, ONE).await;
+    let addr = env.proxy.trim_start_matches("http://").to_owned();
+    let tcp = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    let (client, conn) = h2::client::handshake(tcp).await.expect("h2c handshake");
+    tokio::spawn(conn);
+    let before = rss_bytes();
+    let mut held = Vec::new();
+    let mut sending = Vec::new();
+    for _ in 0..STREAMS {
+        let mut client = client.clone().ready().await.expect("ready");
+        let req = Request::post(format!(
+            "http://{addr}/a/services/data/v62.0/composite/batch"
+        ))
+        .header("content-type", "application/json")
+        .body(())
+        .expect("request");
+        let (resp, mut body) = client.send_request(req, false).expect("send");
+        held.push(resp);
+        sending.push(tokio::spawn(async move {
+            let mut sent = 0;
+            while sent < EACH {
+                body.reserve_capacity(EACH - sent);
+                let n = match std::future::poll_fn(|cx| body.poll_capacity(cx)).await {
+                    Some(Ok(n)) => n.min(EACH - sent),
+                    _ => return (sent, body),
+                };
+                let chunk = Bytes::from_static(&ZEROS[sent..sent + n]);
+                body.send_data(chunk, false).expect("data");
+                sent += n;
+            }
+            (sent, body) // never ended: the proxy waits for the rest
+        }));
+    }
+    let mut bodies = Vec::new();
+    let mut total = 0;
+    for s in sending {
+        let (sent, body) = tokio::time::timeout(Duration::from_secs(60), s)
+            .await
+            .expect("uploads within a minute")
+            .expect("task");
+        total += sent;
+        bodies.push(body);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let grown = rss_bytes().saturating_sub(before);
+    eprintln!(
+        "sent {} MiB on one connection; the process grew by {} MiB",
+        total >> 20,
+        grown >> 20
+    );
+    assert!(
+        grown < 128 << 20,
+        "one unauthenticated connection made the proxy hold {} MiB",
+        grown >> 20
+    );
+    drop((held, bodies));
+}

@@ -10,7 +10,7 @@
 use std::borrow::Cow;
 use std::io::Read;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -29,11 +29,13 @@ pub enum RequestBody {
     /// The client's body, untouched.
     Stream(Incoming),
     /// A prefix already read (to classify the call), then whatever is left of the stream, or
-    /// the trailers that ended it while it was read (boxed: they are rare).
+    /// the trailers that ended it while it was read (boxed: they are rare). `held` accounts
+    /// for the prefix in `HELD_BYTES` until it is handed on.
     Prefixed {
         prefix: Option<Bytes>,
         rest: Option<Incoming>,
         trailers: Option<Box<http::HeaderMap>>,
+        held: Held,
     },
     /// No body.
     Empty,
@@ -49,6 +51,73 @@ pub enum Collected {
     TooLarge,
     /// It ends with trailers, which a held body does not keep.
     Trailers,
+    /// The bodies the proxy holds already take all of `HELD_BYTES`.
+    Busy,
+}
+
+/// The request-body bytes the proxy holds at once while it reads them (to cost a SOAP call
+/// or a Composite Batch, to learn a GET body's length, to store a deferred call), over all
+/// requests. Each read is bounded on its own, but a client trickling bodies on many HTTP/2
+/// streams and connections would make the sum grow without bound: one connection of 200
+/// streams held 200 MiB. Past this, a body is no longer read: a call is costed as a body
+/// not read (the conservative count) and streams on, a deferred call is refused (503).
+pub static HELD_BYTES: HeldBudget = HeldBudget::new(64 << 20);
+
+/// A bound on bytes held, shared by the holders (see `HELD_BYTES`).
+#[derive(Debug)]
+pub struct HeldBudget {
+    held: AtomicUsize,
+    cap: usize,
+}
+
+impl HeldBudget {
+    pub const fn new(cap: usize) -> Self {
+        HeldBudget {
+            held: AtomicUsize::new(0),
+            cap,
+        }
+    }
+
+    /// Bytes held now.
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::Relaxed)
+    }
+
+    /// An account holding nothing yet.
+    pub fn account(&'static self) -> Held {
+        Held {
+            budget: Some(self),
+            bytes: 0,
+        }
+    }
+}
+
+/// Bytes one body holds against a `HeldBudget`, given back when dropped.
+#[derive(Debug, Default)]
+pub struct Held {
+    budget: Option<&'static HeldBudget>,
+    bytes: usize,
+}
+
+impl Held {
+    /// Counts `bytes` more (already read: they are held whatever the budget); false once the
+    /// budget is over its cap, when the holder should read no more.
+    fn grow(&mut self, bytes: usize) -> bool {
+        let Some(budget) = self.budget else {
+            return true;
+        };
+        self.bytes += bytes;
+        // Relaxed: a count, ordering no other memory; the cap is a bound, not a fence.
+        budget.held.fetch_add(bytes, Ordering::Relaxed) + bytes <= budget.cap
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if let Some(budget) = self.budget {
+            budget.held.fetch_sub(self.bytes, Ordering::Relaxed);
+        }
+    }
 }
 
 /// A message's content coding, as far as the proxy reads bodies.
@@ -203,20 +272,24 @@ impl RequestBody {
             prefix: Some(data),
             rest: None,
             trailers: None,
+            held: Held::default(),
         }
     }
 
-    /// Reads the whole body to hold it, or gives up past `limit` bytes or at trailers, or when
-    /// no byte came for `stall`.
+    /// Reads the whole body to hold it, or gives up past `limit` bytes, at trailers, when
+    /// `budget` is spent, or when no byte came for `stall`.
     pub async fn collect_limited(
         mut self,
         limit: usize,
         stall: Duration,
+        budget: &'static HeldBudget,
     ) -> Result<Collected, ProxyError> {
         let mut buf = bytes::BytesMut::new();
+        let mut held = budget.account();
         while let Some(frame) = next_frame(&mut self, stall).await? {
             match frame.into_data() {
                 Ok(data) if buf.len() + data.len() > limit => return Ok(Collected::TooLarge),
+                Ok(data) if !held.grow(data.len()) => return Ok(Collected::Busy),
                 Ok(data) => buf.extend_from_slice(&data),
                 Err(_) => return Ok(Collected::Trailers),
             }
@@ -225,22 +298,29 @@ impl RequestBody {
     }
     /// Reads up to `limit` bytes of `body` so the call can be classified, and returns them with
     /// a body that replays them before the rest (and the trailers, should they end it). `complete`
-    /// is true when the whole body fit. A client whose body makes no progress for `stall` gets
-    /// the upload's 408.
+    /// is true when the whole body fit. Reading stops early, the prefix then not complete, once
+    /// `budget` is spent. A client whose body makes no progress for `stall` gets the upload's
+    /// 408.
     pub async fn read_prefix(
         mut body: Incoming,
         limit: usize,
         stall: Duration,
+        budget: &'static HeldBudget,
     ) -> Result<(Bytes, bool, RequestBody), ProxyError> {
         let mut buf = bytes::BytesMut::new();
+        let mut held = budget.account();
+        let mut room = true;
         let (rest, trailers) = loop {
-            if buf.len() >= limit {
+            if buf.len() >= limit || !room {
                 break (Some(body), None);
             }
             match next_frame(&mut body, stall).await? {
                 None => break (None, None),
                 Some(frame) => match frame.into_data() {
-                    Ok(data) => buf.extend_from_slice(&data),
+                    Ok(data) => {
+                        room = held.grow(data.len());
+                        buf.extend_from_slice(&data);
+                    }
                     // Trailers are a body's last frame.
                     Err(frame) => break (None, frame.into_trailers().ok().map(Box::new)),
                 },
@@ -252,6 +332,7 @@ impl RequestBody {
             prefix: Some(prefix.clone()),
             rest,
             trailers,
+            held,
         };
         Ok((prefix, complete, body))
     }
@@ -294,8 +375,11 @@ impl Body for RequestBody {
                 prefix,
                 rest,
                 trailers,
+                held,
             } => {
                 if let Some(data) = prefix.take() {
+                    // Handed on: the connection's buffers hold it from here.
+                    *held = Held::default();
                     if !data.is_empty() {
                         return Poll::Ready(Some(Ok(Frame::data(data))));
                     }
@@ -329,6 +413,7 @@ impl Body for RequestBody {
                 prefix,
                 rest,
                 trailers,
+                ..
             } => {
                 prefix.as_ref().is_none_or(Bytes::is_empty)
                     && rest.as_ref().is_none_or(Body::is_end_stream)
@@ -346,6 +431,7 @@ impl Body for RequestBody {
                 prefix,
                 rest,
                 trailers,
+                ..
             } => {
                 let rest = match (rest, trailers) {
                     (Some(rest), _) => rest.size_hint(),
@@ -618,5 +704,31 @@ mod tests {
         assert_eq!((bytes.len(), whole), (4096, false));
         assert!(!decode("gzip", PLAIN, true, 1024).1);
         assert_eq!(decode("br", PLAIN, true, 1024), (Vec::new(), false));
+    }
+
+    /// Bytes held are given back when their holder is dropped; past the cap a holder is told
+    /// to read no more, and a body read to be stored is refused as `Busy` (not `TooLarge`:
+    /// it would fit once others are done).
+    #[tokio::test]
+    async fn held_bytes_are_bounded_over_all_holders() {
+        static SMALL: HeldBudget = HeldBudget::new(100);
+        let mut first = SMALL.account();
+        assert!(first.grow(60));
+        let mut second = SMALL.account();
+        assert!(second.grow(40), "at the cap is within it");
+        assert!(!second.grow(1), "past it");
+        assert_eq!(SMALL.held(), 101, "what was read is held all the same");
+        drop(second);
+        assert_eq!(SMALL.held(), 60);
+        let stall = Duration::from_secs(1);
+        let body = RequestBody::full(Bytes::from(vec![b'x'; 50]));
+        let collected = body.collect_limited(1_000, stall, &SMALL).await;
+        assert!(matches!(collected, Ok(Collected::Busy)), "{collected:?}");
+        assert_eq!(SMALL.held(), 60, "the refused read gave its bytes back");
+        drop(first);
+        let body = RequestBody::full(Bytes::from(vec![b'x'; 50]));
+        let collected = body.collect_limited(1_000, stall, &SMALL).await;
+        assert!(matches!(collected, Ok(Collected::Whole(b)) if b.len() == 50));
+        assert_eq!(SMALL.held(), 0);
     }
 }

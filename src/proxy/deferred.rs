@@ -69,7 +69,10 @@ pub async fn defer(
         );
         json_error(status, &message, "REQUEST_LIMIT_EXCEEDED")
     };
-    let body = match body.collect_limited(defer.max_body_bytes, stall).await {
+    let body = match body
+        .collect_limited(defer.max_body_bytes, stall, &super::body::HELD_BYTES)
+        .await
+    {
         Ok(Collected::Whole(body)) => body,
         Ok(Collected::TooLarge) => {
             let why = format!(
@@ -86,6 +89,13 @@ pub async fn defer(
         Ok(Collected::Trailers) => {
             let why = "its body ends with trailers, which deferred calls do not keep";
             return Err((not_stored(StatusCode::FORBIDDEN, why), Outcome::Rejected));
+        }
+        Ok(Collected::Busy) => {
+            let why = "the proxy holds as many request bodies as it may at once";
+            return Err((
+                not_stored(StatusCode::SERVICE_UNAVAILABLE, why),
+                Outcome::Rejected,
+            ));
         }
         Err(e) => {
             let soap = crate::salesforce::is_soap_path(path_and_query);

@@ -322,7 +322,7 @@ async fn settle_get_body(
     };
     // One byte more than the limit: a body of exactly `GET_BODY_READ` is read whole.
     let (prefix, complete, body) =
-        RequestBody::read_prefix(incoming, GET_BODY_READ + 1, stall).await?;
+        RequestBody::read_prefix(incoming, GET_BODY_READ + 1, stall, &body::HELD_BYTES).await?;
     match (complete && !body.has_read_trailers(), prefix.len()) {
         (true, 0) => return Ok(RequestBody::Empty),
         (true, length) => headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length)),
@@ -377,6 +377,7 @@ async fn classify(
         body,
         salesforce::BODY_PREFIX_LIMIT,
         route.org.upstream.response_timeout(),
+        &body::HELD_BYTES,
     ))
     .await?;
     let (bytes, complete) = body::decoded_prefix(
