@@ -177,6 +177,7 @@ pub async fn start(config: &Config) -> Result<Server, StartError> {
     let mut bound = Vec::new();
 
     for l in &config.listeners {
+        metrics.listener(&l.name);
         let mut table = RouteTable::new(&l.name);
         let unmatched_org = l
             .org

@@ -525,6 +525,9 @@ async fn a_chunked_response_with_a_content_length_reaches_the_client_whole() {
 async fn unmatched_traffic_is_refused_or_attributed_as_configured() {
     let one = "[[integration]]\nid = \"a\"\norg = \"acme\"\nmatch = { path_prefix = \"/a\" }\n";
     let env = start(SimOptions::default(), "", one).await;
+    // At 0 from the start, so that rate() sees the first unmatched request.
+    let unmatched = r#"callmeter_unmatched_requests_total{listener="main"}"#;
+    assert!(env.metrics().await.contains(&format!("{unmatched} 0")));
     let (status, _, body) = env
         .http
         .get(&format!("{}/services/data/v62.0/sobjects", env.proxy), &[])
@@ -532,6 +535,7 @@ async fn unmatched_traffic_is_refused_or_attributed_as_configured() {
     assert_eq!(status, StatusCode::FORBIDDEN);
     let err: serde_json::Value = serde_json::from_slice(&body).expect("JSON body");
     assert_eq!(err[0]["errorCode"], "CALLMETER_UNMATCHED");
+    assert!(env.metrics().await.contains(&format!("{unmatched} 1")));
     let (status, _, _) = get_sobjects(&env, &[("x-callmeter-key", "nope")]).await;
     assert_eq!(
         status,

@@ -241,6 +241,12 @@ impl Metrics {
     }
 
     /// A request on `listener` that matched no integration.
+    /// A listener's series, at 0 from the start: unmatched requests are rare, and a counter
+    /// that appears with its first events hides them from rate() and increase().
+    pub fn listener(&self, listener: &str) {
+        self.unmatched.with_label_values(&[listener]);
+    }
+
     pub fn unmatched(&self, listener: &str) {
         self.unmatched.with_label_values(&[listener]).inc();
     }
