@@ -61,6 +61,10 @@ pub struct Server {
     admin: Arc<Admin>,
     stop: watch::Sender<bool>,
     tasks: JoinSet<()>,
+    /// The admin listener, stopped apart from `tasks` and after them: load balancers read
+    /// `/readyz` 503, liveness probes `/healthz` 200 and Prometheus `/metrics` while the proxy
+    /// listeners drain.
+    admin_listener: (watch::Sender<bool>, JoinSet<()>),
     /// The meter's snapshots, stopped only after every other task: calls counted (and refunds)
     /// while the listeners drain are in its last save.
     persist: (watch::Sender<bool>, JoinSet<()>),
@@ -264,12 +268,14 @@ pub async fn start(config: &Config) -> Result<Server, StartError> {
         let admin = admin.clone();
         move |_peer, req| admin.clone().handle(req)
     };
-    tasks.spawn(proxy::serve_listener(
+    let (admin_stop, _) = watch::channel(false);
+    let mut admin_listener = JoinSet::new();
+    admin_listener.spawn(proxy::serve_listener(
         socket,
         None,
         options,
         handler,
-        stopped(&stop),
+        stopped(&admin_stop),
         grace,
     ));
     tracing::info!(addr = %admin_addr, "admin listening (status page /, /metrics, /healthz, /readyz, /api/v1/usage)");
@@ -291,6 +297,7 @@ pub async fn start(config: &Config) -> Result<Server, StartError> {
         admin,
         stop,
         tasks,
+        admin_listener: (admin_stop, admin_listener),
         persist: (persist_stop, persist),
         started_with: config.clone(),
     })
@@ -389,12 +396,15 @@ impl Server {
     /// replays still in flight are cut off rather than waited for. The windows are saved
     /// either way.
     async fn shutdown_unless(mut self, hurry: impl std::future::Future<Output = ()>) {
+        // Load balancers see 503 from now on; the admin listener keeps answering until the
+        // proxy listeners have drained.
         self.admin.ready.store(false, Ordering::Relaxed);
         let _ = self.stop.send(true);
+        tokio::pin!(hurry);
         let drained = async { while self.tasks.join_next().await.is_some() {} };
         let hurried = tokio::select! {
             () = drained => false,
-            () = hurry => true,
+            () = &mut hurry => true,
         };
         if hurried {
             tracing::warn!(
@@ -402,6 +412,18 @@ impl Server {
                  call being replayed is marked failed at the next start (outcome unknown)"
             );
             self.tasks.shutdown().await;
+        }
+        let (admin_stop, mut admin_listener) = self.admin_listener;
+        let _ = admin_stop.send(true);
+        if hurried {
+            admin_listener.shutdown().await;
+        } else {
+            // Admin requests are short; a second signal still cuts a slow one off.
+            let drained = async { while admin_listener.join_next().await.is_some() {} };
+            tokio::select! {
+                () = drained => {}
+                () = &mut hurry => admin_listener.shutdown().await,
+            }
         }
         let (persist_stop, mut persist) = self.persist;
         let _ = persist_stop.send(true);

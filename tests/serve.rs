@@ -558,3 +558,62 @@ async fn a_second_sigterm_stops_without_waiting_for_the_drain() {
     assert!(exit.success(), "{exit:?}");
     slow.abort();
 }
+
+/// After SIGTERM, while requests in flight drain, the admin listener still answers (each probe
+/// on a new connection, as a load balancer's): `/readyz` 503 so that the load balancer stops
+/// sending, `/healthz` 200 so that a liveness probe does not kill the drain, `/metrics` for the
+/// last scrape. It stops once the drain is over. (It stopped with the proxy listeners at the
+/// signal: every probe was refused for up to `shutdown_grace`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_answers_503_and_healthz_200_while_draining() {
+    let org = sim::spawn(SimOptions::default()).await.expect("sim");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut proc, proxy, admin) = serve(&org.url, dir.path(), &[]).await;
+    let url = format!("{proxy}/a/services/data/v62.0/sobjects");
+    let slow =
+        tokio::spawn(async move { Http::new().get(&url, &[("x-sim-delay-ms", "2000")]).await });
+    eventually(10, "the slow call reached the org", || async {
+        org.count().requests == 1
+    })
+    .await;
+    let killed = Command::new("kill")
+        .args(["-TERM", &proc.0.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+
+    let probe = |path: &'static str| {
+        let url = format!("{admin}{path}");
+        async move { Http::new().get(&url, &[]).await.0 }
+    };
+    eventually(
+        5,
+        "/readyz answers 503 once the shutdown has begun",
+        || async { probe("/readyz").await == StatusCode::SERVICE_UNAVAILABLE },
+    )
+    .await;
+    assert_eq!(probe("/healthz").await, StatusCode::OK);
+    assert_eq!(probe("/metrics").await, StatusCode::OK);
+    assert!(proc.0.try_wait().expect("wait").is_none(), "still draining");
+
+    let (status, _, _) = slow.await.expect("slow call");
+    assert_eq!(status, StatusCode::OK, "the call in flight completed");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let exit = loop {
+        if let Some(exit) = proc.0.try_wait().expect("wait") {
+            break exit;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "callmeter did not exit after the drain"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(exit.success(), "{exit:?}");
+    assert!(
+        tokio::net::TcpStream::connect(admin.trim_start_matches("http://"))
+            .await
+            .is_err(),
+        "the admin listener stopped with the process"
+    );
+}
