@@ -183,17 +183,14 @@ pub async fn start(config: &Config) -> Result<Server, StartError> {
     for l in &config.listeners {
         metrics.listener(&l.name);
         let mut table = RouteTable::new(&l.name);
-        let unmatched_org = l
-            .org
-            .clone()
-            .or_else(|| (config.orgs.len() == 1).then(|| config.orgs[0].id.clone()));
+        let unmatched_org = config.unmatched_org(l);
         for (route, rule) in &routes {
             let is_empty = rule.listener.is_none()
                 && rule.host.is_none()
                 && rule.path_prefix.is_none()
                 && rule.key.is_none();
             if is_empty {
-                if unmatched_org.as_ref() == Some(route.org.meter.id()) {
+                if unmatched_org == Some(route.org.meter.id()) {
                     table.set_unmatched(route.clone());
                 }
             } else if rule.listener.as_ref().is_none_or(|name| name == &l.name) {

@@ -173,6 +173,10 @@ async fn run(command: Command) -> ExitCode {
                     eprintln!("callmeter: {}: {e}", config.display());
                     return ExitCode::from(2);
                 }
+                // What `serve` would log as warnings: valid, but probably not meant.
+                for warning in cfg.warnings() {
+                    eprintln!("warning: {}: {warning}", config.display());
+                }
                 println!(
                     "{}: ok ({} listener(s), {} org(s), {} integration(s))",
                     config.display(),

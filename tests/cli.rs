@@ -235,3 +235,31 @@ fn serve_exits_2_for_a_file_mistake_check_reports() {
         "{serve_err}"
     );
 }
+
+/// `check` prints the warnings `serve` logs (on stderr, before "ok"; exit code 0). Among them:
+/// with two orgs a listener without `org` takes no org's unmatched traffic, so adding a second
+/// org silently turned acme's `unmatched = "unattributed"` into 403 CALLMETER_UNMATCHED while
+/// `check` said "ok".
+#[test]
+fn check_flags_an_unmatched_setting_no_listener_can_reach() {
+    let toml = format!(
+        "{BASE}unmatched = \"unattributed\"\n\
+         [[org]]\nid = \"beta\"\ninstance_url = \"https://beta.my.salesforce.com\"\n"
+    );
+    let (code, stderr) = check(&toml);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stderr.lines().any(|l| l.starts_with("warning: ")
+            && l.contains("\"acme\"")
+            && l.contains("unmatched = \"unattributed\"")),
+        "{stderr}"
+    );
+    // Named by the listener, it applies: no such warning.
+    let named = toml.replace(
+        "listen = \"127.0.0.1:0\"\n",
+        "listen = \"127.0.0.1:0\"\norg = \"acme\"\n",
+    );
+    let (code, stderr) = check(&named);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(!stderr.contains("unattributed"), "{stderr}");
+}

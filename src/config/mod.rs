@@ -662,6 +662,16 @@ impl Config {
         self.integrations.iter().filter(move |i| &i.org == org)
     }
 
+    /// The org whose unmatched traffic listener `l` takes: its `org`, or the only org when
+    /// there is exactly one.
+    pub fn unmatched_org<'a>(&'a self, l: &'a ListenerConfig) -> Option<&'a OrgId> {
+        match (&l.org, self.orgs.as_slice()) {
+            (Some(org), _) => Some(org),
+            (None, [only]) => Some(&only.id),
+            (None, _) => None,
+        }
+    }
+
     /// Things that are valid but probably not what the admin wants. Returned rather than logged
     /// during parsing because the log subscriber is only set up once the config is known.
     pub fn warnings(&self) -> Vec<String> {
@@ -680,6 +690,18 @@ impl Config {
                         org.id.as_str()
                     ));
                 }
+            }
+            // A second org turns off the one-org default of `[[listener]] org`: the setting
+            // then silently stops applying, and unmatched calls are refused.
+            let reachable = self
+                .listeners
+                .iter()
+                .any(|l| self.unmatched_org(l) == Some(&org.id));
+            if org.unmatched == Unmatched::Unattributed && !reachable {
+                out.push(format!(
+                    "org {id:?}: unmatched = \"unattributed\" applies to no listener (with more than one org, a listener takes unmatched traffic only for the org its `org` names): requests matching no integration are refused 403 CALLMETER_UNMATCHED; add org = {id:?} to the [[listener]] that carries them",
+                    id = org.id.as_str()
+                ));
             }
             let notifies = org.threshold.as_ref().is_some_and(|t| !t.notify.is_empty());
             if notifies && self.smtp.is_none() {

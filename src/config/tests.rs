@@ -810,6 +810,33 @@ fn unattributed_is_synthesized_when_asked_for() {
     assert!(ok(BASE).integrations.is_empty());
 }
 
+/// A listener takes unmatched traffic for its `org`, or for the only org: adding a second org
+/// silently turned an `unmatched = "unattributed"` into 403s. Warned now, until a listener names
+/// the org.
+#[test]
+fn an_unattributed_setting_no_listener_reaches_is_warned() {
+    let unreachable = |c: &Config| {
+        c.warnings()
+            .iter()
+            .any(|w| w.contains("\"acme\"") && w.contains("unattributed"))
+    };
+    let one = ok(&with("unmatched = \"unattributed\"\n"));
+    assert!(!unreachable(&one), "{:?}", one.warnings());
+    let second = "[[org]]\nid = \"beta\"\ninstance_url = \"https://beta.my.salesforce.com\"\n";
+    let two = ok(&with(&format!("unmatched = \"unattributed\"\n{second}")));
+    assert!(unreachable(&two), "{:?}", two.warnings());
+    let named = with(&format!("unmatched = \"unattributed\"\n{second}")).replace(
+        "listen = \"127.0.0.1:8080\"\n",
+        "listen = \"127.0.0.1:8080\"\norg = \"acme\"\n",
+    );
+    let named = ok(&named);
+    assert!(!unreachable(&named), "{:?}", named.warnings());
+    assert_eq!(
+        named.unmatched_org(&named.listeners[0]).map(OrgId::as_str),
+        Some("acme")
+    );
+}
+
 #[test]
 fn empty_match_is_refused() {
     let e = fail(&with(
