@@ -123,24 +123,15 @@ enum Job {
 
 async fn serve(cfg: config::Config, path: &std::path::Path) -> ExitCode {
     let json = cfg.log.format == LogFormat::Json;
-    callmeter::logging::init(&cfg.log.level, json);
+    let ignored = callmeter::logging::init(&cfg.log.level, json);
+    // A misspelt RUST_LOG (an override typed by hand, not in the file `check` validated) does
+    // not keep the proxy from starting: it runs at the file's level and says why.
+    if let Some(e) = ignored {
+        direct_line(json, "WARN", &e.to_string());
+    }
     cfg.log_warnings();
-    // Why the proxy did not start: one line in the log's own format, so that a shipper parsing
-    // JSON lines keeps the one line the on-call engineer needs. Written directly, not as a log
-    // event: a filter (`RUST_LOG=callmeter::proxy=debug`) must not leave an exit unexplained.
-    let fatal = |message: String| {
-        if json {
-            let line = serde_json::json!({
-                "timestamp": humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string(),
-                "level": "ERROR",
-                "fields": { "message": message },
-                "target": "callmeter",
-            });
-            eprintln!("{line}");
-        } else {
-            eprintln!("callmeter: {message}");
-        }
-    };
+    // Why the proxy did not start: one line in the log's own format (see `direct_line`).
+    let fatal = |message: String| direct_line(json, "ERROR", &message);
     // The files the config names (TLS, CA bundles) are part of it: a mistake there is a config
     // mistake, reported as `check` reports it (exit code 2), not a failure to start.
     if let Err(e) = app::check_files(&cfg) {
@@ -165,6 +156,25 @@ async fn serve(cfg: config::Config, path: &std::path::Path) -> ExitCode {
     }
 }
 
+/// A line on stderr in the log's own format, so that a shipper parsing JSON lines keeps the one
+/// line the on-call engineer needs. Written directly, not as a log event: a filter
+/// (`RUST_LOG=callmeter::proxy=debug`) must not leave an exit or an ignored setting unexplained.
+fn direct_line(json: bool, level: &str, message: &str) {
+    if json {
+        let line = serde_json::json!({
+            "timestamp": humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string(),
+            "level": level,
+            "fields": { "message": message },
+            "target": "callmeter",
+        });
+        eprintln!("{line}");
+    } else if level == "ERROR" {
+        eprintln!("callmeter: {message}");
+    } else {
+        eprintln!("callmeter: {}: {message}", level.to_ascii_lowercase());
+    }
+}
+
 async fn run(command: Command) -> ExitCode {
     match command {
         Command::Check { config } => match config::load(&config) {
@@ -176,6 +186,9 @@ async fn run(command: Command) -> ExitCode {
                 // What `serve` would log as warnings: valid, but probably not meant.
                 for warning in cfg.warnings() {
                     eprintln!("warning: {}: {warning}", config.display());
+                }
+                if let Some(e) = callmeter::logging::check_rust_log(&cfg.log.level) {
+                    eprintln!("warning: {e}");
                 }
                 println!(
                     "{}: ok ({} listener(s), {} org(s), {} integration(s))",
@@ -199,7 +212,9 @@ async fn run(command: Command) -> ExitCode {
             used,
             window,
         } => {
-            callmeter::logging::init("info", false);
+            if let Some(e) = callmeter::logging::init("info", false) {
+                eprintln!("callmeter sim: warning: {e}");
+            }
             let opts = sim::SimOptions {
                 limit,
                 used,
@@ -228,7 +243,9 @@ async fn run(command: Command) -> ExitCode {
             calls,
             once,
         } => {
-            callmeter::logging::init("warn", false);
+            if let Some(e) = callmeter::logging::init("warn", false) {
+                eprintln!("callmeter demo: warning: {e}");
+            }
             match demo::run(demo::DemoOptions {
                 listen,
                 admin,

@@ -617,3 +617,21 @@ async fn readyz_answers_503_and_healthz_200_while_draining() {
         "the admin listener stopped with the process"
     );
 }
+
+/// `RUST_LOG=warning` (no level: `EnvFilter` takes it for a target name) silenced every line,
+/// the config's warnings and errors included. It is ignored now for `[log] level`, with a line
+/// that says so; the proxy still starts (a misspelt override should not cause an outage).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rust_log_warning_does_not_silence_every_log_line() {
+    let org = sim::spawn(SimOptions::default()).await.expect("sim");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut proc, _, _) = serve(&org.url, dir.path(), &[("RUST_LOG", "warning")]).await;
+    let logs = stop_and_read_logs(&mut proc);
+    assert!(
+        logs.contains("RUST_LOG=\"warning\" is ignored"),
+        "the ignored variable is named: {logs}"
+    );
+    // The config's warning (plain http upstream) and the start-up lines at the file's level.
+    assert!(logs.contains("plain http"), "{logs}");
+    assert!(logs.contains("proxy listening"), "{logs}");
+}

@@ -91,7 +91,7 @@ mod values;
 pub use error::{ConfigError, Problem};
 use raw::RawConfig;
 pub use reload::restart_needed;
-pub use validate::parse_threshold;
+pub use validate::{check_log_level, parse_threshold};
 use values::Ctx;
 
 // ---------------------------------------------------------------------------------------------

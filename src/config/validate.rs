@@ -1022,10 +1022,10 @@ impl Ctx<'_> {
 /// The levels a log filter directive may name.
 const LOG_LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
 
-/// A `[log] level` as tracing's filter reads it: comma-separated directives, each a level or
-/// `target=level`. The filter itself takes a lone word that is no level (`"warning"`) as a
+/// A `[log] level` (or `RUST_LOG`) as tracing's filter reads it: comma-separated directives,
+/// each a level or `target=level`. The filter itself takes a lone word that is no level (`"warning"`) as a
 /// target name and then logs nothing of callmeter, errors included: refused here.
-fn check_log_level(text: &str) -> Result<(), String> {
+pub fn check_log_level(text: &str) -> Result<(), String> {
     for directive in text.split(',').map(str::trim).filter(|d| !d.is_empty()) {
         let level = match directive.rsplit_once('=') {
             Some((_, level)) => level,
