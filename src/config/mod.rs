@@ -269,7 +269,8 @@ pub enum LogFormat {
 pub struct ProxySettings {
     /// How long in-flight requests may finish after a shutdown signal. Default 30 s.
     pub shutdown_grace: Duration,
-    /// Largest request head accepted. Default 64 KiB; 8 KiB to 16 MiB.
+    /// Largest request head accepted, approximately: it bounds hyper's read buffer, which
+    /// lets heads up to about 1.75 times this through. Default 64 KiB; 8 KiB to 16 MiB.
     pub max_header_bytes: usize,
     /// How long a client may take to send a request head, counted from when the proxy starts
     /// waiting for it (so also how long an idle keep-alive connection stays open), and to
