@@ -142,48 +142,6 @@ async fn wait_ready(admin: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_drains_requests_in_flight_then_exits() {
-    let org = sim::spawn(SimOptions::default()).await.expect("sim");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (mut proc, proxy, _) = serve(&org.url, dir.path(), &[]).await;
-
-    // A slow call is in flight when the signal comes.
-    let http = Http::new();
-    let url = format!("{proxy}/a/services/data/v62.0/sobjects");
-    let slow = tokio::spawn(async move { http.get(&url, &[("x-sim-delay-ms", "1500")]).await });
-    eventually(10, "the slow call reached the org", || async {
-        org.count().requests == 1
-    })
-    .await;
-    let killed = Command::new("kill")
-        .args(["-TERM", &proc.0.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(killed.success());
-
-    let (status, _, _) = slow.await.expect("slow call");
-    assert_eq!(status, StatusCode::OK, "the call in flight completed");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let exit = loop {
-        if let Some(exit) = proc.0.try_wait().expect("wait") {
-            break exit;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "callmeter did not exit after SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    assert!(exit.success(), "{exit:?}");
-    assert!(
-        tokio::net::TcpStream::connect(proxy.trim_start_matches("http://"))
-            .await
-            .is_err(),
-        "no longer accepting"
-    );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_threads_sizes_the_runtime() {
     let org = sim::spawn(SimOptions::default()).await.expect("sim");
     for threads in [1, 3] {
@@ -559,13 +517,13 @@ async fn a_second_sigterm_stops_without_waiting_for_the_drain() {
     slow.abort();
 }
 
-/// After SIGTERM, while requests in flight drain, the admin listener still answers (each probe
-/// on a new connection, as a load balancer's): `/readyz` 503 so that the load balancer stops
-/// sending, `/healthz` 200 so that a liveness probe does not kill the drain, `/metrics` for the
-/// last scrape. It stops once the drain is over. (It stopped with the proxy listeners at the
-/// signal: every probe was refused for up to `shutdown_grace`.)
+/// SIGTERM drains the requests in flight, then the process exits 0. Meanwhile the admin
+/// listener still answers (each probe on a new connection, as a load balancer's): `/readyz` 503
+/// so that the load balancer stops sending, `/healthz` 200 so that a liveness probe does not
+/// kill the drain, `/metrics` for the last scrape. It stops once the drain is over. (It stopped
+/// with the proxy listeners at the signal: every probe was refused for up to `shutdown_grace`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn readyz_answers_503_and_healthz_200_while_draining() {
+async fn sigterm_drains_requests_in_flight_while_readyz_answers_503_then_exits() {
     let org = sim::spawn(SimOptions::default()).await.expect("sim");
     let dir = tempfile::tempdir().expect("tempdir");
     let (mut proc, proxy, admin) = serve(&org.url, dir.path(), &[]).await;
@@ -610,12 +568,14 @@ async fn readyz_answers_503_and_healthz_200_while_draining() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(exit.success(), "{exit:?}");
-    assert!(
-        tokio::net::TcpStream::connect(admin.trim_start_matches("http://"))
-            .await
-            .is_err(),
-        "the admin listener stopped with the process"
-    );
+    for (listener, url) in [("proxy", &proxy), ("admin", &admin)] {
+        assert!(
+            tokio::net::TcpStream::connect(url.trim_start_matches("http://"))
+                .await
+                .is_err(),
+            "the {listener} listener stopped with the process"
+        );
+    }
 }
 
 /// `RUST_LOG=warning` (no level: `EnvFilter` takes it for a target name) silenced every line,
