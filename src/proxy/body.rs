@@ -311,6 +311,10 @@ impl RequestBody {
         let mut held = budget.account();
         let mut room = true;
         let (rest, trailers) = loop {
+            // A body of known length may have ended with the frame just read.
+            if body.is_end_stream() {
+                break (None, None);
+            }
             if buf.len() >= limit || !room {
                 break (Some(body), None);
             }
@@ -730,5 +734,128 @@ mod tests {
         let collected = body.collect_limited(1_000, stall, &SMALL).await;
         assert!(matches!(collected, Ok(Collected::Whole(b)) if b.len() == 50));
         assert_eq!(SMALL.held(), 0);
+    }
+}
+
+/// Held bytes over real request bodies (from a hyper server over an in-memory pipe): given back
+/// on every way a read ends, and a whole body read past the budget costed as read whole.
+#[cfg(test)]
+mod held_tests {
+    use std::time::Duration;
+
+    use hyper_util::rt::TokioIo;
+    use tokio::io::AsyncWriteExt;
+
+    use super::*;
+
+    /// A real `Incoming` from a hyper HTTP/1.1 server over an in-memory pipe: the request
+    /// head and `first` are written at once; the returned writer sends the rest (or is
+    /// dropped to hang up). The service never answers, so the body stays the test's.
+    async fn incoming(content_length: usize, first: &[u8]) -> (Incoming, tokio::io::DuplexStream) {
+        let (mut client, server) = tokio::io::duplex(4 << 20);
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
+                let tx = tx.clone();
+                async move {
+                    let _ = tx.send(req.into_body());
+                    std::future::pending::<Result<http::Response<String>, std::convert::Infallible>>()
+                        .await
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(server), svc)
+                .await;
+        });
+        let head = format!(
+            "POST /services/data/v62.0/composite/batch HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {content_length}\r\n\r\n"
+        );
+        client.write_all(head.as_bytes()).await.expect("head");
+        client.write_all(first).await.expect("first bytes");
+        (rx.recv().await.expect("request"), client)
+    }
+
+    const STALL: Duration = Duration::from_secs(30);
+
+    /// Every way a read can end early gives its bytes back: a `read_prefix` future dropped
+    /// mid-read, a read that stalls, a prefixed body dropped before it is polled, a deferred
+    /// `collect_limited` dropped mid-read, a client that hangs up mid-body.
+    #[tokio::test]
+    async fn held_bytes_return_to_zero_on_every_early_end() {
+        static HELD_BYTES: HeldBudget = HeldBudget::new(64 << 20);
+        // 1. read_prefix dropped while it waits for more.
+        let (body, _w) = incoming(100_000, &[b'x'; 10_000]).await;
+        let r = tokio::time::timeout(
+            Duration::from_millis(200),
+            RequestBody::read_prefix(body, 1 << 20, STALL, &HELD_BYTES),
+        )
+        .await;
+        assert!(r.is_err(), "still reading");
+        assert_eq!(HELD_BYTES.held(), 0, "read_prefix dropped mid-read");
+        // 2. read_prefix that stalls.
+        let (body, _w) = incoming(100_000, &[b'x'; 10_000]).await;
+        let r =
+            RequestBody::read_prefix(body, 1 << 20, Duration::from_millis(100), &HELD_BYTES).await;
+        assert!(matches!(r, Err(ProxyError::UploadStalled { .. })));
+        assert_eq!(HELD_BYTES.held(), 0, "stalled read");
+        // 3. a client hanging up mid-body.
+        let (body, w) = incoming(100_000, &[b'x'; 10_000]).await;
+        let reading = tokio::spawn(RequestBody::read_prefix(body, 1 << 20, STALL, &HELD_BYTES));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drop(w);
+        let r = reading.await.expect("task");
+        assert!(r.is_err(), "the body broke");
+        assert_eq!(HELD_BYTES.held(), 0, "client hung up");
+        // 4. a prefix read (limit reached), its body dropped without being polled.
+        let (body, _w) = incoming(100_000, &[b'x'; 50_000]).await;
+        let (_, complete, prefixed) = RequestBody::read_prefix(body, 20_000, STALL, &HELD_BYTES)
+            .await
+            .expect("prefix");
+        assert!(!complete);
+        assert!(HELD_BYTES.held() > 0, "the prefix is held");
+        drop(prefixed);
+        assert_eq!(HELD_BYTES.held(), 0, "prefixed body dropped unpolled");
+        // 5. the deferred path: a prefixed body collected, dropped mid-read.
+        let (body, _w) = incoming(100_000, &[b'x'; 50_000]).await;
+        let (_, _, prefixed) = RequestBody::read_prefix(body, 20_000, STALL, &HELD_BYTES)
+            .await
+            .expect("prefix");
+        let r = tokio::time::timeout(
+            Duration::from_millis(200),
+            prefixed.collect_limited(1 << 20, STALL, &HELD_BYTES),
+        )
+        .await;
+        assert!(r.is_err(), "still collecting");
+        assert_eq!(HELD_BYTES.held(), 0, "collect_limited dropped mid-read");
+    }
+
+    /// Once the budget is spent, a body that arrived whole in its first frame is costed as
+    /// read whole: read_prefix stopped after that frame without learning that the stream had
+    /// ended, and a 2-entry Composite Batch counted 25 calls against its quota and the org.
+    #[tokio::test]
+    async fn a_whole_body_read_past_the_budget_is_costed_whole() {
+        static HELD_BYTES: HeldBudget = HeldBudget::new(64 << 20);
+        let mut attacker = HELD_BYTES.account();
+        attacker.grow(64 << 20); // e.g. 64 trickling 1 MiB SOAP / batch prefixes
+        let batch = br#"{"batchRequests":[{"method":"GET","url":"v62.0/limits"},{"method":"GET","url":"v62.0/limits"}]}"#;
+        let (body, _w) = incoming(batch.len(), batch).await;
+        let (prefix, complete, _body) = RequestBody::read_prefix(body, 1 << 20, STALL, &HELD_BYTES)
+            .await
+            .expect("prefix");
+        assert_eq!(&prefix[..], &batch[..], "the whole body was read");
+        let units = crate::salesforce::counted_units(
+            crate::salesforce::CallKind::CompositeBatch,
+            &crate::salesforce::CountingRules::default(),
+            Some(crate::salesforce::BodyPrefix {
+                bytes: &prefix,
+                complete,
+            }),
+        );
+        drop(attacker);
+        assert_eq!(
+            (complete, units),
+            (true, 2),
+            "a batch of 2, read whole, counts 2"
+        );
     }
 }
