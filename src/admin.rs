@@ -31,22 +31,22 @@ pub struct Admin {
     pub ready: AtomicBool,
     /// The status page, the threshold and history APIs.
     pub console: Arc<crate::console::Console>,
-    /// The listener is on a loopback address: requests must name it by an address or
-    /// `localhost` (see `foreign_host`).
-    pub loopback: bool,
 }
 
-/// Whether a loopback listener's request names a host other than an IP address or
-/// `localhost`: a web page the admin visits can point a name of its own at 127.0.0.1 (DNS
-/// rebinding) and read the open API as its own origin (deferred calls' queries, notify
-/// addresses). Local clients (curl, Prometheus on the same machine, the browser on
-/// `http://127.0.0.1:9464/`) name an address. A listener on another address is reached by
-/// name as configured, and firewalled instead.
+/// Whether a request from this machine names a host other than an IP address or `localhost`:
+/// a web page the admin visits can point a name of its own at 127.0.0.1 (DNS rebinding) and
+/// read the open API as its own origin (deferred calls' queries, notify addresses). Local
+/// clients (curl, Prometheus on the same machine, the browser on `http://127.0.0.1:9464/`)
+/// name an address; one that names none (HTTP/1.0 without `Host`, a health checker) is no
+/// browser. Clients on other machines reach the listener by the name they know, and a
+/// firewall stands between them and it.
 fn foreign_host(headers: &http::HeaderMap, uri: &http::Uri) -> bool {
-    let host = uri
+    let Some(host) = uri
         .host()
         .or_else(|| headers.get(header::HOST).and_then(|h| h.to_str().ok()))
-        .unwrap_or("");
+    else {
+        return false;
+    };
     // Drop the port: `[::1]:9464`, `127.0.0.1:9464`, `localhost:9464`.
     let name = match host.strip_prefix('[') {
         Some(v6) => v6.split(']').next().unwrap_or(""),
@@ -64,11 +64,16 @@ pub(crate) fn bearer(headers: &http::HeaderMap) -> Option<&str> {
 }
 
 impl Admin {
-    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<ResponseBody> {
-        if self.loopback && foreign_host(req.headers(), req.uri()) {
+    /// `local`: the client is on this machine (a loopback peer).
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        local: bool,
+    ) -> Response<ResponseBody> {
+        if local && foreign_host(req.headers(), req.uri()) {
             return text(
                 StatusCode::MISDIRECTED_REQUEST,
-                "this admin listener is on a loopback address: name it by its address \
+                "from this machine, name the admin listener by its address \
                  (http://127.0.0.1:9464/) or localhost\n",
             );
         }
@@ -311,9 +316,13 @@ mod tests {
             "rebind.attacker.example:9464",
             "attacker.example",
             "localhost.evil:9464",
-            "",
         ] {
             assert!(foreign(bad), "{bad}");
         }
+        // No Host at all (HTTP/1.0, a health checker): no browser sent it.
+        assert!(!foreign_host(
+            &http::HeaderMap::new(),
+            &http::Uri::from_static("/healthz")
+        ));
     }
 }

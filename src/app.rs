@@ -247,7 +247,6 @@ pub async fn start(config: &Config) -> Result<Server, StartError> {
         token_env: config.admin.token_env.clone(),
         ready: Default::default(),
         console,
-        loopback: config.admin.listen.ip().is_loopback(),
     });
     let socket = TcpListener::bind(config.admin.listen)
         .await
@@ -263,7 +262,12 @@ pub async fn start(config: &Config) -> Result<Server, StartError> {
     })?;
     let handler = {
         let admin = admin.clone();
-        move |_peer, req| admin.clone().handle(req)
+        move |peer: proxy::Peer, req| {
+            // A client on this machine (a browser the admin uses among them), whatever address
+            // the listener is bound to.
+            let local = peer.addr.ip().to_canonical().is_loopback();
+            admin.clone().handle(req, local)
+        }
     };
     let (admin_stop, _) = watch::channel(false);
     let mut admin_listener = JoinSet::new();

@@ -1411,3 +1411,37 @@ async fn the_admin_api_refuses_a_foreign_host() {
     assert!(!body.contains("customer.example"), "{body}");
     assert_eq!(env.http.get(&list, &[]).await.0, StatusCode::OK);
 }
+
+/// Writes `request` to `addr` on a new connection; all that comes back within 5 s.
+async fn raw_exchange(addr: &str, request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    tcp.write_all(request.as_bytes()).await.expect("write");
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The rebinding defence is for clients on this machine, whatever address the admin listener
+/// is bound to: on `0.0.0.0` a local browser reaches it at 127.0.0.1 all the same. A request
+/// that names no host at all (HTTP/1.0, a health checker's) comes from no browser: answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wildcard_admin_listener_refuses_a_rebinding_host_from_this_machine() {
+    let sim = sim::spawn(SimOptions::default()).await.expect("sim");
+    let toml = config_text(&sim.url, "", "").replacen(
+        "listen = \"127.0.0.1:0\"",
+        "listen = \"0.0.0.0:0\"",
+        1,
+    );
+    assert!(toml.contains("0.0.0.0:0"), "the admin listener's line");
+    let env = start_with(sim, &toml).await;
+    let local = format!("127.0.0.1:{}", env.server.admin_addr.port());
+    let rebound = raw_exchange(
+        &local,
+        "GET /api/v1/deferred HTTP/1.1\r\nHost: rebind.attacker.example:9464\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(rebound.starts_with("HTTP/1.1 421"), "{rebound}");
+    let no_host = raw_exchange(&local, "GET /healthz HTTP/1.0\r\n\r\n").await;
+    assert!(no_host.starts_with("HTTP/1.0 200"), "{no_host}");
+}
