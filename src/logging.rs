@@ -113,6 +113,9 @@ mod tests {
             "info,callmeter=verbose",
             "callmeter=debug[",
             "DEBUGG",
+            "debugg",
+            "fatal",
+            "err",
         ] {
             let e = ignored(Some(bad)).unwrap_or_else(|| panic!("{bad} is used"));
             let text = e.to_string();
@@ -124,6 +127,11 @@ mod tests {
             "callmeter=debug,hyper=off",
             "callmeter::proxy",
             "TRACE",
+            // Crate names alone and span filters are targets, not misspelt levels.
+            "callmeter",
+            "hyper",
+            "callmeter[{org=acme}]",
+            "info,callmeter[request{integration=etl}]=debug",
         ] {
             assert!(ignored(Some(good)).is_none(), "{good}");
         }

@@ -1023,21 +1023,37 @@ impl Ctx<'_> {
 const LOG_LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
 
 /// A `[log] level` (or `RUST_LOG`) as tracing's filter reads it: comma-separated directives,
-/// each a level or `target=level`. The filter itself takes a lone word that is no level (`"warning"`) as a
-/// target name and then logs nothing of callmeter, errors included: refused here.
+/// each a level, a target (a crate or module path, with span filters in `[...]`), or
+/// `target=level`. The filter takes a lone word that is no level (`"warning"`) as a target name
+/// and then logs nothing of callmeter, errors included: a lone word that reads as a level
+/// (spelt in capitals, sharing a prefix with a level, or a level of another logger:
+/// `fatal`, `verbose`, ...) is refused here. Crate names (`callmeter`, `hyper`) pass.
 pub fn check_log_level(text: &str) -> Result<(), String> {
+    const OTHER_LEVELS: [&str; 8] = [
+        "fatal", "critical", "crit", "verbose", "notice", "all", "none", "silent",
+    ];
+    let is_level = |l: &str| LOG_LEVELS.iter().any(|level| level.eq_ignore_ascii_case(l));
     for directive in text.split(',').map(str::trim).filter(|d| !d.is_empty()) {
-        let level = match directive.rsplit_once('=') {
-            Some((_, level)) => level,
-            // A target alone (`callmeter::proxy`) enables it at every level: keep that form
-            // for names with a path separator, which no misspelt level has.
+        // `=` inside a span filter (`callmeter[{org=acme}]`) is not the level's.
+        let after_spans = directive.rfind(']').map_or(0, |at| at + 1);
+        let level = match directive[after_spans..].rfind('=') {
+            Some(at) => directive[after_spans + at + 1..].trim(),
             None if directive.contains("::") || directive.contains('[') => continue,
-            None => directive,
+            None if is_level(directive) => continue,
+            None => {
+                let lower = directive.to_ascii_lowercase();
+                let looks_like_a_level = directive != lower
+                    || OTHER_LEVELS.contains(&lower.as_str())
+                    || LOG_LEVELS
+                        .iter()
+                        .any(|l| lower.starts_with(&l[..3]) || l.starts_with(&lower));
+                if looks_like_a_level {
+                    return Err(format!("{directive:?} is not a level"));
+                }
+                continue;
+            }
         };
-        if !LOG_LEVELS
-            .iter()
-            .any(|l| l.eq_ignore_ascii_case(level.trim()))
-        {
+        if !is_level(level) {
             return Err(format!("{level:?} is not a level"));
         }
     }
