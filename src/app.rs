@@ -29,6 +29,9 @@ use crate::queue::WaitQueue;
 use crate::salesforce::CountingRules;
 use crate::store::Store;
 
+/// The most the admin listener waits for its requests at shutdown, after the proxy's drain.
+const ADMIN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
 #[derive(Debug, Error)]
 pub enum StartError {
     #[error("cannot listen on {addr} ({what}): {source}")]
@@ -277,7 +280,9 @@ pub async fn start(config: &Config) -> Result<Server, StartError> {
         options,
         handler,
         stopped(&admin_stop),
-        grace,
+        // Its turn comes after the proxy's drain: a short wait of its own keeps the whole
+        // shutdown near `shutdown_grace` (admin requests take milliseconds).
+        grace.min(ADMIN_GRACE),
     ));
     tracing::info!(addr = %admin_addr, "admin listening (status page /, /metrics, /healthz, /readyz, /api/v1/usage)");
     let (persist_stop, _) = watch::channel(false);
