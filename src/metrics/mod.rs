@@ -240,13 +240,13 @@ impl Metrics {
             .set(i64::try_from(emails).unwrap_or(i64::MAX));
     }
 
-    /// A request on `listener` that matched no integration.
     /// A listener's series, at 0 from the start: unmatched requests are rare, and a counter
     /// that appears with its first events hides them from rate() and increase().
     pub fn listener(&self, listener: &str) {
         self.unmatched.with_label_values(&[listener]);
     }
 
+    /// A request on `listener` that matched no integration.
     pub fn unmatched(&self, listener: &str) {
         self.unmatched.with_label_values(&[listener]).inc();
     }
