@@ -748,15 +748,19 @@ async fn an_http2_upload_reset_mid_body_is_not_counted() {
     .await;
 }
 
-/// Salesforce (HTTP/2 over TLS) refuses a stream with REFUSED_STREAM, which guarantees it did
-/// no processing (RFC 9113 8.7): the call is not counted, and the client is told so (it was
-/// answered "may have been processed and stays counted", and the call counted).
-#[tokio::test]
-async fn a_stream_refused_by_an_http2_upstream_is_not_counted() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let tls = TestTls::new(dir.path());
-    let key = rustls_pki_types::PrivateKeyDer::from_pem_file(&tls.key_path).expect("key");
+/// A TLS origin on a free port, with `alpn`, certified by `tls`: each connection, once its
+/// handshake is done, goes to `serve`.
+async fn tls_origin<F, Fut>(tls: &TestTls, alpn: &[&[u8]], serve: F) -> u16
+where
+    F: Fn(tokio_rustls::server::TlsStream<tokio::net::TcpStream>) -> Fut
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     use rustls_pki_types::pem::PemObject;
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_file(&tls.key_path).expect("key");
     let mut server = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
@@ -765,30 +769,47 @@ async fn a_stream_refused_by_an_http2_upstream_is_not_counted() {
     .with_no_client_auth()
     .with_single_cert(vec![tls.cert.clone()], key)
     .expect("server config");
-    server.alpn_protocols = vec![b"h2".to_vec()];
+    server.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
-    let port = raw_origin(move |tcp| {
-        let acceptor = acceptor.clone();
+    raw_origin(move |tcp| {
+        let (acceptor, serve) = (acceptor.clone(), serve.clone());
         async move {
-            let Ok(stream) = acceptor.accept(tcp).await else {
-                return;
-            };
-            let Ok(mut conn) = h2::server::handshake(stream).await else {
-                return;
-            };
-            while let Some(Ok((_req, mut respond))) = conn.accept().await {
-                respond.send_reset(h2::Reason::REFUSED_STREAM);
+            if let Ok(stream) = acceptor.accept(tcp).await {
+                serve(stream).await;
             }
         }
     })
-    .await;
+    .await
+}
+
+/// The proxy (integration `a`) in front of the TLS origin on `port`, trusting `tls`'s CA.
+async fn proxy_for_tls(port: u16, tls: &TestTls) -> Env {
     let sim = sim::spawn(SimOptions::default()).await.expect("sim");
     let toml = config_text(
         &format!("https://localhost:{port}"),
         &format!("upstream_ca = \"{}\"", tls.cert_path.display()),
         ONE,
     );
-    let env = start_with(sim, &toml).await;
+    start_with(sim, &toml).await
+}
+
+/// Salesforce (HTTP/2 over TLS) refuses a stream with REFUSED_STREAM, which guarantees it did
+/// no processing (RFC 9113 8.7): the call is not counted, and the client is told so (it was
+/// answered "may have been processed and stays counted", and the call counted).
+#[tokio::test]
+async fn a_stream_refused_by_an_http2_upstream_is_not_counted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tls = TestTls::new(dir.path());
+    let port = tls_origin(&tls, &[b"h2"], |stream| async move {
+        let Ok(mut conn) = h2::server::handshake(stream).await else {
+            return;
+        };
+        while let Some(Ok((_req, mut respond))) = conn.accept().await {
+            respond.send_reset(h2::Reason::REFUSED_STREAM);
+        }
+    })
+    .await;
+    let env = proxy_for_tls(port, &tls).await;
     let url = format!("{}/a/services/data/v62.0/sobjects", env.proxy);
     let (status, _, body) = env.http.get(&url, &[]).await;
     let body = String::from_utf8_lossy(&body);
@@ -1543,55 +1564,26 @@ async fn a_response_body_that_stalls_upstream_is_cut_off() {
 async fn slow_readers_of_large_responses_do_not_stall_other_calls_on_a_shared_http2_upstream() {
     use hyper::service::service_fn;
     use hyper_util::rt::TokioIo;
-    use rustls_pki_types::pem::PemObject;
 
     let dir = tempfile::tempdir().expect("tempdir");
     let tls = TestTls::new(dir.path());
-    let key = rustls_pki_types::PrivateKeyDer::from_pem_file(&tls.key_path).expect("key");
-    let mut server = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("versions")
-    .with_no_client_auth()
-    .with_single_cert(vec![tls.cert.clone()], key)
-    .expect("server config");
-    server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
     // An HTTP/2 origin: 32 MiB for a results path, `{}` for anything else.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let port = listener.local_addr().expect("addr").port();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                let Ok(stream) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let service = service_fn(|req: Request<hyper::body::Incoming>| async move {
-                    let body = if req.uri().path().ends_with("/results") {
-                        Bytes::from(vec![b'x'; 32 << 20])
-                    } else {
-                        Bytes::from_static(b"{}")
-                    };
-                    Ok::<_, Infallible>(http::Response::new(http_body_util::Full::new(body)))
-                });
-                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                let _ = builder
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
-    let sim = sim::spawn(SimOptions::default()).await.expect("sim");
-    let toml = config_text(
-        &format!("https://localhost:{port}"),
-        &format!("upstream_ca = \"{}\"", tls.cert_path.display()),
-        ONE,
-    );
-    let env = start_with(sim, &toml).await;
+    let port = tls_origin(&tls, &[b"h2", b"http/1.1"], |stream| async move {
+        let service = service_fn(|req: Request<hyper::body::Incoming>| async move {
+            let body = if req.uri().path().ends_with("/results") {
+                Bytes::from(vec![b'x'; 32 << 20])
+            } else {
+                Bytes::from_static(b"{}")
+            };
+            Ok::<_, Infallible>(http::Response::new(http_body_util::Full::new(body)))
+        });
+        let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        let _ = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .await;
+    })
+    .await;
+    let env = proxy_for_tls(port, &tls).await;
     let small = format!("{}/a/services/data/v62.0/sobjects", env.proxy);
     assert_eq!(env.http.get(&small, &[]).await.0, StatusCode::OK); // HTTP/2 is known now
 
