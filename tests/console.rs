@@ -488,30 +488,38 @@ impl Drop for Driver {
 }
 
 impl Driver {
+    /// Starts chromedriver on a free port and waits until it says it is ready for sessions. A
+    /// free port can be taken by a parallel test before chromedriver binds it (it then exits,
+    /// and a bare connect would reach the other test's server): such a start is tried again on
+    /// another port.
     async fn start() -> Driver {
-        let port = common::free_port();
-        let child = Command::new("chromedriver")
-            .arg(format!("--port={port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect(
-                "start chromedriver: install Debian's chromium-driver (bash scripts/test.sh does)",
-            );
-        let driver = Driver {
-            child,
-            url: format!("http://127.0.0.1:{port}"),
-            http: Http::new(),
-        };
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_err()
-        {
-            assert!(Instant::now() < deadline, "chromedriver did not start");
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        for _ in 0..3 {
+            let port = common::free_port();
+            let mut child = Command::new("chromedriver")
+                .arg(format!("--port={port}"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect(
+                    "start chromedriver: install Debian's chromium-driver (bash scripts/test.sh does)",
+                );
+            let deadline = Instant::now() + Duration::from_secs(15);
+            loop {
+                if child.try_wait().ok().flatten().is_some() {
+                    break; // it could not bind: another port
+                }
+                if chromedriver_ready(port).await {
+                    return Driver {
+                        child,
+                        url: format!("http://127.0.0.1:{port}"),
+                        http: Http::new(),
+                    };
+                }
+                assert!(Instant::now() < deadline, "chromedriver did not start");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
         }
-        driver
+        panic!("chromedriver did not start on three free ports");
     }
 
     async fn call(&self, method: Method, path: &str, body: Value) -> Value {
@@ -532,6 +540,33 @@ impl Driver {
         assert!(status.is_success(), "WebDriver {path}: {status} {answer}");
         answer["value"].clone()
     }
+}
+
+/// Whether chromedriver on `port` answers `/status` as ready for new sessions.
+async fn chromedriver_ready(port: u16) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut tcp) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+        return false;
+    };
+    let request = "GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
+    if tcp.write_all(request.as_bytes()).await.is_err() {
+        return false;
+    }
+    // Read until the answer says so (chromedriver may keep the connection open), or 2 s.
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 1024];
+    let ready = |answer: &[u8]| {
+        let text = String::from_utf8_lossy(answer);
+        text.contains("\"ready\":true") && text.contains("ChromeDriver")
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while !ready(&answer) {
+        match tokio::time::timeout_at(deadline, tcp.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => answer.extend_from_slice(&buf[..n]),
+            _ => return false,
+        }
+    }
+    true
 }
 
 /// A browser session of `driver`, on a phone-sized window.
