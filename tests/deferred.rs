@@ -1209,12 +1209,6 @@ async fn a_replay_cut_off_by_shutdown_is_failed_at_the_next_start_not_sent_again
     );
 }
 
-/// A Composite Batch of `n` GET subrequests: Salesforce counts `n` calls.
-fn batch(n: usize) -> String {
-    let one = r#"{"method":"GET","url":"v62.0/limits"}"#;
-    format!(r#"{{"batchRequests":[{}]}}"#, vec![one; n].join(","))
-}
-
 /// A call worth more than the integration's quota can ever hold (a batch of 11 against a quota
 /// of 10) is refused at once, saying so, and not stored: replayed, it could never fit, and
 /// would hold the integration's later calls back for ever.
@@ -1226,7 +1220,10 @@ async fn a_call_larger_than_the_quota_is_refused_not_deferred() {
     let env = start(SimOptions::default(), "", integration).await;
     let url = format!("{}/d/services/data/v62.0/composite/batch", env.proxy);
     let json = [("content-type", "application/json")];
-    let (status, headers, body) = env.http.send(Method::POST, &url, &json, batch(11)).await;
+    let (status, headers, body) = env
+        .http
+        .send(Method::POST, &url, &json, composite_batch(11))
+        .await;
     let body = String::from_utf8_lossy(&body);
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
     assert!(
@@ -1298,7 +1295,7 @@ async fn a_stored_call_larger_than_a_shrunk_quota_waits_for_it_to_grow() {
     let with = |quota| deferring_with_quota(&sim.url, &db, quota);
     let server = app::start(&with(6)).await.expect("start");
     // 1 + 6 > 6, but 6 fits the quota once the first call ages out: stored.
-    let id = one_call_then_deferred(&server, "composite/batch", batch(6)).await;
+    let id = one_call_then_deferred(&server, "composite/batch", composite_batch(6)).await;
     server.shutdown().await;
 
     let server = app::start(&with(3)).await.expect("restart");

@@ -167,10 +167,9 @@ impl DeferralsBuilder {
         tasks: &mut tokio::task::JoinSet<()>,
     ) -> Result<Arc<Deferrals>, StoreError> {
         let store = self.store.clone();
-        let (again, unknown) = blocking(move || {
-            store.settle_in_flight(&IDEMPOTENT, APEX_REST, IN_FLIGHT_AT_START, now_ms())
-        })
-        .await?;
+        let (again, unknown) =
+            blocking(move || store.settle_in_flight(idempotent, IN_FLIGHT_AT_START, now_ms()))
+                .await?;
         if again > 0 {
             tracing::info!(
                 calls = again,
@@ -591,14 +590,11 @@ const IDEMPOTENT: [&str; 6] = ["GET", "HEAD", "PUT", "DELETE", "OPTIONS", "TRACE
 /// Whether a stored call can be sent again when its outcome is unknown: an idempotent method,
 /// except on Apex REST, whose `@HttpGet`, `@HttpPut` and `@HttpDelete` run the org's own
 /// code, which owes HTTP nothing.
-fn idempotent(call: &DeferredCall) -> bool {
-    let path = call.path_and_query.split('?').next().unwrap_or_default();
-    IDEMPOTENT.contains(&call.method.as_str())
+fn idempotent(method: &str, path_and_query: &str) -> bool {
+    let path = path_and_query.split('?').next().unwrap_or_default();
+    IDEMPOTENT.contains(&method)
         && salesforce::classify(&Method::GET, path) != salesforce::CallKind::ApexRest
 }
-
-/// What Apex REST paths hold, for the store to tell them apart (see `idempotent`).
-const APEX_REST: &str = "/services/apexrest/";
 
 /// How a send whose outcome is unknown is described to the admin.
 fn unknown(what: &str) -> String {
@@ -659,7 +655,9 @@ async fn send(
     let attempt = call.attempts + 1;
     let s = store.clone();
     let outcome = match outcome {
-        Sent::Unknown(what, status, body) if idempotent(&call) => Sent::Retry(what, status, body),
+        Sent::Unknown(what, status, body) if idempotent(&call.method, &call.path_and_query) => {
+            Sent::Retry(what, status, body)
+        }
         outcome => outcome,
     };
     match outcome {

@@ -335,32 +335,38 @@ impl Store {
 
     /// Settles every in-flight call at start-up, before any replayer runs: a call left in
     /// flight by a crash (or a shutdown that cut its send off) may or may not have reached
-    /// Salesforce (attempts + 1: it was most likely sent). One whose method is in `resend`
-    /// (idempotent: sending it twice does it once) and whose path does not hold `except`
-    /// (ASCII case aside) goes back to pending; any other is marked failed with `error`, as
-    /// sending it again could apply a write twice: the admin decides. Returns `(pending again,
-    /// failed)`.
+    /// Salesforce (attempts + 1: it was most likely sent). One that `resend(method,
+    /// path_and_query)` takes for safe to send twice goes back to pending; any other is marked
+    /// failed with `error`, as sending it again could apply a write twice: the admin decides.
+    /// Returns `(pending again, failed)`.
     pub fn settle_in_flight(
         &self,
-        resend: &[&str],
-        except: &str,
+        resend: impl Fn(&str, &str) -> bool,
         error: &str,
         now_ms: u64,
     ) -> Result<(usize, usize), StoreError> {
         let mut conn = self.lock();
         let tx = conn.transaction()?;
-        let resend = serde_json::to_string(resend).unwrap_or_else(|_| "[]".to_owned());
-        let again = tx.execute(
-            "UPDATE deferred SET state = 'pending', attempts = attempts + 1, updated_ms = ?1 \
-             WHERE state = 'in_flight' AND method IN (SELECT value FROM json_each(?2)) \
-             AND instr(lower(path_and_query), lower(?3)) = 0",
-            params![sql_ms(now_ms), resend, except],
-        )?;
-        let failed = tx.execute(
-            "UPDATE deferred SET state = 'failed', attempts = attempts + 1, updated_ms = ?1, \
-             last_error = ?2 WHERE state = 'in_flight'",
-            params![sql_ms(now_ms), error],
-        )?;
+        let calls: Vec<(i64, String, String)> = tx
+            .prepare("SELECT id, method, path_and_query FROM deferred WHERE state = 'in_flight'")?
+            .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?
+            .collect::<Result<_, _>>()?;
+        let (mut again, mut failed) = (0, 0);
+        for (id, method, path_and_query) in calls {
+            if resend(&method, &path_and_query) {
+                again += tx.execute(
+                    "UPDATE deferred SET state = 'pending', attempts = attempts + 1, \
+                     updated_ms = ?2 WHERE id = ?1",
+                    params![id, sql_ms(now_ms)],
+                )?;
+            } else {
+                failed += tx.execute(
+                    "UPDATE deferred SET state = 'failed', attempts = attempts + 1, \
+                     updated_ms = ?2, last_error = ?3 WHERE id = ?1",
+                    params![id, sql_ms(now_ms), error],
+                )?;
+            }
+        }
         tx.commit()?;
         Ok((again, failed))
     }
