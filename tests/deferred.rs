@@ -620,6 +620,7 @@ async fn a_deferred_call_on_its_way(
     dir: &Path,
     seen: &Mutex<Vec<String>>,
     grace: &str,
+    method: Method,
 ) -> (
     app::Server,
     config::Config,
@@ -644,7 +645,21 @@ async fn a_deferred_call_on_its_way(
         .send(Method::POST, &url, &[], r#"{"LastName":"Live"}"#)
         .await;
     assert_eq!(live.0, StatusCode::CREATED);
-    let accepted = deferred(&http, &url, &[], r#"{"LastName":"Deferred"}"#).await;
+    let (status, _, body) = http
+        .send(
+            method,
+            &format!("{url}/003000000000001"),
+            &[],
+            r#"{"LastName":"Deferred"}"#,
+        )
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::ACCEPTED,
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    let accepted: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
     let id = accepted["id"]
         .as_str()
         .expect("id")
@@ -666,7 +681,7 @@ async fn a_graceful_shutdown_during_a_replay_does_not_send_the_call_twice() {
     let dir = tempfile::tempdir().expect("tempdir");
     // A grace far above the origin's 800 ms: a loaded machine must not cut the replay off.
     let (server, cfg, db, id) =
-        a_deferred_call_on_its_way(&upstream, dir.path(), &seen, "20s").await;
+        a_deferred_call_on_its_way(&upstream, dir.path(), &seen, "20s", Method::POST).await;
     // The replay is on its way to Salesforce: now the SRE restarts the proxy.
     server.shutdown().await;
     let after_shutdown = callmeter::store::Store::open(&db)
@@ -695,7 +710,8 @@ async fn a_graceful_shutdown_during_a_replay_does_not_send_the_call_twice() {
 async fn a_replay_outcome_is_recorded_once_the_store_is_writable_again() {
     let (upstream, seen) = slow_on_the_deferred_call().await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let (server, _, db, id) = a_deferred_call_on_its_way(&upstream, dir.path(), &seen, "20s").await;
+    let (server, _, db, id) =
+        a_deferred_call_on_its_way(&upstream, dir.path(), &seen, "20s", Method::POST).await;
     // While Salesforce answers, someone holds the store's write lock for 6 s.
     let locker = {
         let db = db.clone();
@@ -1183,7 +1199,7 @@ async fn a_replay_cut_off_by_shutdown_is_failed_at_the_next_start_not_sent_again
     .await;
     let dir = tempfile::tempdir().expect("tempdir");
     let (server, cfg, db, id) =
-        a_deferred_call_on_its_way(&upstream, dir.path(), &seen, "200ms").await;
+        a_deferred_call_on_its_way(&upstream, dir.path(), &seen, "200ms", Method::POST).await;
     server.shutdown().await;
     assert_eq!(
         stored(&db, id).state,
@@ -1205,6 +1221,46 @@ async fn a_replay_cut_off_by_shutdown_is_failed_at_the_next_start_not_sent_again
         call.last_error
             .as_deref()
             .is_some_and(|e| e.contains("outcome unknown")),
+        "{call:?}"
+    );
+}
+
+/// An idempotent call (a PUT) cut off by a shutdown is sent again at the next start, the
+/// cut-off send counting as an attempt; cut off at every start, as in a crash loop, it is
+/// failed for the admin once its `max_attempts` (2 here) are spent, not sent for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotent_replay_cut_off_at_every_start_stops_at_max_attempts() {
+    let (upstream, seen) = origin(|body: String, _n, _headers| async move {
+        if body.contains("Deferred") {
+            tokio::time::sleep(Duration::from_secs(4)).await;
+        }
+        created()
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (server, cfg, db, id) =
+        a_deferred_call_on_its_way(&upstream, dir.path(), &seen, "200ms", Method::PUT).await;
+    server.shutdown().await;
+    let sends = || count(&seen, r#"{"LastName":"Deferred"}"#);
+
+    let server = app::start(&cfg).await.expect("first restart");
+    eventually(10, "the PUT was sent again", || async { sends() == 2 }).await;
+    server.shutdown().await;
+    let call = stored(&db, id);
+    assert_eq!(
+        (call.state, call.attempts),
+        (callmeter::store::DeferredState::InFlight, 1),
+        "{call:?}"
+    );
+
+    let server = app::start(&cfg).await.expect("second restart");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let call = stored(&db, id);
+    server.shutdown().await;
+    assert_eq!(sends(), 2, "not sent a third time");
+    assert_eq!(
+        (call.state, call.attempts),
+        (callmeter::store::DeferredState::Failed, 2),
         "{call:?}"
     );
 }

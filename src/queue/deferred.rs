@@ -38,7 +38,9 @@ use crate::meter::{IntegrationMeter, OrgMeter, Ticket, Verdict};
 use crate::proxy::{decoded_prefix, Handover, RequestBody, ResponseBody, Upstream};
 use crate::queue::Oversized;
 use crate::salesforce::{self, BodyScanner, LimitExceeded};
-use crate::store::{DeferredCall, DeferredId, DeferredState, NewDeferred, Store, StoreError};
+use crate::store::{
+    DeferredCall, DeferredId, DeferredState, InFlightCall, NewDeferred, Store, StoreError,
+};
 
 /// Calls of one org sent at the same time by the replayer.
 const REPLAY_CONCURRENCY: usize = 4;
@@ -166,10 +168,23 @@ impl DeferralsBuilder {
         grace: Duration,
         tasks: &mut tokio::task::JoinSet<()>,
     ) -> Result<Arc<Deferrals>, StoreError> {
+        // The same rule as a send that timed out at run time: an idempotent call with
+        // attempts left goes again, the send cut off counting as one.
+        let max_attempts: HashMap<String, u32> = self
+            .orgs
+            .values()
+            .flat_map(|r| r.targets.iter())
+            .map(|(id, target)| (id.clone(), target.max_attempts))
+            .collect();
+        let resend = move |call: &InFlightCall| {
+            max_attempts
+                .get(&call.integration)
+                .is_some_and(|&max| call.attempts.saturating_add(1) < max)
+                && idempotent(&call.method, &call.path_and_query)
+        };
         let store = self.store.clone();
         let (again, unknown) =
-            blocking(move || store.settle_in_flight(idempotent, IN_FLIGHT_AT_START, now_ms()))
-                .await?;
+            blocking(move || store.settle_in_flight(resend, IN_FLIGHT_AT_START, now_ms())).await?;
         if again > 0 {
             tracing::info!(
                 calls = again,

@@ -200,6 +200,17 @@ impl fmt::Debug for HeaderNames<'_> {
     }
 }
 
+/// A call found in flight at start-up, as [`Store::settle_in_flight`] shows it to the rule
+/// that decides whether it is sent again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InFlightCall {
+    pub integration: String,
+    pub method: String,
+    pub path_and_query: String,
+    /// Sends made before the one the stop cut off.
+    pub attempts: u32,
+}
+
 /// A deferred call for the admin list: everything but headers and bodies.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct DeferredSummary {
@@ -335,25 +346,36 @@ impl Store {
 
     /// Settles every in-flight call at start-up, before any replayer runs: a call left in
     /// flight by a crash (or a shutdown that cut its send off) may or may not have reached
-    /// Salesforce (attempts + 1: it was most likely sent). One that `resend(method,
-    /// path_and_query)` takes for safe to send twice goes back to pending; any other is marked
-    /// failed with `error`, as sending it again could apply a write twice: the admin decides.
-    /// Returns `(pending again, failed)`.
+    /// Salesforce (attempts + 1: it was most likely sent). One that `resend` takes for safe
+    /// to send again goes back to pending; any other is marked failed with `error`, as
+    /// sending it again could apply a write twice: the admin decides. Returns `(pending
+    /// again, failed)`.
     pub fn settle_in_flight(
         &self,
-        resend: impl Fn(&str, &str) -> bool,
+        resend: impl Fn(&InFlightCall) -> bool,
         error: &str,
         now_ms: u64,
     ) -> Result<(usize, usize), StoreError> {
         let mut conn = self.lock();
         let tx = conn.transaction()?;
-        let calls: Vec<(i64, String, String)> = tx
-            .prepare("SELECT id, method, path_and_query FROM deferred WHERE state = 'in_flight'")?
-            .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?
+        let calls: Vec<(i64, InFlightCall)> = tx
+            .prepare(
+                "SELECT id, integration, method, path_and_query, attempts FROM deferred \
+                 WHERE state = 'in_flight'",
+            )?
+            .query_map([], |row| {
+                let call = InFlightCall {
+                    integration: row.get(1)?,
+                    method: row.get(2)?,
+                    path_and_query: row.get(3)?,
+                    attempts: row.get(4)?,
+                };
+                Ok((row.get(0)?, call))
+            })?
             .collect::<Result<_, _>>()?;
         let (mut again, mut failed) = (0, 0);
-        for (id, method, path_and_query) in calls {
-            if resend(&method, &path_and_query) {
+        for (id, call) in calls {
+            if resend(&call) {
                 again += tx.execute(
                     "UPDATE deferred SET state = 'pending', attempts = attempts + 1, \
                      updated_ms = ?2 WHERE id = ?1",

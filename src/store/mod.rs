@@ -66,7 +66,8 @@ mod history;
 mod tests;
 
 pub use deferred::{
-    DeferredCall, DeferredFilter, DeferredId, DeferredState, DeferredSummary, NewDeferred,
+    DeferredCall, DeferredFilter, DeferredId, DeferredState, DeferredSummary, InFlightCall,
+    NewDeferred,
 };
 pub use history::HistoryRow;
 

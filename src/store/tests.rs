@@ -476,8 +476,12 @@ fn fail_pending_fails_only_that_orgs_pending_calls() {
 }
 
 /// Sent again when left in flight: a DELETE, not on an Apex REST path.
-fn resend(method: &str, path: &str) -> bool {
-    method == "DELETE" && !path.to_ascii_lowercase().contains("/apexrest/")
+fn resend(call: &InFlightCall) -> bool {
+    call.method == "DELETE"
+        && !call
+            .path_and_query
+            .to_ascii_lowercase()
+            .contains("/apexrest/")
 }
 
 /// A call a crash left in flight may have reached Salesforce: at the next start it is failed
