@@ -297,18 +297,35 @@ const NOTIFY: Kv = Kv {
     delete: "DELETE FROM org_notify WHERE org = ?1",
 };
 
+/// How long an open waits for a lock that another holder is letting go of.
+#[cfg(unix)]
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Opens the database file (created with mode 0600) and takes its exclusive `flock`, or says
 /// that another store holds it. The lock is the file's own, so every name of the database (a
 /// symlink, a hard link) meets it. A refused open keeps its descriptor for the life of the
 /// process: closing a descriptor of the database drops every POSIX lock this process holds on
 /// it, SQLite's for an owner in this same process included.
+///
+/// A lock held is retried for up to [`LOCK_WAIT`]: a store just closed can still be locked
+/// for a moment by a child process that a thread of this process was starting, which holds
+/// a copy of every descriptor between its fork and its exec.
 #[cfg(unix)]
 fn lock_owner(path: &Path) -> Result<fs::File, StoreError> {
     use rustix::fs::{flock, FlockOperation};
     use std::os::fd::IntoRawFd;
 
     let file = open_private(path)?;
-    match flock(&file, FlockOperation::NonBlockingLockExclusive) {
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    let locked = loop {
+        match flock(&file, FlockOperation::NonBlockingLockExclusive) {
+            Err(rustix::io::Errno::WOULDBLOCK) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            locked => break locked,
+        }
+    };
+    match locked {
         Ok(()) => Ok(file),
         Err(errno) => {
             let _kept_open = file.into_raw_fd();
