@@ -1714,3 +1714,28 @@ async fn one_connection_cannot_make_the_proxy_buffer_hundreds_of_mib() {
     );
     drop((held, bodies));
 }
+
+/// RFC 9110 §9.3.2: a HEAD response's Content-Length is the one a GET would have had. OAuth and
+/// identity URLs go through the login rewriter, which set it to the length of the (empty) body
+/// it read: a HEAD on `/services/oauth2/userinfo` or an identity URL answered `content-length: 0`
+/// where Salesforce said 1234, unlike any other path.
+#[tokio::test]
+async fn a_head_on_an_oauth_or_identity_url_keeps_its_content_length() {
+    let (port, _) = recording_origin(
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 1234\r\n\r\n",
+    )
+    .await;
+    let env = proxy_for(port, ONE).await;
+    for path in [
+        "/a/services/data/v62.0/sobjects",
+        "/a/services/oauth2/userinfo",
+        "/a/id/00D000000000001AAA/005000000000001AAA",
+    ] {
+        let request = format!("HEAD {path} HTTP/1.1\r\nHost: x\r\nconnection: close\r\n\r\n");
+        let (answer, _) = exchange(&env, request.as_bytes()).await;
+        assert!(
+            answer.starts_with("HTTP/1.1 200") && answer.contains("content-length: 1234\r\n"),
+            "HEAD {path} got:\n{answer}"
+        );
+    }
+}

@@ -209,31 +209,35 @@ impl Present {
     }
 }
 
-/// Adds `client=<id>` to `Sforce-Call-Options` unless the caller named a client already.
+/// Adds `client=<id>` to `Sforce-Call-Options` unless the caller named a client already, on
+/// any of its lines. Options on several lines (the same as one comma-joined line, RFC 9110
+/// §5.3) are joined into the one line the client is added to, so none is lost.
 /// `client_option` is the precomputed `client=<id>` value.
 fn set_call_options_client(headers: &mut HeaderMap, client_option: &HeaderValue) {
-    match headers.get(&CALL_OPTIONS) {
-        None => {
-            headers.insert(CALL_OPTIONS, client_option.clone());
+    let lines = headers.get_all(&CALL_OPTIONS);
+    if lines.iter().next().is_none() {
+        headers.insert(CALL_OPTIONS, client_option.clone());
+        return;
+    }
+    // Salesforce separates options with `,` or `;` (`client=x; defaultNamespace=y`).
+    let has_client = lines.iter().any(|line| {
+        line.as_bytes()
+            .split(|&b| b == b',' || b == b';')
+            .any(|opt| {
+                opt.trim_ascii_start()
+                    .to_ascii_lowercase()
+                    .starts_with(b"client=")
+            })
+    });
+    if !has_client {
+        let mut combined = Vec::new();
+        for line in lines {
+            combined.extend_from_slice(line.as_bytes());
+            combined.push(b',');
         }
-        Some(existing) => {
-            // Salesforce separates options with `,` or `;` (`client=x; defaultNamespace=y`).
-            let has_client = existing
-                .as_bytes()
-                .split(|&b| b == b',' || b == b';')
-                .any(|opt| {
-                    opt.trim_ascii_start()
-                        .to_ascii_lowercase()
-                        .starts_with(b"client=")
-                });
-            if !has_client {
-                let mut combined = existing.as_bytes().to_vec();
-                combined.push(b',');
-                combined.extend_from_slice(client_option.as_bytes());
-                if let Ok(v) = HeaderValue::from_bytes(&combined) {
-                    headers.insert(CALL_OPTIONS, v);
-                }
-            }
+        combined.extend_from_slice(client_option.as_bytes());
+        if let Ok(v) = HeaderValue::from_bytes(&combined) {
+            headers.insert(CALL_OPTIONS, v);
         }
     }
 }
@@ -497,5 +501,39 @@ mod tests {
         );
         to_upstream(&mut h, &client(false), Some(&id));
         assert_eq!(h[CALL_OPTIONS], "defaultNamespace=acme, Client=theirs");
+    }
+
+    /// A client may send `Sforce-Call-Options` on several lines (RFC 9110 §5.3: the same as one
+    /// comma-joined line). A client named on any line is kept, and no line is lost: the second
+    /// line (`client=theirs`) was dropped and replaced by the integration's id.
+    #[test]
+    fn call_options_on_several_lines_lose_nothing() {
+        let id = HeaderValue::from_static("client=salesloft");
+        let lines = |h: &HeaderMap| -> Vec<String> {
+            h.get_all(CALL_OPTIONS)
+                .iter()
+                .map(|v| v.to_str().expect("ascii").to_owned())
+                .collect()
+        };
+        let mut h = HeaderMap::new();
+        h.append(
+            CALL_OPTIONS,
+            HeaderValue::from_static("defaultNamespace=acme"),
+        );
+        h.append(CALL_OPTIONS, HeaderValue::from_static("client=theirs"));
+        to_upstream(&mut h, &client(false), Some(&id));
+        assert_eq!(lines(&h), ["defaultNamespace=acme", "client=theirs"]);
+
+        let mut h = HeaderMap::new();
+        h.append(
+            CALL_OPTIONS,
+            HeaderValue::from_static("defaultNamespace=acme"),
+        );
+        h.append(CALL_OPTIONS, HeaderValue::from_static("batchSize=200"));
+        to_upstream(&mut h, &client(false), Some(&id));
+        assert_eq!(
+            lines(&h),
+            ["defaultNamespace=acme,batchSize=200,client=salesloft"]
+        );
     }
 }

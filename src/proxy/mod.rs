@@ -202,6 +202,8 @@ async fn proxy(
 
     // 4. forward
     let login = kind.is_login();
+    // A HEAD response has no body to rewrite, and its Content-Length is the GET's.
+    let rewrite = login && parts.method != http::Method::HEAD;
     parts.uri = route
         .org
         .upstream
@@ -242,7 +244,7 @@ async fn proxy(
     let (mut parts, body) = response.into_parts();
     let body = observe::response(&route.org, &route.meter, kind, &ticket, &parts, body);
     let body = match base {
-        Some(base) if login && parts.status.is_success() => {
+        Some(base) if rewrite && parts.status.is_success() => {
             let upstream = &route.org.upstream;
             match Box::pin(observe::rewrite_login(
                 kind, &mut parts, body, &base, upstream,

@@ -267,10 +267,17 @@ pub async fn rewrite_login(
         let text = String::from_utf8_lossy(&bytes);
         tracing::trace!(body = %salesforce::redact_body(&text), "login response from Salesforce");
     }
-    let body = rewritten.map(Bytes::from).unwrap_or(bytes);
-    parts
-        .headers
-        .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    // Only a rewritten body has a length of its own: one left alone keeps its framing
+    // (a chunked one gets its length where the response goes on, from the body).
+    let body = match rewritten {
+        Some(body) => {
+            parts
+                .headers
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+            Bytes::from(body)
+        }
+        None => bytes,
+    };
     Ok(ResponseBody::full(body))
 }
 
