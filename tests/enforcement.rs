@@ -537,6 +537,60 @@ async fn a_restart_probes_an_org_saved_exhausted_with_its_first_call() {
     assert!(!exhausted, "the probe's answer ends the exhaustion");
 }
 
+/// An org held back by its reserve on Salesforce's report (not exhausted) when the proxy
+/// stopped: after the restart its calls are still held back until the probe interval after
+/// that report is up, as they were before; the first call after the restart does not go out
+/// past the reserve as a probe (one call over the budget at every restart).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_does_not_send_the_first_call_past_the_reserve() {
+    let sim = callmeter::sim::spawn(SimOptions {
+        limit: 1_000,
+        used: 990,
+        ..Default::default()
+    })
+    .await
+    .expect("sim");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let integration =
+        "[[integration]]\nid = \"a\"\norg = \"acme\"\nmatch = { path_prefix = \"/a\" }\n";
+    let toml = config_text(
+        &sim.url,
+        "probe_interval = \"5m\"\nreserve = \"5%\"",
+        integration,
+    )
+    .replace(
+        "STORE_PATH",
+        &dir.path().join("callmeter.db").display().to_string(),
+    );
+    let cfg = callmeter::config::parse(&toml, std::path::Path::new("test.toml")).expect("config");
+    let http = Http::new();
+
+    let server = callmeter::app::start(&cfg).await.expect("start");
+    let url = format!(
+        "http://{}/a/services/data/v62.0/sobjects/Account/001",
+        server.listener("main").expect("main")
+    );
+    // Before any report the estimate is the proxy's own count: this call goes, and its answer
+    // reports 991 of 1,000, past the reserve's 950.
+    assert_eq!(http.get(&url, &[]).await.0, StatusCode::OK);
+    assert_eq!(http.get(&url, &[]).await.0, StatusCode::FORBIDDEN);
+    server.shutdown().await;
+
+    let server = callmeter::app::start(&cfg).await.expect("restart");
+    let url = format!(
+        "http://{}/a/services/data/v62.0/sobjects/Account/001",
+        server.listener("main").expect("main")
+    );
+    let (status, _, body) = http.get(&url, &[]).await;
+    server.shutdown().await;
+    assert_eq!(
+        status,
+        StatusCode::FORBIDDEN,
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+}
+
 /// A restart in the same process (as these tests do, and as an embedding would) after a
 /// shutdown that found a client connected but silent: the connection ends with the shutdown
 /// instead of holding the store (and its lock) until its header timeout.

@@ -617,6 +617,11 @@ impl OrgMeter {
             self.report
                 .store(pack_report(used, mark), Ordering::Release);
             self.report_at_ms.store(report.at_ms, Ordering::Release);
+            // The next probe is due an interval after that report, as it was before the
+            // restart (`accepted`); left at 0, the first call after every restart went out as
+            // a probe, over the limit or past the reserve. An exhausted org's is set below.
+            self.next_probe_ms
+                .store(report.at_ms + self.probe_interval_ms(), Ordering::Release);
         }
         self.debugging
             .restore(self.clock.minute(), &state.debugging);
@@ -1615,6 +1620,32 @@ mod tests {
             (l.budget, l.retry_after),
             (Budget::Exhausted, Duration::from_secs(300))
         );
+    }
+
+    /// An org saved at its limit on a report 10 s old (not exhausted): after the restart its
+    /// next probe is due a probe interval after that report, as before the restart, not with
+    /// the first call (which went out over the limit, or past the reserve, at every restart).
+    #[tokio::test(start_paused = true)]
+    async fn an_org_restored_at_its_limit_probes_an_interval_after_the_report() {
+        let (org, m) = setup(
+            "daily_limit = \"auto\"\nprobe_interval = \"5m\"",
+            &integration("a", ""),
+        );
+        let at_ms = org.clock.unix_ms() - 10_000;
+        org.restore_state(OrgState {
+            exhausted: false,
+            reported_limit: 1_000,
+            report: Some(SavedReport { used: 1_000, at_ms }),
+            ..OrgState::default()
+        });
+        let l = limited(m[0].decide(1));
+        assert_eq!(
+            (l.budget, l.retry_after),
+            (Budget::OrgLimit, Duration::from_secs(290))
+        );
+        tokio::time::advance(Duration::from_secs(290)).await;
+        let _ = forwarded(m[0].decide(1)); // the probe
+        assert_eq!(limited(m[0].decide(1)).budget, Budget::OrgLimit);
     }
 
     /// An org stopped at its limit by a report-based estimate (990 of 1,000 reported, 10 more
