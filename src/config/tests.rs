@@ -1132,6 +1132,59 @@ fn a_misspelt_log_level_is_refused() {
     assert!(try_parse(&text).is_err());
 }
 
+/// A filter with no level for every target and none for callmeter's logs nothing of callmeter,
+/// startup errors included: `level = "loud"` (a target named "loud") or `"hyper=debug"` (hyper
+/// only) made `serve` write nothing to stderr. Refused, saying how to add a level.
+#[test]
+fn a_log_filter_that_leaves_callmeter_silent_is_refused() {
+    for silent in ["loud", "default", "hyper=debug", "hyper=off"] {
+        let text = format!("[log]\nlevel = \"{silent}\"\n{URL_BASE}");
+        let e = try_parse(&text).expect_err(silent);
+        assert_eq!(e.key(), Some("log.level"), "{e}");
+        assert!(e.to_string().contains(&format!("\"info,{silent}\"")), "{e}");
+    }
+    for ok in [
+        "callmeter",
+        "callmeter=warn,hyper=debug",
+        "off",
+        "hyper=debug,warn",
+    ] {
+        let text = format!("[log]\nlevel = \"{ok}\"\n{URL_BASE}");
+        assert!(try_parse(&text).is_ok(), "{ok}");
+    }
+    // What tracing's filter makes of them: an error of callmeter's is not written.
+    for (filter, written) in [
+        ("hyper=debug", false),
+        ("loud", false),
+        ("hyper=debug,warn", true),
+    ] {
+        let out = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+        let sink = out.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(move || SharedBuf(sink.clone()))
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::error!(target: "callmeter::app", "boom");
+        });
+        let out = out.lock().unwrap();
+        assert_eq!(!out.is_empty(), written, "{filter}");
+    }
+}
+
+/// A writer into a shared buffer, for reading what a subscriber wrote.
+struct SharedBuf(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for SharedBuf {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// On Linux (net.ipv6.bindv6only = 0, the default) a socket bound to [::]:P also takes
 /// 0.0.0.0:P / 127.0.0.1:P, so `serve` failed with "Address already in use" for a file that
 /// `check` accepted.

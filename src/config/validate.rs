@@ -1027,7 +1027,8 @@ const LOG_LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"]
 /// `target=level`. The filter takes a lone word that is no level (`"warning"`) as a target name
 /// and then logs nothing of callmeter, errors included: a lone word that reads as a level
 /// (spelt in capitals, sharing a prefix with a level, or a level of another logger:
-/// `fatal`, `verbose`, ...) is refused here. Crate names (`callmeter`, `hyper`) pass.
+/// `fatal`, `verbose`, ...) is refused here. Crate names (`callmeter`, `hyper`) pass, as
+/// long as some directive sets a level for callmeter's own lines.
 pub fn check_log_level(text: &str) -> Result<(), String> {
     const OTHER_LEVELS: [&str; 8] = [
         "fatal", "critical", "crit", "verbose", "notice", "all", "none", "silent",
@@ -1056,6 +1057,20 @@ pub fn check_log_level(text: &str) -> Result<(), String> {
         if !is_level(level) {
             return Err(format!("{level:?} is not a level"));
         }
+    }
+    // With no level for every target and none for callmeter's, the filter turns callmeter's
+    // own lines off, errors included (`level = "loud"` read as a target named "loud").
+    let mut directives = text.split(',').map(str::trim).filter(|d| !d.is_empty());
+    let covers_callmeter = |d: &str| {
+        let target = d.split(['[', '=']).next().unwrap_or_default().trim();
+        is_level(d) || target.starts_with("callmeter") || "callmeter".starts_with(target)
+    };
+    if !directives.any(covers_callmeter) {
+        return Err(format!(
+            "it names no level: {text:?} is read as the name of a crate or module to log, and \
+             callmeter's own lines, errors included, are off; name a level (error, warn, \
+             info, debug, trace, off), or add one: \"info,{text}\""
+        ));
     }
     Ok(())
 }
