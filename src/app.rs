@@ -448,7 +448,15 @@ impl Server {
                 tokio::select! {
                     () = &mut stop => break,
                     _ = hangup.recv() => match crate::config::load(path) {
-                        Ok(cfg) => self.reload(&cfg),
+                        // The files the config names are read as `check` and `serve` read
+                        // them: a reload `serve` would refuse to start with is refused too.
+                        Ok(cfg) => match check_files(&cfg) {
+                            Ok(()) => self.reload(&cfg),
+                            Err(e) => tracing::error!(
+                                "reload refused, the running config stays: {}: {e}",
+                                path.display()
+                            ),
+                        },
                         Err(e) => tracing::error!("reload refused, the running config stays: {e}"),
                     },
                 }

@@ -476,6 +476,61 @@ async fn a_reload_warns_of_each_change_that_waits_for_a_restart() {
     assert!(!warned("quota"), "the quota is applied: {logs:#?}");
 }
 
+/// A reload reads the files a config names as `check` and `serve` do: a file whose CA holds no
+/// certificate (which `serve` would refuse to start with, exit 2) is refused, and the running
+/// config, budgets included, stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_with_a_file_serve_would_refuse_is_refused() {
+    use std::io::BufRead;
+    let org = sim::spawn(SimOptions::default()).await.expect("sim");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut proc, proxy, admin) = serve_with(&org.url, dir.path(), &[], "quota = 2").await;
+    let not_pem = dir.path().join("ca.pem");
+    std::fs::write(&not_pem, "not a certificate\n").expect("write");
+    let ports = (port_of(&proxy), port_of(&admin));
+    let path = write_config(&org.url, dir.path(), ports, "quota = 4");
+    let toml = std::fs::read_to_string(&path).expect("read").replace(
+        "allow_plain_http = true",
+        &format!(
+            "allow_plain_http = true\nupstream_ca = \"{}\"",
+            not_pem.display()
+        ),
+    );
+    std::fs::write(&path, toml).expect("write");
+    let check = Command::new(env!("CARGO_BIN_EXE_callmeter"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .expect("check");
+    assert_eq!(check.status.code(), Some(2), "check refuses the file");
+    let hup = Command::new("kill")
+        .args(["-HUP", &proc.0.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(hup.success());
+    let stderr = proc.0.stderr.take().expect("stderr");
+    let reading = std::thread::spawn(move || {
+        std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .find(|l| l.contains("config reloaded") || l.contains("reload refused"))
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !reading.is_finished() {
+        assert!(Instant::now() < deadline, "no reload logged");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let line = reading.join().expect("logs").unwrap_or_default();
+    assert!(line.contains("reload refused"), "{line}");
+    let http = Http::new();
+    let body = http.get(&format!("{admin}/api/v1/usage"), &[]).await.2;
+    let usage: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
+    assert_eq!(
+        usage["orgs"][0]["integrations"][0]["quota"].as_u64(),
+        Some(2)
+    );
+}
+
 /// A second SIGTERM (an operator's second Ctrl-C, an orchestrator's impatience) during the
 /// drain stops the proxy at once instead of after the grace period (10 s here).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
