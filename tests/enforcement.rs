@@ -67,7 +67,8 @@ async fn rejections_look_like_salesforce_with_retry_after() {
 reserve = 10
 probe_interval = "5m""#,
         "[[integration]]\nid = \"a\"\norg = \"acme\"\nmatch = { path_prefix = \"/a\" }\nquota = 2\n\
-         [[integration]]\nid = \"b\"\norg = \"acme\"\nmatch = { path_prefix = \"/b\" }\nreject_style = \"http429\"\nrate = { per_second = 1, burst = 1 }\n",
+         [[integration]]\nid = \"b\"\norg = \"acme\"\nmatch = { path_prefix = \"/b\" }\nreject_style = \"http429\"\nrate = { per_second = 1, burst = 1 }\n\
+         [[integration]]\nid = \"c\"\norg = \"acme\"\nmatch = { path_prefix = \"/c\" }\nreject_style = \"http429\"\nrate = { per_second = 0.1, burst = 1 }\n",
     )
     .await;
     let rest = format!("{}/a/services/data/v62.0/sobjects", env.proxy);
@@ -122,9 +123,18 @@ probe_interval = "5m""#,
     assert_eq!(headers["retry-after"], "1");
     assert_eq!(headers["ratelimit-policy"], r#""rate";q=1;w=1"#);
     assert_eq!(headers["ratelimit"], r#""rate";r=0;t=1"#);
+    // A rate under one call a second is told in whole seconds, not as one call per second
+    // (which a client following the policy would keep to, ten times too fast).
+    let slow = format!("{}/c/services/data/v62.0/sobjects", env.proxy);
+    assert_eq!(env.http.get(&slow, &[]).await.0, StatusCode::OK);
+    let (status, headers, body) = env.http.get(&slow, &[]).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(headers["ratelimit-policy"], r#""rate";q=1;w=10"#);
+    let body = String::from_utf8_lossy(&body);
+    assert!(body.contains("rate of 1 call per 10 seconds"), "{body}");
     assert_eq!(
         env.sim_count().await["used"],
-        3,
+        4,
         "nothing held back reached Salesforce"
     );
 }

@@ -50,6 +50,19 @@ impl RateParams {
             tolerance_us: interval_us.saturating_mul(u64::from(burst.max(1))),
         }
     }
+
+    /// The rate as whole calls per whole seconds, never faster than it is, as a client is
+    /// told it (`RateLimit-Policy` has integers): 2.5 per second reads 2 per second, 0.1 per
+    /// second 1 per 10 seconds.
+    pub fn calls_per_whole_seconds(&self) -> (u64, Duration) {
+        const SECOND_US: u64 = 1_000_000;
+        let interval_us = self.interval_us.max(1);
+        if interval_us > SECOND_US {
+            (1, Duration::from_secs(interval_us.div_ceil(SECOND_US)))
+        } else {
+            (SECOND_US / interval_us, Duration::from_secs(1))
+        }
+    }
 }
 
 /// An integration's budget.
@@ -238,6 +251,29 @@ impl Drop for InFlight {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a client is told of a rate: whole calls per whole seconds, never faster than the
+    /// rate (a client keeping to it is never limited by the bucket).
+    #[test]
+    fn a_rate_reads_as_whole_calls_per_whole_seconds_never_faster() {
+        let told = |per_second: f64| {
+            let (q, w) = RateParams::new(per_second, 1).calls_per_whole_seconds();
+            (q, w.as_secs())
+        };
+        assert_eq!(told(1.0), (1, 1));
+        assert_eq!(told(100.0), (100, 1));
+        assert_eq!(told(2.5), (2, 1));
+        assert_eq!(told(0.1), (1, 10));
+        assert_eq!(told(0.3), (1, 4));
+        for per_second in [0.001, 0.07, 0.5, 0.9, 1.5, 3.3, 1_000.0, 1e6] {
+            let (q, w) = told(per_second);
+            assert!(q >= 1 && w >= 1, "{per_second}");
+            assert!(
+                q as f64 / w as f64 <= per_second * 1.000_001,
+                "{per_second}: {q}/{w}"
+            );
+        }
+    }
 
     #[test]
     fn budgets_round_trip_through_the_atomics() {

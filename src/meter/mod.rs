@@ -91,8 +91,11 @@ pub struct Limited {
     pub budget: Budget,
     /// When the budget will have room again, as far as the proxy can tell.
     pub retry_after: Duration,
-    /// The size of that budget, in calls (per window, or per second for `Rate`).
+    /// The size of that budget, in calls per `per`.
     pub size: u64,
+    /// The span `size` is counted over: the org's window, or for `Rate` the shortest whole
+    /// number of seconds that holds a call (`per_second = 0.1`: one call per 10 s).
+    pub per: Duration,
 }
 
 /// The size of a budget and what is left of it, in calls.
@@ -541,6 +544,7 @@ impl OrgMeter {
             budget: Budget::Exhausted,
             retry_after: Duration::from_millis(wait).max(Duration::from_secs(1)),
             size: self.limit().unwrap_or(0),
+            per: self.window_length(),
         })
     }
 
@@ -584,6 +588,7 @@ impl OrgMeter {
             } else {
                 limit
             },
+            per: self.window_length(),
         }
     }
 
@@ -779,6 +784,7 @@ impl IntegrationMeter {
                         budget: Budget::InFlight,
                         retry_after,
                         size: u64::from(max),
+                        per: self.org.window_length(),
                     });
                 }
             }
@@ -797,11 +803,12 @@ impl IntegrationMeter {
         }
         if let Some(rate) = budget.rate {
             if let Err(wait) = self.bucket.take(rate, units, self.org.clock.micros()) {
-                let size = (1_000_000 / rate.interval_us.max(1)).max(1);
+                let (size, per) = rate.calls_per_whole_seconds();
                 return Verdict::Limited(Limited {
                     budget: Budget::Rate,
                     retry_after: wait,
                     size,
+                    per,
                 });
             }
         }
@@ -818,6 +825,7 @@ impl IntegrationMeter {
                     budget: Budget::Quota,
                     retry_after,
                     size: quota,
+                    per: self.org.window_length(),
                 });
             }
         } else {

@@ -36,7 +36,8 @@ fn describe(limited: &Limited, route: &Route) -> String {
     let org = route.org.meter.id();
     let window = window_text(route.org.meter.window_length());
     match limited.budget {
-        Budget::Rate => format!("integration \"{integration}\" is over its rate of {} calls per second", limited.size),
+        Budget::Rate if limited.per.as_secs() == 1 => format!("integration \"{integration}\" is over its rate of {} calls per second", limited.size),
+        Budget::Rate => format!("integration \"{integration}\" is over its rate of {} call per {} seconds", limited.size, limited.per.as_secs()),
         Budget::Quota => format!("integration \"{integration}\" has used its quota of {} calls per {window}", limited.size),
         Budget::Reserve => format!(
             "org \"{org}\" has used {} calls, its limit less the reserve kept for critical integrations",
@@ -237,10 +238,7 @@ fn shaped(
         (RejectStyle::Http429, _) => {
             let mut r = json(StatusCode::TOO_MANY_REQUESTS, message);
             if let Some(limited) = limited {
-                let window = match limited.budget {
-                    Budget::Rate => 1,
-                    _ => route.org.meter.window_length().as_secs(),
-                };
+                let window = limited.per.as_secs();
                 let policy = format!(
                     "\"{}\";q={};w={window}",
                     limited.budget.as_str(),
