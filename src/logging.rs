@@ -96,6 +96,37 @@ fn filter(rust_log: Option<OsString>, level: &str) -> (EnvFilter, Option<RustLog
     }
 }
 
+/// Log lines captured in tests: `capture(filter)` makes the calling thread's default
+/// subscriber one that writes into the returned buffer, until the guard is dropped.
+#[cfg(test)]
+pub(crate) fn capture(
+    filter: &str,
+) -> (
+    tracing::subscriber::DefaultGuard,
+    std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+) {
+    use std::sync::{Arc, Mutex};
+
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Sink {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("log").extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    let written = Arc::new(Mutex::new(Vec::new()));
+    let sink = written.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(move || Sink(sink.clone()))
+        .finish();
+    (tracing::subscriber::set_default(subscriber), written)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1158,30 +1158,10 @@ fn a_log_filter_that_leaves_callmeter_silent_is_refused() {
         ("loud", false),
         ("hyper=debug,warn", true),
     ] {
-        let out = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
-        let sink = out.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_writer(move || SharedBuf(sink.clone()))
-            .finish();
-        tracing::subscriber::with_default(subscriber, || {
-            tracing::error!(target: "callmeter::app", "boom");
-        });
-        let out = out.lock().unwrap();
-        assert_eq!(!out.is_empty(), written, "{filter}");
-    }
-}
-
-/// A writer into a shared buffer, for reading what a subscriber wrote.
-struct SharedBuf(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for SharedBuf {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
+        let (guard, out) = crate::logging::capture(filter);
+        tracing::error!(target: "callmeter::app", "boom");
+        drop(guard);
+        assert_eq!(!out.lock().unwrap().is_empty(), written, "{filter}");
     }
 }
 

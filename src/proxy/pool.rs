@@ -616,9 +616,19 @@ impl Body for UpstreamBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(Some(frame)) => {
+            Poll::Ready(Some(Ok(frame))) => {
                 this.moved = true;
-                Poll::Ready(Some(frame.map_err(BodyError::Upstream)))
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(error))) => {
+                // The client's response breaks off after its head: say so, as nothing else
+                // will (its status was a success).
+                tracing::warn!(
+                    upstream = %this.host.authority,
+                    %error,
+                    "a response body from upstream broke off; the client's response is cut off"
+                );
+                Poll::Ready(Some(Err(BodyError::Upstream(error))))
             }
             Poll::Ready(None) => {
                 this.ended = true;
@@ -1394,6 +1404,35 @@ mod tests {
         assert!(started.elapsed() >= Duration::from_millis(300));
         drop(body);
         assert_eq!(host.idle_count(), 0, "a cut-off connection is not reused");
+    }
+
+    /// A body that breaks off upstream (a chunk size that is no number) ends with an error,
+    /// and a warning says so: the client's response, its head sent with a success status,
+    /// is cut off, and nothing else told the SRE.
+    #[tokio::test]
+    async fn a_body_that_breaks_off_upstream_is_logged() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                let mut buf = [0u8; 4096];
+                let _ = tcp.read(&mut buf).await;
+                let head = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n";
+                let _ = tcp.write_all(head.as_bytes()).await;
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+        });
+        let (_default, logged) = crate::logging::capture("warn");
+        let host = plain_host(addr, Duration::from_secs(50));
+        let resp = host.send(get("/"), &Handover::default()).await;
+        let body = resp.expect("response head").into_body();
+        let error = body.collect().await.expect_err("a broken body");
+        assert!(matches!(error, BodyError::Upstream(_)), "{error}");
+        let logged = String::from_utf8_lossy(&logged.lock().expect("log")).into_owned();
+        assert!(
+            logged.contains("WARN") && logged.contains("broke off"),
+            "{logged}"
+        );
     }
 
     /// The read timeout counts from the body's last progress: a body whose bytes come closer
