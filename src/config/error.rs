@@ -167,7 +167,7 @@ pub enum Problem {
     #[error("{value:?} is not a host name: {reason}; write it like \"api.example.com\" (no scheme, no port)")]
     BadHost { value: String, reason: &'static str },
     #[error("{value:?} is not a usable path prefix: {reason}; write it like \"/salesloft\"")]
-    BadPathPrefix { value: String, reason: &'static str },
+    BadPathPrefix { value: String, reason: String },
     #[error("{value:?} is not an email address; write it like \"admin@example.com\"")]
     BadEmail { value: String },
     #[error("no [[listener]] is defined; add one, e.g. [[listener]] name = \"main\" listen = \"127.0.0.1:8080\"")]

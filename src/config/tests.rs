@@ -866,8 +866,18 @@ fn hosts_and_path_prefixes_are_normalized_or_refused() {
         "/../x",
         "/services",
         "/services/data",
+        "/a%2",
+        "/a%zz",
+        "/a\"b",
+        "/a<b",
     ] {
         assert!(normalize_path_prefix(bad).is_err(), "{bad}");
+    }
+    // Matched against the path as sent, which is percent-encoded: "/étl" never matched.
+    let e = normalize_path_prefix("/étl").expect_err("not as clients send it");
+    assert!(e.contains("\"/%C3%A9tl\""), "{e}");
+    for ok in ["/%C3%A9tl", "/e%20tl", "/a-b_c.d~e", "/v1;x=1", "/a:b@c"] {
+        assert_eq!(normalize_path_prefix(ok).as_deref(), Ok(ok), "{ok}");
     }
     let e = fail(&with(
         "[[integration]]\nid = \"a\"\norg = \"acme\"\nmatch = { host = \"a:1\" }\n",

@@ -1201,31 +1201,60 @@ pub(super) fn normalize_host(raw: &str) -> Result<String, &'static str> {
     Ok(host.to_owned())
 }
 
-pub(super) fn normalize_path_prefix(raw: &str) -> Result<String, &'static str> {
+pub(super) fn normalize_path_prefix(raw: &str) -> Result<String, String> {
     let text = raw.trim();
     if !text.starts_with('/') {
-        return Err("it must start with '/'");
+        return Err("it must start with '/'".into());
     }
     let prefix = text.trim_end_matches('/');
     if prefix.is_empty() {
-        return Err("\"/\" alone would match every request");
+        return Err("\"/\" alone would match every request".into());
     }
     if prefix.contains("//") {
-        return Err("it has an empty segment (\"//\")");
+        return Err("it has an empty segment (\"//\")".into());
     }
     if prefix
         .bytes()
         .any(|b| b.is_ascii_whitespace() || b.is_ascii_control() || matches!(b, b'?' | b'#'))
     {
-        return Err("it must not contain spaces, '?' or '#'");
+        return Err("it must not contain spaces, '?' or '#'".into());
     }
     if prefix.split('/').any(|seg| seg == "." || seg == "..") {
-        return Err("it must not contain \".\" or \"..\" segments");
+        return Err("it must not contain \".\" or \"..\" segments".into());
+    }
+    // Matched against the path as clients send it, which HTTP has percent-encoded: a prefix
+    // in any other spelling would never match.
+    if !prefix.is_ascii() {
+        let encoded: String = prefix
+            .bytes()
+            .map(|b| match b {
+                b if b.is_ascii() => char::from(b).to_string(),
+                b => format!("%{b:02X}"),
+            })
+            .collect();
+        return Err(format!(
+            "clients send it percent-encoded, so it would never match: write {encoded:?}"
+        ));
+    }
+    let bytes = prefix.as_bytes();
+    let bad_escape = bytes.iter().enumerate().any(|(i, &b)| {
+        b == b'%'
+            && !bytes
+                .get(i + 1..i + 3)
+                .is_some_and(|hex| hex.iter().all(u8::is_ascii_hexdigit))
+    });
+    let pchar = |b: u8| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/%".contains(&b);
+    if bad_escape || !bytes.iter().all(|&b| pchar(b)) {
+        return Err(
+            "it may hold only characters a URL path holds as they are (letters, digits, \
+             \"-._~!$&'()*+,;=:@\") and %XX escapes"
+                .into(),
+        );
     }
     // The prefix is stripped before forwarding, so "/services" would swallow Salesforce's own
     // paths and send them upstream without their first segment.
     if prefix == "/services" || prefix.starts_with("/services/") {
-        return Err("it would capture Salesforce's own /services/... paths");
+        return Err("it would capture Salesforce's own /services/... paths".into());
     }
     Ok(prefix.to_owned())
 }
