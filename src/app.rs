@@ -481,6 +481,9 @@ impl Server {
     /// counts. Every other change needs a restart: each one is logged by its key, as are new
     /// and removed orgs and integrations and a changed window.
     pub fn reload(&self, config: &Config) {
+        // What `check` prints and the start logs: a reload applies `[org.threshold]` (its
+        // `notify` among it), so a new file's warnings are as much news as at start.
+        config.log_warnings();
         for key in crate::config::restart_needed(&self.started_with, config) {
             tracing::warn!(%key, "changed in the config, but takes effect only at the next restart");
         }

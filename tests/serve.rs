@@ -650,3 +650,54 @@ async fn rust_log_warning_does_not_silence_every_log_line() {
     assert!(logs.contains("plain http"), "{logs}");
     assert!(logs.contains("proxy listening"), "{logs}");
 }
+
+/// `serve` logs at start, and `check` prints, the warnings of a valid config that probably
+/// does not do what the admin meant. A reload applies `[org.threshold]`, `notify` included, so
+/// it must say them too: an admin who adds `notify` addresses without an `[smtp]` section and
+/// sends SIGHUP otherwise reads only "the org's threshold applied", and no email ever comes.
+/// (review-reload)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_logs_the_config_warnings_check_prints() {
+    use std::io::BufRead;
+    let org = sim::spawn(SimOptions::default()).await.expect("sim");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut proc, proxy, admin) = serve_with(&org.url, dir.path(), &[], "quota = 1").await;
+    let ports = (port_of(&proxy), port_of(&admin));
+    write_config(
+        &org.url,
+        dir.path(),
+        ports,
+        "quota = 1\n[org.threshold]\nlevels = [\"80%\"]\nnotify = [\"ops@example.com\"]",
+    );
+    let hup = Command::new("kill")
+        .args(["-HUP", &proc.0.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(hup.success());
+    let stderr = proc.0.stderr.take().expect("stderr");
+    let reading = std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let done = line.contains("config reloaded: budgets");
+            seen.push(line);
+            if done {
+                break;
+            }
+        }
+        seen
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !reading.is_finished() {
+        assert!(Instant::now() < deadline, "no reload logged");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let logs = reading.join().expect("logs");
+    assert!(
+        logs.iter().any(|l| l.contains("WARN")
+            && l.contains("threshold.notify is set but there is no [smtp] section")),
+        "{logs:#?}"
+    );
+}

@@ -1780,6 +1780,34 @@ mod tests {
         );
     }
 
+    /// README: "max_in_flight ... every request holds a slot until its response has been
+    /// sent"; SIGHUP applies `max_in_flight`. A cap a reload adds (or adds back) must count the
+    /// calls already in flight: with 3 long-running calls out, a cap of 2 admits nothing more.
+    /// (review-reload: the slots are only taken while a cap is set, so the reload starts the
+    /// count at 0 and 2 more calls go, 5 in flight against a cap of 2.)
+    #[tokio::test(start_paused = true)]
+    async fn a_cap_added_by_a_reload_counts_the_calls_already_in_flight() {
+        let (org, m) = setup("daily_limit = 100", &integration("a", ""));
+        let held: Vec<_> = (0..3).map(|_| forwarded(m[0].decide(1))).collect();
+        let mut capped = OrgBudget::from_config(&crate::config::parse(
+            "[[listener]]\nname = \"main\"\nlisten = \"127.0.0.1:0\"\n[[org]]\nid = \"acme\"\n\
+             instance_url = \"https://acme.my.salesforce.com\"\ndaily_limit = 100\nmax_in_flight = 2\n",
+            std::path::Path::new("reload.toml"),
+        )
+        .expect("config")
+        .orgs[0]);
+        capped.max_in_flight = Some(2);
+        org.set_budget(capped);
+        match m[0].decide(1) {
+            Verdict::Limited(l) => assert_eq!(l.budget, Budget::InFlight),
+            Verdict::Forward(t) => {
+                let _t = t;
+                panic!("a 4th call went with 3 in flight and max_in_flight = 2 applied by a reload")
+            }
+        }
+        drop(held);
+    }
+
     #[test]
     fn concurrent_callers_never_overshoot_the_org_limit() {
         let rt = tokio::runtime::Builder::new_current_thread()
