@@ -1957,6 +1957,30 @@ mod tests {
         assert!(!org.is_exhausted());
     }
 
+    /// README: SIGHUP applies `probe_interval`. An org exhausted under a 1 h interval, reloaded
+    /// to 1 minute, probes a minute later, as it would after a restart with that file; the probe
+    /// stayed due an hour after the refusals (review-reload; also for an estimate at the limit).
+    #[tokio::test(start_paused = true)]
+    #[ignore = "review-reload: fails until a shorter probe_interval moves the probe already scheduled"]
+    async fn a_reload_that_shortens_the_probe_interval_brings_the_probe_forward() {
+        let (org, m) = setup("probe_interval = \"1h\"", &integration("a", ""));
+        org.observe_exhausted();
+        assert_eq!(limited(m[0].decide(1)).budget, Budget::Exhausted);
+        let shorter = OrgBudget {
+            probe_interval: Duration::from_secs(60),
+            ..org.budget.load()
+        };
+        org.set_budget(shorter);
+        tokio::time::advance(Duration::from_secs(61)).await;
+        match m[0].decide(1) {
+            Verdict::Forward(probe) => drop(probe),
+            Verdict::Limited(l) => panic!(
+                "no probe a minute after the reload to probe_interval = 1m: {:?} {:?}",
+                l.budget, l.retry_after
+            ),
+        }
+    }
+
     /// A refund between the start of an exhaustion and the probe (a call counted before the
     /// refusals that then never left) does not keep the probe's success from ending it.
     #[tokio::test(start_paused = true)]
