@@ -77,6 +77,38 @@ fn stop_and_read_logs(proc: &mut Proc) -> String {
     stderr
 }
 
+/// Sends SIGHUP and returns the lines the process logs up to the reload's last one ("config
+/// reloaded: budgets …" or "reload refused"). The process's stderr is read from then on.
+async fn reload_and_read_logs(proc: &mut Proc) -> Vec<String> {
+    use std::io::BufRead;
+    let hup = Command::new("kill")
+        .args(["-HUP", &proc.0.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(hup.success());
+    let stderr = proc.0.stderr.take().expect("stderr");
+    let reading = std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let done = line.contains("config reloaded: budgets") || line.contains("reload refused");
+            seen.push(line);
+            if done {
+                break;
+            }
+        }
+        seen
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !reading.is_finished() {
+        assert!(Instant::now() < deadline, "no reload logged");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    reading.join().expect("logs")
+}
+
 async fn serve_with(
     upstream: &str,
     dir: &std::path::Path,
@@ -428,7 +460,6 @@ async fn json_logs_are_json_on_every_line_even_when_the_start_fails() {
 /// reloaded" and believe it took effect.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_warns_of_each_change_that_waits_for_a_restart() {
-    use std::io::BufRead;
     let org = sim::spawn(SimOptions::default()).await.expect("sim");
     let dir = tempfile::tempdir().expect("tempdir");
     let b = "[[integration]]\nid = \"b\"\norg = \"acme\"\nmatch = { path_prefix = \"/b\" }";
@@ -439,34 +470,9 @@ async fn a_reload_warns_of_each_change_that_waits_for_a_restart() {
         &org.url,
         dir.path(),
         ports,
-        "quota = 1\nreject_style = \"http429\"",
+        "quota = 1\nreject_style = \"http429\"\nmax_in_flight = 2",
     );
-    let hup = Command::new("kill")
-        .args(["-HUP", &proc.0.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(hup.success());
-    let stderr = proc.0.stderr.take().expect("stderr");
-    let reading = std::thread::spawn(move || {
-        let mut seen = Vec::new();
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let done = line.contains("config reloaded");
-            seen.push(line);
-            if done {
-                break;
-            }
-        }
-        seen
-    });
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !reading.is_finished() {
-        assert!(Instant::now() < deadline, "no reload logged");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let logs = reading.join().expect("logs");
+    let logs = reload_and_read_logs(&mut proc).await;
     let warned = |what: &str| {
         logs.iter()
             .any(|l| l.contains("WARN") && l.contains("next restart") && l.contains(what))
@@ -474,6 +480,12 @@ async fn a_reload_warns_of_each_change_that_waits_for_a_restart() {
     assert!(warned("integration \"a\".reject_style"), "{logs:#?}");
     assert!(warned("integration \"b\" removed"), "{logs:#?}");
     assert!(!warned("quota"), "the quota is applied: {logs:#?}");
+    // A cap added by a reload does not see the calls already in flight: said so.
+    assert!(
+        logs.iter().any(|l| l.contains("WARN")
+            && l.contains("integration \"a\": max_in_flight is added by this reload")),
+        "{logs:#?}"
+    );
 }
 
 /// A reload reads the files a config names as `check` and `serve` do: a file whose CA holds no
@@ -481,7 +493,6 @@ async fn a_reload_warns_of_each_change_that_waits_for_a_restart() {
 /// config, budgets included, stays.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_with_a_file_serve_would_refuse_is_refused() {
-    use std::io::BufRead;
     let org = sim::spawn(SimOptions::default()).await.expect("sim");
     let dir = tempfile::tempdir().expect("tempdir");
     let (mut proc, proxy, admin) = serve_with(&org.url, dir.path(), &[], "quota = 2").await;
@@ -503,24 +514,8 @@ async fn a_reload_with_a_file_serve_would_refuse_is_refused() {
         .output()
         .expect("check");
     assert_eq!(check.status.code(), Some(2), "check refuses the file");
-    let hup = Command::new("kill")
-        .args(["-HUP", &proc.0.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(hup.success());
-    let stderr = proc.0.stderr.take().expect("stderr");
-    let reading = std::thread::spawn(move || {
-        std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-            .find(|l| l.contains("config reloaded") || l.contains("reload refused"))
-    });
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !reading.is_finished() {
-        assert!(Instant::now() < deadline, "no reload logged");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let line = reading.join().expect("logs").unwrap_or_default();
+    let logs = reload_and_read_logs(&mut proc).await;
+    let line = logs.last().cloned().unwrap_or_default();
     assert!(line.contains("reload refused"), "{line}");
     let http = Http::new();
     let body = http.get(&format!("{admin}/api/v1/usage"), &[]).await.2;
@@ -658,7 +653,6 @@ async fn rust_log_warning_does_not_silence_every_log_line() {
 /// (review-reload)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_logs_the_config_warnings_check_prints() {
-    use std::io::BufRead;
     let org = sim::spawn(SimOptions::default()).await.expect("sim");
     let dir = tempfile::tempdir().expect("tempdir");
     let (mut proc, proxy, admin) = serve_with(&org.url, dir.path(), &[], "quota = 1").await;
@@ -669,32 +663,7 @@ async fn a_reload_logs_the_config_warnings_check_prints() {
         ports,
         "quota = 1\n[org.threshold]\nlevels = [\"80%\"]\nnotify = [\"ops@example.com\"]",
     );
-    let hup = Command::new("kill")
-        .args(["-HUP", &proc.0.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(hup.success());
-    let stderr = proc.0.stderr.take().expect("stderr");
-    let reading = std::thread::spawn(move || {
-        let mut seen = Vec::new();
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let done = line.contains("config reloaded: budgets");
-            seen.push(line);
-            if done {
-                break;
-            }
-        }
-        seen
-    });
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !reading.is_finished() {
-        assert!(Instant::now() < deadline, "no reload logged");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let logs = reading.join().expect("logs");
+    let logs = reload_and_read_logs(&mut proc).await;
     assert!(
         logs.iter().any(|l| l.contains("WARN")
             && l.contains("threshold.notify is set but there is no [smtp] section")),
