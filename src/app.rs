@@ -447,18 +447,30 @@ impl Server {
             loop {
                 tokio::select! {
                     () = &mut stop => break,
-                    _ = hangup.recv() => match crate::config::load(path) {
-                        // The files the config names are read as `check` and `serve` read
-                        // them: a reload `serve` would refuse to start with is refused too.
-                        Ok(cfg) => match check_files(&cfg) {
-                            Ok(()) => self.reload(&cfg),
-                            Err(e) => tracing::error!(
-                                "reload refused, the running config stays: {}: {e}",
-                                path.display()
-                            ),
-                        },
-                        Err(e) => tracing::error!("reload refused, the running config stays: {e}"),
-                    },
+                    _ = hangup.recv() => {
+                        let applied = match crate::config::load(path) {
+                            // The files the config names are read as `check` and `serve` read
+                            // them: a reload `serve` would refuse to start with is refused too.
+                            Ok(cfg) => match check_files(&cfg) {
+                                Ok(()) => {
+                                    self.reload(&cfg);
+                                    true
+                                }
+                                Err(e) => {
+                                    tracing::error!(
+                                        "reload refused, the running config stays: {}: {e}",
+                                        path.display()
+                                    );
+                                    false
+                                }
+                            },
+                            Err(e) => {
+                                tracing::error!("reload refused, the running config stays: {e}");
+                                false
+                            }
+                        };
+                        self.admin.metrics.config_reloaded(applied);
+                    }
                 }
             }
         } else {

@@ -78,7 +78,8 @@ fn stop_and_read_logs(proc: &mut Proc) -> String {
 }
 
 /// Sends SIGHUP and returns the lines the process logs up to the reload's last one ("config
-/// reloaded: budgets …" or "reload refused"). The process's stderr is read from then on.
+/// reloaded: budgets …" or "reload refused"). Reads stderr a byte at a time, so that nothing
+/// after that line is taken from the pipe: the next call reads on from there.
 async fn reload_and_read_logs(proc: &mut Proc) -> Vec<String> {
     use std::io::BufRead;
     let hup = Command::new("kill")
@@ -89,24 +90,25 @@ async fn reload_and_read_logs(proc: &mut Proc) -> Vec<String> {
     let stderr = proc.0.stderr.take().expect("stderr");
     let reading = std::thread::spawn(move || {
         let mut seen = Vec::new();
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
+        let mut reader = std::io::BufReader::with_capacity(1, stderr);
+        let mut line = String::new();
+        while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
             let done = line.contains("config reloaded: budgets") || line.contains("reload refused");
-            seen.push(line);
+            seen.push(std::mem::take(&mut line));
             if done {
                 break;
             }
         }
-        seen
+        (seen, reader.into_inner())
     });
     let deadline = Instant::now() + Duration::from_secs(10);
     while !reading.is_finished() {
         assert!(Instant::now() < deadline, "no reload logged");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    reading.join().expect("logs")
+    let (seen, stderr) = reading.join().expect("logs");
+    proc.0.stderr = Some(stderr);
+    seen
 }
 
 async fn serve_with(
@@ -524,6 +526,23 @@ async fn a_reload_with_a_file_serve_would_refuse_is_refused() {
         usage["orgs"][0]["integrations"][0]["quota"].as_u64(),
         Some(2)
     );
+    // Prometheus sees it too (an alert fires on it), and sees the next reload that takes.
+    let reload_ok = || async {
+        let metrics = http.get(&format!("{admin}/metrics"), &[]).await.2;
+        let metrics = String::from_utf8_lossy(&metrics).into_owned();
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("callmeter_config_last_reload_successful "))
+            .map(str::to_owned)
+    };
+    assert_eq!(reload_ok().await.as_deref(), Some("0"));
+    write_config(&org.url, dir.path(), ports, "quota = 4");
+    let logs = reload_and_read_logs(&mut proc).await;
+    assert!(
+        logs.last().is_some_and(|l| l.contains("config reloaded")),
+        "{logs:#?}"
+    );
+    assert_eq!(reload_ok().await.as_deref(), Some("1"));
 }
 
 /// A second SIGTERM (an operator's second Ctrl-C, an orchestrator's impatience) during the

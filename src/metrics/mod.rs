@@ -14,7 +14,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use prometheus::{Encoder, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
 
 use crate::meter::Usage;
 use crate::salesforce::Api;
@@ -73,6 +75,10 @@ pub struct Metrics {
     usage_reports: IntCounterVec,
     notifications: IntCounterVec,
     notifications_pending: IntGaugeVec,
+    /// Whether the last SIGHUP reload took (1), or was refused (0); 1 from the start.
+    reload_ok: IntGauge,
+    /// When the running config was last read whole: the start, or the last reload that took.
+    reload_at: IntGauge,
 }
 
 /// Errors are only possible from a programming mistake (a bad metric name or duplicate
@@ -89,6 +95,11 @@ impl Metrics {
         let registry = Registry::new();
         let gauge = |name: &str, help: &str, labels: &[&str]| {
             let g = must(IntGaugeVec::new(Opts::new(name, help), labels));
+            must(registry.register(Box::new(g.clone())));
+            g
+        };
+        let plain_gauge = |name: &str, help: &str| {
+            let g = must(IntGauge::new(name, help));
             must(registry.register(Box::new(g.clone())));
             g
         };
@@ -145,8 +156,17 @@ impl Metrics {
                 "Threshold emails of recorded crossings the SMTP server has not taken yet (being sent, or waiting for a retry).",
                 &["org"],
             ),
+            reload_ok: plain_gauge(
+                "callmeter_config_last_reload_successful",
+                "1 if the last config reload (SIGHUP) was applied, 0 if it was refused and the previous config still runs.",
+            ),
+            reload_at: plain_gauge(
+                "callmeter_config_last_reload_success_timestamp_seconds",
+                "When the running config was last read: the start, or the last reload applied (Unix time).",
+            ),
             registry,
         };
+        m.config_reloaded(true);
         let build = must(IntGaugeVec::new(
             Opts::new(
                 "callmeter_build_info",
@@ -157,6 +177,17 @@ impl Metrics {
         must(m.registry.register(Box::new(build.clone())));
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         Arc::new(m)
+    }
+
+    /// A reload was applied (`true`) or refused, the previous config staying.
+    pub fn config_reloaded(&self, applied: bool) {
+        self.reload_ok.set(i64::from(applied));
+        if applied {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            self.reload_at.set(clamp_i64(now));
+        }
     }
 
     /// The handles one integration's requests use.
