@@ -525,8 +525,12 @@ impl Server {
                 }
             }
         }
-        for org in self.admin.console.thresholds.reload(config, &self.meter) {
-            tracing::info!(%org, "config reloaded: the org's threshold applied");
+        for (org, in_force) in self.admin.console.thresholds.reload(config, &self.meter) {
+            if in_force {
+                tracing::info!(%org, "config reloaded: the org's threshold applied");
+            } else {
+                tracing::info!(%org, "config reloaded: the org's [org.threshold] is kept, but the threshold set through the admin API stays in force (DELETE /api/v1/orgs/{org}/threshold to use the config's)");
+            }
             // The watcher looks at once: a lowered level may already be crossed.
             self.admin.console.poke.notify_one();
         }

@@ -149,8 +149,9 @@ impl Thresholds {
 
     /// Takes the `[org.threshold]` of a reloaded config. Where no threshold was set through
     /// the admin API, the new one is in force at once and the meter's levels follow. Returns
-    /// the orgs whose configured threshold changed.
-    pub fn reload(&self, config: &Config, meter: &Meter) -> Vec<OrgId> {
+    /// the orgs whose configured threshold changed, each with whether it is in force (false:
+    /// one set through the admin API still is).
+    pub fn reload(&self, config: &Config, meter: &Meter) -> Vec<(OrgId, bool)> {
         let mut changed = Vec::new();
         for org in &config.orgs {
             let Some(entry) = self.orgs.iter().find(|o| o.org == org.id) else {
@@ -161,11 +162,12 @@ impl Thresholds {
                 continue;
             }
             configured.clone_from(&org.threshold);
-            if read(&entry.runtime).is_none() {
+            let in_force = read(&entry.runtime).is_none();
+            if in_force {
                 let levels = org.threshold.as_ref().map(|t| t.levels.clone());
                 meter.set_thresholds(org.id.as_str(), levels.unwrap_or_default());
             }
-            changed.push(org.id.clone());
+            changed.push((org.id.clone(), in_force));
         }
         if !changed.is_empty() {
             self.changes.send_replace(());
@@ -479,16 +481,14 @@ impl Watcher {
     /// it to or no way to send it.
     fn email(&self, alert: &Alert, key: u64, now_ms: u64) -> Option<Outgoing> {
         let subject = alert.subject();
-        let Some(mailer) = &self.mailer else {
-            if !alert.recipients.is_empty() {
-                tracing::warn!(org = %alert.org, %subject, "threshold crossed; no email: there is no [smtp] section");
-            }
-            return None;
-        };
         if alert.recipients.is_empty() {
             tracing::info!(org = %alert.org, %subject, "threshold crossed; no email: the threshold has no notify addresses");
             return None;
         }
+        let Some(mailer) = &self.mailer else {
+            tracing::warn!(org = %alert.org, %subject, "threshold crossed; no email: there is no [smtp] section");
+            return None;
+        };
         match alert.message(mailer.from()) {
             Ok(message) => Some(Outgoing::new(key, subject, &message, now_ms)),
             Err(error) => {
@@ -708,6 +708,82 @@ mod tests {
             let e = from_json(&body).expect_err(&body.to_string());
             assert_eq!(e.field.as_deref(), field, "{body}: {e}");
             assert!(e.message.contains(words), "{body}: {e}");
+        }
+    }
+
+    /// A config of one org, `acme`, with `threshold` (TOML of `[org.threshold]`, or "").
+    fn config(threshold: &str) -> Config {
+        crate::config::parse(
+            &format!(
+                "[[listener]]\nname = \"main\"\nlisten = \"127.0.0.1:0\"\n[[org]]\nid = \"acme\"\n\
+                 instance_url = \"https://acme.my.salesforce.com\"\n{threshold}\n"
+            ),
+            std::path::Path::new("test.toml"),
+        )
+        .expect("config")
+    }
+
+    /// A reload says whether the org's new `[org.threshold]` is in force: not while one set
+    /// through the admin API is (the log said "applied" either way).
+    #[tokio::test]
+    async fn a_reloaded_threshold_is_in_force_unless_one_was_set_at_run_time() {
+        let thresholds = Thresholds::from_config(&config(""));
+        let (meter, store) = (
+            Meter::new(),
+            Arc::new(Store::open_in_memory().expect("store")),
+        );
+        let eighty = config("[org.threshold]\nlevels = [\"80%\"]");
+        let acme = |in_force| vec![(OrgId::new("acme").expect("id"), in_force)];
+        assert_eq!(thresholds.reload(&eighty, &meter), acme(true));
+        let runtime = from_json(&json!({"levels": ["50%"]})).expect("valid");
+        thresholds
+            .set("acme", Some(runtime), &store, &meter)
+            .await
+            .expect("set");
+        let ninety = config("[org.threshold]\nlevels = [\"90%\"]");
+        assert_eq!(thresholds.reload(&ninety, &meter), acme(false));
+    }
+
+    /// Without `[smtp]` or without notify addresses a crossing is only logged (README), each
+    /// way: with neither, it was not logged at all.
+    #[tokio::test]
+    async fn a_crossing_no_email_is_sent_for_is_logged() {
+        let config = config("");
+        let watcher = Watcher {
+            meter: Arc::new(Meter::new()),
+            thresholds: Arc::new(Thresholds::from_config(&config)),
+            store: Arc::new(Store::open_in_memory().expect("store")),
+            metrics: Metrics::new(),
+            mailer: None,
+            on_limit: HashMap::new(),
+            poke: Arc::new(Notify::new()),
+            shutdown_grace: Duration::from_secs(1),
+        };
+        for (recipients, said) in [
+            (vec![], "no notify addresses"),
+            (vec!["ops@example.com".to_owned()], "no [smtp] section"),
+        ] {
+            let alert = Alert {
+                org: "acme".into(),
+                integration: None,
+                level: "80%".into(),
+                level_calls: 800,
+                used: 812,
+                org_used: 812,
+                budget: Some(1_000),
+                window_minutes: 1440,
+                top: vec![],
+                outside: None,
+                recipients,
+            };
+            let (guard, logged) = crate::logging::capture("info");
+            assert!(watcher.email(&alert, 0, 0).is_none());
+            drop(guard);
+            let logged = String::from_utf8_lossy(&logged.lock().expect("log")).into_owned();
+            assert!(
+                logged.contains("threshold crossed") && logged.contains(said),
+                "{logged}"
+            );
         }
     }
 
