@@ -64,8 +64,23 @@ pub(crate) fn bearer(headers: &http::HeaderMap) -> Option<&str> {
 }
 
 impl Admin {
-    /// `local`: the client is on this machine (a loopback peer).
+    /// `local`: the client is on this machine (a loopback peer). `HEAD` is answered as `GET`,
+    /// without the body: health checkers and monitors probe with it.
     pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        local: bool,
+    ) -> Response<ResponseBody> {
+        let head = req.method() == Method::HEAD;
+        let resp = self.answer(req, local).await;
+        if head {
+            ResponseBody::head_only(resp)
+        } else {
+            resp
+        }
+    }
+
+    async fn answer(
         self: Arc<Self>,
         req: Request<Incoming>,
         local: bool,
@@ -89,23 +104,22 @@ impl Admin {
         }
         let path = req.uri().path().to_owned();
         let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+        let read = req.method() == Method::GET || req.method() == Method::HEAD;
         match (req.method(), segments.as_slice()) {
-            (&Method::GET, ["metrics"]) => self.metrics_page().await,
-            (&Method::GET, ["healthz"]) => text(StatusCode::OK, "ok\n"),
-            (&Method::GET, ["readyz"]) => {
+            (_, ["metrics"]) if read => self.metrics_page().await,
+            (_, ["healthz"]) if read => text(StatusCode::OK, "ok\n"),
+            (_, ["readyz"]) if read => {
                 if self.ready.load(Ordering::Relaxed) {
                     text(StatusCode::OK, "ready\n")
                 } else {
                     text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
                 }
             }
-            (&Method::GET, ["api", "v1", "usage"]) => {
+            (_, ["api", "v1", "usage"]) if read => {
                 let _ = self.deferrals.refresh_depths(|_| {}).await;
                 json(StatusCode::OK, &self.meter.usage())
             }
-            (&Method::GET, ["api", "v1", "deferred"]) => {
-                self.list_deferred(req.uri().query()).await
-            }
+            (_, ["api", "v1", "deferred"]) if read => self.list_deferred(req.uri().query()).await,
             (&Method::POST, ["api", "v1", "deferred", id, action]) => {
                 if let Some(refused) = self.refuse_unauthorized(&req) {
                     return refused;

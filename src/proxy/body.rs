@@ -494,6 +494,21 @@ impl ResponseBody {
         ResponseBody::Full(None)
     }
 
+    /// The answer to a `HEAD`: `resp` as a `GET` gets it, without the body (RFC 9110 §9.3.2)
+    /// but with the length that body has in `Content-Length`. For the answers callmeter makes
+    /// itself (the admin listener, a deferred call's status URL): hyper leaves the body out
+    /// over HTTP/1.1, but over HTTP/2 it would send it.
+    pub fn head_only(resp: http::Response<ResponseBody>) -> http::Response<ResponseBody> {
+        let (mut parts, body) = resp.into_parts();
+        if let Some(len) = body.size_hint().exact() {
+            parts
+                .headers
+                .entry(http::header::CONTENT_LENGTH)
+                .or_insert_with(|| http::HeaderValue::from(len));
+        }
+        http::Response::from_parts(parts, ResponseBody::empty())
+    }
+
     /// Keeps the call's in-flight slots until this body is sent (no-op when it holds none).
     pub fn hold(self, in_flight: crate::meter::InFlight) -> Self {
         if in_flight.is_empty() {

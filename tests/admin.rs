@@ -1,0 +1,125 @@
+//! The admin listener's HTTP surface end to end: `HEAD` on every `GET` endpoint (HTTP/1.1 and
+//! h2c), 405 with `Allow` for a known path and a wrong method, the limits on a request body,
+//! and the 421 that names the listener's own address.
+
+mod common;
+
+use std::path::Path;
+
+use bytes::Bytes;
+use callmeter::sim::{self, SimOptions};
+use callmeter::{app, config};
+use common::*;
+use http::{header, HeaderMap, Method, Request, StatusCode, Version};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+const TOKEN: &str = "admin-t0ken";
+
+/// What a test runs against; each part serves as long as it is held.
+struct Running {
+    server: app::Server,
+    _sim: sim::SimHandle,
+    _dir: tempfile::TempDir,
+}
+
+impl Running {
+    /// The admin listener's base URL, on loopback (whatever address it is bound to).
+    fn admin(&self) -> String {
+        format!("http://127.0.0.1:{}", self.server.admin_addr.port())
+    }
+}
+
+/// The proxy in front of a simulated org, with the admin token set; `proxy_extra`: more keys
+/// of `[proxy]`, `admin_listen`: the admin listener's address.
+async fn start(proxy_extra: &str, admin_listen: &str) -> Running {
+    let sim = sim::spawn(SimOptions::default()).await.expect("sim");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let toml = config_text(&sim.url, "", "")
+        .replacen(
+            "listen = \"127.0.0.1:0\"",
+            &format!("listen = \"{admin_listen}\""),
+            1,
+        )
+        .replace(
+            "shutdown_grace = \"2s\"",
+            &format!("shutdown_grace = \"2s\"\n{proxy_extra}"),
+        )
+        .replace(
+            "STORE_PATH",
+            &dir.path().join("callmeter.db").display().to_string(),
+        );
+    let env = |name: &str| (name == "CALLMETER_ADMIN_TOKEN").then(|| TOKEN.to_owned());
+    let cfg = config::parse_with_env(&toml, Path::new("test.toml"), &env).expect("valid config");
+    let server = app::start(&cfg).await.expect("proxy starts");
+    Running {
+        server,
+        _sim: sim,
+        _dir: dir,
+    }
+}
+
+/// Every endpoint the admin listener answers `GET` on.
+const GET_PATHS: [&str; 9] = [
+    "/healthz",
+    "/readyz",
+    "/metrics",
+    "/api/v1/usage",
+    "/api/v1/deferred",
+    "/",
+    "/status.js",
+    "/api/v1/history",
+    "/api/v1/orgs/acme/threshold",
+];
+
+async fn exchange(
+    client: &Client<HttpConnector, Empty<Bytes>>,
+    method: Method,
+    url: &str,
+) -> (Version, StatusCode, HeaderMap, Bytes) {
+    let req = Request::builder()
+        .method(method)
+        .uri(url)
+        .body(Empty::new())
+        .expect("request");
+    let resp = client
+        .request(req)
+        .await
+        .unwrap_or_else(|e| panic!("{url}: {e}"));
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.expect("body").to_bytes();
+    (parts.version, parts.status, parts.headers, body)
+}
+
+/// A health checker or monitor that probes with `HEAD` gets what `GET` answers, without the
+/// body, over HTTP/1.1 and h2c alike. (`HEAD /healthz` was 404: the proxy looked down; over
+/// h2c the console's pages, which took `HEAD`, sent their body and the client reset the stream.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_get_endpoint_answers_head_as_get_without_a_body() {
+    let running = start("", "127.0.0.1:0").await;
+    for (h2, version) in [(false, Version::HTTP_11), (true, Version::HTTP_2)] {
+        let client = Client::builder(TokioExecutor::new())
+            .http2_only(h2)
+            .build(HttpConnector::new());
+        for path in GET_PATHS {
+            let url = format!("{}{path}", running.admin());
+            let (_, get_status, get_headers, get_body) = exchange(&client, Method::GET, &url).await;
+            assert_eq!(get_status, StatusCode::OK, "GET {path}");
+            let (v, status, headers, body) = exchange(&client, Method::HEAD, &url).await;
+            assert_eq!(v, version);
+            assert_eq!(status, get_status, "HEAD {path} over {version:?}");
+            assert!(
+                body.is_empty(),
+                "HEAD {path} over {version:?} came with a body"
+            );
+            assert_eq!(
+                headers.get(header::CONTENT_TYPE),
+                get_headers.get(header::CONTENT_TYPE),
+                "HEAD {path}"
+            );
+            assert!(!get_body.is_empty(), "GET {path}");
+        }
+    }
+}
