@@ -126,6 +126,31 @@ impl Admin {
                 }
                 self.change_deferred(id, action).await
             }
+            // A known path with another method: 405, saying which methods it takes, in the
+            // shape of its errors (a 404 read as a wrong URL).
+            (method, ["metrics" | "healthz" | "readyz"]) => allow(
+                READ,
+                text(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    format!("{method} is not supported here; use GET or HEAD\n"),
+                ),
+            ),
+            (method, ["api", "v1", "usage" | "deferred"]) => allow(
+                READ,
+                error(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    &format!("{method} is not supported here; use GET"),
+                ),
+            ),
+            (method, ["api", "v1", "deferred", _, "retry" | "discard"]) => allow(
+                "POST",
+                error(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    &format!(
+                        "{method} is not supported here; use POST /api/v1/deferred/{{id}}/retry or /discard"
+                    ),
+                ),
+            ),
             _ => text(
                 StatusCode::NOT_FOUND,
                 "not found; try / (status page), /metrics, /healthz, /readyz, /api/v1/usage, \
@@ -249,6 +274,19 @@ impl Admin {
             Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
         }
     }
+}
+
+/// What the read-only endpoints take, for `Allow`.
+pub(crate) const READ: &str = "GET, HEAD";
+
+/// `resp` (a 405) with the methods the path takes in `Allow`, as RFC 9110 §15.5.6 asks.
+pub(crate) fn allow(
+    methods: &'static str,
+    mut resp: Response<ResponseBody>,
+) -> Response<ResponseBody> {
+    resp.headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static(methods));
+    resp
 }
 
 #[derive(Serialize)]

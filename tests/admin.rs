@@ -123,3 +123,91 @@ async fn every_get_endpoint_answers_head_as_get_without_a_body() {
         }
     }
 }
+
+/// A known path with a method it does not take answers 405 and says which it takes in
+/// `Allow`, in the error shape of its part of the listener: plain text for `/metrics` and the
+/// health checks, `{"error"}` for the usage and deferred-call API, `{"message"}` for the
+/// console's. (`POST /api/v1/usage` and `GET /api/v1/deferred/1/retry` were 404 "not found".)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_method_on_a_known_path_is_405_with_allow() {
+    let running = start("", "127.0.0.1:0").await;
+    let http = Http::new();
+    let get = "GET, HEAD";
+    let cases: [(Method, &str, &str, &str); 13] = [
+        (Method::POST, "/metrics", get, "text"),
+        (Method::POST, "/healthz", get, "text"),
+        (Method::DELETE, "/readyz", get, "text"),
+        (Method::POST, "/api/v1/usage", get, "error"),
+        (Method::DELETE, "/api/v1/deferred", get, "error"),
+        (Method::GET, "/api/v1/deferred/1/retry", "POST", "error"),
+        (Method::HEAD, "/api/v1/deferred/1/discard", "POST", "error"),
+        (Method::PUT, "/api/v1/deferred/1/retry", "POST", "error"),
+        (Method::POST, "/", get, "message"),
+        (Method::POST, "/status.js", get, "message"),
+        (Method::POST, "/api/v1/history", get, "message"),
+        (
+            Method::PATCH,
+            "/api/v1/orgs/acme/threshold",
+            "GET, HEAD, PUT, DELETE",
+            "message",
+        ),
+        (
+            Method::POST,
+            "/api/v1/orgs/acme/threshold",
+            "GET, HEAD, PUT, DELETE",
+            "message",
+        ),
+    ];
+    for (method, path, allow, shape) in cases {
+        let what = format!("{method} {path}");
+        let (status, headers, body) = http
+            .send(
+                method.clone(),
+                &format!("{}{path}", running.admin()),
+                &[],
+                Bytes::new(),
+            )
+            .await;
+        assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED, "{what}: {body:?}");
+        assert_eq!(
+            headers.get(header::ALLOW).and_then(|v| v.to_str().ok()),
+            Some(allow),
+            "{what}"
+        );
+        let content_type = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if method == Method::HEAD {
+            assert!(body.is_empty(), "{what}");
+            continue;
+        }
+        if shape == "text" {
+            assert!(
+                content_type.starts_with("text/plain"),
+                "{what}: {content_type}"
+            );
+            assert!(!body.is_empty(), "{what}");
+        } else {
+            assert_eq!(content_type, "application/json", "{what}");
+            let json: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
+            assert!(json[shape].is_string(), "{what}: {json}");
+        }
+    }
+    // Paths the listener does not serve stay 404, whatever the method.
+    for (method, path) in [
+        (Method::GET, "/nothing"),
+        (Method::POST, "/nothing"),
+        (Method::GET, "/api/v1/deferred/1/bogus"),
+    ] {
+        let (status, _, _) = http
+            .send(
+                method.clone(),
+                &format!("{}{path}", running.admin()),
+                &[],
+                Bytes::new(),
+            )
+            .await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{method} {path}");
+    }
+}

@@ -23,6 +23,7 @@ use serde::Serialize;
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinSet;
 
+use crate::admin::{allow, READ};
 use crate::config::Config;
 use crate::history::{History, KEEP_DAYS};
 use crate::meter::Meter;
@@ -148,10 +149,13 @@ impl Console {
         let query = req.uri().query().unwrap_or("").to_owned();
         let read_only = req.method() == Method::GET || req.method() == Method::HEAD;
         match path.as_str() {
-            "/" | "/status.js" | "/api/v1/history" if !read_only => error(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "only GET is supported here",
-                None,
+            "/" | "/status.js" | "/api/v1/history" if !read_only => allow(
+                READ,
+                error(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "only GET (and HEAD) is supported here",
+                    None,
+                ),
             ),
             "/" => self.status_page(&query).await,
             "/status.js" => {
@@ -272,11 +276,16 @@ impl Console {
                     return resp;
                 }
             }
-            _ => return error(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "use GET, PUT (with a JSON threshold) or DELETE (back to the configured threshold)",
-                None,
-            ),
+            _ => {
+                return allow(
+                    "GET, HEAD, PUT, DELETE",
+                    error(
+                        StatusCode::METHOD_NOT_ALLOWED,
+                        "use GET, PUT (with a JSON threshold) or DELETE (back to the configured threshold)",
+                        None,
+                    ),
+                )
+            }
         }
         if self.thresholds.get(org).is_none() {
             return error(
