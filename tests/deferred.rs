@@ -147,6 +147,45 @@ async fn limited_calls_are_stored_answered_202_and_replayed() {
     );
 }
 
+/// A status URL only reads: `DELETE` (or `POST`, `PUT`) on it is answered 405 with `Allow`,
+/// in Salesforce's error shape, not 200 with the status, which a client could take for a
+/// cancelled call; the call goes on to be delivered. `HEAD` answers as `GET` does, bodiless.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_status_url_refuses_methods_other_than_get_and_head() {
+    let (env, url, auth) = burst_token_spent().await;
+    let accepted = deferred(&env.http, &url, &auth, r#"{"LastName":"Deferred"}"#).await;
+    let status_url = accepted["status_url"].as_str().expect("status_url");
+    for method in [Method::DELETE, Method::POST, Method::PUT] {
+        let (status, headers, body) = env
+            .http
+            .send(method.clone(), status_url, &auth, Bytes::new())
+            .await;
+        let text = String::from_utf8_lossy(&body);
+        assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED, "{method}: {text}");
+        assert_eq!(
+            headers.get("allow").and_then(|v| v.to_str().ok()),
+            Some("GET, HEAD"),
+            "{method}"
+        );
+        let error: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
+        assert_eq!(
+            error[0]["errorCode"], "METHOD_NOT_ALLOWED",
+            "{method}: {text}"
+        );
+    }
+    let (status, _, body) = env
+        .http
+        .send(Method::HEAD, status_url, &auth, Bytes::new())
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(body.is_empty());
+    eventually(15, "the call delivered all the same", || async {
+        status_of(&env.http, status_url).await["state"] == "delivered"
+    })
+    .await;
+    assert_eq!(env.sim_count().await["by_client"]["d"], 2);
+}
+
 /// Integration `a` has spent its quota (its deferred call waits for a day), `b` only its rate
 /// (back within a second): b's deferred call must not wait behind a's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

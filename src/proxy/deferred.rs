@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::request::Parts;
-use http::{header, HeaderValue, Response, StatusCode};
+use http::{header, HeaderValue, Method, Response, StatusCode};
 use serde::Serialize;
 
 use super::body::{Collected, RequestBody, ResponseBody};
@@ -170,7 +170,37 @@ struct Status<'a> {
 /// for the holder of its status URL (the tag, see `Deferrals::status_tag`) who also carries the
 /// call's `Authorization`, if it had one. A URL without the tag (as handed out before tags)
 /// still reads a call that had an `Authorization`, with it.
+///
+/// Only `GET` and `HEAD` read it; any other method is answered 405 before the store is looked
+/// at (so it tells nothing about the id): a `DELETE` answered 200 with the status would read as
+/// a cancelled call that goes on to be sent.
 pub async fn status(
+    defer: &DeferRoute,
+    route: &Route,
+    parts: &Parts,
+    id: &str,
+) -> Response<ResponseBody> {
+    match parts.method {
+        Method::GET => read_status(defer, route, parts, id).await,
+        Method::HEAD => ResponseBody::head_only(read_status(defer, route, parts, id).await),
+        _ => {
+            let mut resp = json_error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                &format!(
+                    "callmeter: a deferred call's status URL only reads its outcome (GET or HEAD); \
+                     {} does not cancel or change the call (the admin can discard it)",
+                    parts.method
+                ),
+                "METHOD_NOT_ALLOWED",
+            );
+            resp.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+            resp
+        }
+    }
+}
+
+async fn read_status(
     defer: &DeferRoute,
     route: &Route,
     parts: &Parts,
