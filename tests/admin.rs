@@ -5,6 +5,7 @@
 mod common;
 
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use callmeter::sim::{self, SimOptions};
@@ -210,4 +211,64 @@ async fn a_wrong_method_on_a_known_path_is_405_with_allow() {
             .await;
         assert_eq!(status, StatusCode::NOT_FOUND, "{method} {path}");
     }
+}
+
+/// Writes `request` to `addr` on a new connection: all that comes back within 5 s, and how
+/// long the answer took.
+async fn raw_exchange(addr: &str, request: &str) -> (String, Duration) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let sent = Instant::now();
+    tcp.write_all(request.as_bytes()).await.expect("write");
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut out)).await;
+    (String::from_utf8_lossy(&out).into_owned(), sent.elapsed())
+}
+
+fn threshold_put(content_length: u64, body: &str) -> String {
+    format!(
+        "PUT /api/v1/orgs/acme/threshold HTTP/1.1\r\nHost: 127.0.0.1\r\n\
+         Authorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\n\
+         Content-Length: {content_length}\r\n\r\n{body}"
+    )
+}
+
+/// A body declared larger than the API reads is refused before any of it is read, and one
+/// that does not come within the listener's `header_timeout` is answered 408: neither holds
+/// the connection (a `Content-Length: 999999999` with one byte sent hung for minutes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_threshold_body_too_large_is_413_at_once_and_a_stalled_one_408() {
+    let running = start("header_timeout = \"1s\"", "127.0.0.1:0").await;
+    let addr = running.server.admin_addr.to_string();
+
+    let (answer, took) = raw_exchange(&addr, &threshold_put(999_999_999, "{")).await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("65536"), "says the limit: {answer}");
+    assert!(took < Duration::from_secs(1), "413 after {took:?}");
+
+    let (answer, took) = raw_exchange(&addr, &threshold_put(100, "{")).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("\"message\""), "{answer}");
+    assert!(took >= Duration::from_millis(900), "408 after {took:?}");
+
+    // One that declares no length is cut off where it passes the limit.
+    let chunked = threshold_put(0, "").replace(
+        "Content-Length: 0\r\n\r\n",
+        &format!(
+            "Transfer-Encoding: chunked\r\n\r\n11170\r\n{}",
+            " ".repeat(70_000)
+        ),
+    );
+    let (answer, _) = raw_exchange(&addr, &chunked).await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+
+    // A body of the size it declares is read as before.
+    let body = r#"{"levels": ["80%"], "notify": []}"#;
+    let (answer, _) = raw_exchange(
+        &addr,
+        &threshold_put(body.len() as u64, body)
+            .replace("\r\n\r\n", "\r\nConnection: close\r\n\r\n"),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 }

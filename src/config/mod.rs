@@ -274,7 +274,8 @@ pub struct ProxySettings {
     pub max_header_bytes: usize,
     /// How long a client may take to send a request head, counted from when the proxy starts
     /// waiting for it (so also how long an idle keep-alive connection stays open), and to
-    /// finish a TLS handshake. Default 30 s.
+    /// finish a TLS handshake; on the admin listener also how long a request body may take to
+    /// come whole. Default 30 s.
     pub header_timeout: Duration,
     /// Default false: an incoming `X-Forwarded-For` is replaced by the peer address. True when a
     /// trusted load balancer sits in front: the peer address is appended to the incoming header.

@@ -14,10 +14,12 @@ mod status;
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Limited};
+use http_body::Body;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use serde::Serialize;
 use tokio::sync::{watch, Notify};
@@ -57,6 +59,10 @@ pub struct Console {
     pub token_env: String,
     /// Tells the threshold watcher to look at once.
     pub poke: Arc<Notify>,
+    /// How long a request body may take to come whole: the listener's `header_timeout`, so a
+    /// client that declares a body and does not send it holds the connection no longer than
+    /// one that does not finish its head.
+    pub body_timeout: Duration,
 }
 
 /// Loads the thresholds saved at run time, opens the history and spawns the threshold watcher
@@ -107,6 +113,7 @@ pub async fn start(
         token: config.admin.token.clone(),
         token_env: config.admin.token_env.clone(),
         poke,
+        body_timeout: config.proxy.header_timeout,
     }))
 }
 
@@ -296,15 +303,9 @@ impl Console {
         }
         let new = match method {
             Method::PUT => {
-                let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-                    Ok(body) => body.to_bytes(),
-                    Err(e) => {
-                        return error(
-                            StatusCode::BAD_REQUEST,
-                            &format!("cannot read the body (at most {MAX_BODY} bytes): {e}"),
-                            None,
-                        )
-                    }
+                let body = match self.read_body(req).await {
+                    Ok(body) => body,
+                    Err(refused) => return refused,
                 };
                 match parse_threshold(&body) {
                     Ok(t) => Some(Some(t)),
@@ -337,6 +338,51 @@ impl Console {
             }
         }
         json(StatusCode::OK, &self.threshold_view(org))
+    }
+
+    /// The request's body, whole, or the answer that refuses it: 413 when it declares more
+    /// than [`MAX_BODY`] (before any of it is read) or turns out longer, 408 when it has not
+    /// all come within `body_timeout`, 400 when it breaks off. A refused body is left unread,
+    /// so the connection closes after the answer.
+    async fn read_body(&self, req: Request<Incoming>) -> Result<Bytes, Response<ResponseBody>> {
+        let version = req.version();
+        let closing = |mut resp: Response<ResponseBody>| {
+            // `Connection` is an HTTP/1 header; an HTTP/2 stream ends on its own.
+            if version < http::Version::HTTP_2 {
+                resp.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            resp
+        };
+        let too_large = || {
+            closing(error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &format!("the body is larger than the {MAX_BODY} bytes this API reads"),
+                None,
+            ))
+        };
+        // hyper knows the length a request declares (`Content-Length`).
+        if req.body().size_hint().lower() > MAX_BODY as u64 {
+            return Err(too_large());
+        }
+        let reading = Limited::new(req.into_body(), MAX_BODY).collect();
+        match tokio::time::timeout(self.body_timeout, reading).await {
+            Ok(Ok(body)) => Ok(body.to_bytes()),
+            Ok(Err(e)) if e.is::<LengthLimitError>() => Err(too_large()),
+            Ok(Err(e)) => Err(closing(error(
+                StatusCode::BAD_REQUEST,
+                &format!("cannot read the body: {e}"),
+                None,
+            ))),
+            Err(_) => Err(closing(error(
+                StatusCode::REQUEST_TIMEOUT,
+                &format!(
+                    "the body did not all come within {:?} (proxy.header_timeout); send it whole",
+                    self.body_timeout
+                ),
+                None,
+            ))),
+        }
     }
 
     fn threshold_view(&self, org: &str) -> ThresholdView {
