@@ -6,6 +6,7 @@
 //! connection slot. Reading is open; every call that changes something needs
 //! `Authorization: Bearer <token>` with the token from `admin.token_env`.
 
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -31,6 +32,8 @@ pub struct Admin {
     pub ready: AtomicBool,
     /// The status page, the threshold and history APIs.
     pub console: Arc<crate::console::Console>,
+    /// The address the listener is bound to, for the 421's advice.
+    pub addr: SocketAddr,
 }
 
 /// Whether a request from this machine names a host other than an IP address or `localhost`:
@@ -53,6 +56,16 @@ fn foreign_host(headers: &http::HeaderMap, uri: &http::Uri) -> bool {
         None => host.rsplit_once(':').map_or(host, |(name, _)| name),
     };
     !(name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::IpAddr>().is_ok())
+}
+
+/// Where a client on this machine reaches a listener bound to `addr`: that address, or
+/// loopback on its port when it is bound to every address (`0.0.0.0`, `[::]`), which names none.
+fn local_address(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => (Ipv4Addr::LOCALHOST, addr.port()).into(),
+        IpAddr::V6(ip) if ip.is_unspecified() => (Ipv6Addr::LOCALHOST, addr.port()).into(),
+        _ => addr,
+    }
 }
 
 /// The token of an `Authorization: Bearer <token>` header (the scheme's case does not matter,
@@ -88,8 +101,11 @@ impl Admin {
         if local && foreign_host(req.headers(), req.uri()) {
             return text(
                 StatusCode::MISDIRECTED_REQUEST,
-                "from this machine, name the admin listener by its address \
-                 (http://127.0.0.1:9464/) or localhost\n",
+                format!(
+                    "from this machine, name the admin listener by its address \
+                     (http://{}/) or localhost\n",
+                    local_address(self.addr)
+                ),
             );
         }
         if crate::console::Console::serves(req.uri().path()) {
@@ -343,6 +359,20 @@ mod tests {
         ] {
             headers.insert(header::AUTHORIZATION, http::HeaderValue::from_static(value));
             assert_eq!(bearer(&headers), token, "{value}");
+        }
+    }
+
+    #[test]
+    fn the_421_names_an_address_a_local_client_can_reach() {
+        for (bound, named) in [
+            ("127.0.0.1:27464", "127.0.0.1:27464"),
+            ("10.1.2.3:9464", "10.1.2.3:9464"),
+            ("0.0.0.0:27464", "127.0.0.1:27464"),
+            ("[::]:27464", "[::1]:27464"),
+            ("[::1]:9464", "[::1]:9464"),
+        ] {
+            let bound: SocketAddr = bound.parse().expect("address");
+            assert_eq!(local_address(bound).to_string(), named, "{bound}");
         }
     }
 

@@ -242,15 +242,6 @@ pub async fn start(config: &Config) -> Result<Server, StartError> {
 
     let console =
         crate::console::start(config, &meter, &store, &metrics, &stop, &mut tasks).await?;
-    let admin = Arc::new(Admin {
-        metrics,
-        meter: meter.clone(),
-        deferrals,
-        token: config.admin.token.clone(),
-        token_env: config.admin.token_env.clone(),
-        ready: Default::default(),
-        console,
-    });
     let socket = TcpListener::bind(config.admin.listen)
         .await
         .map_err(|source| StartError::Bind {
@@ -263,6 +254,16 @@ pub async fn start(config: &Config) -> Result<Server, StartError> {
         addr: config.admin.listen,
         source,
     })?;
+    let admin = Arc::new(Admin {
+        metrics,
+        meter: meter.clone(),
+        deferrals,
+        token: config.admin.token.clone(),
+        token_env: config.admin.token_env.clone(),
+        ready: Default::default(),
+        console,
+        addr: admin_addr,
+    });
     let handler = {
         let admin = admin.clone();
         move |peer: proxy::Peer, req| {

@@ -272,3 +272,24 @@ async fn a_threshold_body_too_large_is_413_at_once_and_a_stalled_one_408() {
     .await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 }
+
+/// The 421 tells the client how to reach the listener from this machine: by its own port, on
+/// loopback when it is bound to every address (the message named 127.0.0.1:9464 whatever the
+/// listener's address).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_421_names_the_admin_listeners_own_address() {
+    for listen in ["127.0.0.1:0", "0.0.0.0:0"] {
+        let running = start("", listen).await;
+        let port = running.server.admin_addr.port();
+        let (answer, _) = raw_exchange(
+            &format!("127.0.0.1:{port}"),
+            "GET /healthz HTTP/1.1\r\nHost: evil.com\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 421"), "{answer}");
+        assert!(
+            answer.contains(&format!("http://127.0.0.1:{port}/")),
+            "{listen}: {answer}"
+        );
+    }
+}
