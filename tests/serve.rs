@@ -20,20 +20,26 @@ async fn serve(
 }
 
 /// Writes the config `serve` uses, with `extra` keys for integration "a" (and any line of it
-/// starting with `[proxy] ` for the `[proxy]` section).
+/// starting with `[proxy] ` for the `[proxy]` section, `[listener] ` for the listener).
 fn write_config(
     upstream: &str,
     dir: &std::path::Path,
     ports: (u16, u16),
     extra: &str,
 ) -> std::path::PathBuf {
-    let (proxy_extra, extra): (Vec<&str>, Vec<&str>) =
-        extra.lines().partition(|l| l.starts_with("[proxy] "));
-    let proxy_extra: Vec<&str> = proxy_extra
-        .iter()
-        .map(|l| l.trim_start_matches("[proxy] "))
+    let section = |prefix: &str| -> String {
+        let lines: Vec<&str> = extra
+            .lines()
+            .filter_map(|l| l.strip_prefix(prefix))
+            .collect();
+        lines.join("\n")
+    };
+    let (proxy_extra, listener_extra) = (section("[proxy] "), section("[listener] "));
+    let extra: Vec<&str> = extra
+        .lines()
+        .filter(|l| !l.starts_with("[proxy] ") && !l.starts_with("[listener] "))
         .collect();
-    let (proxy_extra, extra) = (proxy_extra.join("\n"), extra.join("\n"));
+    let extra = extra.join("\n");
     let (proxy_port, admin_port) = ports;
     let store = dir.join("callmeter.db").display().to_string();
     let toml = format!(
@@ -48,6 +54,7 @@ shutdown_grace = "10s"
 [[listener]]
 name = "main"
 listen = "127.0.0.1:{proxy_port}"
+{listener_extra}
 [[org]]
 id = "acme"
 instance_url = "{upstream}"
@@ -94,7 +101,7 @@ async fn reload_and_read_logs(proc: &mut Proc) -> Vec<String> {
         let mut line = String::new();
         while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
             let done = line.contains("config reloaded: budgets") || line.contains("reload refused");
-            seen.push(std::mem::take(&mut line));
+            seen.push(std::mem::take(&mut line).trim_end().to_owned());
             if done {
                 break;
             }
@@ -688,4 +695,165 @@ async fn a_reload_logs_the_config_warnings_check_prints() {
             && l.contains("threshold.notify is set but there is no [smtp] section")),
         "{logs:#?}"
     );
+}
+
+/// A self-signed certificate for "localhost": its DER, and its PEM files' contents.
+struct TestCert {
+    der: rustls_pki_types::CertificateDer<'static>,
+    cert_pem: String,
+    key_pem: String,
+}
+
+impl TestCert {
+    fn new() -> Self {
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("cert");
+        TestCert {
+            der: cert.cert.der().clone(),
+            cert_pem: cert.cert.pem(),
+            key_pem: cert.signing_key.serialize_pem(),
+        }
+    }
+
+    /// Writes the certificate and key over `files` (cert, key), as a renewal does.
+    fn write(&self, files: &(std::path::PathBuf, std::path::PathBuf)) {
+        std::fs::write(&files.0, &self.cert_pem).expect("write cert");
+        std::fs::write(&files.1, &self.key_pem).expect("write key");
+    }
+}
+
+/// The `[listener] ` line that serves TLS from `files` (cert, key).
+fn tls_listener(files: &(std::path::PathBuf, std::path::PathBuf)) -> String {
+    format!(
+        "[listener] tls = {{ cert = \"{}\", key = \"{}\" }}",
+        files.0.display(),
+        files.1.display()
+    )
+}
+
+/// A TLS connection to the listener on `port` (trusting each of `trusted`, without ALPN: it
+/// speaks HTTP/1.1), and the certificate the listener served. A new client configuration each
+/// time, so that no session is resumed with the certificate of an earlier one.
+async fn tls_connect(
+    port: u16,
+    trusted: &[&TestCert],
+) -> (
+    tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    rustls_pki_types::CertificateDer<'static>,
+) {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in trusted {
+        roots.add(cert.der.clone()).expect("root");
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
+    let stream = connector.connect(name, tcp).await.expect("TLS handshake");
+    let served = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .expect("certificates")[0]
+        .clone();
+    (stream, served)
+}
+
+/// Sends a call on `stream` and returns the response's status line.
+async fn call_on(stream: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream
+        .write_all(b"GET /a/services/data/v62.0/sobjects HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut answer = Vec::new();
+    // A TLS peer that closes without close_notify is an error here, after the answer.
+    let _ = stream.read_to_end(&mut answer).await;
+    let answer = String::from_utf8_lossy(&answer);
+    answer.lines().next().unwrap_or_default().to_owned()
+}
+
+/// A certificate renewed in place (same files, new contents: what certbot and cert-manager do
+/// before they send a reload) is served to new connections after SIGHUP; a connection opened
+/// before keeps its certificate and is served on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_serves_a_tls_certificate_renewed_in_place() {
+    let org = sim::spawn(SimOptions::default()).await.expect("sim");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let files = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let (a, b) = (TestCert::new(), TestCert::new());
+    a.write(&files);
+    let (mut proc, proxy, _) = serve_with(&org.url, dir.path(), &[], &tls_listener(&files)).await;
+    let port = port_of(&proxy);
+    let (mut before, served) = tls_connect(port, &[&a, &b]).await;
+    assert!(served == a.der, "the certificate the listener started with");
+
+    b.write(&files);
+    let logs = reload_and_read_logs(&mut proc).await;
+    let (_, served) = tls_connect(port, &[&a, &b]).await;
+    assert!(
+        served == b.der,
+        "a new connection gets the renewed certificate: {logs:#?}"
+    );
+    assert!(
+        logs.iter()
+            .any(|l| l.contains("TLS certificate reloaded") && l.contains("main")),
+        "{logs:#?}"
+    );
+    assert!(
+        call_on(&mut before).await.starts_with("HTTP/1.1 200"),
+        "the connection opened before the reload is served on"
+    );
+}
+
+/// A renewal that leaves the files broken — a key that does not fit the certificate, a
+/// certificate file that holds no certificate — is refused as `serve` would refuse the files,
+/// with the listener and the files named, and the old certificate stays in service; once the
+/// files are right, the next SIGHUP applies them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_tls_renewal_leaves_the_old_certificate_in_service() {
+    let org = sim::spawn(SimOptions::default()).await.expect("sim");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let files = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let (a, b, c) = (TestCert::new(), TestCert::new(), TestCert::new());
+    a.write(&files);
+    let (mut proc, proxy, _) = serve_with(&org.url, dir.path(), &[], &tls_listener(&files)).await;
+    let port = port_of(&proxy);
+    let trusted = [&a, &b, &c];
+
+    // B's certificate with C's key.
+    std::fs::write(&files.0, &b.cert_pem).expect("write cert");
+    std::fs::write(&files.1, &c.key_pem).expect("write key");
+    let logs = reload_and_read_logs(&mut proc).await;
+    let line = logs.last().cloned().unwrap_or_default();
+    assert!(line.contains("reload refused"), "{logs:#?}");
+    assert!(line.contains("listener \"main\""), "{line}");
+    assert!(line.contains(&files.1.display().to_string()), "{line}");
+    let (mut conn, served) = tls_connect(port, &trusted).await;
+    assert!(served == a.der, "the old certificate stays: {logs:#?}");
+    assert!(call_on(&mut conn).await.starts_with("HTTP/1.1 200"));
+
+    // No certificate at all.
+    std::fs::write(&files.0, "not a certificate\n").expect("write cert");
+    b.write(&(dir.path().join("unused.pem"), files.1.clone()));
+    let logs = reload_and_read_logs(&mut proc).await;
+    let line = logs.last().cloned().unwrap_or_default();
+    assert!(line.contains("reload refused"), "{logs:#?}");
+    assert!(line.contains("listener \"main\""), "{line}");
+    assert!(line.contains(&files.0.display().to_string()), "{line}");
+    let (_, served) = tls_connect(port, &trusted).await;
+    assert!(served == a.der, "the old certificate stays: {logs:#?}");
+
+    // Fixed.
+    b.write(&files);
+    let logs = reload_and_read_logs(&mut proc).await;
+    let (_, served) = tls_connect(port, &trusted).await;
+    assert!(served == b.der, "the mended files are applied: {logs:#?}");
 }
