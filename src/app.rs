@@ -73,6 +73,9 @@ pub struct Server {
     persist: (watch::Sender<bool>, JoinSet<()>),
     /// The config it started with: what a reload cannot change stays as this says.
     started_with: Config,
+    /// Each TLS listener's name and certificate, which a reload reads again from the files it
+    /// started with.
+    tls: Vec<(String, TlsSetup)>,
 }
 
 /// Builds everything from `config`, binds all sockets and starts serving.
@@ -182,6 +185,7 @@ pub async fn start(config: &Config) -> Result<Server, StartError> {
         watch_hangups: false,
     };
     let mut bound = Vec::new();
+    let mut tls_listeners = Vec::new();
 
     for l in &config.listeners {
         metrics.listener(&l.name);
@@ -201,6 +205,9 @@ pub async fn start(config: &Config) -> Result<Server, StartError> {
             }
         }
         let tls = listener_tls(l)?;
+        if let Some(tls) = &tls {
+            tls_listeners.push((l.name.clone(), tls.clone()));
+        }
         let socket = TcpListener::bind(l.listen)
             .await
             .map_err(|source| StartError::Bind {
@@ -307,6 +314,7 @@ pub async fn start(config: &Config) -> Result<Server, StartError> {
         admin_listener: (admin_stop, admin_listener),
         persist: (persist_stop, persist),
         started_with: config.clone(),
+        tls: tls_listeners,
     })
 }
 
@@ -491,8 +499,9 @@ impl Server {
 
     /// Applies the budgets of a changed config — limits, reserves, probe intervals, quotas,
     /// rates, priorities, in-flight caps — and the orgs' `[org.threshold]`, without losing
-    /// counts. Every other change needs a restart: each one is logged by its key, as are new
-    /// and removed orgs and integrations and a changed window.
+    /// counts, and reads the TLS listeners' certificates and keys again (see
+    /// `reload_certificates`). Every other change needs a restart: each one is logged by its
+    /// key, as are new and removed orgs and integrations and a changed window.
     pub fn reload(&self, config: &Config) {
         // What `check` prints and the start logs: a reload applies `[org.threshold]` (its
         // `notify` among it), so a new file's warnings are as much news as at start.
@@ -526,6 +535,7 @@ impl Server {
                 }
             }
         }
+        self.reload_certificates();
         for (org, in_force) in self.admin.console.thresholds.reload(config, &self.meter) {
             if in_force {
                 tracing::info!(%org, "config reloaded: the org's threshold applied");
@@ -541,6 +551,40 @@ impl Server {
              priorities, in-flight caps) and thresholds applied, counts kept; any other change \
              is logged above and waits for a restart"
         );
+    }
+
+    /// Reads each TLS listener's certificate and key again from the files it started with (a
+    /// changed path waits for a restart, as `restart_needed` says): a certificate renewed in
+    /// place is served to new connections, while open ones keep theirs. Files that cannot be
+    /// read or whose key does not fit the certificate leave the one served until now.
+    fn reload_certificates(&self) {
+        for l in &self.started_with.listeners {
+            let Some(files) = &l.tls else {
+                continue;
+            };
+            let Some((_, tls)) = self.tls.iter().find(|(name, _)| name == &l.name) else {
+                continue;
+            };
+            match tls.reload(&files.cert, &files.key) {
+                Ok(r) if r.changed => tracing::info!(
+                    listener = %l.name,
+                    cert = %files.cert.display(),
+                    not_after = %r.not_after.as_deref().unwrap_or("?"),
+                    "TLS certificate reloaded: new connections are served the one in the \
+                     files, open connections keep theirs"
+                ),
+                Ok(r) => tracing::info!(
+                    listener = %l.name,
+                    cert = %files.cert.display(),
+                    not_after = %r.not_after.as_deref().unwrap_or("?"),
+                    "TLS certificate read again: unchanged"
+                ),
+                Err(e) => tracing::error!(
+                    listener = %l.name,
+                    "TLS certificate not reloaded, the one served until now stays: {e}"
+                ),
+            }
+        }
     }
 }
 

@@ -21,11 +21,15 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::crypto::CryptoProvider;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use thiserror::Error;
@@ -58,39 +62,157 @@ pub enum ListenerSetupError {
     },
 }
 
-/// TLS termination for a listener.
+/// TLS termination for a listener. Its certificate can be replaced while it serves
+/// (`reload`): rustls asks `CurrentCert` for it at each handshake.
 #[derive(Clone)]
-pub struct TlsSetup(TlsAcceptor);
+pub struct TlsSetup {
+    acceptor: TlsAcceptor,
+    current: Arc<CurrentCert>,
+}
+
+/// The certificate and key a listener serves. Each handshake takes the one there when it
+/// starts (one atomic load and reference count), so a replacement reaches new connections
+/// only: an open connection keeps the session it has.
+#[derive(Debug)]
+struct CurrentCert(ArcSwap<CertifiedKey>);
+
+impl ResolvesServerCert for CurrentCert {
+    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.load_full())
+    }
+}
+
+/// What `TlsSetup::reload` found in the files.
+#[derive(Debug)]
+pub struct Reloaded {
+    /// Whether they hold another certificate chain than the one served until now.
+    pub changed: bool,
+    /// The (first) certificate's notAfter, UTC (e.g. "2027-03-01T12:00:00Z"), when it could
+    /// be read.
+    pub not_after: Option<String>,
+}
 
 impl TlsSetup {
     /// Loads a PEM certificate chain and private key; offers h2 and http/1.1 by ALPN.
     pub fn from_pem_files(cert: &Path, key: &Path) -> Result<Self, ListenerSetupError> {
-        let cert_path = cert.display().to_string();
-        let key_path = key.display().to_string();
-        let chain = CertificateDer::pem_file_iter(cert)
-            .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-            .map_err(|source| ListenerSetupError::Cert {
-                path: cert_path.clone(),
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let certified = certified_key(cert, key, &provider)?;
+        let current = Arc::new(CurrentCert(ArcSwap::from_pointee(certified)));
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|source| ListenerSetupError::Pair {
+                cert: cert.display().to_string(),
+                key: key.display().to_string(),
                 source,
-            })?;
-        let key_der =
-            PrivateKeyDer::from_pem_file(key).map_err(|source| ListenerSetupError::Key {
-                path: key_path.clone(),
-                source,
-            })?;
-        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .and_then(|b| b.with_no_client_auth().with_single_cert(chain, key_der))
-        .map_err(|source| ListenerSetupError::Pair {
-            cert: cert_path,
-            key: key_path,
+            })?
+            .with_no_client_auth()
+            .with_cert_resolver(current.clone());
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(TlsSetup {
+            acceptor: TlsAcceptor::from(Arc::new(config)),
+            current,
+        })
+    }
+
+    /// Reads the certificate chain and key again (a certificate renewed in place) and serves
+    /// them from the next handshake on. On an error (a file unreadable or without PEM, a key
+    /// that does not fit the certificate) the certificate served until now stays.
+    pub fn reload(&self, cert: &Path, key: &Path) -> Result<Reloaded, ListenerSetupError> {
+        let certified = certified_key(cert, key, self.acceptor.config().crypto_provider())?;
+        let changed = certified.cert != self.current.0.load().cert;
+        let not_after = certified.cert.first().and_then(|c| not_after(c));
+        self.current.0.store(Arc::new(certified));
+        Ok(Reloaded { changed, not_after })
+    }
+}
+
+/// A PEM certificate chain and the private key that fits it.
+fn certified_key(
+    cert: &Path,
+    key: &Path,
+    provider: &CryptoProvider,
+) -> Result<CertifiedKey, ListenerSetupError> {
+    let cert_path = cert.display().to_string();
+    let key_path = key.display().to_string();
+    let chain = CertificateDer::pem_file_iter(cert)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|source| ListenerSetupError::Cert {
+            path: cert_path.clone(),
             source,
         })?;
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        Ok(TlsSetup(TlsAcceptor::from(Arc::new(config))))
+    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|source| ListenerSetupError::Key {
+        path: key_path.clone(),
+        source,
+    })?;
+    // What `with_single_cert` checks: the key loads, and fits the first certificate.
+    CertifiedKey::from_der(chain, key_der, provider).map_err(|source| ListenerSetupError::Pair {
+        cert: cert_path,
+        key: key_path,
+        source,
+    })
+}
+
+/// A certificate's notAfter (RFC 5280 §4.1: Certificate → tbsCertificate → validity), as
+/// "YYYY-MM-DDTHH:MM:SSZ"; None for anything it does not expect. For the reload's log line
+/// only: the certificate itself is checked by rustls.
+fn not_after(der: &[u8]) -> Option<String> {
+    /// One DER element: its tag, its contents and what follows it.
+    fn element(der: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+        let (&tag, rest) = der.split_first()?;
+        let (&first, rest) = rest.split_first()?;
+        let (len, rest) = if first < 0x80 {
+            (usize::from(first), rest)
+        } else {
+            let n = usize::from(first & 0x7f);
+            if n == 0 || n > 4 || rest.len() < n {
+                return None;
+            }
+            let len = rest[..n]
+                .iter()
+                .fold(0usize, |len, &b| (len << 8) | usize::from(b));
+            (len, &rest[n..])
+        };
+        (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
     }
+    const SEQUENCE: u8 = 0x30;
+    let (SEQUENCE, certificate, _) = element(der)? else {
+        return None;
+    };
+    let (SEQUENCE, mut tbs, _) = element(certificate)? else {
+        return None;
+    };
+    // [0] version, when not v1.
+    if let (0xa0, _, rest) = element(tbs)? {
+        tbs = rest;
+    }
+    // serialNumber, signature, issuer.
+    for _ in 0..3 {
+        tbs = element(tbs)?.2;
+    }
+    let (SEQUENCE, validity, _) = element(tbs)? else {
+        return None;
+    };
+    let (tag, time, _) = element(element(validity)?.2)?;
+    let time = std::str::from_utf8(time).ok()?;
+    let full = match (tag, time.len()) {
+        // UTCTime YYMMDDHHMMSSZ: years 50-99 are 19xx.
+        (0x17, 13) => format!("{}{time}", if time < "50" { "20" } else { "19" }),
+        // GeneralizedTime YYYYMMDDHHMMSSZ.
+        (0x18, 15) => time.to_owned(),
+        _ => return None,
+    };
+    if !full.ends_with('Z') || !full[..14].bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(format!(
+        "{}-{}-{}T{}:{}:{}Z",
+        &full[..4],
+        &full[4..6],
+        &full[6..8],
+        &full[8..10],
+        &full[10..12],
+        &full[12..14]
+    ))
 }
 
 /// How a listener treats every connection.
@@ -262,6 +384,7 @@ pub async fn serve_listener<H, F>(
     F: Future<Output = Response<super::ResponseBody>> + Send + 'static,
 {
     let builders = Arc::new(Builders::new(&options));
+    let acceptor = tls.map(|tls| tls.acceptor);
     let (drain, _) = watch::channel(false);
     // The connections' tasks: cut off when the grace period is over, so that nothing they
     // hold (the store among it) outlives the shutdown.
@@ -287,7 +410,7 @@ pub async fn serve_listener<H, F>(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let (builders, handler, tls) = (builders.clone(), handler.clone(), tls.clone());
+        let (builders, handler, tls) = (builders.clone(), handler.clone(), acceptor.clone());
         let client = Peer::new(peer);
         let mut watcher = drain.subscribe();
         while connections.try_join_next().is_some() {} // the ended ones
@@ -311,7 +434,7 @@ pub async fn serve_listener<H, F>(
                     let io = TokioIo::new(stream);
                     builders.serve(io, protocol, handler, client, watcher).await
                 }
-                Some(TlsSetup(acceptor)) => {
+                Some(acceptor) => {
                     let handshake =
                         tokio::time::timeout(options.header_timeout, acceptor.accept(stream));
                     let stream = tokio::select! {
@@ -496,6 +619,72 @@ mod tests {
         server.read_to_end(&mut left).await.expect("read");
         assert_eq!(left, sent, "sniffing consumed bytes");
         (protocol, left)
+    }
+
+    /// A self-signed certificate for "localhost" valid until `year`-03-01, written to `dir`
+    /// as `name`.pem and `name`.key.
+    fn cert_files(dir: &Path, name: &str, year: i32) -> (std::path::PathBuf, std::path::PathBuf) {
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".into()]).expect("params");
+        params.not_after = rcgen::date_time_ymd(year, 3, 1);
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = params.self_signed(&key).expect("cert");
+        let files = (
+            dir.join(format!("{name}.pem")),
+            dir.join(format!("{name}.key")),
+        );
+        std::fs::write(&files.0, cert.pem()).expect("write cert");
+        std::fs::write(&files.1, key.serialize_pem()).expect("write key");
+        files
+    }
+
+    fn served(tls: &TlsSetup) -> Vec<CertificateDer<'static>> {
+        tls.current.0.load().cert.clone()
+    }
+
+    #[test]
+    fn a_reload_serves_the_new_files_or_keeps_the_old_certificate() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let a = cert_files(dir.path(), "a", 2031);
+        let b = cert_files(dir.path(), "b", 2049);
+        let tls = TlsSetup::from_pem_files(&a.0, &a.1).expect("setup");
+        let first = served(&tls);
+
+        // B's certificate with A's key; a missing key; no certificate in the file.
+        let garbage = dir.path().join("garbage.pem");
+        std::fs::write(&garbage, "not a certificate\n").expect("write");
+        let missing = dir.path().join("missing.key");
+        for (cert, key, named) in [
+            (&b.0, &a.1, &a.1),
+            (&b.0, &missing, &missing),
+            (&garbage, &b.1, &garbage),
+        ] {
+            let e = tls.reload(cert, key).expect_err("refused");
+            assert!(e.to_string().contains(&named.display().to_string()), "{e}");
+            assert!(served(&tls) == first, "{e}: the old certificate stays");
+        }
+
+        let r = tls.reload(&b.0, &b.1).expect("reloaded");
+        assert!(r.changed);
+        assert_eq!(r.not_after.as_deref(), Some("2049-03-01T00:00:00Z"));
+        assert!(served(&tls) != first);
+        let r = tls.reload(&b.0, &b.1).expect("reloaded");
+        assert!(!r.changed, "the same files again");
+    }
+
+    #[test]
+    fn not_after_reads_utc_and_generalized_times() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // Before 2050 a certificate holds UTCTime, from then on GeneralizedTime.
+        for (year, expected) in [
+            (2031, "2031-03-01T00:00:00Z"),
+            (2051, "2051-03-01T00:00:00Z"),
+        ] {
+            let (cert, _) = cert_files(dir.path(), "c", year);
+            let der = CertificateDer::from_pem_file(&cert).expect("der");
+            assert_eq!(not_after(&der).as_deref(), Some(expected));
+        }
+        assert_eq!(not_after(b"\x30\x03\x02\x01"), None);
+        assert_eq!(not_after(b""), None);
     }
 
     #[tokio::test]
