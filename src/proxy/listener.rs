@@ -152,67 +152,13 @@ fn certified_key(
     })
 }
 
-/// A certificate's notAfter (RFC 5280 §4.1: Certificate → tbsCertificate → validity), as
-/// "YYYY-MM-DDTHH:MM:SSZ"; None for anything it does not expect. For the reload's log line
-/// only: the certificate itself is checked by rustls.
+/// A certificate's notAfter as "YYYY-MM-DDTHH:MM:SSZ", for the reload's log line; None if
+/// the certificate does not parse (rustls checks it for use, not this).
 fn not_after(der: &[u8]) -> Option<String> {
-    /// One DER element: its tag, its contents and what follows it.
-    fn element(der: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-        let (&tag, rest) = der.split_first()?;
-        let (&first, rest) = rest.split_first()?;
-        let (len, rest) = if first < 0x80 {
-            (usize::from(first), rest)
-        } else {
-            let n = usize::from(first & 0x7f);
-            if n == 0 || n > 4 || rest.len() < n {
-                return None;
-            }
-            let len = rest[..n]
-                .iter()
-                .fold(0usize, |len, &b| (len << 8) | usize::from(b));
-            (len, &rest[n..])
-        };
-        (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
-    }
-    const SEQUENCE: u8 = 0x30;
-    let (SEQUENCE, certificate, _) = element(der)? else {
-        return None;
-    };
-    let (SEQUENCE, mut tbs, _) = element(certificate)? else {
-        return None;
-    };
-    // [0] version, when not v1.
-    if let (0xa0, _, rest) = element(tbs)? {
-        tbs = rest;
-    }
-    // serialNumber, signature, issuer.
-    for _ in 0..3 {
-        tbs = element(tbs)?.2;
-    }
-    let (SEQUENCE, validity, _) = element(tbs)? else {
-        return None;
-    };
-    let (tag, time, _) = element(element(validity)?.2)?;
-    let time = std::str::from_utf8(time).ok()?;
-    let full = match (tag, time.len()) {
-        // UTCTime YYMMDDHHMMSSZ: years 50-99 are 19xx.
-        (0x17, 13) => format!("{}{time}", if time < "50" { "20" } else { "19" }),
-        // GeneralizedTime YYYYMMDDHHMMSSZ.
-        (0x18, 15) => time.to_owned(),
-        _ => return None,
-    };
-    if !full.ends_with('Z') || !full[..14].bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    Some(format!(
-        "{}-{}-{}T{}:{}:{}Z",
-        &full[..4],
-        &full[4..6],
-        &full[6..8],
-        &full[8..10],
-        &full[10..12],
-        &full[12..14]
-    ))
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let secs = u64::try_from(cert.validity().not_after.timestamp()).ok()?;
+    let at = std::time::UNIX_EPOCH + Duration::from_secs(secs);
+    Some(humantime::format_rfc3339_seconds(at).to_string())
 }
 
 /// How a listener treats every connection.
