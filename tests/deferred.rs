@@ -1224,11 +1224,18 @@ async fn a_replay_answered_504_is_failed_for_the_admin_and_503_is_retried() {
     assert_eq!(count(&seen, r#"{"LastName":"Busy"}"#), 2);
 }
 
-/// A shutdown whose grace runs out while a replay waits for Salesforce's answer leaves the call
-/// in flight. The next start cannot know whether Salesforce applied it: the call is failed, its
-/// outcome unknown, for the admin; it was sent again.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_replay_cut_off_by_shutdown_is_failed_at_the_next_start_not_sent_again() {
+/// A deferred call (`method`, store in `dir`) whose replay a shutdown with 200 ms of grace cut
+/// off while the origin took 4 s to answer: the config to start again with, the store, the
+/// call's id and what the origin saw.
+async fn a_replay_cut_off_by_shutdown(
+    dir: &Path,
+    method: Method,
+) -> (
+    config::Config,
+    std::path::PathBuf,
+    callmeter::store::DeferredId,
+    Arc<Mutex<Vec<String>>>,
+) {
     let (upstream, seen) = origin(|body: String, _n, _headers| async move {
         if body.contains("Deferred") {
             tokio::time::sleep(Duration::from_secs(4)).await;
@@ -1236,10 +1243,19 @@ async fn a_replay_cut_off_by_shutdown_is_failed_at_the_next_start_not_sent_again
         created()
     })
     .await;
-    let dir = tempfile::tempdir().expect("tempdir");
     let (server, cfg, db, id) =
-        a_deferred_call_on_its_way(&upstream, dir.path(), &seen, "200ms", Method::POST).await;
+        a_deferred_call_on_its_way(&upstream, dir, &seen, "200ms", method).await;
     server.shutdown().await;
+    (cfg, db, id, seen)
+}
+
+/// A shutdown whose grace runs out while a replay waits for Salesforce's answer leaves the call
+/// in flight. The next start cannot know whether Salesforce applied it: the call is failed, its
+/// outcome unknown, for the admin; it was sent again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_cut_off_by_shutdown_is_failed_at_the_next_start_not_sent_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cfg, db, id, seen) = a_replay_cut_off_by_shutdown(dir.path(), Method::POST).await;
     assert_eq!(
         stored(&db, id).state,
         callmeter::store::DeferredState::InFlight
@@ -1269,17 +1285,8 @@ async fn a_replay_cut_off_by_shutdown_is_failed_at_the_next_start_not_sent_again
 /// failed for the admin once its `max_attempts` (2 here) are spent, not sent for ever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idempotent_replay_cut_off_at_every_start_stops_at_max_attempts() {
-    let (upstream, seen) = origin(|body: String, _n, _headers| async move {
-        if body.contains("Deferred") {
-            tokio::time::sleep(Duration::from_secs(4)).await;
-        }
-        created()
-    })
-    .await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let (server, cfg, db, id) =
-        a_deferred_call_on_its_way(&upstream, dir.path(), &seen, "200ms", Method::PUT).await;
-    server.shutdown().await;
+    let (cfg, db, id, seen) = a_replay_cut_off_by_shutdown(dir.path(), Method::PUT).await;
     let sends = || count(&seen, r#"{"LastName":"Deferred"}"#);
 
     let server = app::start(&cfg).await.expect("first restart");
