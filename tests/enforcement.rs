@@ -292,7 +292,7 @@ async fn a_restart_keeps_the_window_and_the_budget_decisions() {
         .await
         .expect("sim");
     let dir = tempfile::tempdir().expect("tempdir");
-    let cfg = on_disk(&sim.url, dir.path(), "quota = 5\n");
+    let cfg = on_disk(&sim.url, dir.path(), "", "quota = 5\n");
     let http = Http::new();
 
     let server = callmeter::app::start(&cfg).await.expect("start");
@@ -336,7 +336,7 @@ async fn a_restart_keeps_the_usage_salesforce_reported() {
     .await
     .expect("sim");
     let dir = tempfile::tempdir().expect("tempdir");
-    let cfg = on_disk(&sim.url, dir.path(), "");
+    let cfg = on_disk(&sim.url, dir.path(), "", "");
     let http = Http::new();
     let org_usage = |server: &callmeter::app::Server| {
         let admin = format!("http://{}/api/v1/usage", server.admin_addr);
@@ -375,7 +375,7 @@ async fn a_call_counted_while_draining_is_saved_for_the_restart() {
         .await
         .expect("sim");
     let dir = tempfile::tempdir().expect("tempdir");
-    let cfg = on_disk(&sim.url, dir.path(), "");
+    let cfg = on_disk(&sim.url, dir.path(), "", "");
     let server = callmeter::app::start(&cfg).await.expect("start");
     let body = SOAP_QUERY.as_bytes();
     let mut tcp = tokio::net::TcpStream::connect(server.listener("main").expect("main"))
@@ -408,12 +408,13 @@ async fn a_call_counted_while_draining_is_saved_for_the_restart() {
     assert_eq!(window, 1);
 }
 
-/// The config of integration `a` (with `extra` keys) in front of `sim`, its store in `dir`.
-fn on_disk(sim: &str, dir: &std::path::Path, extra: &str) -> callmeter::config::Config {
+/// The config of integration `a` (with `extra` keys) of org `acme` (with `org` keys) in front
+/// of `sim`, its store in `dir`: kept over restarts.
+fn on_disk(sim: &str, dir: &std::path::Path, org: &str, extra: &str) -> callmeter::config::Config {
     let integration = format!(
         "[[integration]]\nid = \"a\"\norg = \"acme\"\nmatch = {{ path_prefix = \"/a\" }}\n{extra}"
     );
-    let toml = config_text(sim, "", &integration).replace(
+    let toml = config_text(sim, org, &integration).replace(
         "STORE_PATH",
         &dir.join("callmeter.db").display().to_string(),
     );
@@ -508,13 +509,7 @@ async fn a_restart_probes_an_org_saved_exhausted_with_its_first_call() {
     .await
     .expect("sim");
     let dir = tempfile::tempdir().expect("tempdir");
-    let integration =
-        "[[integration]]\nid = \"a\"\norg = \"acme\"\nmatch = { path_prefix = \"/a\" }\n";
-    let toml = config_text(&sim.url, r#"probe_interval = "5m""#, integration).replace(
-        "STORE_PATH",
-        &dir.path().join("callmeter.db").display().to_string(),
-    );
-    let cfg = callmeter::config::parse(&toml, std::path::Path::new("test.toml")).expect("config");
+    let cfg = on_disk(&sim.url, dir.path(), r#"probe_interval = "5m""#, "");
     let http = Http::new();
     let hook = |path: &str| format!("{}{path}", sim.url);
 
@@ -561,18 +556,12 @@ async fn a_restart_does_not_send_the_first_call_past_the_reserve() {
     .await
     .expect("sim");
     let dir = tempfile::tempdir().expect("tempdir");
-    let integration =
-        "[[integration]]\nid = \"a\"\norg = \"acme\"\nmatch = { path_prefix = \"/a\" }\n";
-    let toml = config_text(
+    let cfg = on_disk(
         &sim.url,
+        dir.path(),
         "probe_interval = \"5m\"\nreserve = \"5%\"",
-        integration,
-    )
-    .replace(
-        "STORE_PATH",
-        &dir.path().join("callmeter.db").display().to_string(),
+        "",
     );
-    let cfg = callmeter::config::parse(&toml, std::path::Path::new("test.toml")).expect("config");
     let http = Http::new();
 
     let server = callmeter::app::start(&cfg).await.expect("start");
@@ -610,13 +599,7 @@ async fn a_restart_after_a_shutdown_with_a_silent_connection_opens_the_store() {
         .await
         .expect("sim");
     let dir = tempfile::tempdir().expect("tempdir");
-    let integration =
-        "[[integration]]\nid = \"a\"\norg = \"acme\"\nmatch = { path_prefix = \"/a\" }\n";
-    let toml = config_text(&sim.url, "", integration).replace(
-        "STORE_PATH",
-        &dir.path().join("callmeter.db").display().to_string(),
-    );
-    let cfg = callmeter::config::parse(&toml, std::path::Path::new("test.toml")).expect("config");
+    let cfg = on_disk(&sim.url, dir.path(), "", "");
     let server = callmeter::app::start(&cfg).await.expect("start");
     let proxy = server.listener("main").expect("main");
     let silent = [
