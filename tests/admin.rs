@@ -159,16 +159,14 @@ async fn a_wrong_method_on_a_known_path_is_405_with_allow() {
             "message",
         ),
     ];
+    let call = |method: Method, path: &str| {
+        let url = format!("{}{path}", running.admin());
+        let http = http.clone();
+        async move { http.send(method, &url, &[], Bytes::new()).await }
+    };
     for (method, path, allow, shape) in cases {
         let what = format!("{method} {path}");
-        let (status, headers, body) = http
-            .send(
-                method.clone(),
-                &format!("{}{path}", running.admin()),
-                &[],
-                Bytes::new(),
-            )
-            .await;
+        let (status, headers, body) = call(method.clone(), path).await;
         assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED, "{what}: {body:?}");
         assert_eq!(
             headers.get(header::ALLOW).and_then(|v| v.to_str().ok()),
@@ -201,14 +199,7 @@ async fn a_wrong_method_on_a_known_path_is_405_with_allow() {
         (Method::POST, "/nothing"),
         (Method::GET, "/api/v1/deferred/1/bogus"),
     ] {
-        let (status, _, _) = http
-            .send(
-                method.clone(),
-                &format!("{}{path}", running.admin()),
-                &[],
-                Bytes::new(),
-            )
-            .await;
+        let (status, _, _) = call(method.clone(), path).await;
         assert_eq!(status, StatusCode::NOT_FOUND, "{method} {path}");
     }
 }
