@@ -84,14 +84,7 @@ async fn http2_over_tls_with_alpn() {
     let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
     let mut stream = connector.connect(name, tcp).await.expect("TLS handshake");
     assert_eq!(stream.get_ref().1.alpn_protocol(), None);
-    stream
-        .write_all(b"GET /a/services/data/v62.0/sobjects HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .await
-        .expect("write");
-    let mut answer = Vec::new();
-    // A TLS peer that closes without close_notify is an error here, after the answer.
-    let _ = stream.read_to_end(&mut answer).await;
-    let answer = String::from_utf8_lossy(&answer);
+    let answer = get_over_tls(&mut stream).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 
     assert_eq!(env.window("a").await, 3);

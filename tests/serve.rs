@@ -766,20 +766,6 @@ async fn tls_connect(
     (stream, served)
 }
 
-/// Sends a call on `stream` and returns the response's status line.
-async fn call_on(stream: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    stream
-        .write_all(b"GET /a/services/data/v62.0/sobjects HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .await
-        .expect("write");
-    let mut answer = Vec::new();
-    // A TLS peer that closes without close_notify is an error here, after the answer.
-    let _ = stream.read_to_end(&mut answer).await;
-    let answer = String::from_utf8_lossy(&answer);
-    answer.lines().next().unwrap_or_default().to_owned()
-}
-
 /// A certificate renewed in place (same files, new contents: what certbot and cert-manager do
 /// before they send a reload) is served to new connections after SIGHUP; a connection opened
 /// before keeps its certificate and is served on.
@@ -808,7 +794,7 @@ async fn sighup_serves_a_tls_certificate_renewed_in_place() {
         "{logs:#?}"
     );
     assert!(
-        call_on(&mut before).await.starts_with("HTTP/1.1 200"),
+        get_over_tls(&mut before).await.starts_with("HTTP/1.1 200"),
         "the connection opened before the reload is served on"
     );
 }
@@ -838,7 +824,7 @@ async fn a_broken_tls_renewal_leaves_the_old_certificate_in_service() {
     assert!(line.contains(&files.1.display().to_string()), "{line}");
     let (mut conn, served) = tls_connect(port, &trusted).await;
     assert!(served == a.der, "the old certificate stays: {logs:#?}");
-    assert!(call_on(&mut conn).await.starts_with("HTTP/1.1 200"));
+    assert!(get_over_tls(&mut conn).await.starts_with("HTTP/1.1 200"));
 
     // No certificate at all.
     std::fs::write(&files.0, "not a certificate\n").expect("write cert");
