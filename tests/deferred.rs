@@ -47,7 +47,18 @@ async fn deferred(
     headers: &[(&str, &str)],
     body: impl Into<String>,
 ) -> serde_json::Value {
-    let (status, _, body) = http.send(Method::POST, url, headers, body.into()).await;
+    deferred_by(http, Method::POST, url, headers, body).await
+}
+
+/// Sends `body` to `url` with `method`, which the test expects deferred (see `deferred`).
+async fn deferred_by(
+    http: &Http,
+    method: Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<String>,
+) -> serde_json::Value {
+    let (status, _, body) = http.send(method, url, headers, body.into()).await;
     assert_eq!(
         status,
         StatusCode::ACCEPTED,
@@ -684,21 +695,8 @@ async fn a_deferred_call_on_its_way(
         .send(Method::POST, &url, &[], r#"{"LastName":"Live"}"#)
         .await;
     assert_eq!(live.0, StatusCode::CREATED);
-    let (status, _, body) = http
-        .send(
-            method,
-            &format!("{url}/003000000000001"),
-            &[],
-            r#"{"LastName":"Deferred"}"#,
-        )
-        .await;
-    assert_eq!(
-        status,
-        StatusCode::ACCEPTED,
-        "{}",
-        String::from_utf8_lossy(&body)
-    );
-    let accepted: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
+    let record = format!("{url}/003000000000001");
+    let accepted = deferred_by(&http, method, &record, &[], r#"{"LastName":"Deferred"}"#).await;
     let id = accepted["id"]
         .as_str()
         .expect("id")
@@ -1181,22 +1179,15 @@ async fn a_replay_answered_504_is_failed_for_the_admin_and_503_is_retried() {
     assert_eq!(live.0, StatusCode::CREATED, "the burst token");
     let gateway = deferred(&env.http, &url, &[], r#"{"LastName":"Gateway"}"#).await;
     let busy = deferred(&env.http, &url, &[], r#"{"LastName":"Busy"}"#).await;
-    let (status, _, body) = env
-        .http
-        .send(
-            Method::PUT,
-            &format!("{url}/003000000000001"),
-            &[],
-            r#"{"LastName":"Put"}"#,
-        )
-        .await;
-    assert_eq!(
-        status,
-        StatusCode::ACCEPTED,
-        "{}",
-        String::from_utf8_lossy(&body)
-    );
-    let put: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
+    let record = format!("{url}/003000000000001");
+    let put = deferred_by(
+        &env.http,
+        Method::PUT,
+        &record,
+        &[],
+        r#"{"LastName":"Put"}"#,
+    )
+    .await;
     let read = |accepted: &serde_json::Value| {
         let url = accepted["status_url"]
             .as_str()
