@@ -1535,3 +1535,71 @@ async fn a_wildcard_admin_listener_refuses_a_rebinding_host_from_this_machine() 
     let no_host = raw_exchange(&local, "GET /healthz HTTP/1.0\r\n\r\n").await;
     assert!(no_host.starts_with("HTTP/1.0 200"), "{no_host}");
 }
+
+/// review-session-diff: two orgs each with an integration "d" (ids are unique per org only),
+/// acme's with max_attempts = 2, beta's with 50. An idempotent PUT of acme's "d", cut off
+/// once already (attempts = 1) and found in flight at start, has spent acme's 2 attempts:
+/// it must be failed, whatever beta's "d" allows. Each start builds its map afresh, so the
+/// start is repeated: with the map keyed by integration id alone, beta's 50 wins about half
+/// of the time and the call is sent a third time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_attempts_at_start_is_the_calls_own_orgs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("callmeter.db");
+    // An origin that holds every call: a call set pending stays undecided while we look.
+    let (upstream, _seen) = origin(|_body: String, _n, _headers| async move {
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        created()
+    })
+    .await;
+    let upstream = upstream.as_str();
+    let toml = config_text(upstream, "", DEFER)
+        .replace("STORE_PATH", &db.display().to_string())
+        .replace(r#"shutdown_grace = "2s""#, r#"shutdown_grace = "100ms""#)
+        + &format!(
+            "[[org]]\nid = \"beta\"\ninstance_url = \"{upstream}\"\nallow_plain_http = true\n\
+             [[integration]]\nid = \"d\"\norg = \"beta\"\nmatch = {{ path_prefix = \"/bd\" }}\n\
+             rate = {{ per_second = 1, burst = 1 }}\non_limit = \"defer\"\ndefer = {{ max_attempts = 50 }}\n"
+        );
+    let cfg = config::parse(&toml, Path::new("test.toml")).expect("config");
+    let mut resent = 0;
+    for _ in 0..12 {
+        let id = {
+            let store = callmeter::store::Store::open(&db).expect("open");
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis() as u64;
+            let id = store
+                .defer(&callmeter::store::NewDeferred {
+                    org: "acme".into(),
+                    integration: "d".into(),
+                    method: "PUT".into(),
+                    path_and_query: "/services/data/v62.0/sobjects/Contact/003000000000001".into(),
+                    headers: vec![],
+                    body: b"{}".to_vec(),
+                    units: 1,
+                    created_ms: now,
+                })
+                .expect("defer");
+            // Sent once and cut off (attempts = 1 after the retry), now in flight again.
+            let claimed = store.claim_due("acme", now, 100, &[]).expect("claim");
+            assert!(claimed.iter().any(|c| c.id == id));
+            store.mark_retry(id, "cut off", now, now).expect("retry");
+            let claimed = store.claim_due("acme", now, 100, &[]).expect("claim");
+            assert!(claimed.iter().any(|c| c.id == id));
+            id
+        };
+        let server = app::start(&cfg).await.expect("start");
+        // Settled before `start` returns.
+        let call = stored(&db, id);
+        server.shutdown().await;
+        if call.state != callmeter::store::DeferredState::Failed {
+            resent += 1;
+        }
+    }
+    assert_eq!(
+        resent, 0,
+        "acme's call, its 2 attempts spent, was set to be sent again"
+    );
+}
