@@ -170,15 +170,19 @@ impl DeferralsBuilder {
     ) -> Result<Arc<Deferrals>, StoreError> {
         // The same rule as a send that timed out at run time: an idempotent call with
         // attempts left goes again, the send cut off counting as one.
-        let max_attempts: HashMap<String, u32> = self
+        // Keyed by org and integration: an integration's id is unique within its org only.
+        let max_attempts: HashMap<(String, String), u32> = self
             .orgs
-            .values()
-            .flat_map(|r| r.targets.iter())
-            .map(|(id, target)| (id.clone(), target.max_attempts))
+            .iter()
+            .flat_map(|(org, r)| {
+                r.targets
+                    .iter()
+                    .map(move |(id, target)| ((org.clone(), id.clone()), target.max_attempts))
+            })
             .collect();
         let resend = move |call: &InFlightCall| {
             max_attempts
-                .get(&call.integration)
+                .get(&(call.org.clone(), call.integration.clone()))
                 .is_some_and(|&max| call.attempts.saturating_add(1) < max)
                 && idempotent(&call.method, &call.path_and_query)
         };

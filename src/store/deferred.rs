@@ -204,6 +204,7 @@ impl fmt::Debug for HeaderNames<'_> {
 /// that decides whether it is sent again.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InFlightCall {
+    pub org: String,
     pub integration: String,
     pub method: String,
     pub path_and_query: String,
@@ -360,15 +361,16 @@ impl Store {
         let tx = conn.transaction()?;
         let calls: Vec<(i64, InFlightCall)> = tx
             .prepare(
-                "SELECT id, integration, method, path_and_query, attempts FROM deferred \
+                "SELECT id, org, integration, method, path_and_query, attempts FROM deferred \
                  WHERE state = 'in_flight'",
             )?
             .query_map([], |row| {
                 let call = InFlightCall {
-                    integration: row.get(1)?,
-                    method: row.get(2)?,
-                    path_and_query: row.get(3)?,
-                    attempts: row.get(4)?,
+                    org: row.get(1)?,
+                    integration: row.get(2)?,
+                    method: row.get(3)?,
+                    path_and_query: row.get(4)?,
+                    attempts: row.get(5)?,
                 };
                 Ok((row.get(0)?, call))
             })?
