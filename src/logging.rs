@@ -147,8 +147,10 @@ mod tests {
             "debugg",
             "fatal",
             "err",
-            // A crate's lines only: callmeter's own, errors included, would be off.
+            // A crate's or a module's lines only: callmeter's own, errors included, would be
+            // off.
             "hyper",
+            "callmeter::proxy",
         ] {
             let e = ignored(Some(bad)).unwrap_or_else(|| panic!("{bad} is used"));
             let text = e.to_string();
@@ -158,7 +160,7 @@ mod tests {
         for good in [
             "warn",
             "callmeter=debug,hyper=off",
-            "callmeter::proxy",
+            "callmeter::proxy,warn",
             "TRACE",
             // Crate names alone and span filters are targets, not misspelt levels.
             "callmeter",

@@ -1132,7 +1132,7 @@ fn a_misspelt_log_level_is_refused() {
         "warn",
         "INFO",
         "info,callmeter=debug",
-        "callmeter::proxy",
+        "callmeter::proxy,warn",
         "hyper=off, error",
     ] {
         let text = format!("[log]\nlevel = \"{ok}\"\n{URL_BASE}");
@@ -1147,7 +1147,13 @@ fn a_misspelt_log_level_is_refused() {
 /// only) made `serve` write nothing to stderr. Refused, saying how to add a level.
 #[test]
 fn a_log_filter_that_leaves_callmeter_silent_is_refused() {
-    for silent in ["loud", "default", "hyper=debug", "hyper=off"] {
+    for silent in [
+        "loud",
+        "default",
+        "hyper=debug",
+        "hyper=off",
+        "callmeter::proxy=debug",
+    ] {
         let text = format!("[log]\nlevel = \"{silent}\"\n{URL_BASE}");
         let e = try_parse(&text).expect_err(silent);
         assert_eq!(e.key(), Some("log.level"), "{e}");
@@ -1158,6 +1164,9 @@ fn a_log_filter_that_leaves_callmeter_silent_is_refused() {
         "callmeter=warn,hyper=debug",
         "off",
         "hyper=debug,warn",
+        // tracing reads 0 (off) to 5 (trace) as levels.
+        "4",
+        "4,hyper=info",
     ] {
         let text = format!("[log]\nlevel = \"{ok}\"\n{URL_BASE}");
         assert!(try_parse(&text).is_ok(), "{ok}");

@@ -1033,7 +1033,11 @@ pub fn check_log_level(text: &str) -> Result<(), String> {
     const OTHER_LEVELS: [&str; 8] = [
         "fatal", "critical", "crit", "verbose", "notice", "all", "none", "silent",
     ];
-    let is_level = |l: &str| LOG_LEVELS.iter().any(|level| level.eq_ignore_ascii_case(l));
+    // tracing also reads the digits 0 (off) to 5 (trace) as levels.
+    let is_level = |l: &str| {
+        LOG_LEVELS.iter().any(|level| level.eq_ignore_ascii_case(l))
+            || matches!(l, "0" | "1" | "2" | "3" | "4" | "5")
+    };
     for directive in text.split(',').map(str::trim).filter(|d| !d.is_empty()) {
         // `=` inside a span filter (`callmeter[{org=acme}]`) is not the level's.
         let after_spans = directive.rfind(']').map_or(0, |at| at + 1);
@@ -1061,15 +1065,17 @@ pub fn check_log_level(text: &str) -> Result<(), String> {
     // With no level for every target and none for callmeter's, the filter turns callmeter's
     // own lines off, errors included (`level = "loud"` read as a target named "loud").
     let mut directives = text.split(',').map(str::trim).filter(|d| !d.is_empty());
+    // A directive for a module of callmeter's only (`callmeter::proxy=debug`) leaves the
+    // others off, the start's and the reload's errors among them.
     let covers_callmeter = |d: &str| {
         let target = d.split(['[', '=']).next().unwrap_or_default().trim();
-        is_level(d) || target.starts_with("callmeter") || "callmeter".starts_with(target)
+        is_level(d) || (!target.is_empty() && "callmeter".starts_with(target))
     };
     if !directives.any(covers_callmeter) {
         return Err(format!(
-            "it names no level: {text:?} is read as the name of a crate or module to log, and \
-             callmeter's own lines, errors included, are off; name a level (error, warn, \
-             info, debug, trace, off), or add one: \"info,{text}\""
+            "it gives callmeter's own lines no level ({text:?} names crates or modules to \
+             log, a lone word among them), so they are off, errors included; name a level \
+             (error, warn, info, debug, trace, off), or add one: \"info,{text}\""
         ));
     }
     Ok(())
