@@ -68,7 +68,8 @@ reserve = 10
 probe_interval = "5m""#,
         "[[integration]]\nid = \"a\"\norg = \"acme\"\nmatch = { path_prefix = \"/a\" }\nquota = 2\n\
          [[integration]]\nid = \"b\"\norg = \"acme\"\nmatch = { path_prefix = \"/b\" }\nreject_style = \"http429\"\nrate = { per_second = 1, burst = 1 }\n\
-         [[integration]]\nid = \"c\"\norg = \"acme\"\nmatch = { path_prefix = \"/c\" }\nreject_style = \"http429\"\nrate = { per_second = 0.1, burst = 1 }\n",
+         [[integration]]\nid = \"c\"\norg = \"acme\"\nmatch = { path_prefix = \"/c\" }\nreject_style = \"http429\"\nrate = { per_second = 0.1, burst = 1 }\n\
+         [[integration]]\nid = \"d\"\norg = \"acme\"\nmatch = { path_prefix = \"/d\" }\nreject_style = \"http429\"\nmax_in_flight = 1\n",
     )
     .await;
     let rest = format!("{}/a/services/data/v62.0/sobjects", env.proxy);
@@ -132,9 +133,25 @@ probe_interval = "5m""#,
     assert_eq!(headers["ratelimit-policy"], r#""rate";q=1;w=10"#);
     let body = String::from_utf8_lossy(&body);
     assert!(body.contains("rate of 1 call per 10 seconds"), "{body}");
+    // A cap on calls at once is no quota per window: Retry-After, and no RateLimit policy
+    // (it said one call per day).
+    let capped = format!("{}/d/services/data/v62.0/sobjects", env.proxy);
+    let slow = env.http.get(&capped, &[("x-sim-delay-ms", "1500")]);
+    let second = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        env.http.get(&capped, &[]).await
+    };
+    let (first, (status, headers, _)) = tokio::join!(slow, second);
+    assert_eq!(first.0, StatusCode::OK);
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(headers["retry-after"], "1");
+    assert!(
+        headers.get("ratelimit-policy").is_none() && headers.get("ratelimit").is_none(),
+        "{headers:?}"
+    );
     assert_eq!(
         env.sim_count().await["used"],
-        4,
+        5,
         "nothing held back reached Salesforce"
     );
 }

@@ -94,7 +94,8 @@ pub struct Limited {
     /// The size of that budget, in calls per `per`.
     pub size: u64,
     /// The span `size` is counted over: the org's window, or for `Rate` the shortest whole
-    /// number of seconds that holds a call (`per_second = 0.1`: one call per 10 s).
+    /// number of seconds that holds a call (`per_second = 0.1`: one call per 10 s); zero for
+    /// `InFlight`, a count of calls at once.
     pub per: Duration,
 }
 
@@ -803,7 +804,7 @@ impl IntegrationMeter {
                         budget: Budget::InFlight,
                         retry_after,
                         size: u64::from(max),
-                        per: self.org.window_length(),
+                        per: Duration::ZERO,
                     });
                 }
             }

@@ -237,7 +237,8 @@ fn shaped(
     match (route.reject_style, api) {
         (RejectStyle::Http429, _) => {
             let mut r = json(StatusCode::TOO_MANY_REQUESTS, message);
-            if let Some(limited) = limited {
+            // A cap on calls at once is no quota per window: its 429 has Retry-After only.
+            if let Some(limited) = limited.filter(|l| !l.per.is_zero()) {
                 let window = limited.per.as_secs();
                 let policy = format!(
                     "\"{}\";q={};w={window}",
