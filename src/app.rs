@@ -513,7 +513,8 @@ impl Server {
         for org in &config.orgs {
             match self.meter.org(org.id.as_str()) {
                 Some(meter) => {
-                    cap_added(meter.max_in_flight(), org.max_in_flight, "org", &org.id);
+                    let what = format!("org \"{}\"", org.id);
+                    cap_added(meter.max_in_flight(), org.max_in_flight, &what);
                     meter.set_budget(OrgBudget::from_config(org));
                     applied += 1;
                     if meter.window_length() != org.window {
@@ -526,12 +527,13 @@ impl Server {
         for i in &config.integrations {
             match self.meter.integration(i.org.as_str(), i.id.as_str()) {
                 Some(meter) => {
-                    cap_added(meter.max_in_flight(), i.max_in_flight, "integration", &i.id);
+                    let what = format!("org \"{}\" integration \"{}\"", i.org, i.id);
+                    cap_added(meter.max_in_flight(), i.max_in_flight, &what);
                     meter.set_budget(IntegrationBudget::from_config(i));
                     applied += 1;
                 }
                 None => {
-                    tracing::warn!(integration = %i.id, "new integration in the config: restart to add it")
+                    tracing::warn!(org = %i.org, integration = %i.id, "new integration in the config: restart to add it")
                 }
             }
         }
@@ -591,10 +593,10 @@ impl Server {
 /// Warns when a reload sets a `max_in_flight` where there was none: calls are counted in
 /// flight only under a cap (counting them all would cost every call two more atomic
 /// operations), so the new cap does not see the calls already out until they end.
-fn cap_added(before: Option<u32>, after: Option<u32>, what: &str, id: &impl std::fmt::Display) {
+fn cap_added(before: Option<u32>, after: Option<u32>, what: &str) {
     if before.is_none() && after.is_some() {
         tracing::warn!(
-            "{what} \"{id}\": max_in_flight is added by this reload; it counts the calls \
+            "{what}: max_in_flight is added by this reload; it counts the calls \
              admitted from now on, not those already in flight (until they end, there may be \
              more in flight than the cap)"
         );

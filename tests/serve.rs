@@ -486,13 +486,19 @@ async fn a_reload_warns_of_each_change_that_waits_for_a_restart() {
         logs.iter()
             .any(|l| l.contains("WARN") && l.contains("next restart") && l.contains(what))
     };
-    assert!(warned("integration \"a\".reject_style"), "{logs:#?}");
-    assert!(warned("integration \"b\" removed"), "{logs:#?}");
+    assert!(
+        warned("org \"acme\" integration \"a\".reject_style"),
+        "{logs:#?}"
+    );
+    assert!(
+        warned("org \"acme\" integration \"b\" removed"),
+        "{logs:#?}"
+    );
     assert!(!warned("quota"), "the quota is applied: {logs:#?}");
     // A cap added by a reload does not see the calls already in flight: said so.
     assert!(
         logs.iter().any(|l| l.contains("WARN")
-            && l.contains("integration \"a\": max_in_flight is added by this reload")),
+            && l.contains("org \"acme\" integration \"a\": max_in_flight is added by this reload")),
         "{logs:#?}"
     );
 }

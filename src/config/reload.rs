@@ -38,7 +38,8 @@ pub fn restart_needed(running: &Config, new: &Config) -> Vec<String> {
         }
     }
     for old in &running.integrations {
-        let key = format!("integration \"{}\"", old.id);
+        // Ids are unique within an org only.
+        let key = format!("org \"{}\" integration \"{}\"", old.org, old.id);
         let same = |i: &&IntegrationConfig| i.id == old.id && i.org == old.org;
         match new.integrations.iter().find(same) {
             Some(new) => {

@@ -1243,8 +1243,8 @@ fn a_reload_names_the_changes_that_wait_for_a_restart() {
         [
             "[proxy]",
             "org \"acme\".connect_timeout",
-            "integration \"a\".reject_style",
-            "integration \"b\" removed (it is still matched and counted)",
+            "org \"acme\" integration \"a\".reject_style",
+            "org \"acme\" integration \"b\" removed (it is still matched and counted)",
         ]
     );
 }
