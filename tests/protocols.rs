@@ -1732,3 +1732,83 @@ async fn a_head_on_an_oauth_or_identity_url_keeps_its_content_length() {
         );
     }
 }
+
+/// An origin answering every request with `lines`, each sent as its own `Sforce-Limit-Info`
+/// header line.
+async fn origin_with_limit_info(lines: &'static [&'static str]) -> u16 {
+    raw_origin(move |mut tcp| async move {
+        let mut buf = [0u8; 8192];
+        while tcp.read(&mut buf).await.is_ok_and(|n| n > 0) {
+            let mut head = String::from(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n",
+            );
+            for l in lines {
+                head.push_str(&format!("Sforce-Limit-Info: {l}\r\n"));
+            }
+            head.push_str("\r\n{}");
+            if tcp.write_all(head.as_bytes()).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await
+}
+
+/// `Sforce-Limit-Info` on several header lines is one list (RFC 9110 §5.3), as it is
+/// comma-joined: the usage is read from whichever line has it (only the first line was read,
+/// so `api-bursts` before `api-usage` hid the figure and the report counted as malformed).
+#[tokio::test]
+async fn limit_info_on_several_header_lines_is_read() {
+    for lines in [
+        &["api-bursts=1/750", "api-usage=900/1000"][..],
+        &["api-usage=900/1000", "api-bursts=1/750"][..],
+        &["per-app-api-usage=17/250(appName=x), api-usage=900/1000"][..],
+    ] {
+        let port = origin_with_limit_info(lines).await;
+        let sim = sim::spawn(SimOptions::default()).await.expect("sim");
+        let env = start_with(
+            sim,
+            &config_text(&format!("http://127.0.0.1:{port}"), "", ONE),
+        )
+        .await;
+        let url = format!("{}/a/services/data/v62.0/sobjects", env.proxy);
+        assert_eq!(env.http.get(&url, &[]).await.0, StatusCode::OK);
+        let org = env.usage().await["orgs"][0].clone();
+        assert_eq!(
+            (org["used"].as_u64(), org["limit"].as_u64()),
+            (Some(900), Some(1000)),
+            "{lines:?}"
+        );
+    }
+}
+
+/// A Composite Batch uploading files (ContentVersion, multipart with the JSON part first)
+/// larger than the 1 MiB the proxy reads costs its subrequests, since its JSON part is whole
+/// in that prefix: it cost 25, Salesforce's maximum, and an integration with a quota of 20
+/// was refused a batch of 2.
+#[tokio::test]
+async fn a_multipart_batch_with_large_files_costs_its_subrequests() {
+    let env = start(
+        SimOptions::default(),
+        "",
+        "[[integration]]\nid = \"a\"\norg = \"acme\"\nmatch = { path_prefix = \"/a\" }\nquota = 20\n",
+    )
+    .await;
+    let json = r#"{"batchRequests":[{"method":"POST","url":"v62.0/sobjects/ContentVersion","richInput":{"Title":"f1","PathOnClient":"f1.bin"},"binaryPartName":"f1","binaryPartNameAlias":"VersionData"},{"method":"POST","url":"v62.0/sobjects/ContentVersion","richInput":{"Title":"f2","PathOnClient":"f2.bin"},"binaryPartName":"f2","binaryPartNameAlias":"VersionData"}]}"#;
+    let file = "x".repeat(800 * 1024);
+    let body = format!(
+        "--bnd\r\nContent-Disposition: form-data; name=\"json\"\r\nContent-Type: application/json\r\n\r\n{json}\r\n\
+         --bnd\r\nContent-Disposition: form-data; name=\"f1\"; filename=\"f1.bin\"\r\nContent-Type: application/octet-stream\r\n\r\n{file}\r\n\
+         --bnd\r\nContent-Disposition: form-data; name=\"f2\"; filename=\"f2.bin\"\r\nContent-Type: application/octet-stream\r\n\r\n{file}\r\n--bnd--\r\n"
+    );
+    let url = format!("{}/a/services/data/v62.0/composite/batch", env.proxy);
+    let multipart = [("content-type", "multipart/form-data; boundary=bnd")];
+    let (status, _, answer) = env.http.send(Method::POST, &url, &multipart, body).await;
+    assert_ne!(
+        status,
+        StatusCode::FORBIDDEN,
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    assert_eq!(env.window("a").await, 2);
+}

@@ -497,7 +497,15 @@ pub fn counted_units(
                 .filter(|n| (1..=COMPOSITE_BATCH_MAX).contains(n))
                 // Malformed, empty, or over the maximum: Salesforce refuses it as one request.
                 .unwrap_or(1),
-            _ => COMPOSITE_BATCH_MAX,
+            // A multipart batch whose JSON part (the first) is whole in the prefix: the files
+            // after it do not change the count.
+            Some(BodyPrefix {
+                bytes,
+                complete: false,
+            }) => multipart_prefix_batch_size(bytes)
+                .filter(|n| (1..=COMPOSITE_BATCH_MAX).contains(n))
+                .unwrap_or(COMPOSITE_BATCH_MAX),
+            None => COMPOSITE_BATCH_MAX,
         },
         CallKind::SoapLogin | CallKind::SoapDebugging => 0,
         CallKind::Soap => {
@@ -516,7 +524,7 @@ fn batch_size(body: &[u8]) -> Option<u32> {
     match body.get(start)? {
         b'{' => json_batch_size(body),
         b'<' => xml_batch_size(body),
-        b'-' => multipart_batch_size(&body[start..]),
+        b'-' => multipart_batch_size(&body[start..], true),
         _ => None,
     }
 }
@@ -551,9 +559,21 @@ fn xml_batch_size(body: &[u8]) -> Option<u32> {
     count
 }
 
+/// The subrequests of a multipart batch of which only the start is known, when its first part
+/// (the JSON) ends within that start; `None` otherwise.
+fn multipart_prefix_batch_size(prefix: &[u8]) -> Option<u32> {
+    let prefix = prefix.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(prefix);
+    let start = super::json::skip_ws(prefix, 0);
+    match prefix.get(start)? {
+        b'-' => multipart_batch_size(&prefix[start..], false),
+        _ => None,
+    }
+}
+
 /// A `multipart/form-data` batch: the first line is the delimiter, the first part (after its
-/// headers) the JSON body.
-fn multipart_batch_size(body: &[u8]) -> Option<u32> {
+/// headers) the JSON body. `whole`: `body` is the whole body; else the JSON part counts only
+/// if its closing delimiter is in `body`.
+fn multipart_batch_size(body: &[u8], whole: bool) -> Option<u32> {
     let delimiter_end = memchr::memmem::find(body, b"\r\n")?;
     // RFC 2046 allows white space after the boundary.
     let delimiter = body[..delimiter_end].trim_ascii_end();
@@ -563,9 +583,13 @@ fn multipart_batch_size(body: &[u8]) -> Option<u32> {
     let headers_end =
         delimiter_end + memchr::memmem::find(&body[delimiter_end..], b"\r\n\r\n")? + 4;
     let part = &body[headers_end..];
-    let part_end = memchr::memmem::find_iter(part, delimiter)
+    let part_end = match memchr::memmem::find_iter(part, delimiter)
         .find(|&at| part[..at].ends_with(b"\r\n"))
-        .map_or(part.len(), |at| at - 2);
+    {
+        Some(at) => at - 2,
+        None if whole => part.len(),
+        None => return None,
+    };
     json_batch_size(&part[..part_end])
 }
 
@@ -1155,6 +1179,36 @@ mod tests {
         // Not a batch in any form: Salesforce refuses it as one request.
         assert_eq!(cost(path, b"<other><batchRequests/></other>").1, 1);
         assert_eq!(cost(path, b"--bnd\r\n\r\nnot json\r\n--bnd--").1, 1);
+    }
+
+    /// A multipart batch larger than the prefix read (a ContentVersion upload with its files)
+    /// costs its subrequests when its JSON part is whole in the prefix; 25 when it is not.
+    #[test]
+    fn a_truncated_multipart_batch_with_its_json_part_whole_counts_its_subrequests() {
+        let rules = CountingRules::default();
+        let json = r#"{"batchRequests":[{"method":"POST","url":"v60.0/sobjects/ContentVersion","binaryPartName":"f1"},{"method":"GET","url":"v60.0/limits"}]}"#;
+        let body = format!(
+            "--bnd\r\ncontent-type: application/json\r\n\r\n{json}\r\n--bnd\r\n\
+             Content-Disposition: form-data; name=\"f1\"; filename=\"a\"\r\n\r\nxxxxxxxx"
+        );
+        let cut = |n: usize| {
+            Some(BodyPrefix {
+                bytes: &body.as_bytes()[..n],
+                complete: false,
+            })
+        };
+        assert_eq!(
+            counted_units(CallKind::CompositeBatch, &rules, cut(body.len())),
+            2
+        );
+        // The JSON part cut short: unknown, the maximum.
+        assert_eq!(counted_units(CallKind::CompositeBatch, &rules, cut(60)), 25);
+        // A truncated JSON batch stays at the maximum.
+        let plain = Some(BodyPrefix {
+            bytes: json.as_bytes(),
+            complete: false,
+        });
+        assert_eq!(counted_units(CallKind::CompositeBatch, &rules, plain), 25);
     }
 
     /// A percent-encoded path is costed as the decoded path Salesforce serves.
