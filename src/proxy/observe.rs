@@ -37,15 +37,30 @@ pub fn response(
     parts: &Parts,
     body: UpstreamBody,
 ) -> ResponseBody {
-    if let Some(value) = parts.headers.get(LIMIT_INFO) {
-        match salesforce::parse_limit_info(value.as_bytes()) {
-            Ok(report) => {
+    // Several header lines are one comma-separated list (RFC 9110 §5.3), which
+    // `parse_limit_info` reads: the first line with an `api-usage` field counts.
+    let mut lines = parts.headers.get_all(LIMIT_INFO).iter().peekable();
+    if lines.peek().is_some() {
+        let mut first_error = None;
+        let parsed = lines.find_map(
+            |value| match salesforce::parse_limit_info(value.as_bytes()) {
+                Ok(report) => Some(report),
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                    None
+                }
+            },
+        );
+        match parsed {
+            Some(report) => {
                 org.meter.observe_report(report);
                 org.metrics.usage_report(true);
                 org.meter.observe_answer(call, report);
             }
-            Err(e) => {
-                tracing::debug!(org = org.metrics.label(), error = %e, "ignoring malformed Sforce-Limit-Info");
+            None => {
+                if let Some(e) = first_error {
+                    tracing::debug!(org = org.metrics.label(), error = %e, "ignoring malformed Sforce-Limit-Info");
+                }
                 org.metrics.usage_report(false);
             }
         }
