@@ -122,7 +122,14 @@ pub struct Ticket {
     in_flight: InFlight,
     /// The probe the call went out as, if any.
     probe: Probe,
+    /// The reports the org had taken when the call was decided: a figure on its answer is
+    /// older than any report taken since.
+    heard: Heard,
 }
+
+/// How many usage reports an org had taken at some moment (see `Ticket::heard`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Heard(u32);
 
 /// Marks a `next_probe_ms` a probe's claim set. A report, an exhaustion or a restore sets the
 /// time without it, so a refunded probe can tell whether the time is still its own, even when
@@ -155,6 +162,11 @@ impl Ticket {
     }
 
     /// What the call was charged, to give back should Salesforce refuse it uncounted.
+    /// The reports the org had taken when the call was decided.
+    pub fn heard(&self) -> Heard {
+        self.heard
+    }
+
     pub fn charge(&self) -> Charge {
         Charge {
             units: self.units,
@@ -208,6 +220,8 @@ pub struct OrgMeter {
     reported_limit: AtomicU64,
     /// When the current report was accepted (clock ms); 0 = no report yet.
     report_at_ms: AtomicU64,
+    /// Reports accepted so far: a call decided before the latest one carries an older figure.
+    reports_taken: AtomicU32,
     /// Salesforce answered REQUEST_LIMIT_EXCEEDED (the daily kind) and no report since said
     /// there is budget again.
     exhausted: AtomicBool,
@@ -277,6 +291,7 @@ impl OrgMeter {
             report: AtomicU64::new(0),
             reported_limit: AtomicU64::new(0),
             report_at_ms: AtomicU64::new(0),
+            reports_taken: AtomicU32::new(0),
             exhausted: AtomicBool::new(false),
             next_probe_ms: AtomicU64::new(0),
             budget_freed: tokio::sync::Notify::new(),
@@ -344,11 +359,25 @@ impl OrgMeter {
         calls_since(self.window.added(), at)
     }
 
-    /// Takes in a usage figure Salesforce reported on a response.
+    /// Takes in a usage figure as of now (no call's answer: a test, a figure read at once).
+    pub fn observe_report(&self, report: UsageReport) {
+        self.observe_report_heard(report, self.heard());
+    }
+
+    /// The reports taken so far (for a call decided now).
+    fn heard(&self) -> Heard {
+        Heard(self.reports_taken.load(Ordering::Relaxed))
+    }
+
+    /// Takes in a usage figure Salesforce reported on the answer to a call decided when the
+    /// org had `heard` reports.
     ///
     /// Accepts it when it is at least the current estimate (a newer view), or when the current
-    /// report is older than `REPORT_AUTHORITY` (usage can fall as calls age out).
-    pub fn observe_report(&self, report: UsageReport) {
+    /// report is older than `REPORT_AUTHORITY` (usage can fall as calls age out) and the call
+    /// was decided after it: a slow call's late answer carries the figure of when Salesforce
+    /// took it, older than a report taken meanwhile, and would lower the estimate below what
+    /// Salesforce counts now.
+    pub fn observe_report_heard(&self, report: UsageReport, heard: Heard) {
         if report.limit == 0 {
             return;
         }
@@ -361,7 +390,8 @@ impl OrgMeter {
                 let (cur_used, cur_at) = unpack_report(current);
                 let estimate = cur_used + self.forwarded_since(cur_at);
                 let fresh = now_ms.saturating_sub(at_ms) < REPORT_AUTHORITY.as_millis() as u64;
-                if u64::from(used) < estimate && fresh {
+                let stale = heard != self.heard();
+                if u64::from(used) < estimate && (fresh || stale) {
                     return;
                 }
             }
@@ -382,6 +412,7 @@ impl OrgMeter {
     /// Bookkeeping of a report just stored in `report`.
     fn accepted(&self, report: UsageReport, now_ms: u64) {
         self.report_at_ms.store(now_ms, Ordering::Release);
+        self.reports_taken.fetch_add(1, Ordering::Relaxed);
         self.reported_limit.store(report.limit, Ordering::Relaxed);
         // Fresh news: a probe for the next one is due an interval from now. Not while
         // exhausted: that probe's time is the exhaustion's (reports of calls Salesforce does
@@ -430,11 +461,12 @@ impl OrgMeter {
         }
     }
 
-    /// A call's answer reported `report` (already offered to `observe_report`): a figure
-    /// below the limit on a call sent after Salesforce began refusing, counted or not, says
-    /// budget is back. It is then Salesforce's figure of now, lower or not than the estimate
+    /// A call's answer reported `report`: taken as `observe_report_heard` takes it, and a
+    /// figure below the limit on a call sent after Salesforce began refusing, counted or not,
+    /// says budget is back. It is then Salesforce's figure of now, lower or not than the estimate
     /// the refusals left (which `observe_report` keeps over a lower figure for a minute).
     pub fn observe_answer(&self, call: &Ticket, report: UsageReport) {
+        self.observe_report_heard(report, call.heard);
         if call.probe.after_refusals && report.used < report.limit && self.is_exhausted() {
             let used = report.used.min(u64::from(u32::MAX)) as u32;
             let mark = self.window.added() as u32;
@@ -819,6 +851,7 @@ impl IntegrationMeter {
                 minute,
                 in_flight,
                 probe,
+                heard: self.org.heard(),
             });
         }
         if let Some(rate) = budget.rate {
@@ -857,6 +890,7 @@ impl IntegrationMeter {
                 minute,
                 in_flight,
                 probe,
+                heard: self.org.heard(),
             }),
             Err(limited) => {
                 self.window.refund(minute, units);
@@ -1265,6 +1299,26 @@ mod tests {
         tokio::time::advance(REPORT_AUTHORITY).await;
         org.observe_report(report(100, 15_000));
         assert_eq!(org.used(), 100);
+    }
+
+    /// A slow call's answer arrives a minute after a newer report, with the figure Salesforce
+    /// had when it took the call: it does not lower the estimate (it fell from 502 to 2 of 600,
+    /// green, and the burst let through drew 52 refusals and an exhaustion). A figure on the
+    /// answer of a call decided after that report still is taken: calls age out.
+    #[tokio::test(start_paused = true)]
+    async fn a_late_answer_with_an_older_figure_does_not_lower_the_estimate() {
+        let org = org(DailyLimit::Auto, Duration::from_secs(86_400));
+        let a = IntegrationMeter::new(id("a"), org.clone());
+        let slow = forwarded(a.decide(1));
+        let quick = forwarded(a.decide(1));
+        // 500 calls made outside the proxy, reported on the quick call's answer.
+        org.observe_answer(&quick, report(502, 600));
+        tokio::time::advance(REPORT_AUTHORITY + Duration::from_secs(5)).await;
+        org.observe_answer(&slow, report(1, 600));
+        assert_eq!(org.used(), 502, "the late, older figure is not taken");
+        let later = forwarded(a.decide(1));
+        org.observe_answer(&later, report(300, 600));
+        assert_eq!(org.used(), 300, "a newer call's lower figure is");
     }
 
     #[tokio::test(start_paused = true)]

@@ -19,7 +19,7 @@ use super::forward::Upstream;
 use super::headers::LIMIT_INFO;
 use super::pool::{BodyError, SendError, UpstreamBody};
 use super::OrgRoute;
-use crate::meter::{Charge, IntegrationMeter, Ticket};
+use crate::meter::{Charge, Heard, IntegrationMeter, Ticket};
 use crate::salesforce::{self, BodyScanner, CallKind, LimitExceeded};
 
 /// Login responses are a few KiB; anything far larger is not one and passes untouched.
@@ -37,33 +37,17 @@ pub fn response(
     parts: &Parts,
     body: UpstreamBody,
 ) -> ResponseBody {
-    // Several header lines are one comma-separated list (RFC 9110 §5.3), which
-    // `parse_limit_info` reads: the first line with an `api-usage` field counts.
-    let mut lines = parts.headers.get_all(LIMIT_INFO).iter().peekable();
-    if lines.peek().is_some() {
-        let mut first_error = None;
-        let parsed = lines.find_map(
-            |value| match salesforce::parse_limit_info(value.as_bytes()) {
-                Ok(report) => Some(report),
-                Err(e) => {
-                    first_error.get_or_insert(e);
-                    None
-                }
-            },
-        );
-        match parsed {
-            Some(report) => {
-                org.meter.observe_report(report);
-                org.metrics.usage_report(true);
-                org.meter.observe_answer(call, report);
-            }
-            None => {
-                if let Some(e) = first_error {
-                    tracing::debug!(org = org.metrics.label(), error = %e, "ignoring malformed Sforce-Limit-Info");
-                }
-                org.metrics.usage_report(false);
-            }
+    let lines = parts.headers.get_all(LIMIT_INFO).iter();
+    match salesforce::limit_info_lines(lines.map(|v| v.as_bytes())) {
+        Some(Ok(report)) => {
+            org.meter.observe_answer(call, report);
+            org.metrics.usage_report(true);
         }
+        Some(Err(e)) => {
+            tracing::debug!(org = org.metrics.label(), error = %e, "ignoring malformed Sforce-Limit-Info");
+            org.metrics.usage_report(false);
+        }
+        None => {}
     }
     let status = parts.status;
     if status.is_success() && call.units() > 0 {
@@ -92,6 +76,7 @@ pub fn response(
                 org: org.clone(),
                 mode,
                 refused,
+                heard: call.heard(),
             }),
         ),
         None => ResponseBody::Stream(body),
@@ -175,6 +160,8 @@ struct UsageWatcher {
     /// The call's charge and meter, should the body say Salesforce refused it for the daily
     /// limit: such a call is not counted, and stays out of the integration's quota too.
     refused: Option<(Arc<IntegrationMeter>, Charge)>,
+    /// The reports the org had taken when the call was decided (see `Ticket::heard`).
+    heard: Heard,
 }
 
 impl Observer for UsageWatcher {
@@ -208,7 +195,7 @@ impl Observer for UsageWatcher {
             Watch::Limits(buf) => (salesforce::parse_limits_body(buf), None),
         };
         if let Some(report) = report {
-            self.org.meter.observe_report(report);
+            self.org.meter.observe_report_heard(report, self.heard);
             self.org.metrics.usage_report(true);
         }
         match exceeded {

@@ -751,12 +751,8 @@ async fn answer(
     call: &Ticket,
 ) -> Sent {
     let (parts, body) = resp.into_parts();
-    if let Some(report) = parts
-        .headers
-        .get("sforce-limit-info")
-        .and_then(|v| salesforce::parse_limit_info(v.as_bytes()).ok())
-    {
-        r.meter.observe_report(report);
+    let lines = parts.headers.get_all("sforce-limit-info").iter();
+    if let Some(Ok(report)) = salesforce::limit_info_lines(lines.map(|v| v.as_bytes())) {
         r.meter.observe_answer(call, report);
     }
     let status = parts.status;
@@ -794,7 +790,6 @@ async fn answer(
     scanner.feed(&body);
     scanner.finish();
     if let Some(report) = scanner.report() {
-        r.meter.observe_report(report);
         r.meter.observe_answer(call, report);
     }
     match scanner.limit_exceeded() {

@@ -38,4 +38,6 @@ pub use errors::{rest_error_body, soap_fault_body};
 pub use login::{rewrite_oauth_token, rewrite_soap_login};
 pub use redact::{is_secret_header, redact_body, REDACTED};
 pub use scan::{BodyScanner, LimitExceeded, SCAN_LIMIT};
-pub use usage::{parse_limit_info, parse_limits_body, UsageParseError, UsageReport};
+pub use usage::{
+    limit_info_lines, parse_limit_info, parse_limits_body, UsageParseError, UsageReport,
+};

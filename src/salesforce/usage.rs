@@ -28,6 +28,24 @@ pub enum UsageParseError {
     ZeroLimit,
 }
 
+/// The usage a response's `Sforce-Limit-Info` lines report: several lines are one list (RFC
+/// 9110 §5.3), so the first line with an `api-usage` field counts. `None` without the header;
+/// the first line's error when no line has a figure.
+pub fn limit_info_lines<'a>(
+    lines: impl IntoIterator<Item = &'a [u8]>,
+) -> Option<Result<UsageReport, UsageParseError>> {
+    let mut first_error = None;
+    for line in lines {
+        match parse_limit_info(line) {
+            Ok(report) => return Some(Ok(report)),
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    first_error.map(Err)
+}
+
 /// Parses a `Sforce-Limit-Info` value such as `api-usage=10018/100000; api-bursts=1/750` or
 /// `api-usage=25/5000; per-app-api-usage=17/250(appName=x)`.
 ///
@@ -139,6 +157,24 @@ pub fn parse_limits_body(body: &[u8]) -> Option<UsageReport> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Several `Sforce-Limit-Info` lines: the first with a figure counts; none, the first
+    /// line's error; no line, nothing.
+    #[test]
+    fn limit_info_lines_take_the_first_line_with_a_figure() {
+        let lines = |l: &[&'static str]| limit_info_lines(l.iter().map(|s| s.as_bytes()));
+        let used = |r: Option<Result<UsageReport, UsageParseError>>| r.map(|r| r.map(|r| r.used));
+        assert_eq!(
+            used(lines(&["api-bursts=1/750", "api-usage=9/10"])),
+            Some(Ok(9))
+        );
+        assert_eq!(
+            used(lines(&["api-usage=8/10", "api-usage=9/10"])),
+            Some(Ok(8))
+        );
+        assert!(matches!(lines(&["api-bursts=1/750"]), Some(Err(_))));
+        assert!(lines(&[]).is_none());
+    }
     use proptest::prelude::*;
 
     fn report(used: u64, limit: u64) -> Result<UsageReport, UsageParseError> {
