@@ -122,14 +122,21 @@ pub struct Ticket {
     in_flight: InFlight,
     /// The probe the call went out as, if any.
     probe: Probe,
-    /// The reports the org had taken when the call was decided: a figure on its answer is
-    /// older than any report taken since.
+    /// What the org had heard and forwarded when the call was decided.
     heard: Heard,
 }
 
-/// How many usage reports an org had taken at some moment (see `Ticket::heard`).
+/// What an org had heard and forwarded when a call was decided: a usage figure on the call's
+/// answer is Salesforce's count when it took the call, older than any report taken since,
+/// and missing the calls forwarded after it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Heard(u32);
+pub struct Heard {
+    /// Reports the org had taken (`OrgMeter::reports_taken`).
+    reports: u32,
+    /// The org's calls forwarded (its window's added sum, wrapping) just after the call was
+    /// counted: a figure on its answer is marked here.
+    forwarded: u32,
+}
 
 /// Marks a `next_probe_ms` a probe's claim set. A report, an exhaustion or a restore sets the
 /// time without it, so a refunded probe can tell whether the time is still its own, even when
@@ -370,22 +377,38 @@ impl OrgMeter {
 
     /// Takes in a usage figure as of now (no call's answer: a test, a figure read at once).
     pub fn observe_report(&self, report: UsageReport) {
-        self.observe_report_heard(report, self.heard());
+        self.observe_report_heard(report, self.heard(self.reports_taken()));
     }
 
-    /// The reports taken so far (for a call decided now).
-    fn heard(&self) -> Heard {
-        Heard(self.reports_taken.load(Ordering::Relaxed))
+    /// Reports taken so far.
+    fn reports_taken(&self) -> u32 {
+        self.reports_taken.load(Ordering::Relaxed)
+    }
+
+    /// `reports` (read before a call was counted) and the calls forwarded now (after it).
+    fn heard(&self, reports: u32) -> Heard {
+        Heard {
+            reports,
+            forwarded: self.window.added() as u32,
+        }
+    }
+
+    /// The mark for a figure on the answer to a call decided when the org had `heard`: the
+    /// calls forwarded just after it, or now if refunds took the count below that since.
+    fn mark_of(&self, heard: Heard) -> u32 {
+        let added = self.window.added();
+        (added as u32).wrapping_sub(calls_since(added, heard.forwarded) as u32)
     }
 
     /// Takes in a usage figure Salesforce reported on the answer to a call decided when the
-    /// org had `heard` reports.
+    /// org had `heard`. The figure is Salesforce's count when it took the call: the calls
+    /// forwarded after it are added to it (a slow call's figure, marked when its answer came,
+    /// left out the calls sent while it ran).
     ///
-    /// Accepts it when it is at least the current estimate (a newer view), or when the current
-    /// report is older than `REPORT_AUTHORITY` (usage can fall as calls age out) and the call
-    /// was decided after it: a slow call's late answer carries the figure of when Salesforce
-    /// took it, older than a report taken meanwhile, and would lower the estimate below what
-    /// Salesforce counts now.
+    /// Accepts it when that is at least the current estimate (a newer view), or when the
+    /// current report is older than `REPORT_AUTHORITY` (usage can fall as calls age out) and
+    /// the call was decided after it: a slow call's late answer carries the figure of when
+    /// Salesforce took it, older than a report taken meanwhile.
     pub fn observe_report_heard(&self, report: UsageReport, heard: Heard) {
         if report.limit == 0 {
             return;
@@ -398,13 +421,14 @@ impl OrgMeter {
             if at_ms != 0 {
                 let (cur_used, cur_at) = unpack_report(current);
                 let estimate = cur_used + self.forwarded_since(cur_at);
+                let candidate = u64::from(used) + self.forwarded_since(heard.forwarded);
                 let fresh = now_ms.saturating_sub(at_ms) < REPORT_AUTHORITY.as_millis() as u64;
-                let stale = heard != self.heard();
-                if u64::from(used) < estimate && (fresh || stale) {
+                let stale = heard.reports != self.reports_taken();
+                if candidate < estimate && (fresh || stale) {
                     return;
                 }
             }
-            let mark = self.window.added() as u32;
+            let mark = self.mark_of(heard);
             match self.report.compare_exchange_weak(
                 current,
                 pack_report(used, mark),
@@ -494,7 +518,7 @@ impl OrgMeter {
             && self.is_exhausted()
         {
             let used = report.used.min(u64::from(u32::MAX)) as u32;
-            let mark = self.window.added() as u32;
+            let mark = self.mark_of(call.heard);
             self.report
                 .store(pack_report(used, mark), Ordering::Release);
             self.accepted(report, self.clock.unix_ms().max(1));
@@ -596,7 +620,7 @@ impl OrgMeter {
     /// mark, would leave out the next call.
     fn uncount(&self, charge: Charge) {
         self.window.refund(charge.minute, charge.units);
-        if charge.heard != self.heard() {
+        if charge.heard.reports != self.reports_taken() {
             let _ = self
                 .report
                 .fetch_update(Ordering::AcqRel, Ordering::Acquire, |word| {
@@ -867,7 +891,7 @@ impl IntegrationMeter {
         let minute = self.org.clock.minute();
         // Before the count: a report taken between the two then counts as taken after the
         // call was decided, which errs towards keeping the higher figure.
-        let heard = self.org.heard();
+        let reports = self.org.reports_taken();
         let budget = self.budget.load();
         let mut in_flight = InFlight::default();
         let org_max = self.org.budget.load().max_in_flight;
@@ -899,7 +923,7 @@ impl IntegrationMeter {
                 minute,
                 in_flight,
                 probe,
-                heard,
+                heard: self.org.heard(reports),
             });
         }
         if let Some(rate) = budget.rate {
@@ -938,7 +962,7 @@ impl IntegrationMeter {
                 minute,
                 in_flight,
                 probe,
-                heard,
+                heard: self.org.heard(reports),
             }),
             Err(limited) => {
                 self.window.refund(minute, units);
@@ -1366,6 +1390,32 @@ mod tests {
         let later = forwarded(a.decide(1));
         org.observe_answer(&later, report(300, 600));
         assert_eq!(org.used(), 300, "a newer call's lower figure is");
+    }
+
+    /// A slow call decided after the latest report answers a minute later, no report having
+    /// been taken meanwhile (the quick answers' figures were lower than a fresh estimate):
+    /// its figure, Salesforce's count when it took the call, is marked where the call was
+    /// counted, so the 100 calls sent while it ran stay in the estimate (it read 203 while
+    /// Salesforce counted 303).
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_answer_keeps_the_calls_sent_while_it_ran() {
+        let org = org(DailyLimit::Auto, Duration::from_secs(86_400));
+        let a = IntegrationMeter::new(id("a"), org.clone());
+        org.observe_report(report(502, 1_000));
+        // Outside calls age out: Salesforce counts 202, then takes the slow call.
+        let slow = forwarded(a.decide(1));
+        for n in 0..100 {
+            let quick = forwarded(a.decide(1));
+            org.observe_answer(&quick, report(204 + n, 1_000));
+        }
+        assert_eq!(
+            org.used(),
+            603,
+            "the fresh estimate kept over the lower figures"
+        );
+        tokio::time::advance(REPORT_AUTHORITY + Duration::from_secs(1)).await;
+        org.observe_answer(&slow, report(203, 1_000));
+        assert_eq!(org.used(), 303);
     }
 
     /// A call counted before a report and then given back (it never reached Salesforce, or
