@@ -401,11 +401,9 @@ impl OrgMeter {
     }
 
     /// Takes in a usage figure Salesforce reported on the answer to a call decided when the
-    /// org had `heard`. The figure is Salesforce's count when it took the call: the calls
-    /// forwarded after it are added to it (a slow call's figure, marked when its answer came,
-    /// left out the calls sent while it ran).
+    /// org had `heard`: its count when it took the call.
     ///
-    /// Accepts it when that is at least the current estimate (a newer view), or when the
+    /// Accepts it when it is at least the current estimate (a newer view), or when the
     /// current report is older than `REPORT_AUTHORITY` (usage can fall as calls age out) and
     /// the call was decided after it: a slow call's late answer carries the figure of when
     /// Salesforce took it, older than a report taken meanwhile.
@@ -418,17 +416,26 @@ impl OrgMeter {
         let mut current = self.report.load(Ordering::Acquire);
         loop {
             let at_ms = self.report_at_ms.load(Ordering::Acquire);
+            let mut lower = false;
             if at_ms != 0 {
                 let (cur_used, cur_at) = unpack_report(current);
                 let estimate = cur_used + self.forwarded_since(cur_at);
-                let candidate = u64::from(used) + self.forwarded_since(heard.forwarded);
+                lower = u64::from(used) < estimate;
                 let fresh = now_ms.saturating_sub(at_ms) < REPORT_AUTHORITY.as_millis() as u64;
                 let stale = heard.reports != self.reports_taken();
-                if candidate < estimate && (fresh || stale) {
+                if lower && (fresh || stale) {
                     return;
                 }
             }
-            let mark = self.mark_of(heard);
+            // A higher figure is marked now: under concurrent calls, some that went out after
+            // this one reached Salesforce first and are in it. A lower one, taken after a
+            // minute, is marked where its call was counted, so that calls sent while it ran
+            // (a slow call) stay in the estimate.
+            let mark = if lower {
+                self.mark_of(heard)
+            } else {
+                self.window.added() as u32
+            };
             match self.report.compare_exchange_weak(
                 current,
                 pack_report(used, mark),
