@@ -430,7 +430,10 @@ impl OrgMeter {
             // A higher figure is marked now: under concurrent calls, some that went out after
             // this one reached Salesforce first and are in it. A lower one, taken after a
             // minute, is marked where its call was counted, so that calls sent while it ran
-            // (a slow call) stay in the estimate.
+            // (a slow call) stay in the estimate; calls that overtook it then count twice
+            // until the next figure is taken, the safe side. (Refunds of calls counted before
+            // it, while it ran, are not told apart from later ones: one too few each, until
+            // the next figure.)
             let mark = if lower {
                 self.mark_of(heard)
             } else {
