@@ -1377,6 +1377,20 @@ fn stored(db: &Path, id: callmeter::store::DeferredId) -> callmeter::store::Defe
         .expect("the call")
 }
 
+/// Waits up to `secs` for call `id` to be delivered, then stops `server`.
+async fn delivered_then_stop(
+    server: app::Server,
+    db: &Path,
+    id: callmeter::store::DeferredId,
+    secs: u64,
+) {
+    eventually(secs, "the call delivered", || async {
+        stored(db, id).state == callmeter::store::DeferredState::Delivered
+    })
+    .await;
+    server.shutdown().await;
+}
+
 /// A stored call that a restart with a smaller quota makes larger than the quota now holds
 /// waits, saying why and using no attempt, and goes once a reload grows the quota back: it was
 /// acknowledged with a 202, and the budget is the admin's to change.
@@ -1410,11 +1424,7 @@ async fn a_stored_call_larger_than_a_shrunk_quota_waits_for_it_to_grow() {
         "{call:?}"
     );
     server.reload(&with(20));
-    eventually(20, "the call delivered", || async {
-        stored(&db, id).state == callmeter::store::DeferredState::Delivered
-    })
-    .await;
-    server.shutdown().await;
+    delivered_then_stop(server, &db, id, 20).await;
 }
 
 /// An admin pauses a deferring integration (a reload with `quota = 0`), then lifts the pause:
@@ -1432,11 +1442,7 @@ async fn a_paused_integrations_stored_calls_wait_out_the_pause() {
     server.reload(&with(0));
     tokio::time::sleep(Duration::from_secs(1)).await;
     server.reload(&with(100));
-    eventually(10, "the call delivered", || async {
-        stored(&db, id).state == callmeter::store::DeferredState::Delivered
-    })
-    .await;
-    server.shutdown().await;
+    delivered_then_stop(server, &db, id, 10).await;
 }
 
 /// A SOAP call carries its session in the envelope, not in `Authorization`: what guards its

@@ -46,6 +46,18 @@ async fn start_proxy(toml: &str, dir: &Path) -> (app::Server, String, String) {
     (server, proxy, admin)
 }
 
+/// A simulated org that has used 850 of its 1,000 calls: one more through the proxy crosses
+/// 80 %.
+async fn org_at_850_of_1000() -> sim::SimHandle {
+    sim::spawn(SimOptions {
+        limit: 1_000,
+        used: 850,
+        ..SimOptions::default()
+    })
+    .await
+    .expect("sim")
+}
+
 async fn external(http: &Http, sim: &sim::SimHandle, n: u64) {
     let (status, _, body) = http
         .send(
@@ -454,13 +466,7 @@ async fn an_email_taken_during_a_graceful_shutdown_is_not_sent_again() {
             ..SmtpOptions::default()
         },
     );
-    let sim = sim::spawn(SimOptions {
-        limit: 1_000,
-        used: 850,
-        ..SimOptions::default()
-    })
-    .await
-    .expect("sim");
+    let sim = org_at_850_of_1000().await;
     let org = "[org.threshold]\nlevels = [\"80%\"]\nnotify = [\"admin@example.com\"]\n";
     let toml = config_text(&sim.url, org, &integration("a", "")) + &smtp_section(smtp.port, "");
     let dir = tempfile::tempdir().expect("tempdir");
@@ -496,13 +502,7 @@ async fn one_refused_recipient_does_not_keep_the_email_from_the_others() {
             ..SmtpOptions::default()
         },
     );
-    let sim = sim::spawn(SimOptions {
-        limit: 1_000,
-        used: 850,
-        ..SimOptions::default()
-    })
-    .await
-    .expect("sim");
+    let sim = org_at_850_of_1000().await;
     let org = "[org.threshold]\nlevels = [\"80%\"]\n\
                notify = [\"left-the-company@example.com\", \"admin@example.com\"]\n";
     let toml = config_text(&sim.url, org, &integration("a", "")) + &smtp_section(smtp.port, "");
@@ -532,13 +532,7 @@ async fn a_corrected_notify_address_gets_the_email_of_a_crossing_not_yet_deliver
             ..SmtpOptions::default()
         },
     );
-    let sim = sim::spawn(SimOptions {
-        limit: 1_000,
-        used: 850,
-        ..SimOptions::default()
-    })
-    .await
-    .expect("sim");
+    let sim = org_at_850_of_1000().await;
     let org = "[org.threshold]\nlevels = [\"80%\"]\nnotify = [\"amdin@example.com\"]\n";
     let dir = tempfile::tempdir().expect("tempdir");
     let toml = (config_text(&sim.url, org, &integration("a", "")) + &smtp_section(smtp.port, ""))

@@ -375,8 +375,10 @@ impl OrgMeter {
         calls_since(self.window.added(), at)
     }
 
-    /// Takes in a usage figure as of now (no call's answer: a test, a figure read at once).
-    pub fn observe_report(&self, report: UsageReport) {
+    /// Takes in a usage figure as of now, as the answer to a call decided this instant (the
+    /// proxy always has the call: `observe_answer`).
+    #[cfg(test)]
+    fn observe_report(&self, report: UsageReport) {
         self.observe_report_heard(report, self.heard(self.reports_taken()));
     }
 

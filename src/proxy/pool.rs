@@ -1047,6 +1047,17 @@ mod tests {
                 tokio_rustls::TlsAcceptor::from(Arc::new(http1_only.clone()));
         };
 
+        let host = tls_host(&cert, provider, origin.addr.port(), idle_timeout);
+        (origin, host, to_http1)
+    }
+
+    /// A host for `localhost:port` over TLS, trusting `cert` only.
+    fn tls_host(
+        cert: &rcgen::CertifiedKey<rcgen::KeyPair>,
+        provider: Arc<rustls::crypto::CryptoProvider>,
+        port: u16,
+        idle_timeout: Duration,
+    ) -> Arc<Host> {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(cert.cert.der().clone()).expect("root");
         let client = rustls::ClientConfig::builder_with_provider(provider)
@@ -1060,17 +1071,15 @@ mod tests {
             .enable_http1()
             .enable_http2()
             .build();
-        let authority = format!("localhost:{}", origin.addr.port());
-        let host = Host::new(
+        Host::new(
             Scheme::HTTPS,
-            Authority::try_from(authority).expect("authority"),
+            Authority::try_from(format!("localhost:{port}")).expect("authority"),
             connector,
             idle_timeout,
             Duration::from_secs(5),
             Duration::from_secs(60),
         )
-        .expect("host");
-        (origin, host, to_http1)
+        .expect("host")
     }
 
     #[tokio::test]
@@ -1252,28 +1261,7 @@ mod tests {
                 });
             }
         });
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(cert.cert.der().clone()).expect("root");
-        let client = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .expect("versions")
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(client)
-            .https_only()
-            .enable_http1()
-            .enable_http2()
-            .build();
-        let host = Host::new(
-            Scheme::HTTPS,
-            Authority::try_from(format!("localhost:{port}")).expect("authority"),
-            connector,
-            Duration::from_secs(50),
-            Duration::from_secs(5),
-            Duration::from_secs(60),
-        )
-        .expect("host");
+        let host = tls_host(&cert, provider, port, Duration::from_secs(50));
         (host, accepted)
     }
 

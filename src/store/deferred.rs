@@ -441,21 +441,7 @@ impl Store {
         next_attempt_ms: u64,
         now_ms: u64,
     ) -> Result<(), StoreError> {
-        let mut conn = self.lock();
-        let tx = conn.transaction()?;
-        let n = tx
-            .prepare_cached(
-                "UPDATE deferred SET state = 'pending', attempts = attempts + 1, \
-                 next_attempt_ms = ?2, updated_ms = ?3, last_error = ?4 \
-                 WHERE id = ?1 AND state = 'in_flight'",
-            )?
-            .execute(params![
-                id.0,
-                sql_ms(next_attempt_ms),
-                sql_ms(now_ms),
-                error
-            ])?;
-        finish_transition(tx, n, id, "in_flight")
+        self.back_to_pending(id, error, 1, next_attempt_ms, now_ms)
     }
 
     /// Records a claimed call that waits for budget: back to pending, to be taken again at
@@ -469,18 +455,32 @@ impl Store {
         next_attempt_ms: u64,
         now_ms: u64,
     ) -> Result<(), StoreError> {
+        self.back_to_pending(id, error, 0, next_attempt_ms, now_ms)
+    }
+
+    /// An in-flight call back to pending with `error`, `attempts_used` more attempts.
+    fn back_to_pending(
+        &self,
+        id: DeferredId,
+        error: &str,
+        attempts_used: u32,
+        next_attempt_ms: u64,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
         let mut conn = self.lock();
         let tx = conn.transaction()?;
         let n = tx
             .prepare_cached(
-                "UPDATE deferred SET state = 'pending', next_attempt_ms = ?2, updated_ms = ?3, \
-                 last_error = ?4 WHERE id = ?1 AND state = 'in_flight'",
+                "UPDATE deferred SET state = 'pending', attempts = attempts + ?5, \
+                 next_attempt_ms = ?2, updated_ms = ?3, last_error = ?4 \
+                 WHERE id = ?1 AND state = 'in_flight'",
             )?
             .execute(params![
                 id.0,
                 sql_ms(next_attempt_ms),
                 sql_ms(now_ms),
-                error
+                error,
+                attempts_used
             ])?;
         finish_transition(tx, n, id, "in_flight")
     }
